@@ -1,0 +1,296 @@
+//! Backup policies: one file per policy in the policies directory, named `<name>.yaml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{resolve, Problem, Problems, Settings};
+use crate::format::layout::valid_artifact;
+use crate::format::Name;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Policy {
+    pub name: Name,
+    pub description: Option<String>,
+    pub source: SourceConfig,
+    pub schedule: Schedule,
+    pub retention: Retention,
+    pub compression: Compression,
+    /// The file the policy was read from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// What to back up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Files and directories, archived as POSIX tar.
+    Files {
+        /// Paths to back up; relative ones resolve against the directory of drctl.yaml.
+        paths: Vec<PathBuf>,
+        /// Globs to leave out. A pattern with a `/` matches the absolute path (`**` crosses
+        /// directories, `*` does not); one without matches the file name.
+        #[serde(default)]
+        exclude: Vec<String>,
+        /// Do not descend into other file systems (mount points).
+        #[serde(default, rename = "one-file-system")]
+        one_file_system: bool,
+    },
+    /// The standard output of a command, run without a shell.
+    Command {
+        /// argv: the program and its arguments.
+        command: Vec<String>,
+        /// Label of the stream, used in the object name `data.<artifact>.zst.age`.
+        #[serde(default = "default_artifact")]
+        artifact: String,
+        /// Extra environment variables for the command.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
+}
+
+fn default_artifact() -> String {
+    "stream".into()
+}
+
+impl SourceConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Files { .. } => "files",
+            SourceConfig::Command { .. } => "command",
+        }
+    }
+}
+
+/// When the daemon runs the policy (6-field cron: sec min hour day month weekday, UTC).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Schedule {
+    pub full: Option<String>,
+    pub incremental: Option<String>,
+}
+
+/// How many backups to keep, restic-style. A backup kept by any rule is kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Compression {
+    /// zstd level, 1..=19.
+    #[serde(default = "default_level")]
+    pub level: i32,
+    /// zstd worker threads; 0 means one per core.
+    #[serde(default)]
+    pub threads: u32,
+}
+
+fn default_level() -> i32 {
+    3
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression { level: default_level(), threads: 0 }
+    }
+}
+
+impl Compression {
+    /// The number of zstd workers to use.
+    pub fn workers(&self) -> u32 {
+        if self.threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+        } else {
+            self.threads
+        }
+    }
+}
+
+const KEYS: &[&str] = &["name", "description", "source", "schedule", "retention", "compression"];
+const REQUIRED: &[&str] = &["name", "source"];
+
+impl Policy {
+    /// Reads and validates one policy file.
+    pub fn check(path: &Path, settings: &Settings) -> (Option<Policy>, Vec<Problem>) {
+        let mut p = Problems::new(path);
+        let Some(map) = p.read_mapping() else {
+            return (None, p.list);
+        };
+        let mut entries = p.keys(map, KEYS, REQUIRED);
+        let name: Option<String> = entries.remove("name").and_then(|v| p.section("name", v));
+        let name = name.and_then(|n| match Name::parse(&n) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                p.add("name", e.message());
+                None
+            }
+        });
+        if let (Some(n), Some(stem)) = (&name, path.file_stem().and_then(|s| s.to_str())) {
+            if n.as_str() != stem {
+                p.add("name", format!("name {n:?} must match the file name ({stem}.yaml)"));
+            }
+        }
+        let description: Option<String> = entries.remove("description").and_then(|v| p.section("description", v));
+        let source: Option<SourceConfig> = entries.remove("source").and_then(|v| p.section("source", v));
+        let schedule: Option<Schedule> = match entries.remove("schedule") {
+            Some(v) => p.section("schedule", v),
+            None => Some(Schedule::default()),
+        };
+        let retention: Option<Retention> = match entries.remove("retention") {
+            Some(v) => p.section("retention", v),
+            None => Some(Retention::default()),
+        };
+        let compression: Option<Compression> = match entries.remove("compression") {
+            Some(v) => p.section("compression", v),
+            None => Some(Compression::default()),
+        };
+
+        if let Some(source) = &source {
+            check_source(&mut p, source);
+        }
+        if let Some(schedule) = &schedule {
+            for (field, expr) in [("full", &schedule.full), ("incremental", &schedule.incremental)] {
+                if let Some(expr) = expr {
+                    if let Err(e) = parse_cron(expr) {
+                        p.add(format!("schedule.{field}"), e);
+                    }
+                }
+            }
+        }
+        if let Some(c) = &compression {
+            if !(1..=19).contains(&c.level) {
+                p.add("compression.level", format!("{} is out of range 1..=19", c.level));
+            }
+            if c.threads > 256 {
+                p.add("compression.threads", format!("{} is more than 256", c.threads));
+            }
+        }
+        if let Some(r) = &retention {
+            let rules = [r.keep_last, r.keep_hourly, r.keep_daily, r.keep_weekly, r.keep_monthly, r.keep_yearly];
+            let any_set = rules.iter().any(Option::is_some);
+            if any_set && !rules.iter().any(|k| k.unwrap_or(0) > 0) {
+                p.add("retention", "every keep rule is 0: this would delete every backup");
+            }
+        }
+        match (name, source, schedule, retention, compression) {
+            (Some(name), Some(mut source), Some(schedule), Some(retention), Some(compression)) if p.list.is_empty() => {
+                if let SourceConfig::Files { paths, .. } = &mut source {
+                    for path in paths.iter_mut() {
+                        *path = resolve(&settings.base_dir, path);
+                    }
+                }
+                let policy = Policy {
+                    name,
+                    description,
+                    source,
+                    schedule,
+                    retention,
+                    compression,
+                    file: path.to_path_buf(),
+                };
+                (Some(policy), p.list)
+            }
+            _ => (None, p.list),
+        }
+    }
+
+    /// Loads the policy called `name` from the policies directory.
+    pub fn load(settings: &Settings, name: &str) -> Result<Policy> {
+        let name = Name::parse(name).map_err(|e| e.context("policy"))?;
+        let dir = &settings.policies_dir;
+        let file = ["yaml", "yml"]
+            .iter()
+            .map(|ext| dir.join(format!("{name}.{ext}")))
+            .find(|f| f.exists())
+            .ok_or_else(|| {
+                Error::not_found(format!("no policy {name:?} in {}", dir.display()))
+                    .hint("policies are files named <name>.yaml in policies-dir; `drctl policy validate` lists them")
+            })?;
+        match Policy::check(&file, settings) {
+            (Some(p), _) => Ok(p),
+            (None, problems) => Err(super::problems_error(&problems)),
+        }
+    }
+}
+
+fn check_source(p: &mut Problems, source: &SourceConfig) {
+    match source {
+        SourceConfig::Files { paths, exclude, .. } => {
+            if paths.is_empty() {
+                p.add("source.paths", "at least one path is required");
+            }
+            for (i, path) in paths.iter().enumerate() {
+                if path.as_os_str().is_empty() {
+                    p.add(format!("source.paths[{i}]"), "empty path");
+                }
+            }
+            for (i, pattern) in exclude.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(pattern) {
+                    p.add(format!("source.exclude[{i}]"), format!("invalid glob: {e}"));
+                }
+            }
+        }
+        SourceConfig::Command { command, artifact, env } => {
+            if command.is_empty() || command[0].is_empty() {
+                p.add("source.command", "the command (argv list) must not be empty");
+            }
+            if !valid_artifact(artifact) {
+                p.add("source.artifact", format!("{artifact:?}: use 1-16 characters of a-z and 0-9"));
+            }
+            for key in env.keys() {
+                if key.is_empty() || key.contains('=') {
+                    p.add(format!("source.env.{key}"), "invalid environment variable name");
+                }
+            }
+        }
+    }
+}
+
+/// Parses a 6-field cron expression (with seconds), as the daemon's scheduler does.
+pub fn parse_cron(expr: &str) -> std::result::Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("invalid cron expression {expr:?} (sec min hour day month weekday): {e}"))
+}
+
+/// Validates every `*.yaml`/`*.yml` file in the policies directory.
+pub fn check_dir(settings: &Settings) -> (Vec<Policy>, Vec<Problem>) {
+    let dir = &settings.policies_dir;
+    let mut problems = Vec::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect(),
+        Err(e) => {
+            problems.push(Problem {
+                file: dir.clone(),
+                field: String::new(),
+                message: format!("cannot read policies directory: {e}"),
+            });
+            return (Vec::new(), problems);
+        }
+    };
+    files.sort();
+    let mut policies = Vec::new();
+    for file in files {
+        let (policy, found) = Policy::check(&file, settings);
+        problems.extend(found);
+        policies.extend(policy);
+    }
+    (policies, problems)
+}

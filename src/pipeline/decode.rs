@@ -1,0 +1,134 @@
+//! Decoding: stored bytes in, plain bytes out (through [`std::io::Read`]), with both sides'
+//! sizes and checksums compared against the manifest when the stream ends.
+//!
+//! Threads: a decrypt thread reads the stored bytes, hashes them and decrypts with age; the
+//! caller's thread decompresses, hashes the plain bytes and consumes them.
+
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::{damaged, ChannelReader, Digest, HashReader, Hasher, CHANNEL_DEPTH};
+use crate::crypto::Identities;
+use crate::format::manifest::ObjectInfo;
+use crate::store::CHUNK_SIZE;
+use crate::{Error, Result};
+
+type Plain = HashReader<zstd::stream::read::Decoder<'static, io::BufReader<ChannelReader>>>;
+
+/// A reader of an object's plain bytes. Call [`Decoder::finish`] after reading what you need:
+/// it reads the rest and checks sizes and checksums.
+pub struct Decoder {
+    what: String,
+    expected: ObjectInfo,
+    plain: Plain,
+    decrypt: JoinHandle<Result<Digest>>,
+}
+
+/// Hashes the stored bytes while age reads them.
+struct SharedHashReader<R> {
+    inner: R,
+    hasher: Arc<Mutex<Hasher>>,
+}
+
+impl<R: Read> Read for SharedHashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.lock().expect("hasher lock").update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Decoder {
+    /// Opens `stored` (the object's bytes). `what` names the backup and object in errors;
+    /// `recipients` are listed when no identity matches.
+    pub fn open(
+        stored: impl Read + Send + 'static,
+        identities: &Identities,
+        expected: ObjectInfo,
+        recipients: &[String],
+        what: String,
+    ) -> Result<Decoder> {
+        let hasher = Arc::new(Mutex::new(Hasher::default()));
+        let stored = SharedHashReader { inner: stored, hasher: hasher.clone() };
+        // The header is parsed here, so a wrong key is reported before anything is written.
+        let decryptor = age::Decryptor::new_buffered(io::BufReader::with_capacity(CHUNK_SIZE, stored))
+            .map_err(|e| header_error(&what, e))?;
+        let mut reader = decryptor.decrypt(identities.iter()).map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => identities.wrong_key(&what, recipients),
+            other => header_error(&what, other),
+        })?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(CHANNEL_DEPTH);
+        let thread_what = what.clone();
+        let decrypt = std::thread::Builder::new()
+            .name("drctl-decrypt".into())
+            .spawn(move || -> Result<Digest> {
+                loop {
+                    let mut buf = vec![0u8; CHUNK_SIZE];
+                    let mut filled = 0;
+                    while filled < buf.len() {
+                        match reader.read(&mut buf[filled..]) {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let err = damaged(&thread_what, e);
+                                let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
+                                return Err(err);
+                            }
+                        }
+                    }
+                    if filled == 0 {
+                        break;
+                    }
+                    buf.truncate(filled);
+                    if tx.send(Ok(buf)).is_err() {
+                        return Err(Error::failure(format!("{thread_what}: reader stopped")));
+                    }
+                }
+                drop(reader);
+                let digest = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finish();
+                Ok(digest)
+            })
+            .map_err(|e| Error::failure(format!("cannot start decryption thread: {e}")))?;
+        let zstd = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(CHUNK_SIZE, ChannelReader::new(rx)))
+            .map_err(|e| Error::io("zstd", e))?;
+        Ok(Decoder { what, expected, plain: HashReader::new(zstd), decrypt })
+    }
+
+    /// Reads the rest of the stream and checks sizes and checksums of both sides.
+    pub fn finish(self) -> Result<Digest> {
+        let Decoder { what, expected, plain, decrypt } = self;
+        let plain = plain.drain().map_err(|e| damaged(&what, e));
+        let stored = decrypt.join().map_err(|_| Error::failure("decryption thread panicked"))?;
+        let stored = stored?;
+        let plain = plain?;
+        if stored.size != expected.stored_size || stored.sha256 != expected.stored_sha256 {
+            return Err(Error::integrity(format!(
+                "{what}: stored bytes do not match the manifest (size {} vs {}, sha256 {} vs {})",
+                stored.size, expected.stored_size, stored.sha256, expected.stored_sha256
+            )));
+        }
+        if plain.size != expected.plain_size || plain.sha256 != expected.plain_sha256 {
+            return Err(Error::integrity(format!(
+                "{what}: decoded bytes do not match the manifest (size {} vs {}, sha256 {} vs {})",
+                plain.size, expected.plain_size, plain.sha256, expected.plain_sha256
+            )));
+        }
+        Ok(plain)
+    }
+}
+
+fn header_error(what: &str, e: age::DecryptError) -> Error {
+    match e {
+        age::DecryptError::Io(io) => damaged(what, io),
+        other => Error::integrity(format!("{what}: not a readable age file: {other}"))
+            .hint("the object is damaged or is not a drctl object; run `drctl verify`"),
+    }
+}
+
+impl Read for Decoder {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.plain.read(buf)
+    }
+}

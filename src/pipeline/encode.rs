@@ -1,0 +1,120 @@
+//! Encoding: plain bytes in (through [`std::io::Write`]), encrypted chunks out to a channel.
+//!
+//! Threads: the caller's thread hashes the plain bytes and feeds zstd, which compresses on its
+//! own worker threads; a crypt thread encrypts the compressed stream with age and hashes the
+//! stored bytes. Both hand data on in 1 MiB chunks.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+
+use super::{Chunker, Digest, Hasher, CHANNEL_DEPTH};
+use crate::store::CHUNK_SIZE;
+use crate::{Error, Result};
+
+pub struct EncodeOptions {
+    /// zstd level.
+    pub level: i32,
+    /// zstd worker threads (0: compress on the caller's thread).
+    pub workers: u32,
+    /// age X25519 recipients (`age1…`).
+    pub recipients: Vec<String>,
+    /// Incremented with every plain byte, for progress reporting.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+type Compressed = Chunker<Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send>>;
+
+/// A writer that compresses and encrypts what it is given.
+pub struct Encoder {
+    plain: Hasher,
+    zstd: zstd::stream::write::Encoder<'static, Compressed>,
+    crypt: JoinHandle<Result<Digest>>,
+    progress: Option<Arc<AtomicU64>>,
+}
+
+/// Sizes and checksums of one encoded stream.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub plain: Digest,
+    pub stored: Digest,
+}
+
+impl Encoder {
+    /// Starts the crypt thread; encrypted chunks go to `out`.
+    pub fn start(opts: EncodeOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<Encoder> {
+        let recipients = crate::crypto::to_age_recipients(&opts.recipients)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
+        let crypt = std::thread::Builder::new()
+            .name("drctl-encrypt".into())
+            .spawn(move || -> Result<Digest> {
+                let mut stored = Hasher::default();
+                let sink = Chunker::new(CHUNK_SIZE, |chunk: Vec<u8>| {
+                    stored.update(&chunk);
+                    out.blocking_send(Bytes::from(chunk))
+                        .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
+                });
+                let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient))
+                    .map_err(|e| Error::failure(format!("age: {e}")))?;
+                let mut writer = encryptor.wrap_output(sink).map_err(|e| Error::io("encrypt", e))?;
+                for chunk in rx {
+                    writer.write_all(&chunk).map_err(|e| Error::io("encrypt", e))?;
+                }
+                let mut sink = writer.finish().map_err(|e| Error::io("encrypt", e))?;
+                sink.flush_chunk().map_err(|e| Error::io("encrypt", e))?;
+                drop(sink);
+                Ok(stored.finish())
+            })
+            .map_err(|e| Error::failure(format!("cannot start encryption thread: {e}")))?;
+        let send: Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send> = Box::new(move |chunk| {
+            tx.send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "encryption stopped"))
+        });
+        let compressed = Chunker::new(CHUNK_SIZE, send);
+        let mut zstd = zstd::stream::write::Encoder::new(compressed, opts.level).map_err(|e| Error::io("zstd", e))?;
+        zstd.include_checksum(true).map_err(|e| Error::io("zstd", e))?;
+        if opts.workers > 0 {
+            zstd.multithread(opts.workers).map_err(|e| Error::io("zstd workers", e))?;
+        }
+        Ok(Encoder { plain: Hasher::default(), zstd, crypt, progress: opts.progress })
+    }
+
+    /// Flushes every stage and waits for the crypt thread.
+    pub fn finish(self) -> Result<Encoded> {
+        let Encoder { plain, zstd, crypt, .. } = self;
+        let finished = zstd.finish().and_then(|mut c| {
+            c.flush_chunk()?;
+            Ok(c)
+        });
+        // Dropping the chunker closes the channel, which ends the crypt thread's loop.
+        let compress_result = finished.map(drop);
+        let stored = crypt
+            .join()
+            .map_err(|_| Error::failure("encryption thread panicked"))?;
+        compress_result.map_err(|e| Error::io("compress", e))?;
+        Ok(Encoded { plain: plain.finish(), stored: stored? })
+    }
+
+    /// Stops the pipeline without producing a valid stream (the caller aborts the upload).
+    pub fn abandon(self) {
+        let Encoder { zstd, crypt, .. } = self;
+        drop(zstd);
+        let _ = crypt.join();
+    }
+}
+
+impl Write for Encoder {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.zstd.write(buf)?;
+        self.plain.update(&buf[..n]);
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! The standard output of a command, run without a shell. A non-zero exit or a signal fails
+//! the backup with the command's stderr in the error.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+use super::{Source, Stats};
+use crate::cancel::Cancel;
+use crate::store::CHUNK_SIZE;
+use crate::{Error, Result};
+
+/// Keep this much of the command's stderr for the error message.
+const STDERR_TAIL: usize = 16 * 1024;
+
+pub struct CommandSource {
+    argv: Vec<String>,
+    artifact: String,
+    env: BTreeMap<String, String>,
+}
+
+impl CommandSource {
+    pub fn new(argv: Vec<String>, artifact: String, env: BTreeMap<String, String>) -> Self {
+        CommandSource { argv, artifact, env }
+    }
+}
+
+impl Source for CommandSource {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn artifact(&self) -> String {
+        self.artifact.clone()
+    }
+    fn descriptor(&self) -> serde_json::Value {
+        // Arguments may carry credentials; record the program only.
+        serde_json::json!({ "program": self.argv[0], "artifact": self.artifact })
+    }
+    fn has_index(&self) -> bool {
+        false
+    }
+
+    fn run(&mut self, out: &mut dyn Write, _index: Option<&mut dyn Write>, cancel: &Cancel) -> Result<Stats> {
+        let program = &self.argv[0];
+        let mut child = Command::new(program)
+            .args(&self.argv[1..])
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::failure(format!("cannot run `{program}`: {e}")))?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let stderr_thread = std::thread::spawn(move || {
+            let mut tail: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            if tail.len() > STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+            String::from_utf8_lossy(&tail).trim().to_owned()
+        });
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut bytes = 0u64;
+        let copied: Result<()> = loop {
+            if let Err(e) = cancel.check() {
+                break Err(e);
+            }
+            match stdout.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if let Err(e) = out.write_all(&buf[..n]) {
+                        break Err(Error::io("write", e));
+                    }
+                    bytes += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(Error::io(format!("read the output of `{program}`"), e)),
+            }
+        };
+        if copied.is_err() {
+            let _ = child.kill();
+        }
+        drop(stdout);
+        let status = child.wait().map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
+        let stderr = stderr_thread.join().unwrap_or_default();
+        copied?;
+        if !status.success() {
+            let how = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => format!("was killed by signal {sig}"),
+                _ => "failed".to_owned(),
+            };
+            let detail = if stderr.is_empty() { "(no stderr)".to_owned() } else { stderr };
+            return Err(Error::failure(format!("command `{program}` {how}; stderr: {detail}")));
+        }
+        let mut stats = Stats::new();
+        stats.insert("bytes".into(), bytes.into());
+        Ok(stats)
+    }
+}

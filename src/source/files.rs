@@ -1,0 +1,341 @@
+//! Files and directories, archived as POSIX (GNU) tar: contents, modes, owners, mtimes,
+//! symlinks, hard links, empty directories, FIFOs and devices, long and non-UTF-8 names.
+//! Sockets are skipped (tar cannot hold them). Entries are written in a stable order (sorted
+//! by name, depth first), and one index line is written per entry.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use super::{Source, Stats};
+use crate::cancel::Cancel;
+use crate::format::index::{EntryType, IndexEntry, RawPath};
+use crate::store::CHUNK_SIZE;
+use crate::{Error, Result};
+
+pub struct FilesSource {
+    paths: Vec<PathBuf>,
+    exclude: Vec<String>,
+    /// Patterns with a `/`, matched against the absolute path.
+    exclude_paths: GlobSet,
+    /// Patterns without a `/`, matched against the file name.
+    exclude_names: GlobSet,
+    one_file_system: bool,
+}
+
+impl FilesSource {
+    pub fn new(paths: Vec<PathBuf>, exclude: &[String], one_file_system: bool) -> Result<Self> {
+        let mut by_path = GlobSetBuilder::new();
+        let mut by_name = GlobSetBuilder::new();
+        for pattern in exclude {
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| Error::invalid(format!("exclude pattern {pattern:?}: {e}")))?;
+            if pattern.contains('/') {
+                by_path.add(glob);
+            } else {
+                by_name.add(glob);
+            }
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::invalid(format!("exclude patterns: {e}")));
+        Ok(FilesSource {
+            paths,
+            exclude: exclude.to_vec(),
+            exclude_paths: build(by_path)?,
+            exclude_names: build(by_name)?,
+            one_file_system,
+        })
+    }
+
+    fn excluded(&self, path: &Path) -> bool {
+        self.exclude_paths.is_match(path) || path.file_name().is_some_and(|n| self.exclude_names.is_match(n))
+    }
+}
+
+impl Source for FilesSource {
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+    fn artifact(&self) -> String {
+        "tar".into()
+    }
+    fn descriptor(&self) -> serde_json::Value {
+        serde_json::json!({
+            "paths": self.paths.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            "exclude": self.exclude,
+            "one_file_system": self.one_file_system,
+        })
+    }
+    fn has_index(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, out: &mut dyn Write, index: Option<&mut dyn Write>, cancel: &Cancel) -> Result<Stats> {
+        // A large buffer lets `io::copy` read files straight into it in big blocks.
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(CHUNK_SIZE, out));
+        let index = index.map(|w| BufWriter::with_capacity(64 * 1024, w));
+        let mut walk = Walk { source: self, counts: Counts::default(), links: HashMap::new(), cancel, index };
+        for root in &self.paths {
+            let meta = std::fs::symlink_metadata(root)
+                .map_err(|e| Error::io(format!("source path {}", root.display()), e))?;
+            let root_dev = meta.dev();
+            walk.visit(&mut builder, root, meta, root_dev)?;
+        }
+        let mut inner = builder.into_inner().map_err(|e| Error::io("finish the archive", e))?;
+        inner.flush().map_err(|e| Error::io("write the archive", e))?;
+        if let Some(w) = walk.index.as_mut() {
+            w.flush().map_err(|e| Error::io("write the index", e))?;
+        }
+        Ok(walk.counts.into_stats())
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hardlinks: u64,
+    special: u64,
+    bytes: u64,
+    skipped_sockets: u64,
+    vanished: u64,
+    changed: u64,
+    excluded: u64,
+}
+
+impl Counts {
+    fn into_stats(self) -> Stats {
+        let mut s = Stats::new();
+        for (k, v) in [
+            ("files", self.files),
+            ("dirs", self.dirs),
+            ("symlinks", self.symlinks),
+            ("hardlinks", self.hardlinks),
+            ("special", self.special),
+            ("bytes", self.bytes),
+            ("skipped_sockets", self.skipped_sockets),
+            ("vanished", self.vanished),
+            ("changed_while_reading", self.changed),
+            ("excluded", self.excluded),
+        ] {
+            s.insert(k.into(), v.into());
+        }
+        s
+    }
+}
+
+struct Walk<'a, 'w> {
+    source: &'a FilesSource,
+    counts: Counts,
+    /// (device, inode) → archive path of the first link seen, for files with several links.
+    links: HashMap<(u64, u64), PathBuf>,
+    cancel: &'a Cancel,
+    index: Option<BufWriter<&'w mut dyn Write>>,
+}
+
+type Tar<'w> = tar::Builder<BufWriter<&'w mut dyn Write>>;
+
+fn archive_name(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect()
+}
+
+fn vanished(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+impl Walk<'_, '_> {
+    fn visit(
+        &mut self,
+        tar: &mut Tar<'_>,
+        path: &Path,
+        meta: Metadata,
+        root_dev: u64,
+    ) -> Result<()> {
+        self.cancel.check()?;
+        let name = archive_name(path);
+        let ft = meta.file_type();
+        if ft.is_socket() {
+            self.counts.skipped_sockets += 1;
+            return Ok(());
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        let mut entry = IndexEntry {
+            path: RawPath::from_os(name.as_os_str()),
+            entry_type: EntryType::File,
+            size: 0,
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime().max(0) as u64,
+            uid: meta.uid() as u64,
+            gid: meta.gid() as u64,
+            link: None,
+        };
+        let write_err = |e: io::Error| Error::io(format!("archive {}", path.display()), e);
+
+        if ft.is_dir() {
+            if !name.as_os_str().is_empty() {
+                entry.entry_type = EntryType::Dir;
+                header.set_size(0);
+                tar.append_data(&mut header, &name, io::empty()).map_err(write_err)?;
+                self.counts.dirs += 1;
+                self.write_index(&entry)?;
+            }
+            let mut children: Vec<_> = match std::fs::read_dir(path) {
+                Ok(rd) => rd
+                    .map(|e| e.map(|e| e.file_name()))
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(|e| Error::io(format!("list {}", path.display()), e))?,
+                Err(e) if vanished(&e) => {
+                    self.counts.vanished += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::io(format!("list {}", path.display()), e)),
+            };
+            children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            for child in children {
+                let child_path = path.join(&child);
+                if self.source.excluded(&child_path) {
+                    self.counts.excluded += 1;
+                    continue;
+                }
+                let child_meta = match std::fs::symlink_metadata(&child_path) {
+                    Ok(m) => m,
+                    Err(e) if vanished(&e) => {
+                        self.counts.vanished += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(Error::io(format!("stat {}", child_path.display()), e)),
+                };
+                if self.source.one_file_system && child_meta.is_dir() && child_meta.dev() != root_dev {
+                    self.counts.excluded += 1;
+                    continue;
+                }
+                self.visit(tar, &child_path, child_meta, root_dev)?;
+            }
+            return Ok(());
+        }
+
+        if ft.is_symlink() {
+            let target = match std::fs::read_link(path) {
+                Ok(t) => t,
+                Err(e) if vanished(&e) => {
+                    self.counts.vanished += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::io(format!("read link {}", path.display()), e)),
+            };
+            entry.entry_type = EntryType::Symlink;
+            entry.link = Some(RawPath::from_os(target.as_os_str()));
+            header.set_size(0);
+            tar.append_link(&mut header, &name, &target).map_err(write_err)?;
+            self.counts.symlinks += 1;
+            return self.write_index(&entry);
+        }
+
+        if ft.is_file() && meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.links.get(&key) {
+                entry.entry_type = EntryType::Hardlink;
+                entry.link = Some(RawPath::from_os(first.as_os_str()));
+                header.set_entry_type(tar::EntryType::Link);
+                header.set_size(0);
+                tar.append_link(&mut header, &name, first).map_err(write_err)?;
+                self.counts.hardlinks += 1;
+                return self.write_index(&entry);
+            }
+            self.links.insert(key, name.clone());
+        }
+
+        if ft.is_file() {
+            let file = match std::fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if vanished(&e) => {
+                    self.counts.vanished += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+            };
+            let size = meta.len();
+            let mut reader = ExactReader { inner: file, remaining: size, changed: false, cancel: self.cancel };
+            tar.append_data(&mut header, &name, &mut reader).map_err(write_err)?;
+            if reader.changed {
+                tracing::warn!(path = %path.display(), "file changed size while being read; archived {size} bytes");
+                self.counts.changed += 1;
+            }
+            entry.size = size;
+            self.counts.files += 1;
+            self.counts.bytes += size;
+            return self.write_index(&entry);
+        }
+
+        // FIFOs and devices: header only.
+        entry.entry_type = if ft.is_fifo() {
+            EntryType::Fifo
+        } else if ft.is_char_device() {
+            EntryType::Char
+        } else {
+            EntryType::Block
+        };
+        header.set_size(0);
+        tar.append_data(&mut header, &name, io::empty()).map_err(write_err)?;
+        self.counts.special += 1;
+        self.write_index(&entry)
+    }
+}
+
+impl Walk<'_, '_> {
+    fn write_index(&mut self, entry: &IndexEntry) -> Result<()> {
+        if let Some(w) = self.index.as_mut() {
+            serde_json::to_writer(&mut *w, entry)?;
+            w.write_all(b"\n").map_err(|e| Error::io("write the index", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Yields exactly `remaining` bytes: a file that grew is cut at the size in its header, one
+/// that shrank is padded with zeros, so the archive stays well-formed.
+struct ExactReader<'a> {
+    inner: std::fs::File,
+    remaining: u64,
+    changed: bool,
+    cancel: &'a Cancel,
+}
+
+impl Read for ExactReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            if !self.changed {
+                let mut probe = [0u8; 1];
+                if self.inner.read(&mut probe)? > 0 {
+                    self.changed = true;
+                }
+            }
+            return Ok(0);
+        }
+        if self.cancel.is_cancelled() {
+            return Err(crate::Error::cancelled().into_io());
+        }
+        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        let n = if n == 0 {
+            self.changed = true;
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
