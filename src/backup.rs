@@ -1,1 +1,280 @@
-//! placeholder
+//! The backup job: lease, source, encode, upload, manifest, registry, in the order
+//! `format` fixes. A failure or crash at any point leaves no `completed` record.
+
+use std::io::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+
+use crate::cancel::Cancel;
+use crate::config::Policy;
+use crate::format::manifest::{
+    BackupType, EncryptionInfo, ObjectInfo, ObjectRole, PointInTime, SourceInfo, FORMAT_VERSION,
+};
+use crate::format::{BackupId, Manifest, ObjectKey, ObjectName};
+use crate::pipeline::encode::Encoded;
+use crate::pipeline::{EncodeOptions, Encoder, CHANNEL_DEPTH};
+use crate::registry::lease::{holder_id, LeaseGuard};
+use crate::registry::{BackupRecord, Location, Status};
+use crate::repo::Repo;
+use crate::store::ObjectWriter;
+use crate::{Error, ErrorKind, Result};
+
+pub struct BackupOptions {
+    /// How long to wait for the set's lease; `None` refuses at once when it is held.
+    pub wait: Option<Duration>,
+    /// Counts plain bytes read, for progress output.
+    pub progress: Option<Arc<AtomicU64>>,
+}
+
+/// Runs one full backup of `policy`. Returns the manifest of the completed backup.
+pub async fn run(repo: &Repo, policy: &Policy, opts: BackupOptions, cancel: &Cancel) -> Result<Manifest> {
+    let recipients = crate::crypto::recipients(&repo.settings)?;
+    let lease = LeaseGuard::acquire(
+        repo.registry.clone(),
+        &repo.set_lease_name(&policy.name),
+        repo.lease_ttl(),
+        opts.wait,
+        cancel,
+    )
+    .await?;
+    let result = run_locked(repo, policy, recipients, opts.progress, cancel, &lease).await;
+    let released = lease.release().await;
+    let manifest = result?;
+    if let Err(e) = released {
+        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+    }
+    Ok(manifest)
+}
+
+async fn run_locked(
+    repo: &Repo,
+    policy: &Policy,
+    recipients: Vec<String>,
+    progress: Option<Arc<AtomicU64>>,
+    cancel: &Cancel,
+    lease: &LeaseGuard,
+) -> Result<Manifest> {
+    let env = &repo.settings.environment;
+    let source = crate::source::open(policy)?;
+    let started_at = Utc::now();
+    let id = BackupId::generate(started_at);
+    let record = BackupRecord {
+        backup_id: id.clone(),
+        environment: env.clone(),
+        policy: policy.name.clone(),
+        status: Status::Running,
+        backup_type: BackupType::Full,
+        source_kind: source.kind().to_owned(),
+        started_at,
+        finished_at: None,
+        holder: holder_id(),
+        manifest: None,
+        locations: Vec::new(),
+        last_verification: None,
+        error: None,
+    };
+    repo.registry.insert(&record).await?;
+    tracing::info!(backup_id = %id, policy = %policy.name, "backup started");
+
+    match write_objects(repo, policy, &id, source, &recipients, progress, cancel).await {
+        Ok((objects, source_info)) => {
+            let manifest = Manifest {
+                format_version: FORMAT_VERSION,
+                backup_id: id.clone(),
+                environment: env.clone(),
+                policy: policy.name.clone(),
+                source: source_info,
+                backup_type: BackupType::Full,
+                parent_id: None,
+                chain_base_id: id.clone(),
+                started_at,
+                finished_at: Utc::now(),
+                point_in_time: PointInTime { timestamp: Some(started_at), ..Default::default() },
+                objects,
+                encryption: EncryptionInfo { recipients, kms_keys: Vec::new() },
+                drctl_version: crate::VERSION.to_owned(),
+            };
+            let committed = commit(repo, &manifest, lease).await;
+            if let Err(e) = committed {
+                fail(repo, &id, &e).await;
+                return Err(e);
+            }
+            tracing::info!(backup_id = %id, "backup completed");
+            Ok(manifest)
+        }
+        Err(e) => {
+            fail(repo, &id, &e).await;
+            Err(e.context(format!("backup {id} of policy {} failed", policy.name)))
+        }
+    }
+}
+
+async fn fail(repo: &Repo, id: &BackupId, e: &Error) {
+    tracing::info!(backup_id = %id, error = %e, "backup failed");
+    if let Err(e2) = repo.registry.transition(id, Status::Running, Status::Failed, Some(e.message())).await {
+        tracing::error!(backup_id = %id, error = %e2, "could not mark the backup failed; `drctl gc` will find it");
+    }
+}
+
+/// Manifest object, then the registry record (`running` → `completed`).
+async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<()> {
+    let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &ObjectName::Manifest);
+    repo.store.put_bytes(&key, Bytes::from(manifest.to_json())).await?;
+    // Every object must be present with the size we wrote before the record says so.
+    for object in &manifest.objects {
+        let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &object.object_name()?);
+        match repo.store.head(&key).await? {
+            Some(meta) if meta.size == object.stored_size => {}
+            other => {
+                return Err(Error::integrity(format!(
+                    "object {key} is {} after upload, expected {} bytes",
+                    other.map(|m| format!("{} bytes", m.size)).unwrap_or_else(|| "missing".into()),
+                    object.stored_size
+                )))
+            }
+        }
+    }
+    lease.confirm().await?;
+    let location = Location {
+        region: "local".into(),
+        store: repo.store.describe(),
+        prefix: ObjectKey::backup_prefix(&manifest.environment, &manifest.policy, &manifest.backup_id),
+    };
+    repo.registry.complete(&manifest.backup_id, manifest, &[location]).await
+}
+
+/// One object being uploaded: the writer task and the channel that feeds it.
+struct Upload {
+    name: ObjectName,
+    key: ObjectKey,
+    pump: tokio::task::JoinHandle<Result<Box<dyn ObjectWriter>>>,
+}
+
+impl Upload {
+    async fn start(repo: &Repo, key: ObjectKey, name: ObjectName) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
+        let writer = repo.store.put(&key).await?;
+        let pump = tokio::spawn(crate::pipeline::pump(writer, rx));
+        Ok((Upload { name, key, pump }, tx))
+    }
+
+    async fn writer(self) -> Result<Box<dyn ObjectWriter>> {
+        self.pump.await.map_err(|e| Error::failure(format!("upload of {} failed: {e}", self.key)))?
+    }
+}
+
+type Produced = (crate::source::Stats, Encoded, Option<Encoded>);
+
+async fn write_objects(
+    repo: &Repo,
+    policy: &Policy,
+    id: &BackupId,
+    mut source: Box<dyn crate::source::Source>,
+    recipients: &[String],
+    progress: Option<Arc<AtomicU64>>,
+    cancel: &Cancel,
+) -> Result<(Vec<ObjectInfo>, SourceInfo)> {
+    let env = &repo.settings.environment;
+    let data_name = ObjectName::Data { artifact: source.artifact() };
+    let data_key = ObjectKey::object(env, &policy.name, id, &data_name);
+    let (data_upload, data_tx) = Upload::start(repo, data_key, data_name).await?;
+    let mut uploads = vec![data_upload];
+    let index_tx = if source.has_index() {
+        let key = ObjectKey::object(env, &policy.name, id, &ObjectName::Index);
+        let (upload, tx) = Upload::start(repo, key, ObjectName::Index).await?;
+        uploads.push(upload);
+        Some(tx)
+    } else {
+        None
+    };
+    let kind = source.kind();
+    let descriptor = source.descriptor();
+
+    let data_opts = EncodeOptions {
+        level: policy.compression.level,
+        workers: policy.compression.workers(),
+        recipients: recipients.to_vec(),
+        progress,
+    };
+    let index_recipients = recipients.to_vec();
+    let thread_cancel = cancel.clone();
+    let producer = tokio::task::spawn_blocking(move || -> Result<Produced> {
+        let mut data = Encoder::start(data_opts, data_tx)?;
+        let mut index = match index_tx {
+            Some(tx) => Some(Encoder::start(
+                EncodeOptions { level: 3, workers: 0, recipients: index_recipients, progress: None },
+                tx,
+            )?),
+            None => None,
+        };
+        let ran = source.run(&mut data, index.as_mut().map(|e| e as &mut dyn Write), &thread_cancel);
+        match ran {
+            Ok(stats) => {
+                let data = data.finish()?;
+                let index = index.map(Encoder::finish).transpose()?;
+                Ok((stats, data, index))
+            }
+            Err(e) => {
+                data.abandon();
+                if let Some(index) = index {
+                    index.abandon();
+                }
+                Err(e)
+            }
+        }
+    });
+    let produced = producer
+        .await
+        .map_err(|e| Error::failure(format!("backup thread failed: {e}")))
+        .and_then(|r| r);
+
+    // Collect every writer; an upload failure explains a producer failure, so it wins.
+    let mut writers = Vec::new();
+    let mut upload_error = None;
+    for upload in uploads {
+        let name = upload.name.clone();
+        match upload.writer().await {
+            Ok(w) => writers.push((name, w)),
+            Err(e) => upload_error = upload_error.or(Some(e)),
+        }
+    }
+    let failure = match (&produced, upload_error) {
+        (_, Some(e)) => Some(e),
+        (Err(e), None) => Some(Error::new(e.kind(), e.message().to_owned())),
+        (Ok(_), None) => None,
+    };
+    if let Some(e) = failure {
+        for (_, w) in writers {
+            let _ = w.abort().await;
+        }
+        return Err(if cancel.is_cancelled() && e.kind() != ErrorKind::Cancelled { Error::cancelled() } else { e });
+    }
+    let (stats, data, index) = produced.expect("checked above");
+    let mut objects = Vec::new();
+    for (name, writer) in writers {
+        let (role, encoded) = match &name {
+            ObjectName::Index => (ObjectRole::Index, index.as_ref().expect("index was encoded")),
+            _ => (ObjectRole::Data, &data),
+        };
+        let meta = writer.finish().await?;
+        if meta.size != encoded.stored.size {
+            return Err(Error::integrity(format!(
+                "{}: store holds {} bytes, {} were written",
+                meta.key, meta.size, encoded.stored.size
+            )));
+        }
+        objects.push(ObjectInfo {
+            role,
+            name: name.file_name(),
+            plain_size: encoded.plain.size,
+            plain_sha256: encoded.plain.sha256.clone(),
+            stored_size: encoded.stored.size,
+            stored_sha256: encoded.stored.sha256.clone(),
+        });
+    }
+    Ok((objects, SourceInfo { kind: kind.to_owned(), descriptor, stats }))
+}

@@ -1,0 +1,41 @@
+//! The backends a command works with, opened from the settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Settings;
+use crate::registry::Registry;
+use crate::store::ObjectStore;
+use crate::Result;
+
+pub struct Repo {
+    pub settings: Settings,
+    pub store: Arc<dyn ObjectStore>,
+    pub registry: Arc<dyn Registry>,
+}
+
+impl Repo {
+    /// Opens the store and registry without checking that they exist (for `drctl init`).
+    pub async fn connect(settings: Settings) -> Result<Repo> {
+        let store = crate::store::open(&settings.repository);
+        let registry = crate::registry::open(&settings.registry).await?;
+        Ok(Repo { settings, store, registry })
+    }
+
+    /// Opens the store and registry, failing with `NotFound` unless both were initialised.
+    pub async fn open(settings: Settings) -> Result<Repo> {
+        let repo = Self::connect(settings).await?;
+        repo.store.check().await?;
+        repo.registry.check().await?;
+        Ok(repo)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.lease_ttl_seconds)
+    }
+
+    /// The lease that serialises work on one backup set.
+    pub fn set_lease_name(&self, policy: &crate::format::Name) -> String {
+        format!("set/{}/{}", self.settings.environment, policy)
+    }
+}

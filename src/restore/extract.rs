@@ -1,0 +1,187 @@
+//! Unpacking a tar stream into a target directory without trusting it: entries with absolute
+//! paths or `..`, links pointing out, writes through symlinks, and device files (unless asked
+//! for) are refused with an error naming the entry. Nothing is written outside the target.
+
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::cancel::Cancel;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct ExtractOptions {
+    /// Restore FIFOs and device nodes.
+    pub allow_special: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ExtractStats {
+    pub entries: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub links: u64,
+    pub bytes: u64,
+}
+
+/// A relative path from an archive, checked to stay inside the target.
+fn safe_relative(raw: &[u8], what: &str) -> Result<PathBuf> {
+    let refuse = |why: &str| {
+        Error::integrity(format!(
+            "refusing archive {what} {:?}: {why}",
+            String::from_utf8_lossy(raw)
+        ))
+        .hint("the backup holds an entry that would escape the restore target; nothing was written for it")
+    };
+    if raw.is_empty() {
+        return Err(refuse("empty path"));
+    }
+    if raw[0] == b'/' {
+        return Err(refuse("absolute path"));
+    }
+    if raw.contains(&0) {
+        return Err(refuse("NUL in path"));
+    }
+    let path = Path::new(std::ffi::OsStr::from_bytes(raw));
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(refuse("path contains '..'")),
+            Component::RootDir | Component::Prefix(_) => return Err(refuse("absolute path")),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(refuse("empty path"));
+    }
+    Ok(out)
+}
+
+/// Refuses when any existing ancestor of `rel` inside `target` is not a real directory
+/// (a symlink planted by an earlier entry would otherwise be written through).
+fn check_ancestors(target: &Path, rel: &Path, verified: &mut Option<PathBuf>) -> Result<()> {
+    let Some(parent) = rel.parent() else { return Ok(()) };
+    if verified.as_deref() == Some(parent) {
+        return Ok(());
+    }
+    let mut current = target.to_path_buf();
+    for c in parent.components() {
+        current.push(c);
+        match std::fs::symlink_metadata(&current) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(Error::integrity(format!(
+                    "refusing archive entry {}: {} is not a directory (a symlink would be written through)",
+                    rel.display(),
+                    current.strip_prefix(target).unwrap_or(&current).display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => return Err(Error::io(format!("stat {}", current.display()), e)),
+        }
+    }
+    *verified = Some(parent.to_path_buf());
+    Ok(())
+}
+
+/// Unpacks `reader` (a tar stream) into `target`, which must exist.
+pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: &Cancel) -> Result<ExtractStats> {
+    let target = std::fs::canonicalize(target).map_err(|e| Error::io(format!("restore target {}", target.display()), e))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    // SAFETY: geteuid has no preconditions.
+    archive.set_preserve_ownerships(unsafe { libc::geteuid() } == 0);
+    let mut stats = ExtractStats::default();
+    // Directory modes and mtimes are applied last, deepest first, so that read-only
+    // directories can still be filled and their mtimes are not changed by their children.
+    let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
+    let mut verified: Option<PathBuf> = None;
+    let entries = archive.entries().map_err(|e| Error::io("read archive", e))?;
+    for entry in entries {
+        cancel.check()?;
+        let mut entry = entry.map_err(|e| crate::pipeline::damaged("read archive", e))?;
+        let rel = safe_relative(&entry.path_bytes(), "entry")?;
+        let kind = entry.header().entry_type();
+        check_ancestors(&target, &rel, &mut verified)?;
+        stats.entries += 1;
+        match kind {
+            tar::EntryType::Directory => {
+                let dst = target.join(&rel);
+                match std::fs::symlink_metadata(&dst) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        return Err(Error::integrity(format!(
+                            "refusing directory entry {}: a non-directory is already there",
+                            rel.display()
+                        )))
+                    }
+                    Err(_) => std::fs::create_dir_all(&dst).map_err(|e| Error::io(format!("create {}", dst.display()), e))?,
+                }
+                let mode = entry.header().mode().map_err(|e| Error::io("read archive", e))?;
+                let mtime = entry.header().mtime().map_err(|e| Error::io("read archive", e))?;
+                dirs.push((rel, mode, mtime));
+                stats.dirs += 1;
+                continue;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                stats.files += 1;
+                stats.bytes += entry.size();
+            }
+            tar::EntryType::Symlink => stats.links += 1,
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| Error::integrity(format!("hard link {} has no target", rel.display())))?;
+                let link_rel = safe_relative(&link, "hard link target")?;
+                check_ancestors(&target, &link_rel, &mut None)?;
+                stats.links += 1;
+            }
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {}
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
+                return Err(Error::invalid(format!(
+                    "refusing special file {} ({:?}): pass --allow-special to restore FIFOs and devices",
+                    rel.display(),
+                    kind
+                )))
+            }
+            other => {
+                return Err(Error::integrity(format!(
+                    "refusing archive entry {} of unsupported type {other:?}",
+                    rel.display()
+                )))
+            }
+        }
+        let unpacked = entry
+            .unpack_in(&target)
+            .map_err(|e| Error::io(format!("restore {}", rel.display()), e))?;
+        if !unpacked {
+            return Err(Error::integrity(format!("refusing archive entry {}: outside the target", rel.display())));
+        }
+    }
+    for (rel, mode, mtime) in dirs.iter().rev() {
+        let dst = target.join(rel);
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| Error::io(format!("chmod {}", dst.display()), e))?;
+        let t = filetime::FileTime::from_unix_time(*mtime as i64, 0);
+        filetime::set_file_mtime(&dst, t).map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_checked() {
+        assert_eq!(safe_relative(b"a/./b", "entry").unwrap(), PathBuf::from("a/b"));
+        for bad in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"", b".", b"a\0b"] {
+            assert!(safe_relative(bad, "entry").is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

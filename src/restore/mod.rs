@@ -1,0 +1,264 @@
+//! Restores: resolve which backup and objects a request means (the plan), then stream them
+//! back through the pipeline into a sink. A plan can be printed without doing anything
+//! (`--dry-run`); executing it never writes outside its target.
+
+pub mod extract;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cancel::Cancel;
+use crate::crypto::Identities;
+use crate::format::manifest::ObjectInfo;
+use crate::format::{BackupId, Name, ObjectKey, ObjectName};
+use crate::pipeline::{Decoder, Digest};
+use crate::registry::{BackupRecord, Status};
+use crate::repo::Repo;
+use crate::store::ObjectStore;
+use crate::{Error, Result};
+
+pub use extract::{ExtractOptions, ExtractStats};
+
+/// Which backup to restore.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Latest,
+    Id(BackupId),
+}
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Selector> {
+        if s == "latest" {
+            Ok(Selector::Latest)
+        } else {
+            BackupId::parse(s).map(Selector::Id)
+        }
+    }
+}
+
+/// Where restored bytes go.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// Unpack a file tree into a directory (or write a stream artifact to a file in it).
+    Dir { path: PathBuf, overwrite: bool, allow_special: bool },
+    /// Write the artifact to standard output.
+    Stdout,
+}
+
+/// What a restore will do; printed by `--dry-run`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePlan {
+    pub backup_id: BackupId,
+    pub environment: Name,
+    pub policy: Name,
+    pub source_kind: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub object: String,
+    pub stored_bytes: u64,
+    pub plain_bytes: u64,
+    pub recipients: Vec<String>,
+    pub target: Target,
+    /// The artifact is a tar archive that will be unpacked.
+    pub unpack: bool,
+    #[serde(skip)]
+    data: ObjectInfo,
+    #[serde(skip)]
+    key: ObjectKey,
+}
+
+/// Finds the record a selector means in a set: completed only.
+pub async fn select(repo: &Repo, policy: &Name, selector: &Selector) -> Result<BackupRecord> {
+    let env = &repo.settings.environment;
+    let record = match selector {
+        Selector::Latest => repo.registry.latest(env, policy).await?.ok_or_else(|| {
+            Error::not_found(format!("no completed backup of policy {policy} in environment {env}"))
+                .hint("`drctl list` shows what exists")
+        })?,
+        Selector::Id(id) => {
+            let r = repo
+                .registry
+                .get(id)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("backup {id} not found in the registry")))?;
+            if &r.policy != policy || &r.environment != env {
+                return Err(Error::invalid(format!(
+                    "backup {id} belongs to policy {} in environment {}, not policy {policy} in {env}",
+                    r.policy, r.environment
+                )));
+            }
+            r
+        }
+    };
+    if record.status != Status::Completed {
+        return Err(Error::invalid(format!(
+            "backup {} is {}, not completed; it cannot be restored",
+            record.backup_id,
+            record.status.as_str()
+        )));
+    }
+    Ok(record)
+}
+
+pub async fn plan(repo: &Repo, policy: &Name, selector: &Selector, target: Target) -> Result<RestorePlan> {
+    let record = select(repo, policy, selector).await?;
+    let manifest = record.manifest()?;
+    let data = manifest.data()?.clone();
+    let name = data.object_name()?;
+    let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar") && matches!(target, Target::Dir { .. });
+    if let Target::Dir { path, overwrite, .. } = &target {
+        check_target(path, *overwrite)?;
+    }
+    let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &name);
+    Ok(RestorePlan {
+        backup_id: manifest.backup_id.clone(),
+        environment: manifest.environment.clone(),
+        policy: manifest.policy.clone(),
+        source_kind: manifest.source.kind.clone(),
+        started_at: manifest.started_at,
+        object: key.to_string(),
+        stored_bytes: data.stored_size,
+        plain_bytes: data.plain_size,
+        recipients: manifest.encryption.recipients.clone(),
+        target,
+        unpack,
+        data,
+        key,
+    })
+}
+
+/// A restore target must be missing or empty unless `overwrite` is set.
+fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
+    match std::fs::read_dir(path) {
+        Ok(mut rd) => {
+            if rd.next().is_some() && !overwrite {
+                return Err(Error::invalid(format!("restore target {} is not empty", path.display()))
+                    .hint("restore into an empty directory, or pass --overwrite to replace files in it"));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(Error::invalid(format!("restore target {} is not a directory", path.display())))
+        }
+        Err(e) => Err(Error::io(format!("restore target {}", path.display()), e)),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub backup_id: BackupId,
+    pub plain: Digest,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extracted: Option<ExtractStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_to: Option<PathBuf>,
+    pub seconds: f64,
+}
+
+/// Opens an object of a backup for decoding, on a blocking thread's behalf.
+pub async fn open_object(
+    store: &Arc<dyn ObjectStore>,
+    key: &ObjectKey,
+    backup_id: &BackupId,
+) -> Result<crate::store::ByteStream> {
+    store.get(key).await.map_err(|e| {
+        if e.kind() == crate::ErrorKind::NotFound {
+            Error::integrity(format!("backup {backup_id}: object {key} is missing from {}", store.describe()))
+                .hint("restore from another backup or a replica; `drctl verify --all` checks the rest")
+        } else {
+            e
+        }
+    })
+}
+
+pub async fn execute(
+    repo: &Repo,
+    plan: &RestorePlan,
+    identities: Arc<Identities>,
+    progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    cancel: &Cancel,
+) -> Result<RestoreReport> {
+    let started = std::time::Instant::now();
+    let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
+    let what = format!("backup {} object {}", plan.backup_id, plan.key);
+    let (data, recipients, target, unpack) = (plan.data.clone(), plan.recipients.clone(), plan.target.clone(), plan.unpack);
+    let file_name = plan.key.as_str().rsplit('/').next().unwrap_or("data").trim_end_matches(".zst.age").to_owned();
+    let cancel = cancel.clone();
+    let report = tokio::task::spawn_blocking(move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
+        let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
+        let mut reader = ProgressReader { inner: decoder, progress };
+        match target {
+            Target::Stdout => {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, stdout.lock());
+                copy_cancellable(&mut reader, &mut out, &cancel)?;
+                out.flush().map_err(|e| Error::io("write to stdout", e))?;
+                Ok((reader.inner.finish()?, None, None))
+            }
+            Target::Dir { path, allow_special, .. } => {
+                std::fs::create_dir_all(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+                if unpack {
+                    let opts = ExtractOptions { allow_special };
+                    let stats = match extract::extract(&mut reader, &path, &opts, &cancel) {
+                        Ok(s) => s,
+                        // A damaged stream explains an archive error; report the root cause.
+                        Err(e) if e.kind() != crate::ErrorKind::Integrity && e.kind() != crate::ErrorKind::InvalidInput => {
+                            return Err(reader.inner.finish().err().unwrap_or(e))
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    Ok((reader.inner.finish()?, Some(stats), None))
+                } else {
+                    let file = path.join(&file_name);
+                    let f = std::fs::File::create(&file).map_err(|e| Error::io(format!("create {}", file.display()), e))?;
+                    let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, f);
+                    copy_cancellable(&mut reader, &mut out, &cancel)?;
+                    let f = out.into_inner().map_err(|e| Error::io(format!("write {}", file.display()), e.into_error()))?;
+                    f.sync_all().map_err(|e| Error::io(format!("fsync {}", file.display()), e))?;
+                    Ok((reader.inner.finish()?, None, Some(file)))
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))??;
+    Ok(RestoreReport {
+        backup_id: plan.backup_id.clone(),
+        plain: report.0,
+        extracted: report.1,
+        written_to: report.2,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn copy_cancellable(reader: &mut impl std::io::Read, out: &mut impl Write, cancel: &Cancel) -> Result<()> {
+    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+    loop {
+        cancel.check()?;
+        let n = reader.read(&mut buf).map_err(|e| crate::pipeline::damaged("restore", e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n]).map_err(|e| Error::io("write restored data", e))?;
+    }
+}
+
+/// Counts bytes read, for progress output.
+pub struct ProgressReader<R> {
+    pub inner: R,
+    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(p) = &self.progress {
+            p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
