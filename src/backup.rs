@@ -31,7 +31,12 @@ pub struct BackupOptions {
 }
 
 /// Runs one full backup of `policy`. Returns the manifest of the completed backup.
-pub async fn run(repo: &Repo, policy: &Policy, opts: BackupOptions, cancel: &Cancel) -> Result<Manifest> {
+pub async fn run(
+    repo: &Repo,
+    policy: &Policy,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
     let recipients = crate::crypto::recipients(&repo.settings)?;
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
@@ -93,9 +98,15 @@ async fn run_locked(
                 chain_base_id: id.clone(),
                 started_at,
                 finished_at: Utc::now(),
-                point_in_time: PointInTime { timestamp: Some(started_at), ..Default::default() },
+                point_in_time: PointInTime {
+                    timestamp: Some(started_at),
+                    ..Default::default()
+                },
                 objects,
-                encryption: EncryptionInfo { recipients, kms_keys: Vec::new() },
+                encryption: EncryptionInfo {
+                    recipients,
+                    kms_keys: Vec::new(),
+                },
                 drctl_version: crate::VERSION.to_owned(),
             };
             let committed = commit(repo, &manifest, lease).await;
@@ -115,24 +126,42 @@ async fn run_locked(
 
 async fn fail(repo: &Repo, id: &BackupId, e: &Error) {
     tracing::info!(backup_id = %id, error = %e, "backup failed");
-    if let Err(e2) = repo.registry.transition(id, Status::Running, Status::Failed, Some(e.message())).await {
+    if let Err(e2) = repo
+        .registry
+        .transition(id, Status::Running, Status::Failed, Some(e.message()))
+        .await
+    {
         tracing::error!(backup_id = %id, error = %e2, "could not mark the backup failed; `drctl gc` will find it");
     }
 }
 
 /// Manifest object, then the registry record (`running` → `completed`).
 async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<()> {
-    let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &ObjectName::Manifest);
-    repo.store.put_bytes(&key, Bytes::from(manifest.to_json())).await?;
+    let key = ObjectKey::object(
+        &manifest.environment,
+        &manifest.policy,
+        &manifest.backup_id,
+        &ObjectName::Manifest,
+    );
+    repo.store
+        .put_bytes(&key, Bytes::from(manifest.to_json()))
+        .await?;
     // Every object must be present with the size we wrote before the record says so.
     for object in &manifest.objects {
-        let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &object.object_name()?);
+        let key = ObjectKey::object(
+            &manifest.environment,
+            &manifest.policy,
+            &manifest.backup_id,
+            &object.object_name()?,
+        );
         match repo.store.head(&key).await? {
             Some(meta) if meta.size == object.stored_size => {}
             other => {
                 return Err(Error::integrity(format!(
                     "object {key} is {} after upload, expected {} bytes",
-                    other.map(|m| format!("{} bytes", m.size)).unwrap_or_else(|| "missing".into()),
+                    other
+                        .map(|m| format!("{} bytes", m.size))
+                        .unwrap_or_else(|| "missing".into()),
                     object.stored_size
                 )))
             }
@@ -142,9 +171,15 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
     let location = Location {
         region: "local".into(),
         store: repo.store.describe(),
-        prefix: ObjectKey::backup_prefix(&manifest.environment, &manifest.policy, &manifest.backup_id),
+        prefix: ObjectKey::backup_prefix(
+            &manifest.environment,
+            &manifest.policy,
+            &manifest.backup_id,
+        ),
     };
-    repo.registry.complete(&manifest.backup_id, manifest, &[location]).await
+    repo.registry
+        .complete(&manifest.backup_id, manifest, &[location])
+        .await
 }
 
 /// One object being uploaded: the writer task and the channel that feeds it.
@@ -155,7 +190,11 @@ struct Upload {
 }
 
 impl Upload {
-    async fn start(repo: &Repo, key: ObjectKey, name: ObjectName) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
+    async fn start(
+        repo: &Repo,
+        key: ObjectKey,
+        name: ObjectName,
+    ) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
         let writer = repo.store.put(&key).await?;
         let pump = tokio::spawn(crate::pipeline::pump(writer, rx));
@@ -163,7 +202,9 @@ impl Upload {
     }
 
     async fn writer(self) -> Result<Box<dyn ObjectWriter>> {
-        self.pump.await.map_err(|e| Error::failure(format!("upload of {} failed: {e}", self.key)))?
+        self.pump
+            .await
+            .map_err(|e| Error::failure(format!("upload of {} failed: {e}", self.key)))?
     }
 }
 
@@ -179,7 +220,9 @@ async fn write_objects(
     cancel: &Cancel,
 ) -> Result<(Vec<ObjectInfo>, SourceInfo)> {
     let env = &repo.settings.environment;
-    let data_name = ObjectName::Data { artifact: source.artifact() };
+    let data_name = ObjectName::Data {
+        artifact: source.artifact(),
+    };
     let data_key = ObjectKey::object(env, &policy.name, id, &data_name);
     let (data_upload, data_tx) = Upload::start(repo, data_key, data_name).await?;
     let mut uploads = vec![data_upload];
@@ -206,12 +249,21 @@ async fn write_objects(
         let mut data = Encoder::start(data_opts, data_tx)?;
         let mut index = match index_tx {
             Some(tx) => Some(Encoder::start(
-                EncodeOptions { level: 3, workers: 0, recipients: index_recipients, progress: None },
+                EncodeOptions {
+                    level: 3,
+                    workers: 0,
+                    recipients: index_recipients,
+                    progress: None,
+                },
                 tx,
             )?),
             None => None,
         };
-        let ran = source.run(&mut data, index.as_mut().map(|e| e as &mut dyn Write), &thread_cancel);
+        let ran = source.run(
+            &mut data,
+            index.as_mut().map(|e| e as &mut dyn Write),
+            &thread_cancel,
+        );
         match ran {
             Ok(stats) => {
                 let data = data.finish()?;
@@ -251,13 +303,22 @@ async fn write_objects(
         for (_, w) in writers {
             let _ = w.abort().await;
         }
-        return Err(if cancel.is_cancelled() && e.kind() != ErrorKind::Cancelled { Error::cancelled() } else { e });
+        return Err(
+            if cancel.is_cancelled() && e.kind() != ErrorKind::Cancelled {
+                Error::cancelled()
+            } else {
+                e
+            },
+        );
     }
     let (stats, data, index) = produced.expect("checked above");
     let mut objects = Vec::new();
     for (name, writer) in writers {
         let (role, encoded) = match &name {
-            ObjectName::Index => (ObjectRole::Index, index.as_ref().expect("index was encoded")),
+            ObjectName::Index => (
+                ObjectRole::Index,
+                index.as_ref().expect("index was encoded"),
+            ),
             _ => (ObjectRole::Data, &data),
         };
         let meta = writer.finish().await?;
@@ -276,5 +337,12 @@ async fn write_objects(
             stored_sha256: encoded.stored.sha256.clone(),
         });
     }
-    Ok((objects, SourceInfo { kind: kind.to_owned(), descriptor, stats }))
+    Ok((
+        objects,
+        SourceInfo {
+            kind: kind.to_owned(),
+            descriptor,
+            stats,
+        },
+    ))
 }

@@ -77,17 +77,26 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
     let mut by_backup: BTreeMap<BackupId, (Name, Vec<(ObjectKey, u64)>)> = BTreeMap::new();
     for meta in objects {
         if let Some((_, policy, id, _)) = ObjectKey::parse(meta.key.as_str()) {
-            by_backup.entry(id).or_insert_with(|| (policy, Vec::new())).1.push((meta.key, meta.size));
+            by_backup
+                .entry(id)
+                .or_insert_with(|| (policy, Vec::new()))
+                .1
+                .push((meta.key, meta.size));
         }
     }
     // Records without objects can be garbage too.
     let records = repo
         .registry
-        .list(&crate::registry::ListQuery { environment: Some(env.clone()), ..Default::default() })
+        .list(&crate::registry::ListQuery {
+            environment: Some(env.clone()),
+            ..Default::default()
+        })
         .await?;
     let mut statuses = BTreeMap::new();
     for r in records {
-        by_backup.entry(r.backup_id.clone()).or_insert_with(|| (r.policy.clone(), Vec::new()));
+        by_backup
+            .entry(r.backup_id.clone())
+            .or_insert_with(|| (r.policy.clone(), Vec::new()));
         statuses.insert(r.backup_id.clone(), r);
     }
     let mut live_sets = BTreeMap::new();
@@ -105,7 +114,11 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
                         let held = match live_sets.get(&lease_name) {
                             Some(h) => *h,
                             None => {
-                                let h = repo.registry.get_lease(&lease_name).await?.is_some_and(|l| !holder_is_dead(&l.holder));
+                                let h = repo
+                                    .registry
+                                    .get_lease(&lease_name)
+                                    .await?
+                                    .is_some_and(|l| !holder_is_dead(&l.holder));
                                 live_sets.insert(lease_name, h);
                                 h
                             }
@@ -132,13 +145,19 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
     for leftover in repo.store.leftovers(chrono::Utc::now()).await? {
         let mut parts = leftover.what.split('/');
         let (e, p, i) = (parts.next(), parts.next(), parts.next());
-        let owner = match (e, p.and_then(|p| Name::parse(p).ok()), i.and_then(|i| BackupId::parse(i).ok())) {
+        let owner = match (
+            e,
+            p.and_then(|p| Name::parse(p).ok()),
+            i.and_then(|i| BackupId::parse(i).ok()),
+        ) {
             (Some(e), Some(policy), Some(id)) if e == env.as_str() => Some((policy, id)),
             _ => None,
         };
         match owner {
             Some((policy, id)) => {
-                let running = statuses.get(&id).is_some_and(|r| r.status == Status::Running);
+                let running = statuses
+                    .get(&id)
+                    .is_some_and(|r| r.status == Status::Running);
                 let abandoned = items.iter().any(|i| i.backup_id == id);
                 if running && !abandoned {
                     continue;
@@ -147,7 +166,10 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
             }
             // Not below this environment's backups: only if it is old.
             None if e == Some(env.as_str()) => {
-                let old = repo.store.leftovers(chrono::Utc::now() - chrono::Duration::hours(24)).await?;
+                let old = repo
+                    .store
+                    .leftovers(chrono::Utc::now() - chrono::Duration::hours(24))
+                    .await?;
                 if old.contains(&leftover) {
                     leftover_items.push((None, leftover));
                 }
@@ -170,7 +192,11 @@ pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcP
     for item in &plan.items {
         sets.insert(item.policy.clone(), ());
     }
-    for (policy, _) in plan.leftover_items.iter().filter_map(|(p, l)| p.clone().map(|p| (p, l))) {
+    for (policy, _) in plan
+        .leftover_items
+        .iter()
+        .filter_map(|(p, l)| p.clone().map(|p| (p, l)))
+    {
         sets.insert(policy, ());
     }
     let mut done = Vec::new();
@@ -178,7 +204,15 @@ pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcP
     for policy in sets.keys() {
         cancel.check()?;
         let lease_name = repo.set_lease_name(policy);
-        let lease = match LeaseGuard::acquire(repo.registry.clone(), &lease_name, repo.lease_ttl(), Some(Duration::ZERO), cancel).await {
+        let lease = match LeaseGuard::acquire(
+            repo.registry.clone(),
+            &lease_name,
+            repo.lease_ttl(),
+            Some(Duration::ZERO),
+            cancel,
+        )
+        .await
+        {
             Ok(l) => l,
             Err(e) if e.kind() == ErrorKind::Locked => {
                 plan.busy_sets.push(lease_name);
@@ -196,7 +230,10 @@ pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcP
                         _ => Status::Deleting,
                     };
                     if from != Status::Deleting
-                        && !repo.registry.transition(&item.backup_id, from, Status::Deleting, None).await?
+                        && !repo
+                            .registry
+                            .transition(&item.backup_id, from, Status::Deleting, None)
+                            .await?
                     {
                         continue; // changed since planning; leave it
                     }
@@ -209,7 +246,11 @@ pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcP
                 }
                 done.push(item.clone());
             }
-            for (_, leftover) in plan.leftover_items.iter().filter(|(p, _)| p.as_ref() == Some(policy)) {
+            for (_, leftover) in plan
+                .leftover_items
+                .iter()
+                .filter(|(p, _)| p.as_ref() == Some(policy))
+            {
                 repo.store.remove_leftover(leftover).await?;
                 done_leftovers.push(leftover.clone());
             }

@@ -23,12 +23,17 @@ fn main() {
         subscriber.init();
     }
     let json = cli.global.json;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let cancel = Cancel::new();
     let result = runtime.block_on(async {
         let c = cancel.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             for _ in 0..2 {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}

@@ -19,7 +19,11 @@ impl Repo {
     pub async fn connect(settings: Settings) -> Result<Repo> {
         let store = crate::store::open(&settings.repository);
         let registry = crate::registry::open(&settings.registry).await?;
-        Ok(Repo { settings, store, registry })
+        Ok(Repo {
+            settings,
+            store,
+            registry,
+        })
     }
 
     /// Opens the store and registry, failing with `NotFound` unless both were initialised.

@@ -43,12 +43,22 @@ pub async fn verify(
     let deep = identities.is_some();
     let outcome = check(repo, record, identities, cancel).await;
     let (ok, detail) = match &outcome {
-        Ok(r) => (true, format!("{} objects, {} bytes read", r.objects, r.bytes_read)),
+        Ok(r) => (
+            true,
+            format!("{} objects, {} bytes read", r.objects, r.bytes_read),
+        ),
         Err(e) => (false, e.message().to_owned()),
     };
     if !matches!(&outcome, Err(e) if e.kind() == crate::ErrorKind::Cancelled) {
-        let v = Verification { at: chrono::Utc::now(), deep, ok, detail };
-        repo.registry.set_verification(&record.backup_id, &v).await?;
+        let v = Verification {
+            at: chrono::Utc::now(),
+            deep,
+            ok,
+            detail,
+        };
+        repo.registry
+            .set_verification(&record.backup_id, &v)
+            .await?;
     }
     outcome
 }
@@ -61,14 +71,22 @@ async fn check(
 ) -> Result<VerifyReport> {
     let id = &record.backup_id;
     let manifest = record.manifest()?;
-    let key_of = |name: &ObjectName| ObjectKey::object(&manifest.environment, &manifest.policy, id, name);
+    let key_of =
+        |name: &ObjectName| ObjectKey::object(&manifest.environment, &manifest.policy, id, name);
 
     // The stored manifest must exist and say exactly what the registry says.
     let manifest_key = key_of(&ObjectName::Manifest);
-    let stored = repo.store.get_bytes(&manifest_key, 16 << 20).await.map_err(|e| missing(e, id, &manifest_key))?;
-    let stored = Manifest::from_json(&stored).map_err(|e| e.context(format!("backup {id}: {manifest_key}")))?;
+    let stored = repo
+        .store
+        .get_bytes(&manifest_key, 16 << 20)
+        .await
+        .map_err(|e| missing(e, id, &manifest_key))?;
+    let stored = Manifest::from_json(&stored)
+        .map_err(|e| e.context(format!("backup {id}: {manifest_key}")))?;
     if &stored != manifest {
-        return Err(Error::integrity(format!("backup {id}: {manifest_key} differs from the registry record")));
+        return Err(Error::integrity(format!(
+            "backup {id}: {manifest_key} differs from the registry record"
+        )));
     }
 
     let mut report = VerifyReport {
@@ -106,7 +124,9 @@ async fn check(
                 sha.update(&chunk);
             }
             if size != object.stored_size || hex::encode(sha.finalize()) != object.stored_sha256 {
-                return Err(Error::integrity(format!("{what}: stored SHA-256 does not match the manifest")));
+                return Err(Error::integrity(format!(
+                    "{what}: stored SHA-256 does not match the manifest"
+                )));
             }
             report.bytes_read += size;
         }
@@ -121,30 +141,42 @@ async fn check(
         let index = match manifest.index() {
             Some(info) if is_tar => {
                 let key = key_of(&info.object_name()?);
-                Some((open_object(&repo.store, &key, id).await?, info.clone(), format!("backup {id} object {key}")))
+                Some((
+                    open_object(&repo.store, &key, id).await?,
+                    info.clone(),
+                    format!("backup {id} object {key}"),
+                ))
             }
             _ => None,
         };
         let recipients = manifest.encryption.recipients.clone();
         let what = format!("backup {id} object {data_key}");
         let cancel = cancel.clone();
-        let (bytes, entries) = tokio::task::spawn_blocking(move || -> Result<(u64, Option<u64>)> {
-            let mut decoder = Decoder::open(data_stream, &identities, data, &recipients, what.clone())?;
-            let entries = match index {
-                Some((stream, info, index_what)) => {
-                    let mut index = Decoder::open(stream, &identities, info, &recipients, index_what)?;
-                    let n = check_tar_against_index(&mut decoder, &mut index, &what, &cancel)?;
-                    index.finish()?;
-                    Some(n)
-                }
-                None if is_tar => Some(check_tar_against_index(&mut decoder, &mut std::io::empty(), &what, &cancel)?),
-                None => None,
-            };
-            let plain = decoder.finish()?;
-            Ok((plain.size, entries))
-        })
-        .await
-        .map_err(|e| Error::failure(format!("verify thread failed: {e}")))??;
+        let (bytes, entries) =
+            tokio::task::spawn_blocking(move || -> Result<(u64, Option<u64>)> {
+                let mut decoder =
+                    Decoder::open(data_stream, &identities, data, &recipients, what.clone())?;
+                let entries = match index {
+                    Some((stream, info, index_what)) => {
+                        let mut index =
+                            Decoder::open(stream, &identities, info, &recipients, index_what)?;
+                        let n = check_tar_against_index(&mut decoder, &mut index, &what, &cancel)?;
+                        index.finish()?;
+                        Some(n)
+                    }
+                    None if is_tar => Some(check_tar_against_index(
+                        &mut decoder,
+                        &mut std::io::empty(),
+                        &what,
+                        &cancel,
+                    )?),
+                    None => None,
+                };
+                let plain = decoder.finish()?;
+                Ok((plain.size, entries))
+            })
+            .await
+            .map_err(|e| Error::failure(format!("verify thread failed: {e}")))??;
         report.bytes_read += bytes;
         report.entries_checked = entries;
     }
@@ -161,7 +193,12 @@ fn missing(e: Error, id: &crate::format::BackupId, key: &ObjectKey) -> Error {
 
 /// Reads every tar entry (and its content) and compares it with the next index line. An empty
 /// index reader only checks that the archive parses.
-fn check_tar_against_index(data: &mut impl Read, index: &mut impl Read, what: &str, cancel: &Cancel) -> Result<u64> {
+fn check_tar_against_index(
+    data: &mut impl Read,
+    index: &mut impl Read,
+    what: &str,
+    cancel: &Cancel,
+) -> Result<u64> {
     let mut lines = std::io::BufReader::new(index).lines();
     let mut archive = tar::Archive::new(data);
     let mut count = 0u64;
@@ -191,7 +228,9 @@ fn check_tar_against_index(data: &mut impl Read, index: &mut impl Read, what: &s
                 })?)
             }
             (Some(true), None) => {
-                return Err(Error::integrity(format!("{what}: archive has more entries than the index ({count}+)")))
+                return Err(Error::integrity(format!(
+                    "{what}: archive has more entries than the index ({count}+)"
+                )))
             }
             (Some(false), None) => None,
         };
@@ -209,9 +248,10 @@ fn check_tar_against_index(data: &mut impl Read, index: &mut impl Read, what: &s
     if use_index == Some(true) {
         if let Some(extra) = lines.next() {
             extra.map_err(damaged)?;
-            return Err(Error::integrity(format!("{what}: index lists more entries than the archive ({count})")));
+            return Err(Error::integrity(format!(
+                "{what}: index lists more entries than the archive ({count})"
+            )));
         }
     }
     Ok(count)
 }
-

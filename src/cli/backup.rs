@@ -27,12 +27,18 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let repo = ctx.repo().await?;
     let policy = Policy::load(&repo.settings, &args.policy)?;
     let progress = ctx.progress(&format!("backup {}", policy.name), None);
-    let opts = BackupOptions { wait: args.wait.map(Duration::from_secs), progress: progress.counter() };
+    let opts = BackupOptions {
+        wait: args.wait.map(Duration::from_secs),
+        progress: progress.counter(),
+    };
     let result = crate::backup::run(&repo, &policy, opts, &ctx.cancel).await;
     progress.finish();
     let manifest = result?;
     ctx.emit("backup", &manifest, || {
-        let secs = (manifest.finished_at - manifest.started_at).num_milliseconds().max(1) as f64 / 1000.0;
+        let secs = (manifest.finished_at - manifest.started_at)
+            .num_milliseconds()
+            .max(1) as f64
+            / 1000.0;
         format!(
             "backup {} of {} completed: {} read, {} stored ({:.1}%), {:.1}s, {}/s",
             manifest.backup_id,

@@ -40,7 +40,8 @@ pub async fn run(ctx: &Ctx, _args: Args) -> Result<()> {
     // Refuse to finish with no way to encrypt.
     crate::crypto::recipients(&settings).map_err(|e| {
         if settings.identity_file.is_none() {
-            Error::invalid(e.message().to_owned()).hint("set identity-file so init can generate a key, or list recipients")
+            Error::invalid(e.message().to_owned())
+                .hint("set identity-file so init can generate a key, or list recipients")
         } else {
             e
         }
@@ -51,7 +52,11 @@ pub async fn run(ctx: &Ctx, _args: Args) -> Result<()> {
     let report = Report {
         repository: repo.store.describe(),
         registry: repo.registry.describe(),
-        identity_file: repo.settings.identity_file.as_ref().map(|p| p.display().to_string()),
+        identity_file: repo
+            .settings
+            .identity_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
         generated_key,
         recipients_file_updated,
     };

@@ -33,17 +33,29 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
     match cmd {
         Command::Generate { output } => {
             let public = crate::crypto::generate_identity(&output)?;
-            ctx.emit("key", &serde_json::json!({ "identity_file": output, "public_key": public }), || public.clone());
+            ctx.emit(
+                "key",
+                &serde_json::json!({ "identity_file": output, "public_key": public }),
+                || public.clone(),
+            );
         }
         Command::List => {
             let settings = ctx.settings()?;
             let recipients = crate::crypto::recipients(&settings)?;
-            let file = ctx.global.identity.clone().or(settings.identity_file.clone());
+            let file = ctx
+                .global
+                .identity
+                .clone()
+                .or(settings.identity_file.clone());
             let identity_public_keys = match &file {
                 Some(f) if f.exists() => crate::crypto::Identities::load(f)?.public,
                 _ => Vec::new(),
             };
-            let keys = Keys { recipients, identity_file: file.map(|f| f.display().to_string()), identity_public_keys };
+            let keys = Keys {
+                recipients,
+                identity_file: file.map(|f| f.display().to_string()),
+                identity_public_keys,
+            };
             ctx.emit("keys", &keys, || {
                 let mut t = String::from("recipients (new backups are encrypted to each):\n");
                 for r in &keys.recipients {
@@ -53,7 +65,11 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
                     Some(f) if !keys.identity_public_keys.is_empty() => {
                         t.push_str(&format!("identity {f}:\n"));
                         for k in &keys.identity_public_keys {
-                            let note = if keys.recipients.contains(k) { "" } else { " (not a recipient of new backups)" };
+                            let note = if keys.recipients.contains(k) {
+                                ""
+                            } else {
+                                " (not a recipient of new backups)"
+                            };
                             t.push_str(&format!("  {k}{note}\n"));
                         }
                     }

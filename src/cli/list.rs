@@ -28,7 +28,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         status: args
             .status
             .as_deref()
-            .map(|s| Status::parse(s).ok_or_else(|| Error::invalid(format!("unknown status {s:?}"))))
+            .map(|s| {
+                Status::parse(s).ok_or_else(|| Error::invalid(format!("unknown status {s:?}")))
+            })
             .transpose()?,
         before: args.before.as_deref().map(BackupId::parse).transpose()?,
         limit: Some(args.limit),
@@ -37,7 +39,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let repo = ctx.repo().await?;
     let records = repo
         .registry
-        .list(&ListQuery { environment: Some(repo.settings.environment.clone()), ..query })
+        .list(&ListQuery {
+            environment: Some(repo.settings.environment.clone()),
+            ..query
+        })
         .await?;
     if ctx.global.json {
         for r in &records {
@@ -49,7 +54,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         println!("no backups");
         return Ok(());
     }
-    println!("{:<26} {:<20} {:<10} {:<20} {:>10} {:>10}  verified", "ID", "POLICY", "STATUS", "STARTED", "SIZE", "STORED");
+    println!(
+        "{:<26} {:<20} {:<10} {:<20} {:>10} {:>10}  verified",
+        "ID", "POLICY", "STATUS", "STARTED", "SIZE", "STORED"
+    );
     for r in &records {
         let (plain, stored) = r
             .manifest
@@ -57,7 +65,12 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             .map(|m| (human_bytes(m.plain_size()), human_bytes(m.stored_size())))
             .unwrap_or_else(|| ("-".into(), "-".into()));
         let verified = match &r.last_verification {
-            Some(v) => format!("{} {}{}", if v.ok { "ok" } else { "FAILED" }, short_time(&v.at), if v.deep { " (deep)" } else { "" }),
+            Some(v) => format!(
+                "{} {}{}",
+                if v.ok { "ok" } else { "FAILED" },
+                short_time(&v.at),
+                if v.deep { " (deep)" } else { "" }
+            ),
             None => "-".into(),
         };
         println!(

@@ -55,7 +55,13 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct Global {
     /// Settings file.
-    #[arg(long, global = true, env = "DRCTL_CONFIG", default_value = "drctl.yaml", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "DRCTL_CONFIG",
+        default_value = "drctl.yaml",
+        value_name = "FILE"
+    )]
     pub config: PathBuf,
     /// age identity file for commands that decrypt (overrides identity-file in the settings).
     #[arg(long, global = true, env = "DRCTL_IDENTITY", value_name = "FILE")]
@@ -103,9 +109,15 @@ impl Ctx {
 
     /// The identities for decryption: --identity, else identity-file.
     pub fn identities(&self, settings: &Settings) -> Result<Arc<Identities>> {
-        let file = self.global.identity.clone().or_else(|| settings.identity_file.clone()).ok_or_else(|| {
-            Error::invalid("no identity to decrypt with").hint("pass --identity FILE or set identity-file in drctl.yaml")
-        })?;
+        let file = self
+            .global
+            .identity
+            .clone()
+            .or_else(|| settings.identity_file.clone())
+            .ok_or_else(|| {
+                Error::invalid("no identity to decrypt with")
+                    .hint("pass --identity FILE or set identity-file in drctl.yaml")
+            })?;
         Ok(Arc::new(Identities::load(&file)?))
     }
 
@@ -153,7 +165,10 @@ pub fn json_line<T: Serialize>(message_type: &str, value: &T) -> String {
 
 /// Runs the parsed command.
 pub async fn run(cli: Cli, cancel: Cancel) -> Result<()> {
-    let ctx = Ctx { global: cli.global, cancel };
+    let ctx = Ctx {
+        global: cli.global,
+        cancel,
+    };
     match cli.command {
         Command::Init(a) => init::run(&ctx, a).await,
         Command::Backup(a) => backup::run(&ctx, a).await,

@@ -29,7 +29,12 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             if ctx.global.json {
                 ctx.emit("validate", &serde_json::json!({ "ok": problems.is_empty(), "policies": names, "problems": problems }), String::new);
             } else if problems.is_empty() {
-                println!("ok: {} and {} policies ({})", ctx.global.config.display(), names.len(), names.join(", "));
+                println!(
+                    "ok: {} and {} policies ({})",
+                    ctx.global.config.display(),
+                    names.len(),
+                    names.join(", ")
+                );
             }
             if problems.is_empty() {
                 Ok(())
@@ -43,7 +48,8 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             if ctx.global.json {
                 ctx.emit("policy", &policy, String::new);
             } else {
-                let yaml = serde_yaml_ng::to_string(&policy).map_err(|e| crate::Error::failure(e.to_string()))?;
+                let yaml = serde_yaml_ng::to_string(&policy)
+                    .map_err(|e| crate::Error::failure(e.to_string()))?;
                 print!("# {}\n{yaml}", policy.file.display());
             }
             Ok(())

@@ -17,16 +17,23 @@ impl Progress {
         let counter = Arc::new(AtomicU64::new(0));
         let target = ProgressDrawTarget::stderr();
         if !enabled || target.is_hidden() {
-            return Progress { counter, bar: None, ticker: None };
+            return Progress {
+                counter,
+                bar: None,
+                ticker: None,
+            };
         }
         let bar = match total {
             Some(t) => ProgressBar::with_draw_target(Some(t), target).with_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             ),
             None => ProgressBar::with_draw_target(None, target).with_style(
-                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}").expect("valid template"),
+                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}")
+                    .expect("valid template"),
             ),
         };
         bar.set_message(label.to_owned());
@@ -37,7 +44,11 @@ impl Progress {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        Progress { counter, bar: Some(bar), ticker: Some(ticker) }
+        Progress {
+            counter,
+            bar: Some(bar),
+            ticker: Some(ticker),
+        }
     }
 
     pub fn counter(&self) -> Option<Arc<AtomicU64>> {

@@ -50,9 +50,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let policy = Name::parse(&args.policy)?;
     let selector = Selector::parse(&args.backup)?;
     let target = match (&args.target, args.stdout) {
-        (Some(path), false) => Target::Dir { path: path.clone(), overwrite: args.overwrite, allow_special: args.allow_special },
+        (Some(path), false) => Target::Dir {
+            path: path.clone(),
+            overwrite: args.overwrite,
+            allow_special: args.allow_special,
+        },
         (None, true) => Target::Stdout,
-        _ => return Err(Error::invalid("give exactly one of --target DIR and --stdout")),
+        _ => {
+            return Err(Error::invalid(
+                "give exactly one of --target DIR and --stdout",
+            ))
+        }
     };
     let repo = ctx.repo().await?;
     let plan = crate::restore::plan(&repo, &policy, &selector, target).await?;
@@ -73,13 +81,20 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         ) + &format!(", {} after decoding", human_bytes(plan.plain_bytes))
     };
     if args.dry_run {
-        ctx.emit("restore_plan", &plan, || format!("would {}", describe(&plan)));
+        ctx.emit("restore_plan", &plan, || {
+            format!("would {}", describe(&plan))
+        });
         return Ok(());
     }
     ctx.require_confirm(&repo.settings, args.confirm, "restore")?;
     let identities = ctx.identities(&repo.settings)?;
-    let progress = if args.stdout { ctx.progress("", Some(0)) } else { ctx.progress("restore", Some(plan.plain_bytes)) };
-    let result = crate::restore::execute(&repo, &plan, identities, progress.counter(), &ctx.cancel).await;
+    let progress = if args.stdout {
+        ctx.progress("", Some(0))
+    } else {
+        ctx.progress("restore", Some(plan.plain_bytes))
+    };
+    let result =
+        crate::restore::execute(&repo, &plan, identities, progress.counter(), &ctx.cancel).await;
     progress.finish();
     let report = result?;
     let text = || {
@@ -89,7 +104,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             human_bytes(report.plain.size),
             report.seconds,
             human_bytes((report.plain.size as f64 / report.seconds.max(0.001)) as u64),
-            report.extracted.as_ref().map(|s| format!(", {} files, {} directories, {} links", s.files, s.dirs, s.links)).unwrap_or_default()
+            report
+                .extracted
+                .as_ref()
+                .map(|s| format!(
+                    ", {} files, {} directories, {} links",
+                    s.files, s.dirs, s.links
+                ))
+                .unwrap_or_default()
         )
     };
     if args.stdout {

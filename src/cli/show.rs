@@ -14,11 +14,10 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let id = BackupId::parse(&args.id)?;
     let repo = ctx.repo().await?;
-    let r = repo
-        .registry
-        .get(&id)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("backup {id} not found in the registry")).hint("`drctl list` shows what exists"))?;
+    let r = repo.registry.get(&id).await?.ok_or_else(|| {
+        Error::not_found(format!("backup {id} not found in the registry"))
+            .hint("`drctl list` shows what exists")
+    })?;
     ctx.emit("backup", &r, || {
         let mut t = format!(
             "backup      {}\nenvironment {}\npolicy      {}\nstatus      {}\ntype        {}\nsource      {}\nstarted     {}\n",

@@ -34,32 +34,50 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let id = args.id.as_deref().map(BackupId::parse).transpose()?;
     let policy = args.policy.as_deref().map(Name::parse).transpose()?;
     let repo = ctx.repo().await?;
-    let identities = if args.deep { Some(ctx.identities(&repo.settings)?) } else { None };
+    let identities = if args.deep {
+        Some(ctx.identities(&repo.settings)?)
+    } else {
+        None
+    };
     let env = repo.settings.environment.clone();
     let records = match id {
         Some(id) => {
-            let r = repo.registry.get(&id).await?.ok_or_else(|| Error::not_found(format!("backup {id} not found in the registry")))?;
+            let r = repo.registry.get(&id).await?.ok_or_else(|| {
+                Error::not_found(format!("backup {id} not found in the registry"))
+            })?;
             if r.status != Status::Completed {
-                return Err(Error::invalid(format!("backup {id} is {}, not completed", r.status.as_str())));
+                return Err(Error::invalid(format!(
+                    "backup {id} is {}, not completed",
+                    r.status.as_str()
+                )));
             }
             vec![r]
         }
         None => {
             let all = repo
                 .registry
-                .list(&ListQuery { environment: Some(env.clone()), policy, status: Some(Status::Completed), ..Default::default() })
+                .list(&ListQuery {
+                    environment: Some(env.clone()),
+                    policy,
+                    status: Some(Status::Completed),
+                    ..Default::default()
+                })
                 .await?;
             if args.latest {
                 // Newest first: keep the first of each policy.
                 let mut seen = std::collections::HashSet::new();
-                all.into_iter().filter(|r| seen.insert(r.policy.clone())).collect()
+                all.into_iter()
+                    .filter(|r| seen.insert(r.policy.clone()))
+                    .collect()
             } else {
                 all
             }
         }
     };
     if records.is_empty() {
-        return Err(Error::not_found(format!("no completed backups to verify in environment {env}")));
+        return Err(Error::not_found(format!(
+            "no completed backups to verify in environment {env}"
+        )));
     }
     let total = records.len();
     let mut failures: Vec<crate::Error> = Vec::new();
@@ -90,7 +108,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
                 if report.deep { "deep, " } else { "" },
                 report.objects,
                 super::human_bytes(report.bytes_read),
-                report.entries_checked.map(|n| format!(", {n} tar entries")).unwrap_or_default()
+                report
+                    .entries_checked
+                    .map(|n| format!(", {n} tar entries"))
+                    .unwrap_or_default()
             ),
             Some(e) => format!("{} FAILED: {e}", report.backup_id),
         });
@@ -100,8 +121,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         n if n == total && n == 1 => Err(failures.pop().expect("one failure")),
         n if n == total => {
             let kind = failures[0].kind();
-            Err(Error::new(kind, format!("all {n} backups failed verification")))
+            Err(Error::new(
+                kind,
+                format!("all {n} backups failed verification"),
+            ))
         }
-        n => Err(Error::new(ErrorKind::Partial, format!("{n} of {total} backups failed verification"))),
+        n => Err(Error::new(
+            ErrorKind::Partial,
+            format!("{n} of {total} backups failed verification"),
+        )),
     }
 }

@@ -30,7 +30,13 @@ impl fmt::Display for Problem {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -43,7 +49,10 @@ pub(crate) struct Problems<'a> {
 
 impl<'a> Problems<'a> {
     pub fn new(file: &'a Path) -> Self {
-        Problems { file, list: Vec::new() }
+        Problems {
+            file,
+            list: Vec::new(),
+        }
     }
     pub fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.list.push(Problem {
@@ -93,7 +102,10 @@ impl<'a> Problems<'a> {
                 Some(key) if known.contains(&key) => {
                     out.insert(key.to_owned(), v);
                 }
-                Some(key) => self.add(key, format!("unknown key (known keys: {})", known.join(", "))),
+                Some(key) => self.add(
+                    key,
+                    format!("unknown key (known keys: {})", known.join(", ")),
+                ),
                 None => self.add("", format!("keys must be strings, found {k:?}")),
             }
         }
@@ -135,7 +147,8 @@ pub fn problems_error(problems: &[Problem]) -> Error {
         msg.push_str("\n  ");
         msg.push_str(&p.to_string());
     }
-    Error::invalid(msg).hint("fix the listed fields; `drctl policy validate` checks every file at once")
+    Error::invalid(msg)
+        .hint("fix the listed fields; `drctl policy validate` checks every file at once")
 }
 
 /// Resolves `p` against `base` unless it is absolute.

@@ -103,7 +103,10 @@ fn default_level() -> i32 {
 
 impl Default for Compression {
     fn default() -> Self {
-        Compression { level: default_level(), threads: 0 }
+        Compression {
+            level: default_level(),
+            threads: 0,
+        }
     }
 }
 
@@ -111,14 +114,23 @@ impl Compression {
     /// The number of zstd workers to use.
     pub fn workers(&self) -> u32 {
         if self.threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
         } else {
             self.threads
         }
     }
 }
 
-const KEYS: &[&str] = &["name", "description", "source", "schedule", "retention", "compression"];
+const KEYS: &[&str] = &[
+    "name",
+    "description",
+    "source",
+    "schedule",
+    "retention",
+    "compression",
+];
 const REQUIRED: &[&str] = &["name", "source"];
 
 impl Policy {
@@ -139,11 +151,18 @@ impl Policy {
         });
         if let (Some(n), Some(stem)) = (&name, path.file_stem().and_then(|s| s.to_str())) {
             if n.as_str() != stem {
-                p.add("name", format!("name {n:?} must match the file name ({stem}.yaml)"));
+                p.add(
+                    "name",
+                    format!("name \"{n}\" must match the file name ({stem}.yaml)"),
+                );
             }
         }
-        let description: Option<String> = entries.remove("description").and_then(|v| p.section("description", v));
-        let source: Option<SourceConfig> = entries.remove("source").and_then(|v| p.section("source", v));
+        let description: Option<String> = entries
+            .remove("description")
+            .and_then(|v| p.section("description", v));
+        let source: Option<SourceConfig> = entries
+            .remove("source")
+            .and_then(|v| p.section("source", v));
         let schedule: Option<Schedule> = match entries.remove("schedule") {
             Some(v) => p.section("schedule", v),
             None => Some(Schedule::default()),
@@ -161,7 +180,10 @@ impl Policy {
             check_source(&mut p, source);
         }
         if let Some(schedule) = &schedule {
-            for (field, expr) in [("full", &schedule.full), ("incremental", &schedule.incremental)] {
+            for (field, expr) in [
+                ("full", &schedule.full),
+                ("incremental", &schedule.incremental),
+            ] {
                 if let Some(expr) = expr {
                     if let Err(e) = parse_cron(expr) {
                         p.add(format!("schedule.{field}"), e);
@@ -171,21 +193,39 @@ impl Policy {
         }
         if let Some(c) = &compression {
             if !(1..=19).contains(&c.level) {
-                p.add("compression.level", format!("{} is out of range 1..=19", c.level));
+                p.add(
+                    "compression.level",
+                    format!("{} is out of range 1..=19", c.level),
+                );
             }
             if c.threads > 256 {
-                p.add("compression.threads", format!("{} is more than 256", c.threads));
+                p.add(
+                    "compression.threads",
+                    format!("{} is more than 256", c.threads),
+                );
             }
         }
         if let Some(r) = &retention {
-            let rules = [r.keep_last, r.keep_hourly, r.keep_daily, r.keep_weekly, r.keep_monthly, r.keep_yearly];
+            let rules = [
+                r.keep_last,
+                r.keep_hourly,
+                r.keep_daily,
+                r.keep_weekly,
+                r.keep_monthly,
+                r.keep_yearly,
+            ];
             let any_set = rules.iter().any(Option::is_some);
             if any_set && !rules.iter().any(|k| k.unwrap_or(0) > 0) {
-                p.add("retention", "every keep rule is 0: this would delete every backup");
+                p.add(
+                    "retention",
+                    "every keep rule is 0: this would delete every backup",
+                );
             }
         }
         match (name, source, schedule, retention, compression) {
-            (Some(name), Some(mut source), Some(schedule), Some(retention), Some(compression)) if p.list.is_empty() => {
+            (Some(name), Some(mut source), Some(schedule), Some(retention), Some(compression))
+                if p.list.is_empty() =>
+            {
                 if let SourceConfig::Files { paths, .. } = &mut source {
                     for path in paths.iter_mut() {
                         *path = resolve(&settings.base_dir, path);
@@ -242,16 +282,29 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                 }
             }
         }
-        SourceConfig::Command { command, artifact, env } => {
+        SourceConfig::Command {
+            command,
+            artifact,
+            env,
+        } => {
             if command.is_empty() || command[0].is_empty() {
-                p.add("source.command", "the command (argv list) must not be empty");
+                p.add(
+                    "source.command",
+                    "the command (argv list) must not be empty",
+                );
             }
             if !valid_artifact(artifact) {
-                p.add("source.artifact", format!("{artifact:?}: use 1-16 characters of a-z and 0-9"));
+                p.add(
+                    "source.artifact",
+                    format!("{artifact:?}: use 1-16 characters of a-z and 0-9"),
+                );
             }
             for key in env.keys() {
                 if key.is_empty() || key.contains('=') {
-                    p.add(format!("source.env.{key}"), "invalid environment variable name");
+                    p.add(
+                        format!("source.env.{key}"),
+                        "invalid environment variable name",
+                    );
                 }
             }
         }
@@ -264,7 +317,9 @@ pub fn parse_cron(expr: &str) -> std::result::Result<croner::Cron, String> {
         .seconds(croner::parser::Seconds::Required)
         .build()
         .parse(expr)
-        .map_err(|e| format!("invalid cron expression {expr:?} (sec min hour day month weekday): {e}"))
+        .map_err(|e| {
+            format!("invalid cron expression {expr:?} (sec min hour day month weekday): {e}")
+        })
 }
 
 /// Validates every `*.yaml`/`*.yml` file in the policies directory.

@@ -94,22 +94,6 @@ pub struct Settings {
     pub lease_ttl_seconds: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct Raw {
-    environment: String,
-    repository: String,
-    registry: String,
-    #[serde(default)]
-    recipients: Vec<String>,
-    recipients_file: Option<PathBuf>,
-    identity_file: Option<PathBuf>,
-    policies_dir: Option<PathBuf>,
-    #[serde(default)]
-    production: bool,
-    lease_ttl_seconds: Option<u64>,
-}
-
 pub const KEYS: &[&str] = &[
     "environment",
     "repository",
@@ -144,34 +128,49 @@ impl Settings {
                 fields.insert(serde_yaml_ng::Value::String(k), v);
             }
         }
-        if !p.list.is_empty() {
-            return (None, p.list);
-        }
-        let raw: Raw = match p.section("", serde_yaml_ng::Value::Mapping(fields)) {
-            Some(r) => r,
-            None => return (None, p.list),
-        };
+        // Fields that type-checked are checked further even when others did not.
+        let raw: PartialRaw = p
+            .section("", serde_yaml_ng::Value::Mapping(fields))
+            .unwrap_or_default();
         let base_dir = path
             .parent()
-            .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            })
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let base_dir = std::fs::canonicalize(&base_dir).unwrap_or(base_dir);
-        let environment = Name::parse(&raw.environment).map_err(|e| p.add("environment", e.message()));
-        let repository = StoreUrl::parse(&raw.repository, &base_dir).map_err(|e| p.add("repository", e.message()));
-        let registry = RegistryUrl::parse(&raw.registry, &base_dir).map_err(|e| p.add("registry", e.message()));
-        for (i, r) in raw.recipients.iter().enumerate() {
+        let environment = raw
+            .environment
+            .map(|e| Name::parse(&e).map_err(|e| p.add("environment", e.message())));
+        let repository = raw
+            .repository
+            .map(|r| StoreUrl::parse(&r, &base_dir).map_err(|e| p.add("repository", e.message())));
+        let registry = raw
+            .registry
+            .map(|r| RegistryUrl::parse(&r, &base_dir).map_err(|e| p.add("registry", e.message())));
+        let recipients = raw.recipients.unwrap_or_default();
+        for (i, r) in recipients.iter().enumerate() {
             if let Err(e) = crate::crypto::parse_recipient(r) {
                 p.add(format!("recipients[{i}]"), e.message());
             }
         }
-        if raw.recipients.is_empty() && raw.recipients_file.is_none() {
-            p.add("recipients", "no recipients: set recipients or recipients-file (drctl init can create the file)");
+        if recipients.is_empty() && raw.recipients_file.is_none() {
+            p.add(
+                "recipients",
+                "no recipients: set recipients or recipients-file (drctl init can create the file)",
+            );
         }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
         }
-        let (Ok(environment), Ok(repository), Ok(registry)) = (environment, repository, registry) else {
+        let (Some(Ok(environment)), Some(Ok(repository)), Some(Ok(registry))) =
+            (environment, repository, registry)
+        else {
             return (None, p.list);
         };
         let settings = Settings {
@@ -179,11 +178,14 @@ impl Settings {
             environment,
             repository,
             registry,
-            recipients: raw.recipients,
+            recipients,
             recipients_file: raw.recipients_file.map(|f| resolve(&base_dir, &f)),
             identity_file: raw.identity_file.map(|f| resolve(&base_dir, &f)),
-            policies_dir: resolve(&base_dir, &raw.policies_dir.unwrap_or_else(|| "policies".into())),
-            production: raw.production,
+            policies_dir: resolve(
+                &base_dir,
+                &raw.policies_dir.unwrap_or_else(|| "policies".into()),
+            ),
+            production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
             base_dir,
         };
@@ -207,10 +209,9 @@ impl Settings {
     }
 }
 
-/// Every field optional, so one field can be type-checked on its own.
-#[derive(Deserialize)]
+/// The file as written: every field optional, so each can be checked on its own.
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-#[allow(dead_code)]
 struct PartialRaw {
     environment: Option<String>,
     repository: Option<String>,

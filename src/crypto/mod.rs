@@ -28,23 +28,29 @@ pub fn recipients(settings: &Settings) -> Result<Vec<String>> {
     }
     if let Some(file) = &settings.recipients_file {
         let text = std::fs::read_to_string(file).map_err(|e| {
-            Error::not_found(format!("cannot read recipients file {}: {e}", file.display()))
-                .hint("run `drctl init` to generate a key, or fix recipients-file in drctl.yaml")
+            Error::not_found(format!(
+                "cannot read recipients file {}: {e}",
+                file.display()
+            ))
+            .hint("run `drctl init` to generate a key, or fix recipients-file in drctl.yaml")
         })?;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let r = parse_recipient(line).map_err(|e| e.context(format!("{}:{}", file.display(), i + 1)))?;
+            let r = parse_recipient(line)
+                .map_err(|e| e.context(format!("{}:{}", file.display(), i + 1)))?;
             out.push(r.to_string());
         }
     }
     let mut seen = std::collections::HashSet::new();
     out.retain(|r| seen.insert(r.clone()));
     if out.is_empty() {
-        return Err(Error::invalid("no age recipients configured: backups would be unreadable")
-            .hint("run `drctl init` or add recipients to drctl.yaml"));
+        return Err(
+            Error::invalid("no age recipients configured: backups would be unreadable")
+                .hint("run `drctl init` or add recipients to drctl.yaml"),
+        );
     }
     Ok(out)
 }
@@ -88,13 +94,22 @@ impl Identities {
             identities.push(Box::new(id));
         }
         if identities.is_empty() {
-            return Err(Error::invalid(format!("identity file {} holds no identity", file.display())));
+            return Err(Error::invalid(format!(
+                "identity file {} holds no identity",
+                file.display()
+            )));
         }
-        Ok(Identities { file: file.to_path_buf(), identities, public })
+        Ok(Identities {
+            file: file.to_path_buf(),
+            identities,
+            public,
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &dyn age::Identity> {
-        self.identities.iter().map(|i| i.as_ref() as &dyn age::Identity)
+        self.identities
+            .iter()
+            .map(|i| i.as_ref() as &dyn age::Identity)
     }
 
     /// The error for a backup none of these identities can open.
@@ -117,7 +132,8 @@ impl Identities {
 pub fn generate_identity(path: &Path) -> Result<String> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
     }
     let identity = age::x25519::Identity::generate();
@@ -129,7 +145,10 @@ pub fn generate_identity(path: &Path) -> Result<String> {
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::invalid(format!("{} already exists; drctl never overwrites a key", path.display()))
+                Error::invalid(format!(
+                    "{} already exists; drctl never overwrites a key",
+                    path.display()
+                ))
             } else {
                 Error::io(format!("create {}", path.display()), e)
             }
@@ -152,15 +171,20 @@ pub fn add_recipient_to_file(path: &Path, recipient: &str) -> Result<bool> {
         return Ok(false);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     }
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .open(path)
         .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let sep = if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" };
-    write!(f, "{sep}{recipient}\n")
+    let sep = if existing.is_empty() || existing.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    writeln!(f, "{sep}{recipient}")
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     Ok(true)

@@ -36,7 +36,10 @@ impl BackupId {
             return Err(invalid());
         }
         let (time, random) = (&s[..16], &s[17..]);
-        if !random.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if !random
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(invalid());
         }
         if !time.bytes().enumerate().all(|(i, b)| match i {

@@ -46,7 +46,10 @@ impl ObjectName {
 
 /// An artifact label (the file extension inside `data.<artifact>.zst.age`): `[a-z0-9]{1,16}`.
 pub fn valid_artifact(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !s.is_empty()
+        && s.len() <= 16
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 impl ObjectKey {
@@ -86,9 +89,13 @@ impl ObjectKey {
     pub fn from_listing(key: &str) -> Result<Self> {
         let bad = key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..");
         if bad {
-            return Err(Error::integrity(format!("unsafe object key {key:?} in listing")));
+            return Err(Error::integrity(format!(
+                "unsafe object key {key:?} in listing"
+            )));
         }
         Ok(ObjectKey(key.to_owned()))
     }
@@ -114,7 +121,9 @@ mod tests {
         let pol = Name::parse("app-db").unwrap();
         let id = BackupId::parse("20260101T000000Z-0badc0de").unwrap();
         for name in [
-            ObjectName::Data { artifact: "tar".into() },
+            ObjectName::Data {
+                artifact: "tar".into(),
+            },
             ObjectName::Index,
             ObjectName::Manifest,
         ] {

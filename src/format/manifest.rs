@@ -90,8 +90,9 @@ pub struct ObjectInfo {
 
 impl ObjectInfo {
     pub fn object_name(&self) -> Result<ObjectName> {
-        ObjectName::parse(&self.name)
-            .ok_or_else(|| Error::integrity(format!("manifest names an unknown object {:?}", self.name)))
+        ObjectName::parse(&self.name).ok_or_else(|| {
+            Error::integrity(format!("manifest names an unknown object {:?}", self.name))
+        })
     }
 }
 
@@ -107,8 +108,12 @@ pub struct EncryptionInfo {
 
 impl Manifest {
     pub fn data(&self) -> Result<&ObjectInfo> {
-        self.object(ObjectRole::Data)
-            .ok_or_else(|| Error::integrity(format!("manifest of {} lists no data object", self.backup_id)))
+        self.object(ObjectRole::Data).ok_or_else(|| {
+            Error::integrity(format!(
+                "manifest of {} lists no data object",
+                self.backup_id
+            ))
+        })
     }
 
     pub fn index(&self) -> Option<&ObjectInfo> {

@@ -50,10 +50,14 @@ impl Decoder {
         what: String,
     ) -> Result<Decoder> {
         let hasher = Arc::new(Mutex::new(Hasher::default()));
-        let stored = SharedHashReader { inner: stored, hasher: hasher.clone() };
+        let stored = SharedHashReader {
+            inner: stored,
+            hasher: hasher.clone(),
+        };
         // The header is parsed here, so a wrong key is reported before anything is written.
-        let decryptor = age::Decryptor::new_buffered(io::BufReader::with_capacity(CHUNK_SIZE, stored))
-            .map_err(|e| header_error(&what, e))?;
+        let decryptor =
+            age::Decryptor::new_buffered(io::BufReader::with_capacity(CHUNK_SIZE, stored))
+                .map_err(|e| header_error(&what, e))?;
         let mut reader = decryptor.decrypt(identities.iter()).map_err(|e| match e {
             age::DecryptError::NoMatchingKeys => identities.wrong_key(&what, recipients),
             other => header_error(&what, other),
@@ -73,7 +77,8 @@ impl Decoder {
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) => {
                                 let err = damaged(&thread_what, e);
-                                let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
+                                let _ =
+                                    tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
                                 return Err(err);
                             }
                         }
@@ -91,16 +96,31 @@ impl Decoder {
                 Ok(digest)
             })
             .map_err(|e| Error::failure(format!("cannot start decryption thread: {e}")))?;
-        let zstd = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(CHUNK_SIZE, ChannelReader::new(rx)))
-            .map_err(|e| Error::io("zstd", e))?;
-        Ok(Decoder { what, expected, plain: HashReader::new(zstd), decrypt })
+        let zstd = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
+            CHUNK_SIZE,
+            ChannelReader::new(rx),
+        ))
+        .map_err(|e| Error::io("zstd", e))?;
+        Ok(Decoder {
+            what,
+            expected,
+            plain: HashReader::new(zstd),
+            decrypt,
+        })
     }
 
     /// Reads the rest of the stream and checks sizes and checksums of both sides.
     pub fn finish(self) -> Result<Digest> {
-        let Decoder { what, expected, plain, decrypt } = self;
+        let Decoder {
+            what,
+            expected,
+            plain,
+            decrypt,
+        } = self;
         let plain = plain.drain().map_err(|e| damaged(&what, e));
-        let stored = decrypt.join().map_err(|_| Error::failure("decryption thread panicked"))?;
+        let stored = decrypt
+            .join()
+            .map_err(|_| Error::failure("decryption thread panicked"))?;
         let stored = stored?;
         let plain = plain?;
         if stored.size != expected.stored_size || stored.sha256 != expected.stored_sha256 {

@@ -57,11 +57,17 @@ impl Encoder {
                     out.blocking_send(Bytes::from(chunk))
                         .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
                 });
-                let encryptor = age::Encryptor::with_recipients(recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient))
-                    .map_err(|e| Error::failure(format!("age: {e}")))?;
-                let mut writer = encryptor.wrap_output(sink).map_err(|e| Error::io("encrypt", e))?;
+                let encryptor = age::Encryptor::with_recipients(
+                    recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient),
+                )
+                .map_err(|e| Error::failure(format!("age: {e}")))?;
+                let mut writer = encryptor
+                    .wrap_output(sink)
+                    .map_err(|e| Error::io("encrypt", e))?;
                 for chunk in rx {
-                    writer.write_all(&chunk).map_err(|e| Error::io("encrypt", e))?;
+                    writer
+                        .write_all(&chunk)
+                        .map_err(|e| Error::io("encrypt", e))?;
                 }
                 let mut sink = writer.finish().map_err(|e| Error::io("encrypt", e))?;
                 sink.flush_chunk().map_err(|e| Error::io("encrypt", e))?;
@@ -70,20 +76,31 @@ impl Encoder {
             })
             .map_err(|e| Error::failure(format!("cannot start encryption thread: {e}")))?;
         let send: Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send> = Box::new(move |chunk| {
-            tx.send(chunk).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "encryption stopped"))
+            tx.send(chunk)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "encryption stopped"))
         });
         let compressed = Chunker::new(CHUNK_SIZE, send);
-        let mut zstd = zstd::stream::write::Encoder::new(compressed, opts.level).map_err(|e| Error::io("zstd", e))?;
-        zstd.include_checksum(true).map_err(|e| Error::io("zstd", e))?;
+        let mut zstd = zstd::stream::write::Encoder::new(compressed, opts.level)
+            .map_err(|e| Error::io("zstd", e))?;
+        zstd.include_checksum(true)
+            .map_err(|e| Error::io("zstd", e))?;
         if opts.workers > 0 {
-            zstd.multithread(opts.workers).map_err(|e| Error::io("zstd workers", e))?;
+            zstd.multithread(opts.workers)
+                .map_err(|e| Error::io("zstd workers", e))?;
         }
-        Ok(Encoder { plain: Hasher::default(), zstd, crypt, progress: opts.progress })
+        Ok(Encoder {
+            plain: Hasher::default(),
+            zstd,
+            crypt,
+            progress: opts.progress,
+        })
     }
 
     /// Flushes every stage and waits for the crypt thread.
     pub fn finish(self) -> Result<Encoded> {
-        let Encoder { plain, zstd, crypt, .. } = self;
+        let Encoder {
+            plain, zstd, crypt, ..
+        } = self;
         let finished = zstd.finish().and_then(|mut c| {
             c.flush_chunk()?;
             Ok(c)
@@ -94,7 +111,10 @@ impl Encoder {
             .join()
             .map_err(|_| Error::failure("encryption thread panicked"))?;
         compress_result.map_err(|e| Error::io("compress", e))?;
-        Ok(Encoded { plain: plain.finish(), stored: stored? })
+        Ok(Encoded {
+            plain: plain.finish(),
+            stored: stored?,
+        })
     }
 
     /// Stops the pipeline without producing a valid stream (the caller aborts the upload).

@@ -46,7 +46,10 @@ impl Hasher {
         self.size
     }
     pub fn finish(self) -> Digest {
-        Digest { size: self.size, sha256: hex::encode(self.sha.finalize()) }
+        Digest {
+            size: self.size,
+            sha256: hex::encode(self.sha.finalize()),
+        }
     }
 }
 
@@ -58,7 +61,10 @@ pub struct HashReader<R> {
 
 impl<R: Read> HashReader<R> {
     pub fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Hasher::default() }
+        HashReader {
+            inner,
+            hasher: Hasher::default(),
+        }
     }
     /// Reads the rest of the stream, then returns its digest.
     pub fn drain(mut self) -> io::Result<Digest> {
@@ -84,7 +90,11 @@ pub(crate) struct Chunker<F: FnMut(Vec<u8>) -> io::Result<()>> {
 
 impl<F: FnMut(Vec<u8>) -> io::Result<()>> Chunker<F> {
     pub fn new(chunk: usize, send: F) -> Self {
-        Chunker { buf: Vec::with_capacity(chunk), chunk, send }
+        Chunker {
+            buf: Vec::with_capacity(chunk),
+            chunk,
+            send,
+        }
     }
     /// Sends what is buffered.
     pub fn flush_chunk(&mut self) -> io::Result<()> {
@@ -120,7 +130,11 @@ pub(crate) struct ChannelReader {
 
 impl ChannelReader {
     pub fn new(rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>) -> Self {
-        ChannelReader { rx, current: Vec::new(), pos: 0 }
+        ChannelReader {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+        }
     }
 }
 
@@ -165,6 +179,8 @@ pub(crate) fn damaged(what: &str, e: io::Error) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
         return Error::io(what, e);
     }
-    Error::integrity(format!("{what}: {e}; the object is truncated or has been modified"))
-        .hint("run `drctl verify` on the backup; restore from another backup or a replica")
+    Error::integrity(format!(
+        "{what}: {e}; the object is truncated or has been modified"
+    ))
+    .hint("run `drctl verify` on the backup; restore from another backup or a replica")
 }

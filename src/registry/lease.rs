@@ -13,16 +13,23 @@ use crate::{Error, ErrorKind, Result};
 
 /// `host:pid:start-time` of this process; the start time makes a reused PID look different.
 pub fn holder_id() -> String {
-    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into());
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
     let pid = std::process::id();
     format!("{host}:{pid}:{}", process_start(pid).unwrap_or(0))
 }
 
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+/// Start time of a running process in clock ticks since boot (field 22 of /proc/PID/stat);
+/// `None` when there is no such process or it has exited (a zombie).
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 2..];
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 2..].split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// True when `holder` names a process on this host that no longer runs.
@@ -34,7 +41,9 @@ pub fn holder_is_dead(holder: &str) -> bool {
     let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
         return false;
     };
-    let ours = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let ours = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if host != ours || pid == std::process::id() {
         return false;
     }
@@ -60,17 +69,24 @@ impl LeaseGuard {
         cancel: &Cancel,
     ) -> Result<LeaseGuard> {
         let holder = holder_id();
-        let chrono_ttl = chrono::Duration::from_std(ttl).map_err(|e| Error::invalid(format!("lease ttl: {e}")))?;
+        let chrono_ttl = chrono::Duration::from_std(ttl)
+            .map_err(|e| Error::invalid(format!("lease ttl: {e}")))?;
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         loop {
             cancel.check()?;
-            let current = match registry.acquire_lease(name, &holder, chrono_ttl, None).await? {
+            let current = match registry
+                .acquire_lease(name, &holder, chrono_ttl, None)
+                .await?
+            {
                 Ok(lease) => return Ok(Self::start(registry, lease, ttl, cancel)),
                 Err(current) => current,
             };
             if holder_is_dead(&current.holder) {
                 tracing::warn!(lease = name, holder = %current.holder, "taking over the lease of a process that no longer runs");
-                if let Ok(lease) = registry.acquire_lease(name, &holder, chrono_ttl, Some(current.token)).await? {
+                if let Ok(lease) = registry
+                    .acquire_lease(name, &holder, chrono_ttl, Some(current.token))
+                    .await?
+                {
                     return Ok(Self::start(registry, lease, ttl, cancel));
                 }
                 continue;
@@ -88,7 +104,9 @@ impl LeaseGuard {
                         format!(
                             "{name} is held by {} until {} (token {})",
                             current.holder,
-                            current.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            current
+                                .expires_at
+                                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                             current.token
                         ),
                     )
@@ -99,12 +117,23 @@ impl LeaseGuard {
         }
     }
 
-    fn start(registry: Arc<dyn Registry>, lease: Lease, ttl: Duration, cancel: &Cancel) -> LeaseGuard {
+    fn start(
+        registry: Arc<dyn Registry>,
+        lease: Lease,
+        ttl: Duration,
+        cancel: &Cancel,
+    ) -> LeaseGuard {
         let shared = Arc::new(Mutex::new(lease));
         let lost = Cancel::new();
         let heartbeat = {
-            let (registry, shared, lost, cancel) = (registry.clone(), shared.clone(), lost.clone(), cancel.clone());
-            let chrono_ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(120));
+            let (registry, shared, lost, cancel) = (
+                registry.clone(),
+                shared.clone(),
+                lost.clone(),
+                cancel.clone(),
+            );
+            let chrono_ttl =
+                chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(120));
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
@@ -121,7 +150,12 @@ impl LeaseGuard {
                 }
             })
         };
-        LeaseGuard { registry, lease: shared, lost, heartbeat }
+        LeaseGuard {
+            registry,
+            lease: shared,
+            lost,
+            heartbeat,
+        }
     }
 
     /// Fails unless the lease is still held (checked against the registry: fencing).
@@ -131,8 +165,13 @@ impl LeaseGuard {
         }
         let lease = self.lease.lock().await.clone();
         match self.registry.get_lease(&lease.name).await? {
-            Some(current) if current.token == lease.token && current.holder == lease.holder => Ok(()),
-            _ => Err(Error::failure(format!("lease {} was lost during the run", lease.name))),
+            Some(current) if current.token == lease.token && current.holder == lease.holder => {
+                Ok(())
+            }
+            _ => Err(Error::failure(format!(
+                "lease {} was lost during the run",
+                lease.name
+            ))),
         }
     }
 

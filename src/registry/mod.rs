@@ -89,18 +89,22 @@ pub struct BackupRecord {
 impl BackupRecord {
     pub fn manifest(&self) -> Result<&Manifest> {
         self.manifest.as_ref().ok_or_else(|| {
-            crate::Error::integrity(format!("backup {} has no manifest (status {})", self.backup_id, self.status.as_str()))
+            crate::Error::integrity(format!(
+                "backup {} has no manifest (status {})",
+                self.backup_id,
+                self.status.as_str()
+            ))
         })
     }
 }
 
-/// A listing query: newest first.
+/// A listing query: newest first (by start time, then ID).
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
     pub environment: Option<Name>,
     pub policy: Option<Name>,
     pub status: Option<Status>,
-    /// Only records started before this backup (pagination cursor: the last ID of a page).
+    /// Only records older than this backup (pagination cursor: the last ID of a page).
     pub before: Option<BackupId>,
     pub limit: Option<u32>,
 }
@@ -126,9 +130,20 @@ pub trait Registry: Send + Sync {
     /// Inserts a new `running` record; fails if the ID exists.
     async fn insert(&self, record: &BackupRecord) -> Result<()>;
     /// `running` → `completed` with the manifest and locations; fails on any other status.
-    async fn complete(&self, id: &BackupId, manifest: &Manifest, locations: &[Location]) -> Result<()>;
+    async fn complete(
+        &self,
+        id: &BackupId,
+        manifest: &Manifest,
+        locations: &[Location],
+    ) -> Result<()>;
     /// `from` → `to` (with an error message for `failed`); returns false if the status was not `from`.
-    async fn transition(&self, id: &BackupId, from: Status, to: Status, error: Option<&str>) -> Result<bool>;
+    async fn transition(
+        &self,
+        id: &BackupId,
+        from: Status,
+        to: Status,
+        error: Option<&str>,
+    ) -> Result<bool>;
     /// Removes a record that is `deleting` or `failed`.
     async fn remove(&self, id: &BackupId) -> Result<()>;
     async fn set_verification(&self, id: &BackupId, v: &Verification) -> Result<()>;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 
 use super::{BackupRecord, Lease, ListQuery, Location, Registry, Status, Verification};
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS backups (
     verification TEXT,
     error        TEXT
 );
-CREATE INDEX IF NOT EXISTS backups_by_set ON backups (environment, policy, backup_id);
+CREATE INDEX IF NOT EXISTS backups_by_set ON backups (environment, policy, started_at, backup_id);
 CREATE TABLE IF NOT EXISTS leases (
     name       TEXT PRIMARY KEY NOT NULL,
     holder     TEXT NOT NULL,
@@ -60,8 +62,13 @@ impl SqliteRegistry {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_lazy_with(options);
-        Ok(SqliteRegistry { path: path.to_path_buf(), pool })
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_lazy_with(options);
+        Ok(SqliteRegistry {
+            path: path.to_path_buf(),
+            pool,
+        })
     }
 }
 
@@ -105,7 +112,9 @@ fn record_from_row(row: &SqliteRow) -> Result<BackupRecord> {
             .transpose()?,
         locations: serde_json::from_str(&locations).map_err(|e| corrupt("location list", e))?,
         last_verification: verification
-            .map(|v| serde_json::from_str::<Verification>(&v).map_err(|e| corrupt("verification", e)))
+            .map(|v| {
+                serde_json::from_str::<Verification>(&v).map_err(|e| corrupt("verification", e))
+            })
             .transpose()?,
         error: row.get("error"),
     })
@@ -117,7 +126,8 @@ fn lease_from_row(row: &SqliteRow) -> Result<Lease> {
         name: row.get("name"),
         holder: row.get("holder"),
         token: row.get("token"),
-        expires_at: DateTime::from_timestamp_millis(ms).ok_or_else(|| corrupt("lease expiry", ms))?,
+        expires_at: DateTime::from_timestamp_millis(ms)
+            .ok_or_else(|| corrupt("lease expiry", ms))?,
     })
 }
 
@@ -129,7 +139,8 @@ impl Registry for SqliteRegistry {
 
     async fn create(&self) -> Result<()> {
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
         Ok(())
@@ -137,7 +148,8 @@ impl Registry for SqliteRegistry {
 
     async fn check(&self) -> Result<()> {
         let missing = || {
-            Error::not_found(format!("no drctl registry at {}", self.describe())).hint("run `drctl init`")
+            Error::not_found(format!("no drctl registry at {}", self.describe()))
+                .hint("run `drctl init`")
         };
         if !self.path.exists() {
             return Err(missing());
@@ -149,7 +161,10 @@ impl Registry for SqliteRegistry {
                 .map_err(|_| missing())?;
         match found {
             Some((v,)) if v == "1" => Ok(()),
-            Some((v,)) => Err(Error::failure(format!("registry schema version {v} is not supported")).hint("upgrade drctl")),
+            Some((v,)) => Err(Error::failure(format!(
+                "registry schema version {v} is not supported"
+            ))
+            .hint("upgrade drctl")),
             None => Err(missing()),
         }
     }
@@ -171,12 +186,20 @@ impl Registry for SqliteRegistry {
         .execute(&self.pool)
         .await?;
         if res.rows_affected() != 1 {
-            return Err(Error::failure(format!("backup {} is already registered", r.backup_id)));
+            return Err(Error::failure(format!(
+                "backup {} is already registered",
+                r.backup_id
+            )));
         }
         Ok(())
     }
 
-    async fn complete(&self, id: &BackupId, manifest: &Manifest, locations: &[Location]) -> Result<()> {
+    async fn complete(
+        &self,
+        id: &BackupId,
+        manifest: &Manifest,
+        locations: &[Location],
+    ) -> Result<()> {
         let res = sqlx::query(
             "UPDATE backups SET status = 'completed', finished_at = ?, manifest = ?, locations = ?, error = NULL
              WHERE backup_id = ? AND status = 'running'",
@@ -195,7 +218,13 @@ impl Registry for SqliteRegistry {
         Ok(())
     }
 
-    async fn transition(&self, id: &BackupId, from: Status, to: Status, error: Option<&str>) -> Result<bool> {
+    async fn transition(
+        &self,
+        id: &BackupId,
+        from: Status,
+        to: Status,
+        error: Option<&str>,
+    ) -> Result<bool> {
         let finished = matches!(to, Status::Failed).then(|| ts(&Utc::now()));
         let res = sqlx::query(
             "UPDATE backups SET status = ?, error = COALESCE(?, error), finished_at = COALESCE(?, finished_at)
@@ -212,12 +241,16 @@ impl Registry for SqliteRegistry {
     }
 
     async fn remove(&self, id: &BackupId) -> Result<()> {
-        let res = sqlx::query("DELETE FROM backups WHERE backup_id = ? AND status IN ('deleting', 'failed')")
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
+        let res = sqlx::query(
+            "DELETE FROM backups WHERE backup_id = ? AND status IN ('deleting', 'failed')",
+        )
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
         if res.rows_affected() != 1 {
-            return Err(Error::failure(format!("backup {id} is not marked deleting or failed; not removing it")));
+            return Err(Error::failure(format!(
+                "backup {id} is not marked deleting or failed; not removing it"
+            )));
         }
         Ok(())
     }
@@ -240,7 +273,8 @@ impl Registry for SqliteRegistry {
     }
 
     async fn list(&self, q: &ListQuery) -> Result<Vec<BackupRecord>> {
-        let mut builder = sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT * FROM backups WHERE 1 = 1");
+        let mut builder =
+            sqlx::QueryBuilder::<sqlx::Sqlite>::new("SELECT * FROM backups WHERE 1 = 1");
         if let Some(env) = &q.environment {
             builder.push(" AND environment = ").push_bind(env.as_str());
         }
@@ -251,9 +285,20 @@ impl Registry for SqliteRegistry {
             builder.push(" AND status = ").push_bind(status.as_str());
         }
         if let Some(before) = &q.before {
-            builder.push(" AND backup_id < ").push_bind(before.as_str());
+            // The cursor's record may be gone by the next page (retention): then fall back to the
+            // last instant of the second its ID names, so no older record is skipped.
+            let fallback = ts(&(before.timestamp() + chrono::Duration::microseconds(999_999)));
+            builder
+                .push(" AND (started_at, backup_id) < (COALESCE((SELECT started_at FROM backups WHERE backup_id = ")
+                .push_bind(before.as_str())
+                .push("), ")
+                .push_bind(fallback)
+                .push("), ")
+                .push_bind(before.as_str())
+                .push(")");
         }
-        builder.push(" ORDER BY backup_id DESC");
+        // Start times have microseconds; the ID breaks ties within the same second.
+        builder.push(" ORDER BY started_at DESC, backup_id DESC");
         if let Some(limit) = q.limit {
             builder.push(" LIMIT ").push_bind(i64::from(limit));
         }
@@ -290,7 +335,9 @@ impl Registry for SqliteRegistry {
         }
         match self.get_lease(name).await? {
             Some(current) => Ok(Err(current)),
-            None => Err(Error::failure(format!("lease {name} vanished while being acquired")).retryable()),
+            None => Err(
+                Error::failure(format!("lease {name} vanished while being acquired")).retryable(),
+            ),
         }
     }
 
@@ -309,7 +356,10 @@ impl Registry for SqliteRegistry {
         .await?;
         match row {
             Some(row) => lease_from_row(&row),
-            None => Err(Error::failure(format!("lease {} was lost (expired or taken over)", lease.name))),
+            None => Err(Error::failure(format!(
+                "lease {} was lost (expired or taken over)",
+                lease.name
+            ))),
         }
     }
 
@@ -323,11 +373,13 @@ impl Registry for SqliteRegistry {
     }
 
     async fn get_lease(&self, name: &str) -> Result<Option<Lease>> {
-        let row = sqlx::query("SELECT name, holder, token, expires_at FROM leases WHERE name = ? AND expires_at > ?")
-            .bind(name)
-            .bind(Utc::now().timestamp_millis())
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT name, holder, token, expires_at FROM leases WHERE name = ? AND expires_at > ?",
+        )
+        .bind(name)
+        .bind(Utc::now().timestamp_millis())
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(lease_from_row).transpose()
     }
 }

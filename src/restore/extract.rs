@@ -62,7 +62,9 @@ fn safe_relative(raw: &[u8], what: &str) -> Result<PathBuf> {
 /// Refuses when any existing ancestor of `rel` inside `target` is not a real directory
 /// (a symlink planted by an earlier entry would otherwise be written through).
 fn check_ancestors(target: &Path, rel: &Path, verified: &mut Option<PathBuf>) -> Result<()> {
-    let Some(parent) = rel.parent() else { return Ok(()) };
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
     if verified.as_deref() == Some(parent) {
         return Ok(());
     }
@@ -87,8 +89,14 @@ fn check_ancestors(target: &Path, rel: &Path, verified: &mut Option<PathBuf>) ->
 }
 
 /// Unpacks `reader` (a tar stream) into `target`, which must exist.
-pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: &Cancel) -> Result<ExtractStats> {
-    let target = std::fs::canonicalize(target).map_err(|e| Error::io(format!("restore target {}", target.display()), e))?;
+pub fn extract(
+    reader: impl Read,
+    target: &Path,
+    opts: &ExtractOptions,
+    cancel: &Cancel,
+) -> Result<ExtractStats> {
+    let target = std::fs::canonicalize(target)
+        .map_err(|e| Error::io(format!("restore target {}", target.display()), e))?;
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
@@ -101,7 +109,9 @@ pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: 
     // directories can still be filled and their mtimes are not changed by their children.
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let mut verified: Option<PathBuf> = None;
-    let entries = archive.entries().map_err(|e| Error::io("read archive", e))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::io("read archive", e))?;
     for entry in entries {
         cancel.check()?;
         let mut entry = entry.map_err(|e| crate::pipeline::damaged("read archive", e))?;
@@ -141,7 +151,11 @@ pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: 
                 check_ancestors(&target, &link_rel, &mut None)?;
                 stats.links += 1;
             }
-            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {}
+            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {
+                // The tar crate would write these as regular files; create the node itself.
+                make_special(&target.join(&rel), entry.header())?;
+                continue;
+            }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(Error::invalid(format!(
                     "refusing special file {} ({:?}): pass --allow-special to restore FIFOs and devices",
@@ -160,7 +174,10 @@ pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: 
             .unpack_in(&target)
             .map_err(|e| Error::io(format!("restore {}", rel.display()), e))?;
         if !unpacked {
-            return Err(Error::integrity(format!("refusing archive entry {}: outside the target", rel.display())));
+            return Err(Error::integrity(format!(
+                "refusing archive entry {}: outside the target",
+                rel.display()
+            )));
         }
     }
     for (rel, mode, mtime) in dirs.iter().rev() {
@@ -168,9 +185,44 @@ pub fn extract(reader: impl Read, target: &Path, opts: &ExtractOptions, cancel: 
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode & 0o7777))
             .map_err(|e| Error::io(format!("chmod {}", dst.display()), e))?;
         let t = filetime::FileTime::from_unix_time(*mtime as i64, 0);
-        filetime::set_file_mtime(&dst, t).map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
+        filetime::set_file_mtime(&dst, t)
+            .map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
     }
     Ok(stats)
+}
+
+/// Creates a FIFO or device node as the header describes (replacing what is there).
+fn make_special(dst: &Path, header: &tar::Header) -> Result<()> {
+    use std::ffi::CString;
+    let io = |e: std::io::Error| Error::io(format!("create {}", dst.display()), e);
+    let mode = header.mode().map_err(io)? & 0o7777;
+    let kind = header.entry_type();
+    let _ = std::fs::remove_file(dst);
+    let c = CString::new(dst.as_os_str().as_bytes()).map_err(|_| Error::invalid("NUL in path"))?;
+    let (fmt, dev) = match kind {
+        tar::EntryType::Fifo => (libc::S_IFIFO, 0),
+        tar::EntryType::Char | tar::EntryType::Block => {
+            let major = header.device_major().map_err(io)?.unwrap_or(0);
+            let minor = header.device_minor().map_err(io)?.unwrap_or(0);
+            let fmt = if kind == tar::EntryType::Char {
+                libc::S_IFCHR
+            } else {
+                libc::S_IFBLK
+            };
+            (fmt, libc::makedev(major, minor))
+        }
+        _ => unreachable!("only special files"),
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::mknod(c.as_ptr(), fmt | mode as libc::mode_t, dev) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    let mtime = header.mtime().map_err(io)?;
+    // Never open a FIFO or device to set its time: utimensat on the path instead.
+    let t = filetime::FileTime::from_unix_time(mtime as i64, 0);
+    filetime::set_symlink_file_times(dst, t, t).map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -179,9 +231,23 @@ mod tests {
 
     #[test]
     fn relative_paths_are_checked() {
-        assert_eq!(safe_relative(b"a/./b", "entry").unwrap(), PathBuf::from("a/b"));
-        for bad in [&b"/etc/passwd"[..], b"../x", b"a/../../x", b"", b".", b"a\0b"] {
-            assert!(safe_relative(bad, "entry").is_err(), "{:?}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            safe_relative(b"a/./b", "entry").unwrap(),
+            PathBuf::from("a/b")
+        );
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../x",
+            b"a/../../x",
+            b"",
+            b".",
+            b"a\0b",
+        ] {
+            assert!(
+                safe_relative(bad, "entry").is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -44,7 +44,11 @@ impl Selector {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Target {
     /// Unpack a file tree into a directory (or write a stream artifact to a file in it).
-    Dir { path: PathBuf, overwrite: bool, allow_special: bool },
+    Dir {
+        path: PathBuf,
+        overwrite: bool,
+        allow_special: bool,
+    },
     /// Write the artifact to standard output.
     Stdout,
 }
@@ -75,15 +79,15 @@ pub async fn select(repo: &Repo, policy: &Name, selector: &Selector) -> Result<B
     let env = &repo.settings.environment;
     let record = match selector {
         Selector::Latest => repo.registry.latest(env, policy).await?.ok_or_else(|| {
-            Error::not_found(format!("no completed backup of policy {policy} in environment {env}"))
-                .hint("`drctl list` shows what exists")
+            Error::not_found(format!(
+                "no completed backup of policy {policy} in environment {env}"
+            ))
+            .hint("`drctl list` shows what exists")
         })?,
         Selector::Id(id) => {
-            let r = repo
-                .registry
-                .get(id)
-                .await?
-                .ok_or_else(|| Error::not_found(format!("backup {id} not found in the registry")))?;
+            let r = repo.registry.get(id).await?.ok_or_else(|| {
+                Error::not_found(format!("backup {id} not found in the registry"))
+            })?;
             if &r.policy != policy || &r.environment != env {
                 return Err(Error::invalid(format!(
                     "backup {id} belongs to policy {} in environment {}, not policy {policy} in {env}",
@@ -103,16 +107,30 @@ pub async fn select(repo: &Repo, policy: &Name, selector: &Selector) -> Result<B
     Ok(record)
 }
 
-pub async fn plan(repo: &Repo, policy: &Name, selector: &Selector, target: Target) -> Result<RestorePlan> {
+pub async fn plan(
+    repo: &Repo,
+    policy: &Name,
+    selector: &Selector,
+    target: Target,
+) -> Result<RestorePlan> {
     let record = select(repo, policy, selector).await?;
     let manifest = record.manifest()?;
     let data = manifest.data()?.clone();
     let name = data.object_name()?;
-    let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar") && matches!(target, Target::Dir { .. });
-    if let Target::Dir { path, overwrite, .. } = &target {
+    let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar")
+        && matches!(target, Target::Dir { .. });
+    if let Target::Dir {
+        path, overwrite, ..
+    } = &target
+    {
         check_target(path, *overwrite)?;
     }
-    let key = ObjectKey::object(&manifest.environment, &manifest.policy, &manifest.backup_id, &name);
+    let key = ObjectKey::object(
+        &manifest.environment,
+        &manifest.policy,
+        &manifest.backup_id,
+        &name,
+    );
     Ok(RestorePlan {
         backup_id: manifest.backup_id.clone(),
         environment: manifest.environment.clone(),
@@ -135,15 +153,21 @@ fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
     match std::fs::read_dir(path) {
         Ok(mut rd) => {
             if rd.next().is_some() && !overwrite {
-                return Err(Error::invalid(format!("restore target {} is not empty", path.display()))
-                    .hint("restore into an empty directory, or pass --overwrite to replace files in it"));
+                return Err(Error::invalid(format!(
+                    "restore target {} is not empty",
+                    path.display()
+                ))
+                .hint(
+                    "restore into an empty directory, or pass --overwrite to replace files in it",
+                ));
             }
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            Err(Error::invalid(format!("restore target {} is not a directory", path.display())))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(Error::invalid(format!(
+            "restore target {} is not a directory",
+            path.display()
+        ))),
         Err(e) => Err(Error::io(format!("restore target {}", path.display()), e)),
     }
 }
@@ -167,8 +191,11 @@ pub async fn open_object(
 ) -> Result<crate::store::ByteStream> {
     store.get(key).await.map_err(|e| {
         if e.kind() == crate::ErrorKind::NotFound {
-            Error::integrity(format!("backup {backup_id}: object {key} is missing from {}", store.describe()))
-                .hint("restore from another backup or a replica; `drctl verify --all` checks the rest")
+            Error::integrity(format!(
+                "backup {backup_id}: object {key} is missing from {}",
+                store.describe()
+            ))
+            .hint("restore from another backup or a replica; `drctl verify --all` checks the rest")
         } else {
             e
         }
@@ -185,45 +212,76 @@ pub async fn execute(
     let started = std::time::Instant::now();
     let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
     let what = format!("backup {} object {}", plan.backup_id, plan.key);
-    let (data, recipients, target, unpack) = (plan.data.clone(), plan.recipients.clone(), plan.target.clone(), plan.unpack);
-    let file_name = plan.key.as_str().rsplit('/').next().unwrap_or("data").trim_end_matches(".zst.age").to_owned();
+    let (data, recipients, target, unpack) = (
+        plan.data.clone(),
+        plan.recipients.clone(),
+        plan.target.clone(),
+        plan.unpack,
+    );
+    let file_name = plan
+        .key
+        .as_str()
+        .rsplit('/')
+        .next()
+        .unwrap_or("data")
+        .trim_end_matches(".zst.age")
+        .to_owned();
     let cancel = cancel.clone();
-    let report = tokio::task::spawn_blocking(move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
-        let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
-        let mut reader = ProgressReader { inner: decoder, progress };
-        match target {
-            Target::Stdout => {
-                let stdout = std::io::stdout();
-                let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, stdout.lock());
-                copy_cancellable(&mut reader, &mut out, &cancel)?;
-                out.flush().map_err(|e| Error::io("write to stdout", e))?;
-                Ok((reader.inner.finish()?, None, None))
-            }
-            Target::Dir { path, allow_special, .. } => {
-                std::fs::create_dir_all(&path).map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-                if unpack {
-                    let opts = ExtractOptions { allow_special };
-                    let stats = match extract::extract(&mut reader, &path, &opts, &cancel) {
-                        Ok(s) => s,
-                        // A damaged stream explains an archive error; report the root cause.
-                        Err(e) if e.kind() != crate::ErrorKind::Integrity && e.kind() != crate::ErrorKind::InvalidInput => {
-                            return Err(reader.inner.finish().err().unwrap_or(e))
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    Ok((reader.inner.finish()?, Some(stats), None))
-                } else {
-                    let file = path.join(&file_name);
-                    let f = std::fs::File::create(&file).map_err(|e| Error::io(format!("create {}", file.display()), e))?;
-                    let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, f);
+    let report = tokio::task::spawn_blocking(
+        move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
+            let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
+            let mut reader = ProgressReader {
+                inner: decoder,
+                progress,
+            };
+            match target {
+                Target::Stdout => {
+                    let stdout = std::io::stdout();
+                    let mut out =
+                        std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, stdout.lock());
                     copy_cancellable(&mut reader, &mut out, &cancel)?;
-                    let f = out.into_inner().map_err(|e| Error::io(format!("write {}", file.display()), e.into_error()))?;
-                    f.sync_all().map_err(|e| Error::io(format!("fsync {}", file.display()), e))?;
-                    Ok((reader.inner.finish()?, None, Some(file)))
+                    out.flush().map_err(|e| Error::io("write to stdout", e))?;
+                    Ok((reader.inner.finish()?, None, None))
+                }
+                Target::Dir {
+                    path,
+                    allow_special,
+                    ..
+                } => {
+                    std::fs::create_dir_all(&path)
+                        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+                    if unpack {
+                        let opts = ExtractOptions { allow_special };
+                        let stats = match extract::extract(&mut reader, &path, &opts, &cancel) {
+                            Ok(s) => s,
+                            // A damaged stream explains an archive error; report the root cause.
+                            Err(e)
+                                if e.kind() != crate::ErrorKind::Integrity
+                                    && e.kind() != crate::ErrorKind::InvalidInput =>
+                            {
+                                return Err(reader.inner.finish().err().unwrap_or(e))
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        Ok((reader.inner.finish()?, Some(stats), None))
+                    } else {
+                        let file = path.join(&file_name);
+                        let f = std::fs::File::create(&file)
+                            .map_err(|e| Error::io(format!("create {}", file.display()), e))?;
+                        let mut out =
+                            std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, f);
+                        copy_cancellable(&mut reader, &mut out, &cancel)?;
+                        let f = out.into_inner().map_err(|e| {
+                            Error::io(format!("write {}", file.display()), e.into_error())
+                        })?;
+                        f.sync_all()
+                            .map_err(|e| Error::io(format!("fsync {}", file.display()), e))?;
+                        Ok((reader.inner.finish()?, None, Some(file)))
+                    }
                 }
             }
-        }
-    })
+        },
+    )
     .await
     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))??;
     Ok(RestoreReport {
@@ -235,15 +293,22 @@ pub async fn execute(
     })
 }
 
-fn copy_cancellable(reader: &mut impl std::io::Read, out: &mut impl Write, cancel: &Cancel) -> Result<()> {
+fn copy_cancellable(
+    reader: &mut impl std::io::Read,
+    out: &mut impl Write,
+    cancel: &Cancel,
+) -> Result<()> {
     let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
     loop {
         cancel.check()?;
-        let n = reader.read(&mut buf).map_err(|e| crate::pipeline::damaged("restore", e))?;
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| crate::pipeline::damaged("restore", e))?;
         if n == 0 {
             return Ok(());
         }
-        out.write_all(&buf[..n]).map_err(|e| Error::io("write restored data", e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io("write restored data", e))?;
     }
 }
 

@@ -22,7 +22,11 @@ pub struct CommandSource {
 
 impl CommandSource {
     pub fn new(argv: Vec<String>, artifact: String, env: BTreeMap<String, String>) -> Self {
-        CommandSource { argv, artifact, env }
+        CommandSource {
+            argv,
+            artifact,
+            env,
+        }
     }
 }
 
@@ -41,7 +45,12 @@ impl Source for CommandSource {
         false
     }
 
-    fn run(&mut self, out: &mut dyn Write, _index: Option<&mut dyn Write>, cancel: &Cancel) -> Result<Stats> {
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        _index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
         let program = &self.argv[0];
         let mut child = Command::new(program)
             .args(&self.argv[1..])
@@ -92,7 +101,9 @@ impl Source for CommandSource {
             let _ = child.kill();
         }
         drop(stdout);
-        let status = child.wait().map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
+        let status = child
+            .wait()
+            .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
         let stderr = stderr_thread.join().unwrap_or_default();
         copied?;
         if !status.success() {
@@ -101,8 +112,14 @@ impl Source for CommandSource {
                 (None, Some(sig)) => format!("was killed by signal {sig}"),
                 _ => "failed".to_owned(),
             };
-            let detail = if stderr.is_empty() { "(no stderr)".to_owned() } else { stderr };
-            return Err(Error::failure(format!("command `{program}` {how}; stderr: {detail}")));
+            let detail = if stderr.is_empty() {
+                "(no stderr)".to_owned()
+            } else {
+                stderr
+            };
+            return Err(Error::failure(format!(
+                "command `{program}` {how}; stderr: {detail}"
+            )));
         }
         let mut stats = Stats::new();
         stats.insert("bytes".into(), bytes.into());

@@ -44,7 +44,10 @@ impl FilesSource {
                 by_name.add(glob);
             }
         }
-        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::invalid(format!("exclude patterns: {e}")));
+        let build = |b: GlobSetBuilder| {
+            b.build()
+                .map_err(|e| Error::invalid(format!("exclude patterns: {e}")))
+        };
         Ok(FilesSource {
             paths,
             exclude: exclude.to_vec(),
@@ -55,7 +58,10 @@ impl FilesSource {
     }
 
     fn excluded(&self, path: &Path) -> bool {
-        self.exclude_paths.is_match(path) || path.file_name().is_some_and(|n| self.exclude_names.is_match(n))
+        self.exclude_paths.is_match(path)
+            || path
+                .file_name()
+                .is_some_and(|n| self.exclude_names.is_match(n))
     }
 }
 
@@ -77,19 +83,34 @@ impl Source for FilesSource {
         true
     }
 
-    fn run(&mut self, out: &mut dyn Write, index: Option<&mut dyn Write>, cancel: &Cancel) -> Result<Stats> {
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
         // A large buffer lets `io::copy` read files straight into it in big blocks.
         let mut builder = tar::Builder::new(BufWriter::with_capacity(CHUNK_SIZE, out));
         let index = index.map(|w| BufWriter::with_capacity(64 * 1024, w));
-        let mut walk = Walk { source: self, counts: Counts::default(), links: HashMap::new(), cancel, index };
+        let mut walk = Walk {
+            source: self,
+            counts: Counts::default(),
+            links: HashMap::new(),
+            cancel,
+            index,
+        };
         for root in &self.paths {
             let meta = std::fs::symlink_metadata(root)
                 .map_err(|e| Error::io(format!("source path {}", root.display()), e))?;
             let root_dev = meta.dev();
             walk.visit(&mut builder, root, meta, root_dev)?;
         }
-        let mut inner = builder.into_inner().map_err(|e| Error::io("finish the archive", e))?;
-        inner.flush().map_err(|e| Error::io("write the archive", e))?;
+        let mut inner = builder
+            .into_inner()
+            .map_err(|e| Error::io("finish the archive", e))?;
+        inner
+            .flush()
+            .map_err(|e| Error::io("write the archive", e))?;
         if let Some(w) = walk.index.as_mut() {
             w.flush().map_err(|e| Error::io("write the index", e))?;
         }
@@ -186,7 +207,8 @@ impl Walk<'_, '_> {
             if !name.as_os_str().is_empty() {
                 entry.entry_type = EntryType::Dir;
                 header.set_size(0);
-                tar.append_data(&mut header, &name, io::empty()).map_err(write_err)?;
+                tar.append_data(&mut header, &name, io::empty())
+                    .map_err(write_err)?;
                 self.counts.dirs += 1;
                 self.write_index(&entry)?;
             }
@@ -216,7 +238,10 @@ impl Walk<'_, '_> {
                     }
                     Err(e) => return Err(Error::io(format!("stat {}", child_path.display()), e)),
                 };
-                if self.source.one_file_system && child_meta.is_dir() && child_meta.dev() != root_dev {
+                if self.source.one_file_system
+                    && child_meta.is_dir()
+                    && child_meta.dev() != root_dev
+                {
                     self.counts.excluded += 1;
                     continue;
                 }
@@ -237,7 +262,8 @@ impl Walk<'_, '_> {
             entry.entry_type = EntryType::Symlink;
             entry.link = Some(RawPath::from_os(target.as_os_str()));
             header.set_size(0);
-            tar.append_link(&mut header, &name, &target).map_err(write_err)?;
+            tar.append_link(&mut header, &name, &target)
+                .map_err(write_err)?;
             self.counts.symlinks += 1;
             return self.write_index(&entry);
         }
@@ -249,7 +275,8 @@ impl Walk<'_, '_> {
                 entry.link = Some(RawPath::from_os(first.as_os_str()));
                 header.set_entry_type(tar::EntryType::Link);
                 header.set_size(0);
-                tar.append_link(&mut header, &name, first).map_err(write_err)?;
+                tar.append_link(&mut header, &name, first)
+                    .map_err(write_err)?;
                 self.counts.hardlinks += 1;
                 return self.write_index(&entry);
             }
@@ -266,8 +293,14 @@ impl Walk<'_, '_> {
                 Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
             };
             let size = meta.len();
-            let mut reader = ExactReader { inner: file, remaining: size, changed: false, cancel: self.cancel };
-            tar.append_data(&mut header, &name, &mut reader).map_err(write_err)?;
+            let mut reader = ExactReader {
+                inner: file,
+                remaining: size,
+                changed: false,
+                cancel: self.cancel,
+            };
+            tar.append_data(&mut header, &name, &mut reader)
+                .map_err(write_err)?;
             if reader.changed {
                 tracing::warn!(path = %path.display(), "file changed size while being read; archived {size} bytes");
                 self.counts.changed += 1;
@@ -287,7 +320,8 @@ impl Walk<'_, '_> {
             EntryType::Block
         };
         header.set_size(0);
-        tar.append_data(&mut header, &name, io::empty()).map_err(write_err)?;
+        tar.append_data(&mut header, &name, io::empty())
+            .map_err(write_err)?;
         self.counts.special += 1;
         self.write_index(&entry)
     }
@@ -297,7 +331,8 @@ impl Walk<'_, '_> {
     fn write_index(&mut self, entry: &IndexEntry) -> Result<()> {
         if let Some(w) = self.index.as_mut() {
             serde_json::to_writer(&mut *w, entry)?;
-            w.write_all(b"\n").map_err(|e| Error::io("write the index", e))?;
+            w.write_all(b"\n")
+                .map_err(|e| Error::io("write the index", e))?;
         }
         Ok(())
     }
@@ -326,7 +361,9 @@ impl Read for ExactReader<'_> {
         if self.cancel.is_cancelled() {
             return Err(crate::Error::cancelled().into_io());
         }
-        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         let n = if n == 0 {
             self.changed = true;

@@ -24,17 +24,34 @@ pub trait Source: Send {
     /// Whether [`Source::run`] writes an index.
     fn has_index(&self) -> bool;
     /// Writes the artifact to `out` (and the index to `index` where the source has one).
-    fn run(&mut self, out: &mut dyn Write, index: Option<&mut dyn Write>, cancel: &Cancel) -> Result<Stats>;
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats>;
 }
 
 /// Builds the source a policy names.
 pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
     Ok(match &policy.source {
-        SourceConfig::Files { paths, exclude, one_file_system } => {
-            Box::new(files::FilesSource::new(paths.clone(), exclude, *one_file_system)?)
-        }
-        SourceConfig::Command { command, artifact, env } => {
-            Box::new(command::CommandSource::new(command.clone(), artifact.clone(), env.clone()))
-        }
+        SourceConfig::Files {
+            paths,
+            exclude,
+            one_file_system,
+        } => Box::new(files::FilesSource::new(
+            paths.clone(),
+            exclude,
+            *one_file_system,
+        )?),
+        SourceConfig::Command {
+            command,
+            artifact,
+            env,
+        } => Box::new(command::CommandSource::new(
+            command.clone(),
+            artifact.clone(),
+            env.clone(),
+        )),
     })
 }

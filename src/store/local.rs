@@ -60,7 +60,8 @@ impl ObjectStore for LocalStore {
     async fn create(&self) -> Result<()> {
         let root = self.root.clone();
         blocking(move || {
-            std::fs::create_dir_all(&root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+            std::fs::create_dir_all(&root)
+                .map_err(|e| Error::io(format!("create {}", root.display()), e))?;
             let marker = root.join(MARKER);
             if !marker.exists() {
                 std::fs::write(&marker, b"drctl repository, format 1\n")
@@ -76,7 +77,10 @@ impl ObjectStore for LocalStore {
         if self.root.join(MARKER).exists() {
             Ok(())
         } else {
-            Err(Error::not_found(format!("no drctl repository at {}", self.describe())).hint("run `drctl init`"))
+            Err(
+                Error::not_found(format!("no drctl repository at {}", self.describe()))
+                    .hint("run `drctl init`"),
+            )
         }
     }
 
@@ -84,16 +88,32 @@ impl ObjectStore for LocalStore {
         let dest = self.path(key);
         let key = key.clone();
         blocking(move || {
-            let dir = dest.parent().expect("object keys have a directory").to_path_buf();
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-            let name = dest.file_name().expect("object keys have a file name").to_string_lossy();
-            let tmp = dir.join(format!("{TMP_PREFIX}{name}.{:08x}", rand::thread_rng().gen::<u32>()));
+            let dir = dest
+                .parent()
+                .expect("object keys have a directory")
+                .to_path_buf();
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            let name = dest
+                .file_name()
+                .expect("object keys have a file name")
+                .to_string_lossy();
+            let tmp = dir.join(format!(
+                "{TMP_PREFIX}{name}.{:08x}",
+                rand::thread_rng().gen::<u32>()
+            ));
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)
                 .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-            Ok(Box::new(LocalWriter { key, dest, tmp, file: Some(file), size: 0 }) as Box<dyn ObjectWriter>)
+            Ok(Box::new(LocalWriter {
+                key,
+                dest,
+                tmp,
+                file: Some(file),
+                size: 0,
+            }) as Box<dyn ObjectWriter>)
         })
         .await
     }
@@ -103,7 +123,10 @@ impl ObjectStore for LocalStore {
         let mut file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::not_found(format!("object {key} not found in {}", self.describe())))
+                return Err(Error::not_found(format!(
+                    "object {key} not found in {}",
+                    self.describe()
+                )))
             }
             Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
         };
@@ -117,7 +140,8 @@ impl ObjectStore for LocalStore {
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(Error::io(format!("read {}", path.display()), e)));
+                        let _ =
+                            tx.blocking_send(Err(Error::io(format!("read {}", path.display()), e)));
                         return;
                     }
                 }
@@ -151,22 +175,36 @@ impl ObjectStore for LocalStore {
             let mut out = Vec::new();
             let mut stack = vec![dir_part.to_owned()];
             while let Some(rel) = stack.pop() {
-                let dir = if rel.is_empty() { root.clone() } else { root.join(&rel) };
+                let dir = if rel.is_empty() {
+                    root.clone()
+                } else {
+                    root.join(&rel)
+                };
                 let rd = match std::fs::read_dir(&dir) {
                     Ok(rd) => rd,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(Error::io(format!("list {}", dir.display()), e)),
                 };
                 for entry in rd {
-                    let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+                    let entry =
+                        entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                        continue;
+                    };
                     if name.starts_with('.') {
                         continue;
                     }
-                    let rel_key = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+                    let rel_key = if rel.is_empty() {
+                        name
+                    } else {
+                        format!("{rel}/{name}")
+                    };
                     let ft = entry.file_type().map_err(|e| Error::io("stat", e))?;
                     if ft.is_dir() {
-                        if prefix.starts_with(&format!("{rel_key}/")) || rel_key.starts_with(&prefix) || prefix.starts_with(&rel_key) {
+                        if prefix.starts_with(&format!("{rel_key}/"))
+                            || rel_key.starts_with(&prefix)
+                            || prefix.starts_with(&rel_key)
+                        {
                             stack.push(rel_key);
                         }
                     } else if ft.is_file() && rel_key.starts_with(&prefix) {
@@ -218,7 +256,10 @@ impl ObjectStore for LocalStore {
                         let modified = m.modified().ok().map(chrono::DateTime::<chrono::Utc>::from);
                         if modified.is_none_or(|t| t < older_than) {
                             let rel = path.strip_prefix(&root).unwrap_or(&path);
-                            out.push(Leftover { what: rel.display().to_string(), size: m.len() });
+                            out.push(Leftover {
+                                what: rel.display().to_string(),
+                                size: m.len(),
+                            });
                         }
                     }
                 }
@@ -231,10 +272,17 @@ impl ObjectStore for LocalStore {
 
     async fn remove_leftover(&self, leftover: &Leftover) -> Result<()> {
         let rel = Path::new(&leftover.what);
-        let ok = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
-            && rel.file_name().is_some_and(|n| n.to_string_lossy().starts_with(TMP_PREFIX));
+        let ok = rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+            && rel
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(TMP_PREFIX));
         if !ok {
-            return Err(Error::invalid(format!("not a leftover of this store: {}", leftover.what)));
+            return Err(Error::invalid(format!(
+                "not a leftover of this store: {}",
+                leftover.what
+            )));
         }
         let path = self.root.join(rel);
         std::fs::remove_file(&path).or_else(|e| {
@@ -258,11 +306,15 @@ struct LocalWriter {
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<()> {
-        let mut file = self.file.take().ok_or_else(|| Error::failure("write after failure"))?;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::failure("write after failure"))?;
         let tmp = self.tmp.clone();
         let len = chunk.len() as u64;
         let file = blocking(move || {
-            file.write_all(&chunk).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            file.write_all(&chunk)
+                .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
             Ok(file)
         })
         .await?;
@@ -272,18 +324,27 @@ impl ObjectWriter for LocalWriter {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<ObjectMeta> {
-        let file = self.file.take().ok_or_else(|| Error::failure("finish after failure"))?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::failure("finish after failure"))?;
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         let key = self.key.clone();
         let size = self.size;
         blocking(move || {
-            file.sync_all().map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
+            file.sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
             drop(file);
-            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+            std::fs::rename(&tmp, &dest)
+                .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
             sync_dir(dest.parent().expect("object keys have a directory"))?;
-            let m = std::fs::metadata(&dest).map_err(|e| Error::io(format!("stat {}", dest.display()), e))?;
+            let m = std::fs::metadata(&dest)
+                .map_err(|e| Error::io(format!("stat {}", dest.display()), e))?;
             if m.len() != size {
-                return Err(Error::integrity(format!("{key}: wrote {size} bytes but the file has {}", m.len())));
+                return Err(Error::integrity(format!(
+                    "{key}: wrote {size} bytes but the file has {}",
+                    m.len()
+                )));
             }
             Ok(meta_of(key, &m))
         })

@@ -73,7 +73,9 @@ pub trait ObjectStore: Send + Sync {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if out.len() + chunk.len() > limit {
-                return Err(Error::integrity(format!("object {key} is larger than {limit} bytes")));
+                return Err(Error::integrity(format!(
+                    "object {key} is larger than {limit} bytes"
+                )));
             }
             out.extend_from_slice(&chunk);
         }
@@ -103,7 +105,14 @@ impl ByteStream {
     /// A stream fed by `tx`; the producer sends `Err` to fail the reader.
     pub fn channel(key: ObjectKey) -> (tokio::sync::mpsc::Sender<Result<Bytes>>, ByteStream) {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        (tx, ByteStream { rx, current: Bytes::new(), key })
+        (
+            tx,
+            ByteStream {
+                rx,
+                current: Bytes::new(),
+                key,
+            },
+        )
     }
 
     pub fn key(&self) -> &ObjectKey {
