@@ -285,13 +285,16 @@ impl ObjectStore for LocalStore {
             )));
         }
         let path = self.root.join(rel);
-        std::fs::remove_file(&path).or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(Error::io(format!("delete {}", path.display()), e))
-            }
-        })
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("delete {}", path.display()), e)),
+        }
+        // Remove the backup's directory once it is empty; ignore "not empty".
+        if let Some(dir) = path.parent().filter(|d| *d != self.root) {
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 }
 
