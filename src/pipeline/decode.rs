@@ -1,8 +1,8 @@
 //! Decoding: stored bytes in, plain bytes out (through [`std::io::Read`]), with both sides'
 //! sizes and checksums compared against the manifest when the stream ends.
 //!
-//! Threads: a decrypt thread reads the stored bytes, hashes them and decrypts with age; the
-//! caller's thread decompresses, hashes the plain bytes and consumes them.
+//! Threads: a decrypt thread reads the stored bytes, hashes them and decrypts with age; a
+//! decompress thread runs zstd and hashes the plain bytes; the caller's thread consumes them.
 
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -14,14 +14,13 @@ use crate::format::manifest::ObjectInfo;
 use crate::store::CHUNK_SIZE;
 use crate::{Error, Result};
 
-type Plain = HashReader<zstd::stream::read::Decoder<'static, io::BufReader<ChannelReader>>>;
-
 /// A reader of an object's plain bytes. Call [`Decoder::finish`] after reading what you need:
 /// it reads the rest and checks sizes and checksums.
 pub struct Decoder {
     what: String,
     expected: ObjectInfo,
-    plain: Plain,
+    plain: ChannelReader,
+    decompress: JoinHandle<Result<Digest>>,
     decrypt: JoinHandle<Result<Digest>>,
 }
 
@@ -67,44 +66,30 @@ impl Decoder {
         let decrypt = std::thread::Builder::new()
             .name("drctl-decrypt".into())
             .spawn(move || -> Result<Digest> {
-                loop {
-                    let mut buf = vec![0u8; CHUNK_SIZE];
-                    let mut filled = 0;
-                    while filled < buf.len() {
-                        match reader.read(&mut buf[filled..]) {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => {
-                                let err = damaged(&thread_what, e);
-                                let _ =
-                                    tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
-                                return Err(err);
-                            }
-                        }
-                    }
-                    if filled == 0 {
-                        break;
-                    }
-                    buf.truncate(filled);
-                    if tx.send(Ok(buf)).is_err() {
-                        return Err(Error::failure(format!("{thread_what}: reader stopped")));
-                    }
-                }
+                pump_chunks(&mut reader, &tx, &thread_what)?;
                 drop(reader);
                 let digest = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finish();
                 Ok(digest)
             })
             .map_err(|e| Error::failure(format!("cannot start decryption thread: {e}")))?;
-        let zstd = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
-            CHUNK_SIZE,
-            ChannelReader::new(rx),
-        ))
-        .map_err(|e| Error::io("zstd", e))?;
+        let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(CHANNEL_DEPTH);
+        let thread_what = what.clone();
+        let decompress = std::thread::Builder::new()
+            .name("drctl-decompress".into())
+            .spawn(move || -> Result<Digest> {
+                let input = io::BufReader::with_capacity(CHUNK_SIZE, ChannelReader::new(rx));
+                let zstd = zstd::stream::read::Decoder::with_buffer(input)
+                    .map_err(|e| Error::io("zstd", e))?;
+                let mut plain = HashReader::new(zstd);
+                pump_chunks(&mut plain, &plain_tx, &thread_what)?;
+                Ok(plain.hasher.finish())
+            })
+            .map_err(|e| Error::failure(format!("cannot start decompression thread: {e}")))?;
         Ok(Decoder {
             what,
             expected,
-            plain: HashReader::new(zstd),
+            plain: ChannelReader::new(plain_rx),
+            decompress,
             decrypt,
         })
     }
@@ -114,15 +99,22 @@ impl Decoder {
         let Decoder {
             what,
             expected,
-            plain,
+            mut plain,
+            decompress,
             decrypt,
         } = self;
-        let plain = plain.drain().map_err(|e| damaged(&what, e));
+        let drained = io::copy(&mut plain, &mut io::sink()).map_err(|e| damaged(&what, e));
+        drop(plain);
         let stored = decrypt
             .join()
             .map_err(|_| Error::failure("decryption thread panicked"))?;
+        let decoded = decompress
+            .join()
+            .map_err(|_| Error::failure("decompression thread panicked"))?;
+        // The earliest stage's error is the root cause.
         let stored = stored?;
-        let plain = plain?;
+        let plain = decoded?;
+        drained?;
         if stored.size != expected.stored_size || stored.sha256 != expected.stored_sha256 {
             return Err(Error::integrity(format!(
                 "{what}: stored bytes do not match the manifest (size {} vs {}, sha256 {} vs {})",
@@ -136,6 +128,38 @@ impl Decoder {
             )));
         }
         Ok(plain)
+    }
+}
+
+/// Reads `reader` to the end in chunks and sends them; a read error is sent on (so the
+/// consumer fails too) and returned.
+fn pump_chunks(
+    reader: &mut impl Read,
+    tx: &std::sync::mpsc::SyncSender<Result<Vec<u8>>>,
+    what: &str,
+) -> Result<()> {
+    loop {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let err = damaged(what, e);
+                    let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
+                    return Err(err);
+                }
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        buf.truncate(filled);
+        if tx.send(Ok(buf)).is_err() {
+            return Err(Error::failure(format!("{what}: reader stopped")));
+        }
     }
 }
 

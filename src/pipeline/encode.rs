@@ -26,6 +26,9 @@ pub struct EncodeOptions {
     pub progress: Option<Arc<AtomicU64>>,
 }
 
+/// Bytes of input per zstd worker job.
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
+
 type Compressed = Chunker<Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send>>;
 
 /// A writer that compresses and encrypts what it is given.
@@ -87,6 +90,10 @@ impl Encoder {
         if opts.workers > 0 {
             zstd.multithread(opts.workers)
                 .map_err(|e| Error::io("zstd workers", e))?;
+            // zstd sizes jobs from the window (8 MiB at level 3) and buffers several of them;
+            // smaller jobs keep the pipeline within its memory budget at a negligible ratio cost.
+            zstd.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
+                .map_err(|e| Error::io("zstd job size", e))?;
         }
         Ok(Encoder {
             plain: Hasher::default(),
