@@ -1,6 +1,6 @@
 //! drctl: backup and disaster recovery.
 //!
-//! The crate is laid out as `DESIGN.md` describes: `format` fixes what is stored, `pipeline`
+//! Module map: `format` fixes what is stored, `pipeline`
 //! turns bytes into encrypted, verified objects and back, `store` and `registry` are the two
 //! backends, `source` produces the bytes, and `backup`, `restore`, `verify` and `gc` are the
 //! jobs built from them. `cli` is a thin layer over the jobs.

@@ -33,8 +33,8 @@ type Compressed = Chunker<Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send>>;
 
 /// A writer that compresses and encrypts what it is given.
 pub struct Encoder {
-    plain: Hasher,
-    zstd: zstd::stream::write::Encoder<'static, Compressed>,
+    input: Compressed,
+    compress: JoinHandle<Result<Digest>>,
     crypt: JoinHandle<Result<Digest>>,
     progress: Option<Arc<AtomicU64>>,
 }
@@ -95,47 +95,80 @@ impl Encoder {
             zstd.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
                 .map_err(|e| Error::io("zstd job size", e))?;
         }
+        // The compress thread hashes and feeds zstd, so the source keeps reading while zstd's
+        // workers are busy.
+        let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let compress = std::thread::Builder::new()
+            .name("drctl-compress".into())
+            .spawn(move || -> Result<Digest> {
+                let mut plain = Hasher::default();
+                for chunk in in_rx {
+                    plain.update(&chunk);
+                    zstd.write_all(&chunk)
+                        .map_err(|e| Error::io("compress", e))?;
+                }
+                let mut compressed = zstd.finish().map_err(|e| Error::io("compress", e))?;
+                compressed
+                    .flush_chunk()
+                    .map_err(|e| Error::io("compress", e))?;
+                // Dropping the chunker closes the channel, which ends the crypt thread's loop.
+                drop(compressed);
+                Ok(plain.finish())
+            })
+            .map_err(|e| Error::failure(format!("cannot start compression thread: {e}")))?;
+        let send_in: Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send> = Box::new(move |chunk| {
+            in_tx
+                .send(chunk)
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "compression stopped"))
+        });
         Ok(Encoder {
-            plain: Hasher::default(),
-            zstd,
+            input: Chunker::new(CHUNK_SIZE, send_in),
+            compress,
             crypt,
             progress: opts.progress,
         })
     }
 
-    /// Flushes every stage and waits for the crypt thread.
+    /// Flushes every stage and waits for the compress and crypt threads.
     pub fn finish(self) -> Result<Encoded> {
         let Encoder {
-            plain, zstd, crypt, ..
+            mut input,
+            compress,
+            crypt,
+            ..
         } = self;
-        let finished = zstd.finish().and_then(|mut c| {
-            c.flush_chunk()?;
-            Ok(c)
-        });
-        // Dropping the chunker closes the channel, which ends the crypt thread's loop.
-        let compress_result = finished.map(drop);
+        let sent = input.flush_chunk();
+        drop(input);
+        let plain = compress
+            .join()
+            .map_err(|_| Error::failure("compression thread panicked"))?;
         let stored = crypt
             .join()
             .map_err(|_| Error::failure("encryption thread panicked"))?;
-        compress_result.map_err(|e| Error::io("compress", e))?;
-        Ok(Encoded {
-            plain: plain.finish(),
-            stored: stored?,
-        })
+        // The last stage's error explains the earlier ones (a failed upload stops everything).
+        let stored = stored?;
+        let plain = plain?;
+        sent.map_err(|e| Error::io("compress", e))?;
+        Ok(Encoded { plain, stored })
     }
 
     /// Stops the pipeline without producing a valid stream (the caller aborts the upload).
     pub fn abandon(self) {
-        let Encoder { zstd, crypt, .. } = self;
-        drop(zstd);
+        let Encoder {
+            input,
+            compress,
+            crypt,
+            ..
+        } = self;
+        drop(input);
+        let _ = compress.join();
         let _ = crypt.join();
     }
 }
 
 impl Write for Encoder {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.zstd.write(buf)?;
-        self.plain.update(&buf[..n]);
+        let n = self.input.write(buf)?;
         if let Some(p) = &self.progress {
             p.fetch_add(n as u64, Ordering::Relaxed);
         }

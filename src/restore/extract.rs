@@ -109,6 +109,8 @@ pub fn extract(
     // directories can still be filled and their mtimes are not changed by their children.
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let mut verified: Option<PathBuf> = None;
+    let mut created: Option<PathBuf> = None;
+    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
     let entries = archive
         .entries()
         .map_err(|e| Error::io("read archive", e))?;
@@ -141,6 +143,8 @@ pub fn extract(
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 stats.files += 1;
                 stats.bytes += entry.size();
+                write_file(&mut entry, &target.join(&rel), &mut created, &mut buf)?;
+                continue;
             }
             tar::EntryType::Symlink => stats.links += 1,
             tar::EntryType::Link => {
@@ -170,6 +174,8 @@ pub fn extract(
                 )))
             }
         }
+        // Links and special files change what later paths resolve to: check ancestors again.
+        verified = None;
         let unpacked = entry
             .unpack_in(&target)
             .map_err(|e| Error::io(format!("restore {}", rel.display()), e))?;
@@ -189,6 +195,67 @@ pub fn extract(
             .map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
     }
     Ok(stats)
+}
+
+/// Writes a regular file: parents created as needed (its existing ancestors were checked to be
+/// real directories), an existing entry replaced rather than followed, content copied in large
+/// blocks, then mode, owner (as root) and mtime set on the open file.
+fn write_file(
+    entry: &mut tar::Entry<'_, impl Read>,
+    dst: &Path,
+    created: &mut Option<PathBuf>,
+    buf: &mut [u8],
+) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| Error::io(format!("restore {}", dst.display()), e);
+    let parent = dst.parent().expect("entries are below the target");
+    if created.as_deref() != Some(parent) {
+        std::fs::create_dir_all(parent).map_err(io)?;
+        *created = Some(parent.to_path_buf());
+    }
+    match std::fs::symlink_metadata(dst) {
+        Ok(m) if m.is_dir() => {
+            return Err(Error::integrity(format!(
+                "refusing file entry {}: a directory is already there",
+                dst.display()
+            )))
+        }
+        Ok(_) => std::fs::remove_file(dst).map_err(io)?,
+        Err(_) => {}
+    }
+    let header = entry.header();
+    let mode = header.mode().map_err(io)? & 0o7777;
+    let mtime = header.mtime().map_err(io)?;
+    let owner = (unsafe { libc::geteuid() } == 0)
+        .then(|| Ok::<_, std::io::Error>((header.uid()?, header.gid()?)))
+        .transpose()
+        .map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(dst)
+        .map_err(io)?;
+    loop {
+        let n = entry
+            .read(buf)
+            .map_err(|e| crate::pipeline::damaged("read archive", e))?;
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n]).map_err(io)?;
+    }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32)).map_err(io)?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+    file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .map_err(io)?;
+    Ok(())
 }
 
 /// Creates a FIFO or device node as the header describes (replacing what is there).
