@@ -140,19 +140,14 @@ fn pump_chunks(
 ) -> Result<()> {
     loop {
         let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match reader.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let err = damaged(what, e);
-                    let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
-                    return Err(err);
-                }
+        let filled = match super::read_full(reader, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let err = damaged(what, e);
+                let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
+                return Err(err);
             }
-        }
+        };
         if filled == 0 {
             return Ok(());
         }

@@ -81,6 +81,20 @@ impl<R: Read> Read for HashReader<R> {
     }
 }
 
+/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
+pub fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Collects written bytes into chunks of `chunk` bytes and hands each full chunk to `send`.
 pub(crate) struct Chunker<F: FnMut(Vec<u8>) -> io::Result<()>> {
     buf: Vec<u8>,

@@ -3,7 +3,7 @@
 //! object survives a power cut, and before it there is no object at all.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -133,19 +133,13 @@ impl ObjectStore for LocalStore {
         let (tx, stream) = ByteStream::channel(key.clone());
         tokio::task::spawn_blocking(move || loop {
             let mut buf = vec![0u8; CHUNK_SIZE];
-            let mut filled = 0;
-            while filled < buf.len() {
-                match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ =
-                            tx.blocking_send(Err(Error::io(format!("read {}", path.display()), e)));
-                        return;
-                    }
+            let filled = match crate::pipeline::read_full(&mut file, &mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Error::io(format!("read {}", path.display()), e)));
+                    return;
                 }
-            }
+            };
             if filled == 0 {
                 return;
             }
