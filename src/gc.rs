@@ -2,7 +2,7 @@
 //! and interrupted writes. Planned first (printable with `--dry-run`), then applied set by set
 //! under each set's lease, deleting objects before records.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -142,7 +142,10 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
     }
     // Interrupted writes: garbage unless their backup is still running.
     let mut leftover_items = Vec::new();
-    for leftover in repo.store.leftovers(chrono::Utc::now()).await? {
+    let now = chrono::Utc::now();
+    // Leftovers outside any backup directory, older than a day; listed once, when needed.
+    let mut old_unowned: Option<Vec<Leftover>> = None;
+    for leftover in repo.store.leftovers(now).await? {
         let mut parts = leftover.what.split('/');
         let (e, p, i) = (parts.next(), parts.next(), parts.next());
         let owner = match (
@@ -166,11 +169,17 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
             }
             // Not below this environment's backups: only if it is old.
             None if e == Some(env.as_str()) => {
-                let old = repo
-                    .store
-                    .leftovers(chrono::Utc::now() - chrono::Duration::hours(24))
-                    .await?;
-                if old.contains(&leftover) {
+                if old_unowned.is_none() {
+                    old_unowned = Some(
+                        repo.store
+                            .leftovers(now - chrono::Duration::hours(24))
+                            .await?,
+                    );
+                }
+                if old_unowned
+                    .as_ref()
+                    .is_some_and(|old| old.contains(&leftover))
+                {
                     leftover_items.push((None, leftover));
                 }
             }
@@ -188,20 +197,15 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
 
 /// Applies a plan: per set, under the set's lease, delete objects, then records.
 pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcPlan> {
-    let mut sets: BTreeMap<Name, ()> = BTreeMap::new();
-    for item in &plan.items {
-        sets.insert(item.policy.clone(), ());
-    }
-    for (policy, _) in plan
-        .leftover_items
+    let sets: BTreeSet<Name> = plan
+        .items
         .iter()
-        .filter_map(|(p, l)| p.clone().map(|p| (p, l)))
-    {
-        sets.insert(policy, ());
-    }
+        .map(|i| i.policy.clone())
+        .chain(plan.leftover_items.iter().filter_map(|(p, _)| p.clone()))
+        .collect();
     let mut done = Vec::new();
     let mut done_leftovers = Vec::new();
-    for policy in sets.keys() {
+    for policy in &sets {
         cancel.check()?;
         let lease_name = repo.set_lease_name(policy);
         let lease = match LeaseGuard::acquire(

@@ -6,13 +6,12 @@ use std::io::{BufRead, Read};
 use std::sync::Arc;
 
 use serde::Serialize;
-use sha2::Digest as _;
 
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::index::{EntryType, IndexEntry, RawPath};
 use crate::format::{Manifest, ObjectKey, ObjectName};
-use crate::pipeline::Decoder;
+use crate::pipeline::{Decoder, Hasher};
 use crate::registry::{BackupRecord, Verification};
 use crate::repo::Repo;
 use crate::restore::open_object;
@@ -115,20 +114,18 @@ async fn check(
         }
         if identities.is_none() {
             let mut stream = open_object(&repo.store, &key, id).await?;
-            let mut sha = sha2::Sha256::new();
-            let mut size = 0u64;
+            let mut hasher = Hasher::default();
             while let Some(chunk) = stream.next().await {
                 cancel.check()?;
-                let chunk = chunk?;
-                size += chunk.len() as u64;
-                sha.update(&chunk);
+                hasher.update(&chunk?);
             }
-            if size != object.stored_size || hex::encode(sha.finalize()) != object.stored_sha256 {
+            let stored = hasher.finish();
+            if stored.size != object.stored_size || stored.sha256 != object.stored_sha256 {
                 return Err(Error::integrity(format!(
                     "{what}: stored SHA-256 does not match the manifest"
                 )));
             }
-            report.bytes_read += size;
+            report.bytes_read += stored.size;
         }
         report.objects += 1;
     }
