@@ -8,6 +8,7 @@
 #   BENCH_DIR      working directory (default: bench-work, gitignored)
 #   BENCH_RUNS     rounds; the best round counts (default: 2)
 #   BENCH_RESTIC=1 also time restic on the same corpus, as a reference
+#   BENCH_CORPUS_ONLY=1  only build the corpus (for other benchmark scripts) and exit
 #
 # The corpus (>= 1 GB: >= 700 MiB of real file trees copied from this machine
 # with >= 30,000 files, plus 320 MiB of random data) is built once and reused.
@@ -81,8 +82,11 @@ time_field() { # <file> <field number>
 log "installing tools"
 bash scripts/install-deps.sh --bench
 
-log "building drctl (release)"
-cargo build --release --locked
+corpus_only=${BENCH_CORPUS_ONLY:-0}
+if [[ $corpus_only != 1 ]]; then
+    log "building drctl (release)"
+    cargo build --release --locked
+fi
 
 mkdir -p "$logs"
 
@@ -154,6 +158,10 @@ fi
 read -r corpus_bytes corpus_files <"$work/corpus.done"
 corpus_links=$(find "$corpus" -type l | wc -l)
 corpus_mb=$(awk -v b="$corpus_bytes" 'BEGIN { printf "%.0f", b / 1e6 }')
+if [[ $corpus_only == 1 ]]; then
+    log "corpus ready: $corpus ($corpus_mb MB, $corpus_files files)"
+    exit 0
+fi
 
 # ---------------------------------------------------------------------------
 # Key and drctl configuration
