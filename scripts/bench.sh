@@ -6,13 +6,14 @@
 #
 # Environment:
 #   BENCH_DIR      working directory (default: bench-work, gitignored)
-#   BENCH_RUNS     rounds; the best round counts (default: 2)
+#   BENCH_RUNS     rounds; the best round counts (default: 3)
 #   BENCH_RESTIC=1 also time restic on the same corpus, as a reference
 #   BENCH_CORPUS_ONLY=1  only build the corpus (for other benchmark scripts) and exit
 #
 # The corpus (>= 1 GB: >= 700 MiB of real file trees copied from this machine
 # with >= 30,000 files, plus 320 MiB of random data) is built once and reused.
 # Results are printed as a Markdown table and written to $BENCH_DIR/results.md.
+# Rounds keep their outputs until the end: allow about 3.5 GB of disk per round.
 # Exits 1 if a restore does not reproduce the corpus.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 drctl=$root/target/release/drctl
 
-runs=${BENCH_RUNS:-2}
+runs=${BENCH_RUNS:-3}
 if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
     echo "bench: BENCH_RUNS must be a positive integer, got '$runs'" >&2
     exit 2
@@ -30,7 +31,7 @@ bench_restic=${BENCH_RESTIC:-0}
 mkdir -p "${BENCH_DIR:-bench-work}"
 work=$(cd "${BENCH_DIR:-bench-work}" && pwd)
 corpus=$work/corpus
-run=$work/run
+runs_dir=$work/run
 logs=$work/logs
 cores=$(nproc)
 
@@ -319,6 +320,7 @@ drctl_restored_tree() {
 }
 
 # ---------------------------------------------------------------------------
+wipe "$runs_dir" # left over by an interrupted run
 log "warming the page cache"
 tar -C "$work" -cf - corpus | cat >/dev/null # piped: GNU tar skips reading files when writing to /dev/null
 
@@ -331,7 +333,11 @@ tools=(stock drctl)
 
 for ((r = 1; r <= runs; r++)); do
     log "round $r of $runs"
-    wipe "$run"
+    # Each round works in a directory of its own, removed only at the end: ext4 scans
+    # past inodes freed in the last minutes when it creates files, so deleting one
+    # round's tens of thousands of files would slow the next round's restores by an
+    # amount that depends on timing, not on the tool.
+    run=$runs_dir/round-$r
     mkdir -p "$run"
     init_drctl_repo
     if [[ $bench_restic == 1 ]]; then
@@ -357,7 +363,6 @@ for ((r = 1; r <= runs; r++)); do
     [[ $bench_restic == 1 ]] && stored_restic=$(tree_bytes "$run/restic")
 
     for tool in "${order[@]}"; do
-        wipe "$run/out-$tool"
         mkdir -p "$run/out-$tool"
         log "  $tool restore"
         "timed_$tool" "$results/$tool-restore-$r" restore
@@ -370,9 +375,8 @@ for ((r = 1; r <= runs; r++)); do
             verify_restore restic "$run/out-restic/${corpus#/}"
         fi
     fi
-    wipe "$run/out-stock" "$run/out-drctl" "$run/out-restic" "$run/stock.tar.zst.age"
 done
-wipe "$run"
+wipe "$runs_dir"
 
 # ---------------------------------------------------------------------------
 # Report: best (shortest) elapsed time per tool and operation; peak RSS is the

@@ -208,6 +208,9 @@ impl Upload {
     }
 }
 
+/// Chunk size of the file index stream: small, since the index is a fraction of the data.
+const INDEX_CHUNK_SIZE: usize = 64 << 10;
+
 type Produced = (crate::source::Stats, Encoded, Option<Encoded>);
 
 async fn write_objects(
@@ -242,6 +245,7 @@ async fn write_objects(
         workers: policy.compression.workers(),
         recipients: recipients.to_vec(),
         progress,
+        chunk_size: crate::store::CHUNK_SIZE,
     };
     let index_recipients = recipients.to_vec();
     let thread_cancel = cancel.clone();
@@ -254,6 +258,7 @@ async fn write_objects(
                     workers: 0,
                     recipients: index_recipients,
                     progress: None,
+                    chunk_size: INDEX_CHUNK_SIZE,
                 },
                 tx,
             )?),

@@ -122,6 +122,22 @@ fn restore_refuses_write_through_symlink() {
 }
 
 #[test]
+fn restore_refuses_write_through_symlink_already_in_target() {
+    let (sb, outside) = sandbox_with_outside();
+    let target = sb.path().join("target-planted");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("dir")).unwrap();
+    let tar = archive(&[tar_entry(b"dir/pwned", b'0', b"", b"evil")]);
+    let run = restore_archive(&sb, "planted", tar, &["--overwrite"]).code(4);
+    assert!(
+        run.stderr.contains("dir") && run.stderr.contains("not a directory"),
+        "{}",
+        run.stderr
+    );
+    outside_is_untouched(&outside);
+}
+
+#[test]
 fn restore_refuses_hard_link_out_of_target() {
     let (sb, outside) = sandbox_with_outside();
     let rel = archive(&[tar_entry(b"h", b'1', b"../outside/sentinel", b"")]);

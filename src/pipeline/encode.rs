@@ -12,7 +12,6 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 
 use super::{Chunker, Digest, Hasher, CHANNEL_DEPTH};
-use crate::store::CHUNK_SIZE;
 use crate::{Error, Result};
 
 pub struct EncodeOptions {
@@ -24,6 +23,9 @@ pub struct EncodeOptions {
     pub recipients: Vec<String>,
     /// Incremented with every plain byte, for progress reporting.
     pub progress: Option<Arc<AtomicU64>>,
+    /// Size of the chunks handed between stages and to the store: `store::CHUNK_SIZE` for bulk
+    /// data, less for small side streams such as the file index.
+    pub chunk_size: usize,
 }
 
 /// Bytes of input per zstd worker job.
@@ -50,12 +52,13 @@ impl Encoder {
     /// Starts the crypt thread; encrypted chunks go to `out`.
     pub fn start(opts: EncodeOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<Encoder> {
         let recipients = crate::crypto::to_age_recipients(&opts.recipients)?;
+        let chunk_size = opts.chunk_size;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
         let crypt = std::thread::Builder::new()
             .name("drctl-encrypt".into())
             .spawn(move || -> Result<Digest> {
                 let mut stored = Hasher::default();
-                let sink = Chunker::new(CHUNK_SIZE, |chunk: Vec<u8>| {
+                let sink = Chunker::new(chunk_size, |chunk: Vec<u8>| {
                     stored.update(&chunk);
                     out.blocking_send(Bytes::from(chunk))
                         .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
@@ -82,7 +85,7 @@ impl Encoder {
             tx.send(chunk)
                 .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "encryption stopped"))
         });
-        let compressed = Chunker::new(CHUNK_SIZE, send);
+        let compressed = Chunker::new(chunk_size, send);
         let mut zstd = zstd::stream::write::Encoder::new(compressed, opts.level)
             .map_err(|e| Error::io("zstd", e))?;
         zstd.include_checksum(true)
@@ -97,7 +100,7 @@ impl Encoder {
         }
         // The compress thread hashes and feeds zstd, so the source keeps reading while zstd's
         // workers are busy.
-        let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
         let compress = std::thread::Builder::new()
             .name("drctl-compress".into())
             .spawn(move || -> Result<Digest> {
@@ -122,7 +125,7 @@ impl Encoder {
                 .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "compression stopped"))
         });
         Ok(Encoder {
-            input: Chunker::new(CHUNK_SIZE, send_in),
+            input: Chunker::new(chunk_size, send_in),
             compress,
             crypt,
             progress: opts.progress,

@@ -21,7 +21,7 @@ pub use decode::Decoder;
 pub use encode::{EncodeOptions, Encoder};
 
 /// Chunks in flight between two stages.
-pub(crate) const CHANNEL_DEPTH: usize = 4;
+pub(crate) const CHANNEL_DEPTH: usize = 2;
 
 /// Size and SHA-256 of a byte stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,33 +59,74 @@ fn safe_relative(raw: &[u8], what: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Refuses when any existing ancestor of `rel` inside `target` is not a real directory
-/// (a symlink planted by an earlier entry would otherwise be written through).
-fn check_ancestors(target: &Path, rel: &Path, verified: &mut Option<PathBuf>) -> Result<()> {
-    let Some(parent) = rel.parent() else {
-        return Ok(());
-    };
-    if verified.as_deref() == Some(parent) {
-        return Ok(());
-    }
-    let mut current = target.to_path_buf();
-    for c in parent.components() {
-        current.push(c);
-        match std::fs::symlink_metadata(&current) {
-            Ok(m) if m.file_type().is_dir() => {}
-            Ok(_) => {
-                return Err(Error::integrity(format!(
-                    "refusing archive entry {}: {} is not a directory (a symlink would be written through)",
-                    rel.display(),
-                    current.strip_prefix(target).unwrap_or(&current).display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-            Err(e) => return Err(Error::io(format!("stat {}", current.display()), e)),
+/// Directories known to be real directories inside the target (relative paths): created by
+/// this restore or checked with `lstat`. A later archive entry cannot turn one into a symlink
+/// (replacing a directory is refused), so paths below them need no further checks.
+#[derive(Default)]
+struct RealDirs(std::collections::HashSet<PathBuf>);
+
+impl RealDirs {
+    /// Makes sure every ancestor of `rel` is a real directory, creating missing ones when
+    /// `create` is set. Refuses when one is anything else (a symlink planted by an earlier
+    /// entry, or present in an `--overwrite` target, would otherwise be written through).
+    fn ensure_parent(&mut self, target: &Path, rel: &Path, create: bool) -> Result<()> {
+        let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return Ok(());
+        };
+        if self.0.contains(parent) {
+            return Ok(());
         }
+        let mut current = PathBuf::new();
+        for c in parent.components() {
+            current.push(c);
+            if self.0.contains(&current) {
+                continue;
+            }
+            let full = target.join(&current);
+            match std::fs::symlink_metadata(&full) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::integrity(format!(
+                        "refusing archive entry {}: {} is not a directory (a symlink would be written through)",
+                        rel.display(),
+                        current.display()
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                    std::fs::create_dir(&full)
+                        .map_err(|e| Error::io(format!("create {}", full.display()), e))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("stat {}", full.display()), e)),
+            }
+            self.0.insert(current.clone());
+        }
+        Ok(())
     }
-    *verified = Some(parent.to_path_buf());
-    Ok(())
+
+    /// Creates the directory `rel` (its parent exists and is real), or accepts an existing one.
+    fn make_dir(&mut self, target: &Path, rel: &Path) -> Result<()> {
+        if self.0.contains(rel) {
+            return Ok(());
+        }
+        let dst = target.join(rel);
+        match std::fs::create_dir(&dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let m = std::fs::symlink_metadata(&dst)
+                    .map_err(|e| Error::io(format!("stat {}", dst.display()), e))?;
+                if !m.is_dir() {
+                    return Err(Error::integrity(format!(
+                        "refusing directory entry {}: a non-directory is already there",
+                        rel.display()
+                    )));
+                }
+            }
+            Err(e) => return Err(Error::io(format!("create {}", dst.display()), e)),
+        }
+        self.0.insert(rel.to_path_buf());
+        Ok(())
+    }
 }
 
 /// Unpacks `reader` (a tar stream) into `target`, which must exist.
@@ -103,13 +144,13 @@ pub fn extract(
     archive.set_overwrite(true);
     archive.set_unpack_xattrs(false);
     // SAFETY: geteuid has no preconditions.
-    archive.set_preserve_ownerships(unsafe { libc::geteuid() } == 0);
+    let as_root = unsafe { libc::geteuid() } == 0;
+    archive.set_preserve_ownerships(as_root);
     let mut stats = ExtractStats::default();
     // Directory modes and mtimes are applied last, deepest first, so that read-only
     // directories can still be filled and their mtimes are not changed by their children.
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
-    let mut verified: Option<PathBuf> = None;
-    let mut created: Option<PathBuf> = None;
+    let mut real_dirs = RealDirs::default();
     let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
     let entries = archive
         .entries()
@@ -119,21 +160,11 @@ pub fn extract(
         let mut entry = entry.map_err(|e| crate::pipeline::damaged("read archive", e))?;
         let rel = safe_relative(&entry.path_bytes(), "entry")?;
         let kind = entry.header().entry_type();
-        check_ancestors(&target, &rel, &mut verified)?;
+        real_dirs.ensure_parent(&target, &rel, true)?;
         stats.entries += 1;
         match kind {
             tar::EntryType::Directory => {
-                let dst = target.join(&rel);
-                match std::fs::symlink_metadata(&dst) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        return Err(Error::integrity(format!(
-                            "refusing directory entry {}: a non-directory is already there",
-                            rel.display()
-                        )))
-                    }
-                    Err(_) => std::fs::create_dir_all(&dst).map_err(|e| Error::io(format!("create {}", dst.display()), e))?,
-                }
+                real_dirs.make_dir(&target, &rel)?;
                 let mode = entry.header().mode().map_err(|e| Error::io("read archive", e))?;
                 let mtime = entry.header().mtime().map_err(|e| Error::io("read archive", e))?;
                 dirs.push((rel, mode, mtime));
@@ -143,7 +174,7 @@ pub fn extract(
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 stats.files += 1;
                 stats.bytes += entry.size();
-                write_file(&mut entry, &target.join(&rel), &mut created, &mut buf)?;
+                write_file(&mut entry, &target.join(&rel), as_root, &mut buf)?;
                 continue;
             }
             tar::EntryType::Symlink => stats.links += 1,
@@ -152,7 +183,7 @@ pub fn extract(
                     .link_name_bytes()
                     .ok_or_else(|| Error::integrity(format!("hard link {} has no target", rel.display())))?;
                 let link_rel = safe_relative(&link, "hard link target")?;
-                check_ancestors(&target, &link_rel, &mut None)?;
+                real_dirs.ensure_parent(&target, &link_rel, false)?;
                 stats.links += 1;
             }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {
@@ -174,8 +205,6 @@ pub fn extract(
                 )))
             }
         }
-        // Links and special files change what later paths resolve to: check ancestors again.
-        verified = None;
         let unpacked = entry
             .unpack_in(&target)
             .map_err(|e| Error::io(format!("restore {}", rel.display()), e))?;
@@ -197,46 +226,46 @@ pub fn extract(
     Ok(stats)
 }
 
-/// Writes a regular file: parents created as needed (its existing ancestors were checked to be
-/// real directories), an existing entry replaced rather than followed, content copied in large
-/// blocks, then mode, owner (as root) and mtime set on the open file.
+/// Writes a regular file (its ancestors are known to be real directories): an existing entry
+/// is replaced rather than followed, content is copied in large blocks, then mode, owner (as
+/// root) and mtime are set on the open file.
 fn write_file(
     entry: &mut tar::Entry<'_, impl Read>,
     dst: &Path,
-    created: &mut Option<PathBuf>,
+    as_root: bool,
     buf: &mut [u8],
 ) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| Error::io(format!("restore {}", dst.display()), e);
-    let parent = dst.parent().expect("entries are below the target");
-    if created.as_deref() != Some(parent) {
-        std::fs::create_dir_all(parent).map_err(io)?;
-        *created = Some(parent.to_path_buf());
-    }
-    match std::fs::symlink_metadata(dst) {
-        Ok(m) if m.is_dir() => {
-            return Err(Error::integrity(format!(
-                "refusing file entry {}: a directory is already there",
-                dst.display()
-            )))
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(dst)
+    };
+    let mut file = match create() {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if std::fs::symlink_metadata(dst).map_err(io)?.is_dir() {
+                return Err(Error::integrity(format!(
+                    "refusing file entry {}: a directory is already there",
+                    dst.display()
+                )));
+            }
+            std::fs::remove_file(dst).map_err(io)?;
+            create().map_err(io)?
         }
-        Ok(_) => std::fs::remove_file(dst).map_err(io)?,
-        Err(_) => {}
-    }
+        Err(e) => return Err(io(e)),
+    };
     let header = entry.header();
     let mode = header.mode().map_err(io)? & 0o7777;
     let mtime = header.mtime().map_err(io)?;
-    let owner = (unsafe { libc::geteuid() } == 0)
+    let owner = as_root
         .then(|| Ok::<_, std::io::Error>((header.uid()?, header.gid()?)))
         .transpose()
-        .map_err(io)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(dst)
         .map_err(io)?;
     loop {
         let n = entry
