@@ -5,6 +5,7 @@
 //! and manifest are durable; readers treat nothing else as a usable backup.
 
 pub mod lease;
+pub mod rebuild;
 pub mod sqlite;
 
 use std::sync::Arc;
