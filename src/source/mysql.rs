@@ -357,6 +357,17 @@ impl MysqlSource {
             ))
             .hint("enable log_bin in the server's configuration and restart it, then take a full backup"));
         }
+        let format = self.conn.query(None, "SELECT @@GLOBAL.binlog_format")?;
+        let format = format.first().and_then(|r| r.first()).map(String::as_str);
+        if format != Some("ROW") {
+            return Err(Error::invalid(format!(
+                "binlog_format is {} on {}: incremental backups need ROW, so that every change \
+                 names its table and can be replayed into the restore's database",
+                format.unwrap_or("unknown"),
+                self.conn
+            ))
+            .hint("set binlog_format = ROW in the server's configuration (SET GLOBAL binlog_format = 'ROW' until the next restart)"));
+        }
         // Close the current log, then, in one consistent snapshot, note the position it
         // corresponds to and count rows: the range ends exactly where the counts were taken.
         let tables = self.conn.query(
@@ -451,6 +462,8 @@ impl MysqlSource {
             let mut header = tar::Header::new_gnu();
             header.set_size(len);
             header.set_mode(0o640);
+            header.set_uid(0);
+            header.set_gid(0);
             header.set_mtime(now.timestamp().max(0) as u64);
             header.set_entry_type(tar::EntryType::Regular);
             tar.append_data(&mut header, name, &mut f)
