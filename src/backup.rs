@@ -63,24 +63,17 @@ pub async fn run_incremental(
     opts: BackupOptions,
     cancel: &Cancel,
 ) -> Result<Manifest> {
-    let env = &repo.settings.environment;
-    let parent = repo
+    let latest = repo
         .registry
-        .latest(env, &policy.name)
-        .await?
-        .ok_or_else(|| {
-            Error::invalid(format!(
-                "policy {} has no completed backup in environment {env} to build an incremental on",
-                policy.name
-            ))
-            .hint("take a full backup first: drctl backup --policy NAME")
-        })?;
-    let parent = parent.manifest()?;
+        .latest(&repo.settings.environment, &policy.name)
+        .await?;
+    let parent = latest.as_ref().map(|r| r.manifest()).transpose()?;
+    let source = crate::source::open_incremental(policy, parent)?;
     let job = Job {
-        source: crate::source::open_incremental(policy, parent)?,
+        source,
         lease: repo.set_lease_name(&policy.name),
         backup_type: BackupType::Incremental,
-        parent: Some((parent.backup_id.clone(), parent.chain_base_id.clone())),
+        parent: parent.map(|p| (p.backup_id.clone(), p.chain_base_id.clone())),
     };
     run_job(repo, policy, job, opts, cancel).await
 }

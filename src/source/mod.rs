@@ -75,18 +75,27 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
     })
 }
 
-/// Builds the source of an incremental backup whose parent is `parent`.
-pub fn open_incremental(policy: &Policy, parent: &Manifest) -> Result<Box<dyn Source>> {
-    match &policy.source {
-        SourceConfig::Mysql {
-            url,
-            password_file,
-            password_env,
-        } => Ok(Box::new(mysql::MysqlSource::incremental(
+/// Builds the source of an incremental backup whose parent is `parent`, the newest completed
+/// backup of the policy (none: refused).
+pub fn open_incremental(policy: &Policy, parent: Option<&Manifest>) -> Result<Box<dyn Source>> {
+    match (&policy.source, parent) {
+        (SourceConfig::Mysql { .. }, None) => Err(crate::Error::invalid(format!(
+            "policy {} has no completed backup to build an incremental on",
+            policy.name
+        ))
+        .hint("take a full backup first: drctl backup --policy NAME")),
+        (
+            SourceConfig::Mysql {
+                url,
+                password_file,
+                password_env,
+            },
+            Some(parent),
+        ) => Ok(Box::new(mysql::MysqlSource::incremental(
             mysql::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
             parent,
         )?)),
-        other => Err(crate::Error::invalid(format!(
+        (other, _) => Err(crate::Error::invalid(format!(
             "policy {} backs up a {} source, which has no incremental backups",
             policy.name,
             other.kind()

@@ -1,0 +1,617 @@
+//! MariaDB backups and restores against real servers: each test starts its own scratch
+//! `mariadbd` (binary logging on, ROW format) in a temporary directory on a free port, so the
+//! tests need the MariaDB server and client packages (scripts/install-deps.sh) but no running
+//! server, and never touch one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::Sandbox;
+
+/// A scratch MariaDB server, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn need(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file();
+    assert!(
+        found,
+        "`{tool}` is not installed: run scripts/install-deps.sh (MariaDB server and client)"
+    );
+}
+
+fn mariadbd() -> PathBuf {
+    need("mariadbd");
+    ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mariadbd"))
+}
+
+fn user_args() -> Vec<String> {
+    // mariadbd refuses to run as root unless told to.
+    if unsafe { libc::geteuid() } == 0 {
+        vec!["--user=root".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// A data directory made once per test process by mariadb-install-db, copied by each server.
+fn template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        need("mariadb-install-db");
+        let dir = tempfile::Builder::new()
+            .prefix("drctl-mariadb-template-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = dir.join("data");
+        let out = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--auth-root-authentication-method=normal"])
+            .args(["--skip-test-db", "--skip-name-resolve"])
+            .arg(format!("--datadir={}", data.display()))
+            .args(user_args())
+            .output()
+            .expect("run mariadb-install-db");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        data
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    fn start() -> Server {
+        let template = template();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("mariadbd.log")).unwrap();
+        let child = Command::new(mariadbd())
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--log-bin={}", data.join("binlog").display()))
+            .args([
+                "--server-id=1",
+                "--binlog-format=ROW",
+                "--skip-name-resolve",
+            ])
+            .args([
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-log-file-size=16M",
+            ])
+            .args(user_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mariadbd");
+        let server = Server { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ok = server
+                .client(None)
+                .args(["-e", "SELECT 1"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not start: {}",
+                std::fs::read_to_string(server.dir.path().join("mariadbd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn client(&self, db: Option<&str>) -> Command {
+        let mut c = Command::new("mariadb");
+        c.args(["--host=127.0.0.1", "--protocol=TCP", "--user=root"])
+            .arg(format!("--port={}", self.port))
+            .args(["--batch", "--skip-column-names"])
+            .env_remove("MYSQL_PWD");
+        if let Some(db) = db {
+            c.arg(format!("--database={db}"));
+        }
+        c
+    }
+
+    /// Runs SQL; returns stdout. Panics on failure.
+    fn sql(&self, db: Option<&str>, sql: &str) -> String {
+        let out = self.client(db).args(["-e", sql]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn url(&self, user: &str, db: &str) -> String {
+        format!("mysql://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A policy `name` over database `db` as root.
+    fn policy(&self, sandbox: &Sandbox, name: &str, db: &str) {
+        sandbox.policy(
+            name,
+            &format!(
+                "name: {name}\nsource:\n  kind: mysql\n  url: {}\n",
+                self.url("root", db)
+            ),
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A database with a table of varied rows (quotes, parentheses, semicolons, NULLs, binary),
+/// an empty table and a view.
+fn seed(server: &Server, db: &str) {
+    server.sql(
+        None,
+        &format!(
+            "CREATE DATABASE {db}; USE {db};
+             CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(100), body BLOB, price DECIMAL(10,2));
+             CREATE TABLE empty_one (id INT PRIMARY KEY);
+             CREATE VIEW pricey AS SELECT id FROM items WHERE price > 10;
+             INSERT INTO items VALUES (1, 'it''s (tricky); stuff', NULL, 1.50),
+                                      (2, 'back\\\\slash', UNHEX('00FF27283B29'), 99.99);
+             INSERT INTO items SELECT seq, CONCAT('item-', seq, REPEAT('x', seq % 50)),
+                    RANDOM_BYTES(1 + seq % 64), seq / 7 FROM seq_3_to_3000;"
+        ),
+    );
+}
+
+/// Every row of every table, for byte-exact comparison.
+fn contents(server: &Server, db: &str) -> String {
+    server.sql(
+        Some(db),
+        "SELECT id, name, HEX(body), price FROM items ORDER BY id; SELECT COUNT(*) FROM empty_one; \
+         SELECT COUNT(*) FROM pricey",
+    )
+}
+
+fn ids(server: &Server, db: &str) -> Vec<u32> {
+    server
+        .sql(Some(db), "SELECT id FROM t ORDER BY id")
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+fn insert(server: &Server, db: &str, range: std::ops::RangeInclusive<u32>) {
+    for i in range {
+        server.sql(Some(db), &format!("INSERT INTO t VALUES ({i}, 'row {i}')"));
+    }
+}
+
+fn manifest(sandbox: &Sandbox, id: &str) -> serde_json::Value {
+    let run = sandbox.run(&["--json", "show", id]).ok();
+    run.json()[0]["manifest"].clone()
+}
+
+#[test]
+fn mysql_full_backup_round_trip_checks_row_counts_and_keeps_the_password_out() {
+    let server = Server::start();
+    seed(&server, "shop");
+    server.sql(
+        None,
+        "CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'pw-s3cret-123';
+         GRANT ALL ON *.* TO 'app'@'127.0.0.1'",
+    );
+    let sandbox = Sandbox::new();
+    sandbox.policy(
+        "shop",
+        &format!(
+            "name: shop\nsource:\n  kind: mysql\n  url: {}\n  password-env: SHOP_DB_PASSWORD\n",
+            server.url("app", "shop")
+        ),
+    );
+    let backup = sandbox
+        .cmd(&["--json", "backup", "--policy", "shop"])
+        .env("SHOP_DB_PASSWORD", "pw-s3cret-123")
+        .output()
+        .unwrap();
+    let backup: common::Run = backup.into();
+    let backup = backup.ok();
+    assert!(!backup.stdout.contains("pw-s3cret") && !backup.stderr.contains("pw-s3cret"));
+    let id = backup.json()[0]["backup_id"].as_str().unwrap().to_owned();
+
+    let m = manifest(&sandbox, &id);
+    let stats = &m["source"]["stats"];
+    assert_eq!(stats["tables"]["items"], 3000);
+    assert_eq!(stats["tables"]["empty_one"], 0);
+    assert!(
+        stats["tables"].get("pricey").is_none(),
+        "views hold no rows"
+    );
+    assert!(
+        m["point_in_time"]["binlog"]
+            .as_str()
+            .unwrap()
+            .starts_with("binlog."),
+        "{m}"
+    );
+    assert_eq!(m["source"]["descriptor"]["user"], "app");
+    for entry in walk(sandbox.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("pw-s3cret"),
+            "password in {}",
+            entry.display()
+        );
+    }
+
+    let restore = sandbox
+        .cmd(&[
+            "--json",
+            "restore",
+            "--policy",
+            "shop",
+            "--backup",
+            &id,
+            "--to-database",
+            &server.url("app", "shop_copy"),
+        ])
+        .env("MYSQL_PWD", "pw-s3cret-123")
+        .output()
+        .unwrap();
+    let restore: common::Run = restore.into();
+    let restore = restore.ok();
+    let report = &restore.json()[0];
+    assert_eq!(report["rows"]["tables"], 2, "{report}");
+    assert_eq!(report["rows"]["rows"], 3000);
+    assert_eq!(contents(&server, "shop"), contents(&server, "shop_copy"));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
+    let server = Server::start();
+    server.sql(
+        None,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20))",
+    );
+    insert(&server, "app", 1..=5);
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "app", "app");
+    let full = sandbox.backup("app");
+
+    insert(&server, "app", 6..=10);
+    let run = sandbox
+        .run(&["--json", "backup", "--policy", "app", "--incremental"])
+        .ok();
+    let first = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
+    let m = manifest(&sandbox, &first);
+    assert_eq!(m["type"], "incremental");
+    assert_eq!(m["parent_id"], full.as_str());
+    assert_eq!(m["chain_base_id"], full.as_str());
+    assert_eq!(m["source"]["stats"]["tables"]["t"], 10);
+    assert_eq!(
+        m["source"]["stats"]["binlog_start"],
+        manifest(&sandbox, &full)["point_in_time"]["binlog"]
+    );
+
+    insert(&server, "app", 11..=15);
+    // Binary log timestamps are whole seconds: keep the noted time clear of both sides.
+    std::thread::sleep(Duration::from_millis(1100));
+    let noted = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    insert(&server, "app", 16..=20);
+    let run = sandbox
+        .run(&["--json", "backup", "--policy", "app", "--incremental"])
+        .ok();
+    let second = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
+    assert_eq!(manifest(&sandbox, &second)["parent_id"], first.as_str());
+
+    let until = noted.to_rfc3339();
+    let run = sandbox
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "at_noted"),
+            "--until",
+            &until,
+        ])
+        .ok();
+    assert_eq!(ids(&server, "at_noted"), (1..=15).collect::<Vec<_>>());
+    let report = &run.json()[0];
+    assert_eq!(
+        report["chain"],
+        serde_json::json!([full, first, second]),
+        "{report}"
+    );
+
+    // The same time in another zone means the same moment.
+    let local = noted
+        .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap())
+        .to_rfc3339();
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "at_noted_ist"),
+            "--until",
+            &local,
+        ])
+        .ok();
+    assert_eq!(ids(&server, "at_noted_ist"), (1..=15).collect::<Vec<_>>());
+
+    let run = sandbox
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "latest"),
+        ])
+        .ok();
+    assert_eq!(ids(&server, "latest"), (1..=20).collect::<Vec<_>>());
+    assert_eq!(run.json()[0]["rows"]["rows"], 20);
+
+    // The first incremental alone: its chain ends at row 10.
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            &first,
+            "--to-database",
+            &server.url("root", "first"),
+        ])
+        .ok();
+    assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
+
+    // A time before the full backup cannot be reached from this chain.
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "too_early"),
+            "--until",
+            "2020-01-01T00:00:00Z",
+        ])
+        .code(2);
+    assert!(run.stderr.contains(&full), "{}", run.stderr);
+}
+
+#[test]
+fn mysql_restore_refuses_a_non_empty_target_without_overwrite() {
+    let server = Server::start();
+    seed(&server, "shop");
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "shop", "shop");
+    sandbox.backup("shop");
+    server.sql(
+        None,
+        "CREATE DATABASE busy; CREATE TABLE busy.keep (x INT); INSERT INTO busy.keep VALUES (7)",
+    );
+    let target = server.url("root", "busy");
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "shop",
+            "--backup",
+            "latest",
+            "--to-database",
+            &target,
+        ])
+        .code(2);
+    assert!(run.stderr.contains("not empty"), "{}", run.stderr);
+    assert!(run.stderr.contains("--overwrite"), "{}", run.stderr);
+    assert_eq!(server.sql(Some("busy"), "SELECT x FROM keep"), "7\n");
+
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "shop",
+            "--backup",
+            "latest",
+            "--to-database",
+            &target,
+            "--overwrite",
+        ])
+        .ok();
+    assert_eq!(contents(&server, "shop"), contents(&server, "busy"));
+    assert_eq!(
+        server.sql(
+            None,
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'busy' AND table_name = 'keep'"
+        ),
+        "0\n"
+    );
+}
+
+#[test]
+fn mysql_failing_dump_records_a_failed_backup_with_its_stderr() {
+    let server = Server::start();
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "gone", "no_such_db");
+    let run = sandbox.run(&["backup", "--policy", "gone"]).code(1);
+    assert!(run.stderr.contains("mariadb-dump"), "{}", run.stderr);
+    assert!(run.stderr.contains("Unknown database"), "{}", run.stderr);
+    let records = sandbox.records();
+    assert_eq!(records[0]["status"], "failed");
+    assert!(records[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("Unknown database"));
+
+    // A missing dump tool: the client is there, mariadb-dump is not.
+    seed(&server, "shop");
+    server.policy(&sandbox, "shop", "shop");
+    let bin = tempfile::tempdir().unwrap();
+    let client = Command::new("sh")
+        .args(["-c", "command -v mariadb"])
+        .output()
+        .unwrap();
+    let client = String::from_utf8(client.stdout).unwrap();
+    std::os::unix::fs::symlink(client.trim(), bin.path().join("mariadb")).unwrap();
+    let run: common::Run = sandbox
+        .cmd(&["backup", "--policy", "shop"])
+        .env("PATH", bin.path())
+        .output()
+        .unwrap()
+        .into();
+    let run = run.code(1);
+    assert!(
+        run.stderr.contains("cannot run `mariadb-dump`"),
+        "{}",
+        run.stderr
+    );
+    let records = sandbox.records();
+    assert_eq!(records[0]["status"], "failed");
+    assert!(records.iter().all(|r| r["status"] != "completed"));
+}
+
+#[test]
+fn mysql_server_going_away_mid_backup_fails_the_backup() {
+    let mut server = Server::start();
+    server.sql(
+        None,
+        "CREATE DATABASE big; USE big; CREATE TABLE blobs (id INT PRIMARY KEY, b MEDIUMBLOB);
+         INSERT INTO blobs SELECT seq, RANDOM_BYTES(1024) FROM seq_1_to_60000",
+    );
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "big", "big");
+    let backup = sandbox
+        .cmd(&["backup", "--policy", "big"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until mariadb-dump is reading the table, then kill the server.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = server.sql(None, "SHOW FULL PROCESSLIST");
+        if list.contains("SQL_NO_CACHE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dump never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let run: common::Run = backup.wait_with_output().unwrap().into();
+    let run = run.code(1);
+    assert!(run.stderr.contains("mariadb-dump"), "{}", run.stderr);
+    let records = sandbox.records();
+    assert_eq!(records[0]["status"], "failed");
+    assert!(records[0]["error"].as_str().unwrap().contains("stderr"));
+}
+
+#[test]
+fn mysql_incremental_needs_a_parent_with_a_binlog_position() {
+    let server = Server::start();
+    seed(&server, "shop");
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "shop", "shop");
+    let run = sandbox
+        .run(&["backup", "--policy", "shop", "--incremental"])
+        .code(2);
+    assert!(run.stderr.contains("full backup first"), "{}", run.stderr);
+
+    sandbox.files_policy("files", &[sandbox.path()]);
+    let run = sandbox
+        .run(&["backup", "--policy", "files", "--incremental"])
+        .code(2);
+    assert!(
+        run.stderr.contains("no incremental backups"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn mysql_policy_validation_names_file_and_field_without_echoing_the_password() {
+    let sandbox = Sandbox::new();
+    sandbox.policy(
+        "bad",
+        "name: bad\nsource:\n  kind: mysql\n  url: mysql://app:hunter2@db:3306/shop\n  \
+         password-env: A\n  password-file: /x\n",
+    );
+    sandbox.policy(
+        "nodb",
+        "name: nodb\nsource:\n  kind: mysql\n  url: mysql://app@db:3306/\n",
+    );
+    let run = sandbox.run(&["policy", "validate"]).code(2);
+    assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"));
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(all.contains("bad.yaml: source.url"), "{all}");
+    assert!(all.contains("bad.yaml: source.password-file"), "{all}");
+    assert!(all.contains("nodb.yaml: source.url"), "{all}");
+}
