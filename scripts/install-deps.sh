@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system tools that drctl's tests and scripts need, if missing.
 #
-#   scripts/install-deps.sh           age, zstd, tar, sqlite3, GNU time
+#   scripts/install-deps.sh           age, zstd, tar, sqlite3, GNU time, MariaDB client tools
+#                                     and server binaries (tests start their own mariadbd)
 #   scripts/install-deps.sh --bench   the above plus restic (benchmark reference)
 #
 # Debian/Ubuntu only (apt-get). Does nothing when every tool is already present,
@@ -37,6 +38,10 @@ probes=(
     "tar tar"
     "sqlite3 sqlite3"
     "time /usr/bin/time"
+    "mariadb-client mariadb-dump"
+    "mariadb-client mariadb-binlog"
+    "mariadb-server-core /usr/sbin/mariadbd"
+    "mariadb-server-core mariadb-install-db"
 )
 if [[ $bench -eq 1 ]]; then
     probes+=("restic restic")

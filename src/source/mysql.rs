@@ -159,7 +159,7 @@ impl Conn {
             .output()
             .map_err(|e| {
                 Error::failure(format!("cannot run `mariadb`: {e}"))
-                    .hint("install the MariaDB client (scripts/install-deps.sh --mariadb)")
+                    .hint("install the MariaDB client tools (Debian: mariadb-client)")
             })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         check_status("mariadb", out.status, stderr.trim())

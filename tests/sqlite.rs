@@ -1,0 +1,208 @@
+//! SQLite backups of a live database and restores to a file, checked by drctl with
+//! `PRAGMA integrity_check` and the row counts recorded at backup time.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::Sandbox;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::{Connection, SqliteConnection};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(path: &Path, create: bool, wal: bool) -> SqliteConnection {
+    let mut opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(create)
+        .busy_timeout(std::time::Duration::from_secs(30));
+    if wal {
+        opts = opts.journal_mode(SqliteJournalMode::Wal);
+    }
+    SqliteConnection::connect_with(&opts).await.unwrap()
+}
+
+/// `events` rows and a `totals` row that counts them, updated in the same transaction: a copy
+/// that is not a snapshot of one moment breaks the invariant.
+async fn create(path: &Path, rows: u64, wal: bool) {
+    let mut c = connect(path, true, wal).await;
+    sqlx::query(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+         CREATE TABLE totals (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
+         CREATE TABLE \"odd \"\"name\"\"\" (x);
+         INSERT INTO totals VALUES ('events', 0);",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let mut tx = c.begin().await.unwrap();
+    for _ in 0..rows {
+        insert(&mut tx).await;
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn insert(c: &mut SqliteConnection) {
+    sqlx::query("INSERT INTO events (payload) VALUES (randomblob(100 + abs(random()) % 200))")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE totals SET n = n + 1 WHERE name = 'events'")
+        .execute(&mut *c)
+        .await
+        .unwrap();
+}
+
+async fn counts(path: &Path) -> (i64, i64) {
+    let mut c = connect(path, false, false).await;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT n FROM totals WHERE name = 'events'")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    (events, total)
+}
+
+fn policy(sandbox: &Sandbox, name: &str, db: &Path) {
+    sandbox.policy(
+        name,
+        &format!(
+            "name: {name}\nsource:\n  kind: sqlite\n  path: {:?}\n",
+            db.display().to_string()
+        ),
+    );
+}
+
+#[test]
+fn sqlite_backup_while_a_writer_inserts_restores_a_consistent_database() {
+    let sandbox = Sandbox::new();
+    let db = sandbox.path().join("live.db");
+    runtime().block_on(create(&db, 3_000, true));
+    policy(&sandbox, "live", &db);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (db, stop, written) = (db.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            runtime().block_on(async {
+                let mut c = connect(&db, false, true).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut tx = c.begin().await.unwrap();
+                    for _ in 0..10 {
+                        insert(&mut tx).await;
+                    }
+                    tx.commit().await.unwrap();
+                    written.fetch_add(10, Ordering::Relaxed);
+                }
+            })
+        })
+    };
+    while written.load(Ordering::Relaxed) < 100 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let id = sandbox.backup("live");
+    let during = written.load(Ordering::Relaxed);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        written.load(Ordering::Relaxed) > during,
+        "the writer kept going after the backup"
+    );
+
+    let run = sandbox.run(&["--json", "show", &id]).ok();
+    let stats = run.json()[0]["manifest"]["source"]["stats"].clone();
+    let backed_up = stats["tables"]["events"].as_u64().unwrap();
+    assert!(backed_up >= 3_100, "{stats}");
+    assert_eq!(stats["tables"]["totals"], 1);
+    assert_eq!(stats["tables"]["odd \"name\""], 0);
+
+    let target = sandbox.path().join("restored/copy.db");
+    let run = sandbox
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "live",
+            "--backup",
+            &id,
+            "--target",
+            target.to_str().unwrap(),
+        ])
+        .ok();
+    let report = &run.json()[0];
+    assert_eq!(report["rows"]["tables"], 3, "{report}");
+    assert_eq!(report["written_to"], target.to_str().unwrap());
+    let (events, total) = runtime().block_on(counts(&target));
+    assert_eq!(events, total, "the copy is one moment of the database");
+    assert_eq!(events as u64, backed_up);
+    let left: Vec<_> = std::fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("copy.db")]);
+}
+
+#[test]
+fn sqlite_restore_refuses_an_existing_file_unless_overwrite() {
+    let sandbox = Sandbox::new();
+    let db = sandbox.path().join("plain.db");
+    runtime().block_on(create(&db, 50, false));
+    policy(&sandbox, "plain", &db);
+    let id = sandbox.backup("plain");
+
+    let target = sandbox.path().join("existing.db");
+    std::fs::write(&target, b"precious").unwrap();
+    let args = [
+        "restore",
+        "--policy",
+        "plain",
+        "--backup",
+        &id,
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    let run = sandbox.run(&args).code(2);
+    assert!(run.stderr.contains("exists"), "{}", run.stderr);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "plain",
+            "--backup",
+            &id,
+            "--target",
+            sandbox.path().to_str().unwrap(),
+        ])
+        .code(2);
+    assert!(run.stderr.contains("is a directory"), "{}", run.stderr);
+
+    let mut args = args.to_vec();
+    args.push("--overwrite");
+    sandbox.run(&args).ok();
+    assert_eq!(runtime().block_on(counts(&target)), (50, 50));
+}
+
+#[test]
+fn sqlite_missing_database_fails_the_backup() {
+    let sandbox = Sandbox::new();
+    policy(&sandbox, "absent", &sandbox.path().join("nope.db"));
+    let run = sandbox.run(&["backup", "--policy", "absent"]);
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("nope.db"), "{}", run.stderr);
+    assert!(!sandbox.path().join("nope.db").exists());
+    assert_eq!(sandbox.records()[0]["status"], "failed");
+}
