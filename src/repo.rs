@@ -17,7 +17,7 @@ pub struct Repo {
 impl Repo {
     /// Opens the store and registry without checking that they exist (for `drctl init`).
     pub async fn connect(settings: Settings) -> Result<Repo> {
-        let store = crate::store::open(&settings.repository);
+        let store = crate::store::open(&settings.repository).await?;
         let registry = crate::registry::open(&settings.registry).await?;
         Ok(Repo {
             settings,

@@ -19,6 +19,7 @@ pub struct Policy {
     pub schedule: Schedule,
     pub retention: Retention,
     pub compression: Compression,
+    pub storage: Storage,
     /// The file the policy was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -97,6 +98,45 @@ pub struct Compression {
     pub threads: u32,
 }
 
+/// How objects are stored (S3 repositories only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Storage {
+    /// S3 storage class, e.g. `STANDARD_IA` (default: the bucket's default, `STANDARD`).
+    pub class: Option<String>,
+    /// Encrypt at rest with this KMS key (SSE-KMS): key ID, ARN or `alias/...`.
+    pub sse_kms_key_id: Option<String>,
+    /// Object Lock retention for every object of a backup (the bucket must have Object Lock).
+    pub object_lock: Option<ObjectLock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    /// Objects are locked until the backup's start time plus this many days.
+    pub days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete.
+    Governance,
+    /// Nobody can delete before retain-until, not even the root user.
+    Compliance,
+}
+
+/// Storage classes a restore can read at once (no archive tiers that need a thaw first).
+pub const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+];
+
 fn default_level() -> i32 {
     3
 }
@@ -130,6 +170,7 @@ const KEYS: &[&str] = &[
     "schedule",
     "retention",
     "compression",
+    "storage",
 ];
 const REQUIRED: &[&str] = &["name", "source"];
 
@@ -176,8 +217,15 @@ impl Policy {
             None => Some(Compression::default()),
         };
 
+        let storage: Option<Storage> = match entries.remove("storage") {
+            Some(v) => p.section("storage", v),
+            None => Some(Storage::default()),
+        };
         if let Some(source) = &source {
             check_source(&mut p, source);
+        }
+        if let Some(storage) = &storage {
+            check_storage(&mut p, storage, settings);
         }
         if let Some(schedule) = &schedule {
             for (field, expr) in [
@@ -222,10 +270,15 @@ impl Policy {
                 );
             }
         }
-        match (name, source, schedule, retention, compression) {
-            (Some(name), Some(mut source), Some(schedule), Some(retention), Some(compression))
-                if p.list.is_empty() =>
-            {
+        match (name, source, schedule, retention, compression, storage) {
+            (
+                Some(name),
+                Some(mut source),
+                Some(schedule),
+                Some(retention),
+                Some(compression),
+                Some(storage),
+            ) if p.list.is_empty() => {
                 if let SourceConfig::Files { paths, .. } = &mut source {
                     for path in paths.iter_mut() {
                         *path = resolve(&settings.base_dir, path);
@@ -238,6 +291,7 @@ impl Policy {
                     schedule,
                     retention,
                     compression,
+                    storage,
                     file: path.to_path_buf(),
                 };
                 (Some(policy), p.list)
@@ -307,6 +361,44 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                     );
                 }
             }
+        }
+    }
+}
+
+fn check_storage(p: &mut Problems, storage: &Storage, settings: &Settings) {
+    if *storage != Storage::default() && !matches!(settings.repository, super::StoreUrl::S3(_)) {
+        p.add(
+            "storage",
+            format!(
+                "storage options need an s3:// repository, not {}",
+                settings.repository
+            ),
+        );
+    }
+    if let Some(class) = &storage.class {
+        if !STORAGE_CLASSES.contains(&class.as_str()) {
+            p.add(
+                "storage.class",
+                format!(
+                    "{class:?} is not a storage class restores can read at once (use one of {})",
+                    STORAGE_CLASSES.join(", ")
+                ),
+            );
+        }
+    }
+    if storage
+        .sse_kms_key_id
+        .as_ref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
+        p.add("storage.sse-kms-key-id", "empty key id");
+    }
+    if let Some(lock) = &storage.object_lock {
+        if !(1..=36_500).contains(&lock.days) {
+            p.add(
+                "storage.object-lock.days",
+                format!("{} is out of range 1..=36500", lock.days),
+            );
         }
     }
 }
