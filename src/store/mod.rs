@@ -33,6 +33,7 @@ pub struct ObjectMeta {
 pub struct Leftover {
     /// A store-specific description (a temp file path, an upload ID).
     pub what: String,
+    /// Bytes it holds, where the store knows without extra requests (else 0).
     pub size: u64,
 }
 

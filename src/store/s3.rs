@@ -170,32 +170,6 @@ impl S3Store {
             version_marker = out.next_version_id_marker().map(str::to_owned);
         }
     }
-
-    async fn upload_size(&self, full: &str, upload_id: &str) -> Result<u64> {
-        let mut size = 0;
-        let mut marker = None::<String>;
-        loop {
-            let out = self
-                .client
-                .list_parts()
-                .bucket(&self.url.bucket)
-                .key(full)
-                .upload_id(upload_id)
-                .set_part_number_marker(marker.take())
-                .send()
-                .await
-                .map_err(|e| self.err(format!("list the parts of upload {upload_id}"), e))?;
-            size += out
-                .parts()
-                .iter()
-                .map(|p| p.size().unwrap_or(0).max(0) as u64)
-                .sum::<u64>();
-            if out.is_truncated() != Some(true) {
-                return Ok(size);
-            }
-            marker = out.next_part_number_marker().map(str::to_owned);
-        }
-    }
 }
 
 type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
@@ -245,6 +219,7 @@ where
             .retryable()
             .hint("S3 is throttling or unavailable; run the command again later")
         }
+        ("", _) => Error::failure(format!("{what}: {}", DisplayErrorContext(&e))),
         _ => Error::failure(format!("{what}: {code} (HTTP {status}){message}")),
     }
 }
@@ -538,7 +513,7 @@ impl ObjectStore for S3Store {
                     .and_then(to_chrono)
                     .is_none_or(|t| t < older_than);
                 if let (true, Some(rel)) = (old, self.rel_key(full)) {
-                    uploads.push((full.to_owned(), rel.to_owned(), id.to_owned()));
+                    uploads.push((rel.to_owned(), id.to_owned()));
                 }
             }
             if page.is_truncated() != Some(true) {
@@ -547,13 +522,14 @@ impl ObjectStore for S3Store {
             key_marker = page.next_key_marker().map(str::to_owned);
             id_marker = page.next_upload_id_marker().map(str::to_owned);
         }
-        let mut out = Vec::new();
-        for (full, rel, id) in uploads {
-            out.push(Leftover {
-                size: self.upload_size(&full, &id).await?,
+        // Sizes would take a ListParts request per upload: reported as 0.
+        let mut out: Vec<Leftover> = uploads
+            .into_iter()
+            .map(|(rel, id)| Leftover {
                 what: format!("{rel}{UPLOAD_SEP}{id}"),
-            });
-        }
+                size: 0,
+            })
+            .collect();
         out.sort_by(|a, b| a.what.cmp(&b.what));
         Ok(out)
     }
@@ -563,6 +539,7 @@ impl ObjectStore for S3Store {
             .what
             .split_once(UPLOAD_SEP)
             .filter(|(_, id)| !id.is_empty())
+            .filter(|(rel, _)| ObjectKey::parse(rel).is_some())
             .and_then(|(rel, id)| Some((ObjectKey::from_listing(rel).ok()?, id)));
         let Some((key, upload_id)) = parsed else {
             return Err(Error::invalid(format!(
