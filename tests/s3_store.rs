@@ -2,7 +2,6 @@
 //! per-object options (storage class, SSE-KMS, Object Lock), deletes in
 //! versioned buckets, and interrupted multipart uploads as leftovers.
 
-#[allow(dead_code)]
 #[path = "common/moto.rs"]
 mod moto;
 
