@@ -21,8 +21,10 @@ struct Proxy {
     cuts_left: Arc<AtomicUsize>,
     cuts: Arc<AtomicUsize>,
     /// What each connection sent upstream, when recording.
-    sent: Option<Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>>,
+    sent: Option<Arc<Mutex<Vec<ConnectionLog>>>>,
 }
+
+type ConnectionLog = Arc<Mutex<Vec<u8>>>;
 
 impl Proxy {
     fn start(cut_after: usize, cuts_left: usize, record: bool) -> Proxy {
