@@ -189,7 +189,7 @@ async fn commit(
     }
     lease.confirm().await?;
     let location = Location {
-        region: repo.settings.repository.region().to_owned(),
+        region: repo.store.region(),
         store: repo.store.describe(),
         prefix,
     };

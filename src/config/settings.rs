@@ -117,14 +117,6 @@ impl std::fmt::Display for S3Url {
 }
 
 impl StoreUrl {
-    /// The region recorded in a backup's location (`local` for a directory).
-    pub fn region(&self) -> &str {
-        match self {
-            StoreUrl::Local(_) => "local",
-            StoreUrl::S3(u) => &u.region,
-        }
-    }
-
     pub fn parse(s: &str, base: &Path) -> Result<Self> {
         if let Some(rest) = s.strip_prefix("file://") {
             return non_empty(rest, s).map(|p| StoreUrl::Local(resolve(base, Path::new(p))));

@@ -269,6 +269,10 @@ impl ObjectStore for S3Store {
         self.url.to_string()
     }
 
+    fn region(&self) -> String {
+        self.url.region.clone()
+    }
+
     async fn create(&self) -> Result<()> {
         let mut req = self.client.create_bucket().bucket(&self.url.bucket);
         if self.url.region != "us-east-1" {
