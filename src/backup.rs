@@ -46,7 +46,13 @@ pub async fn run(
         cancel,
     )
     .await?;
-    let result = run_locked(repo, policy, recipients, opts.progress, cancel, &lease).await;
+    let mut result = run_locked(repo, policy, recipients, opts.progress, cancel, &lease).await;
+    if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
+        // Still under the lease: retention cannot remove the backup while it is copied.
+        if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
+            result = Err(e);
+        }
+    }
     let released = lease.release().await;
     let manifest = result?;
     if let Err(e) = released {

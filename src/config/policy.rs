@@ -20,6 +20,8 @@ pub struct Policy {
     pub retention: Retention,
     pub compression: Compression,
     pub storage: Storage,
+    /// Copies of every backup in other regions.
+    pub replicas: Vec<Replica>,
     /// The file the policy was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -127,6 +129,20 @@ pub enum LockMode {
     Compliance,
 }
 
+/// A bucket in another region that receives a copy of every backup.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replica {
+    pub region: String,
+    pub repository: super::S3Url,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawReplica {
+    region: String,
+    repository: String,
+}
+
 /// Storage classes a restore can read at once (no archive tiers that need a thaw first).
 pub const STORAGE_CLASSES: &[&str] = &[
     "STANDARD",
@@ -171,6 +187,7 @@ const KEYS: &[&str] = &[
     "retention",
     "compression",
     "storage",
+    "replicas",
 ];
 const REQUIRED: &[&str] = &["name", "source"];
 
@@ -227,6 +244,12 @@ impl Policy {
         if let Some(storage) = &storage {
             check_storage(&mut p, storage, settings);
         }
+        let replicas: Option<Vec<Replica>> = match entries.remove("replicas") {
+            Some(v) => p
+                .section::<Vec<RawReplica>>("replicas", v)
+                .map(|raw| check_replicas(&mut p, raw, settings)),
+            None => Some(Vec::new()),
+        };
         if let Some(schedule) = &schedule {
             for (field, expr) in [
                 ("full", &schedule.full),
@@ -270,7 +293,15 @@ impl Policy {
                 );
             }
         }
-        match (name, source, schedule, retention, compression, storage) {
+        match (
+            name,
+            source,
+            schedule,
+            retention,
+            compression,
+            storage,
+            replicas,
+        ) {
             (
                 Some(name),
                 Some(mut source),
@@ -278,6 +309,7 @@ impl Policy {
                 Some(retention),
                 Some(compression),
                 Some(storage),
+                Some(replicas),
             ) if p.list.is_empty() => {
                 if let SourceConfig::Files { paths, .. } = &mut source {
                     for path in paths.iter_mut() {
@@ -292,6 +324,7 @@ impl Policy {
                     retention,
                     compression,
                     storage,
+                    replicas,
                     file: path.to_path_buf(),
                 };
                 (Some(policy), p.list)
@@ -363,6 +396,63 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             }
         }
     }
+}
+
+fn check_replicas(p: &mut Problems, raw: Vec<RawReplica>, settings: &Settings) -> Vec<Replica> {
+    let mut out: Vec<Replica> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let field = format!("replicas[{i}]");
+        let url = match super::StoreUrl::parse(&r.repository, &settings.base_dir) {
+            Ok(super::StoreUrl::S3(u)) => u,
+            Ok(other) => {
+                p.add(
+                    format!("{field}.repository"),
+                    format!("{other}: replicas are s3:// buckets"),
+                );
+                continue;
+            }
+            Err(e) => {
+                p.add(format!("{field}.repository"), e.message());
+                continue;
+            }
+        };
+        if url.region != r.region {
+            p.add(
+                format!("{field}.region"),
+                format!(
+                    "{} does not match the URL's region {}",
+                    r.region, url.region
+                ),
+            );
+        }
+        let same =
+            |a: &super::S3Url, b: &super::S3Url| a.bucket == b.bucket && a.prefix == b.prefix;
+        if matches!(&settings.repository, super::StoreUrl::S3(primary) if same(primary, &url))
+            || out.iter().any(|o| same(&o.repository, &url))
+        {
+            p.add(
+                format!("{field}.repository"),
+                "the same bucket and prefix as the repository or another replica",
+            );
+        }
+        if let Some(super::settings::RegionSettings {
+            repository: super::StoreUrl::S3(dr),
+            ..
+        }) = settings.regions.get(&r.region)
+        {
+            if !same(dr, &url) {
+                p.add(
+                    format!("{field}.repository"),
+                    format!("drctl.yaml regions.{}.repository is {dr}: `drctl restore --region {}` reads there, so replicate there", r.region, r.region),
+                );
+            }
+        }
+        out.push(Replica {
+            region: r.region,
+            repository: url,
+        });
+    }
+    out
 }
 
 fn check_storage(p: &mut Problems, storage: &Storage, settings: &Settings) {

@@ -102,6 +102,12 @@ impl S3Url {
     }
 }
 
+impl serde::Serialize for S3Url {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for S3Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -197,6 +203,29 @@ pub struct Settings {
     pub production: bool,
     /// How long a lease lives without renewal.
     pub lease_ttl_seconds: u64,
+    /// The resources of each disaster-recovery region, for `drctl restore --region`.
+    pub regions: std::collections::BTreeMap<String, RegionSettings>,
+}
+
+/// Where one region's copy of the registry and of the backups are.
+#[derive(Debug, Clone)]
+pub struct RegionSettings {
+    pub registry: RegistryUrl,
+    pub repository: StoreUrl,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRegion {
+    registry: String,
+    repository: String,
+}
+
+/// AWS-style region names: `us-west-2`, `eu-central-1`.
+pub fn valid_region(r: &str) -> bool {
+    (2..=32).contains(&r.len())
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 pub const KEYS: &[&str] = &[
@@ -209,6 +238,7 @@ pub const KEYS: &[&str] = &[
     "policies-dir",
     "production",
     "lease-ttl-seconds",
+    "regions",
 ];
 const REQUIRED: &[&str] = &["environment", "repository", "registry"];
 pub const DEFAULT_LEASE_TTL_SECONDS: u64 = 120;
@@ -270,6 +300,34 @@ impl Settings {
                 "no recipients: set recipients or recipients-file (drctl init can create the file)",
             );
         }
+        let mut regions = std::collections::BTreeMap::new();
+        for (name, r) in raw.regions.unwrap_or_default() {
+            let field = format!("regions.{name}");
+            if !valid_region(&name) {
+                p.add(&field, "not a region name (like us-west-2)");
+            }
+            let registry = RegistryUrl::parse(&r.registry, &base_dir)
+                .map_err(|e| p.add(format!("{field}.registry"), e.message()));
+            let repository = StoreUrl::parse(&r.repository, &base_dir)
+                .map_err(|e| p.add(format!("{field}.repository"), e.message()));
+            if let (Ok(registry), Ok(repository)) = (registry, repository) {
+                if let StoreUrl::S3(u) = &repository {
+                    if u.region != name {
+                        p.add(
+                            format!("{field}.repository"),
+                            format!("the URL's region is {}, not {name}", u.region),
+                        );
+                    }
+                }
+                regions.insert(
+                    name,
+                    RegionSettings {
+                        registry,
+                        repository,
+                    },
+                );
+            }
+        }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
         }
@@ -292,6 +350,7 @@ impl Settings {
             ),
             production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
+            regions,
             base_dir,
         };
         if p.list.is_empty() {
@@ -327,4 +386,5 @@ struct PartialRaw {
     policies_dir: Option<PathBuf>,
     production: Option<bool>,
     lease_ttl_seconds: Option<u64>,
+    regions: Option<std::collections::BTreeMap<String, RawRegion>>,
 }

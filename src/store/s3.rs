@@ -44,6 +44,30 @@ const MAX_ATTEMPTS: u32 = 5;
 /// Separates the object key from the upload ID in a leftover's description.
 const UPLOAD_SEP: &str = "?uploadId=";
 
+/// Applies the per-object options to a PutObject or CreateMultipartUpload request.
+macro_rules! with_options {
+    ($req:expr, $opts:expr) => {{
+        let opts: &PutOptions = $opts;
+        let mut req = $req.checksum_algorithm(ChecksumAlgorithm::Sha256);
+        if let Some(class) = &opts.storage_class {
+            req = req.storage_class(StorageClass::from(class.as_str()));
+        }
+        if let Some(key_id) = &opts.sse_kms_key_id {
+            req = req
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(key_id);
+        }
+        if let Some(r) = &opts.retention {
+            req = req
+                .object_lock_mode(lock_mode(r.mode))
+                .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                    r.retain_until.timestamp(),
+                ));
+        }
+        req
+    }};
+}
+
 #[derive(Clone)]
 pub struct S3Store {
     client: Client,
@@ -86,22 +110,39 @@ impl S3Store {
         })
     }
 
-    /// The SDK client, for callers that work on the same bucket (replication).
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    pub fn bucket(&self) -> &str {
-        &self.url.bucket
-    }
-
     /// The full S3 key of a repository-relative key.
-    pub fn full_key(&self, rel: &str) -> String {
-        if self.url.prefix.is_empty() {
-            rel.to_owned()
-        } else {
-            format!("{}/{rel}", self.url.prefix)
+    fn full_key(&self, rel: &str) -> String {
+        full_key(&self.url, rel)
+    }
+
+    /// Copies `key` from the repository at `source` into this store, inside S3 (CopyObject),
+    /// when both are reached through the same endpoint and the object is at most 5 GiB;
+    /// returns false (and copies nothing) otherwise.
+    pub async fn copy_within_s3(
+        &self,
+        source: &S3Url,
+        key: &ObjectKey,
+        size: u64,
+        opts: &PutOptions,
+    ) -> Result<bool> {
+        if source.endpoint != self.url.endpoint || size > MAX_COPY_OBJECT {
+            return Ok(false);
         }
+        let req = self
+            .client
+            .copy_object()
+            .copy_source(format!(
+                "{}/{}",
+                source.bucket,
+                full_key(source, key.as_str())
+            ))
+            .bucket(&self.url.bucket)
+            .key(self.full_key(key.as_str()));
+        with_options!(req, opts)
+            .send()
+            .await
+            .map_err(|e| self.err(format!("copy {key} from {source}"), e))?;
+        Ok(true)
     }
 
     fn rel_key<'a>(&self, full: &'a str) -> Option<&'a str> {
@@ -110,10 +151,6 @@ impl S3Store {
         } else {
             full.strip_prefix(&self.url.prefix)?.strip_prefix('/')
         }
-    }
-
-    fn list_prefix(&self, rel: &str) -> String {
-        self.full_key(rel)
     }
 
     fn err<E>(&self, what: impl std::fmt::Display, e: SdkError<E, HttpResponse>) -> Error
@@ -169,6 +206,19 @@ impl S3Store {
             key_marker = out.next_key_marker().map(str::to_owned);
             version_marker = out.next_version_id_marker().map(str::to_owned);
         }
+    }
+}
+
+/// The largest object one CopyObject request can copy.
+const MAX_COPY_OBJECT: u64 = 5 << 30;
+
+/// The full S3 key of a repository-relative key. Object keys use only characters that need
+/// no escaping (`format::layout`).
+fn full_key(url: &S3Url, rel: &str) -> String {
+    if url.prefix.is_empty() {
+        rel.to_owned()
+    } else {
+        format!("{}/{rel}", url.prefix)
     }
 }
 
@@ -237,30 +287,6 @@ fn lock_mode(mode: LockMode) -> ObjectLockMode {
 
 fn to_chrono(t: &aws_sdk_s3::primitives::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
-}
-
-/// Applies the per-object options to a PutObject or CreateMultipartUpload request.
-macro_rules! with_options {
-    ($req:expr, $opts:expr) => {{
-        let opts: &PutOptions = $opts;
-        let mut req = $req.checksum_algorithm(ChecksumAlgorithm::Sha256);
-        if let Some(class) = &opts.storage_class {
-            req = req.storage_class(StorageClass::from(class.as_str()));
-        }
-        if let Some(key_id) = &opts.sse_kms_key_id {
-            req = req
-                .server_side_encryption(ServerSideEncryption::AwsKms)
-                .ssekms_key_id(key_id);
-        }
-        if let Some(r) = &opts.retention {
-            req = req
-                .object_lock_mode(lock_mode(r.mode))
-                .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
-                    r.retain_until.timestamp(),
-                ));
-        }
-        req
-    }};
 }
 
 #[async_trait]
@@ -427,7 +453,7 @@ impl ObjectStore for S3Store {
                 .client
                 .list_objects_v2()
                 .bucket(&self.url.bucket)
-                .prefix(self.list_prefix(prefix))
+                .prefix(self.full_key(prefix))
                 .set_continuation_token(token.take())
                 .send()
                 .await
