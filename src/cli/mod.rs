@@ -11,6 +11,7 @@ mod progress;
 mod restore;
 mod show;
 mod verify;
+mod wal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +91,8 @@ pub enum Command {
     Keys(keys::Command),
     #[command(subcommand)]
     Policy(policy::Command),
+    #[command(subcommand)]
+    Wal(wal::Command),
 }
 
 /// What a subcommand gets: global options and the run's cancellation.
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli, cancel: Cancel) -> Result<()> {
         Command::Gc(a) => gc::run(&ctx, a).await,
         Command::Keys(c) => keys::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
+        Command::Wal(c) => wal::run(&ctx, c).await,
     }
 }
 

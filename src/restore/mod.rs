@@ -3,6 +3,7 @@
 //! (`--dry-run`); executing it never writes outside its target.
 
 pub mod extract;
+pub mod postgres;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -149,7 +150,7 @@ pub async fn plan(
 }
 
 /// A restore target must be missing or empty unless `overwrite` is set.
-fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
+pub(crate) fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
     match std::fs::read_dir(path) {
         Ok(mut rd) => {
             if rd.next().is_some() && !overwrite {

@@ -273,10 +273,12 @@ impl PostgresSource {
             .parse()
             .map_err(|_| Error::failure(format!("bad wal_segment_size {segment_size:?}")))?;
         let mut cmd = self.conn.command("pg_basebackup");
-        cmd.args(["-D", "-", "-Ft", "-X", "none", "-c", "fast", "-v"])
+        cmd.args(["-D", "-", "-Ft", "-X", "none", "-c", "fast"])
             .args(["-d", &self.conn.url]);
-        let streamed = stream_stdout(cmd, out, cancel)?;
-        let range = WalRange::from_basebackup_log(&streamed.stderr, segment_size)?;
+        // The backup manifest pg_basebackup appends to the archive names the WAL range.
+        let mut tap = TarTap::new(out, "backup_manifest");
+        let streamed = stream_stdout(cmd, &mut tap, cancel)?;
+        let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
         let mut stats = Stats::new();
         stats.insert("mode".into(), "physical".into());
         stats.insert("bytes".into(), streamed.bytes.into());
@@ -331,25 +333,23 @@ pub struct WalRange {
 }
 
 impl WalRange {
-    /// Reads the start and end points from `pg_basebackup -v` output.
-    fn from_basebackup_log(log: &str, segment_size: u64) -> Result<WalRange> {
-        let mut start = None;
-        let mut stop = None;
-        for line in log.lines() {
-            if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
-                let mut words = rest.split_whitespace();
-                let lsn = words.next().and_then(parse_lsn);
-                let tli = words.nth(2).and_then(|t| t.parse::<u32>().ok());
-                start = lsn.zip(tli);
-            } else if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
-                stop = rest.split_whitespace().next().and_then(parse_lsn);
-            }
-        }
-        let ((start, timeline), stop) = start.zip(stop).ok_or_else(|| {
-            Error::failure(format!(
-                "pg_basebackup did not report its WAL start and end points; stderr: {log}"
-            ))
-        })?;
+    /// Reads the WAL range from (the end of) a backup manifest.
+    fn from_manifest(manifest: &str, segment_size: u64) -> Result<WalRange> {
+        let field = |name: &str| {
+            let rest = manifest.split("\"WAL-Ranges\"").nth(1)?;
+            let value = rest.split(&format!("\"{name}\":")).nth(1)?;
+            let value = value.trim_start().trim_start_matches('"');
+            let end = value.find(['"', ',', ' ', '}'])?;
+            Some(value[..end].to_owned())
+        };
+        let timeline = field("Timeline").and_then(|t| t.parse::<u32>().ok());
+        let start = field("Start-LSN").as_deref().and_then(parse_lsn);
+        let stop = field("End-LSN").as_deref().and_then(parse_lsn);
+        let (Some(timeline), Some(start), Some(stop)) = (timeline, start, stop) else {
+            return Err(Error::failure(
+                "the base backup holds no backup_manifest with a WAL range; PostgreSQL 13 or later is needed",
+            ));
+        };
         // The stop LSN may sit exactly on a segment boundary: the last record ends before it.
         let stop_segment = stop.saturating_sub(1).max(start) / segment_size;
         Ok(WalRange {
@@ -360,6 +360,83 @@ impl WalRange {
             stop_wal: segment_name(timeline, stop_segment, segment_size),
             segment_size,
         })
+    }
+}
+
+/// Passes a tar stream through and keeps the last [`TAP_TAIL`] bytes of one entry.
+struct TarTap<'a> {
+    inner: &'a mut dyn Write,
+    entry: &'static str,
+    header: Vec<u8>,
+    /// Bytes left in the current entry's data (with padding), and whether to keep them.
+    remaining: u64,
+    data_left: u64,
+    capture: bool,
+    captured: Vec<u8>,
+}
+
+const TAP_TAIL: usize = 64 << 10;
+
+impl<'a> TarTap<'a> {
+    fn new(inner: &'a mut dyn Write, entry: &'static str) -> Self {
+        TarTap {
+            inner,
+            entry,
+            header: Vec::with_capacity(512),
+            remaining: 0,
+            data_left: 0,
+            capture: false,
+            captured: Vec::new(),
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(data.len());
+                let keep = (self.data_left as usize).min(n);
+                if self.capture {
+                    self.captured.extend_from_slice(&data[..keep]);
+                    if self.captured.len() > 2 * TAP_TAIL {
+                        self.captured.drain(..self.captured.len() - TAP_TAIL);
+                    }
+                }
+                self.data_left -= keep as u64;
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (512 - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == 512 {
+                let h = std::mem::take(&mut self.header);
+                let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+                let size = std::str::from_utf8(&h[124..136])
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s.trim_matches(['\0', ' ']), 8).ok())
+                    .unwrap_or(0);
+                let name = &h[..name_end];
+                self.capture = name == self.entry.as_bytes()
+                    || name.strip_prefix(b"./") == Some(self.entry.as_bytes());
+                if self.capture {
+                    self.captured.clear();
+                }
+                self.data_left = size;
+                self.remaining = size.div_ceil(512) * 512;
+            }
+        }
+    }
+}
+
+impl Write for TarTap<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.observe(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -499,17 +576,31 @@ mod tests {
     }
 
     #[test]
-    fn basebackup_log_gives_the_wal_range() {
-        let log = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
-                   pg_basebackup: checkpoint completed\n\
-                   pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1\n\
-                   pg_basebackup: write-ahead log end point: 0/3000000\n\
-                   pg_basebackup: base backup completed";
-        let r = WalRange::from_basebackup_log(log, 16 << 20).unwrap();
+    fn tar_tap_finds_the_wal_range_in_the_backup_manifest() {
+        let manifest = b"{ \"Files\": [],\n\"WAL-Ranges\": [\n{ \"Timeline\": 1, \"Start-LSN\": \"0/2000028\", \"End-LSN\": \"0/3000000\" }\n],\n}";
+        let mut archive = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("PG_VERSION", &b"15\n"[..]),
+            ("backup_manifest", &manifest[..]),
+        ] {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            archive.append_data(&mut h, name, data).unwrap();
+        }
+        let bytes = archive.into_inner().unwrap();
+        let mut out = Vec::new();
+        let mut tap = TarTap::new(&mut out, "backup_manifest");
+        for piece in bytes.chunks(100) {
+            tap.write_all(piece).unwrap();
+        }
+        let captured = String::from_utf8(tap.captured).unwrap();
+        assert_eq!(out, bytes);
+        let r = WalRange::from_manifest(&captured, 16 << 20).unwrap();
         assert_eq!(r.start_wal, "000000010000000000000002");
         assert_eq!(r.stop_wal, "000000010000000000000002");
         assert_eq!((r.timeline, r.stop_lsn.as_str()), (1, "0/3000000"));
-        assert!(WalRange::from_basebackup_log("pg_basebackup: error", 16 << 20).is_err());
+        assert!(WalRange::from_manifest("{}", 16 << 20).is_err());
     }
 
     #[test]
