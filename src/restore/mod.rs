@@ -52,6 +52,31 @@ pub enum Target {
     },
     /// Write the artifact to standard output.
     Stdout,
+    /// Load a database backup into a database server (`postgres://…`, `mysql://…`).
+    Database { url: String, overwrite: bool },
+}
+
+/// How far a restore replays a backup's log chain (WAL, binary logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "lowercase")]
+pub enum RecoveryTarget {
+    /// Everything the backups hold.
+    Latest,
+    /// Up to and including this moment.
+    Time(chrono::DateTime<chrono::Utc>),
+    /// Up to this PostgreSQL log sequence number (`16/B374D848`).
+    Lsn(String),
+}
+
+/// What a user asks to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub policy: Name,
+    pub selector: Selector,
+    pub target: Target,
+    pub recovery: RecoveryTarget,
+    /// Port for a database server the restore starts (PostgreSQL physical restores).
+    pub port: Option<u16>,
 }
 
 /// What a restore will do; printed by `--dry-run`.
@@ -67,8 +92,13 @@ pub struct RestorePlan {
     pub plain_bytes: u64,
     pub recipients: Vec<String>,
     pub target: Target,
+    pub recovery: RecoveryTarget,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The artifact is a tar archive that will be unpacked.
     pub unpack: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgPlan>,
     #[serde(skip)]
     data: ObjectInfo,
     #[serde(skip)]
@@ -108,14 +138,28 @@ pub async fn select(repo: &Repo, policy: &Name, selector: &Selector) -> Result<B
     Ok(record)
 }
 
-pub async fn plan(
-    repo: &Repo,
-    policy: &Name,
-    selector: &Selector,
-    target: Target,
-) -> Result<RestorePlan> {
-    let record = select(repo, policy, selector).await?;
+pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
+    let RestoreRequest {
+        policy,
+        selector,
+        target,
+        recovery,
+        port,
+    } = request;
+    let mut record = select(repo, &policy, &selector).await?;
+    let postgres = if record.source_kind == "postgres" {
+        let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
+        record = base;
+        Some(pg)
+    } else {
+        None
+    };
     let manifest = record.manifest()?;
+    if postgres.is_none()
+        && (matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest)
+    {
+        return Err(not_a_database(&record.backup_id, &record.source_kind));
+    }
     let data = manifest.data()?.clone();
     let name = data.object_name()?;
     let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar")
@@ -143,10 +187,20 @@ pub async fn plan(
         plain_bytes: data.plain_size,
         recipients: manifest.encryption.recipients.clone(),
         target,
+        recovery,
+        port,
         unpack,
+        postgres,
         data,
         key,
     })
+}
+
+fn not_a_database(id: &BackupId, kind: &str) -> Error {
+    Error::invalid(format!(
+        "backup {id} is a {kind} backup: it restores into a directory or to standard output, \
+         to the state it was taken in (--to-database, --until and --lsn are for database backups)"
+    ))
 }
 
 /// A restore target must be missing or empty unless `overwrite` is set.
@@ -181,6 +235,8 @@ pub struct RestoreReport {
     pub extracted: Option<ExtractStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written_to: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgReport>,
     pub seconds: f64,
 }
 
@@ -211,6 +267,17 @@ pub async fn execute(
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
+    if let Some(pg) = &plan.postgres {
+        let report = postgres::execute(repo, pg, identities, cancel).await?;
+        return Ok(RestoreReport {
+            backup_id: plan.backup_id.clone(),
+            plain: report.plain().clone(),
+            extracted: None,
+            written_to: None,
+            postgres: Some(report),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
     let what = format!("backup {} object {}", plan.backup_id, plan.key);
     let (data, recipients, target, unpack) = (
@@ -228,6 +295,7 @@ pub async fn execute(
         .trim_end_matches(".zst.age")
         .to_owned();
     let cancel = cancel.clone();
+    let (plan_id, kind) = (plan.backup_id.clone(), plan.source_kind.clone());
     let report = tokio::task::spawn_blocking(
         move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
             let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
@@ -236,6 +304,7 @@ pub async fn execute(
                 progress,
             };
             match target {
+                Target::Database { .. } => Err(not_a_database(&plan_id, &kind)),
                 Target::Stdout => {
                     let stdout = std::io::stdout();
                     let mut out =
@@ -290,6 +359,7 @@ pub async fn execute(
         plain: report.0,
         extracted: report.1,
         written_to: report.2,
+        postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::open_object;
+use super::{open_object, RecoveryTarget, Selector, Target};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -346,6 +346,8 @@ impl WalArchive {
                 end
             }
             RecoveryTarget::Lsn(lsn) => {
+                let lsn = &parse_lsn(lsn)
+                    .ok_or_else(|| Error::invalid(format!("{lsn:?} is not an LSN")))?;
                 let need = lsn / size;
                 if *lsn < parse_lsn(&range.stop_lsn).unwrap_or(0) {
                     return Err(Error::invalid(format!(
@@ -381,19 +383,6 @@ impl WalArchive {
         };
         Ok(segment_name(tli, last, size))
     }
-}
-
-/// Where recovery stops.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "kind", content = "value", rename_all = "lowercase")]
-pub enum RecoveryTarget {
-    Latest,
-    Time(DateTime<Utc>),
-    Lsn(#[serde(serialize_with = "ser_lsn")] u64),
-}
-
-fn ser_lsn<S: serde::Serializer>(lsn: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&format_lsn(*lsn))
 }
 
 /// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename).
@@ -488,7 +477,8 @@ pub async fn plan_physical(
                     RecoveryTarget::Lsn(l) => wal_range(r)
                         .ok()
                         .and_then(|w| parse_lsn(&w.stop_lsn))
-                        .is_some_and(|stop| stop <= *l),
+                        .zip(parse_lsn(l))
+                        .is_some_and(|(stop, l)| stop <= l),
                 })
                 .ok_or_else(|| {
                     Error::not_found(format!(
@@ -531,15 +521,6 @@ pub struct PhysicalReport {
     pub seconds: f64,
 }
 
-/// How `wal fetch` is invoked by the restored server.
-pub struct FetchCommand {
-    /// The settings file (absolute).
-    pub config: PathBuf,
-    /// An identity file to pass on (absolute), if one was given on the command line.
-    pub identity: Option<PathBuf>,
-    pub policy: Name,
-}
-
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -553,7 +534,6 @@ fn conf_quote(s: &str) -> String {
 pub async fn restore_physical(
     repo: &Repo,
     plan: &PhysicalPlan,
-    fetch: &FetchCommand,
     identities: Arc<Identities>,
     cancel: &Cancel,
 ) -> Result<PhysicalReport> {
@@ -571,7 +551,7 @@ pub async fn restore_physical(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     set_mode(&dir, 0o700)?;
     let (dir2, cancel2) = (dir.clone(), cancel.clone());
-    let (_, plain) = decode(repo, &plan.record, identities, move |reader| {
+    let (_, plain) = decode(repo, &plan.record, identities.clone(), move |reader| {
         extract::extract(
             reader,
             &dir2,
@@ -597,15 +577,18 @@ pub async fn restore_physical(
         )?;
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("find the drctl binary", e))?;
-    let mut restore_command = format!(
-        "{} -q --config {}",
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .map_err(|e| Error::io(format!("resolve {}", p.display()), e))
+            .map(|p| sh_quote(&p.to_string_lossy()))
+    };
+    let restore_command = format!(
+        "{} -q --config {} --identity {} wal fetch --policy {} %f %p",
         sh_quote(&exe.to_string_lossy()),
-        sh_quote(&fetch.config.to_string_lossy())
+        absolute(&repo.settings.file)?,
+        absolute(&identities.file)?,
+        plan.record.policy
     );
-    if let Some(identity) = &fetch.identity {
-        restore_command += &format!(" --identity {}", sh_quote(&identity.to_string_lossy()));
-    }
-    restore_command += &format!(" wal fetch --policy {} %f %p", fetch.policy);
     let mut settings = format!(
         "\n# drctl restore of base backup {}\nrestore_command = {}\narchive_mode = off\n\
          port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n",
@@ -622,10 +605,8 @@ pub async fn restore_physical(
             );
         }
         RecoveryTarget::Lsn(l) => {
-            settings += &format!(
-                "recovery_target_lsn = '{}'\nrecovery_target_action = 'promote'\n",
-                format_lsn(*l)
-            );
+            settings +=
+                &format!("recovery_target_lsn = '{l}'\nrecovery_target_action = 'promote'\n");
         }
     }
     let auto = dir.join("postgresql.auto.conf");
@@ -756,6 +737,140 @@ pub fn server_binary(version: &str, name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The PostgreSQL part of a restore plan.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum PgPlan {
+    Logical {
+        #[serde(flatten)]
+        database: DatabaseTarget,
+        #[serde(skip)]
+        conn: Conn,
+        #[serde(skip)]
+        overwrite: bool,
+        #[serde(skip)]
+        record: BackupRecord,
+    },
+    Physical(PhysicalPlan),
+}
+
+/// What a PostgreSQL restore did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum PgReport {
+    Logical(LogicalReport),
+    Physical(PhysicalReport),
+}
+
+impl PgReport {
+    pub fn plain(&self) -> &Digest {
+        match self {
+            PgReport::Logical(r) => &r.plain,
+            PgReport::Physical(r) => &r.plain,
+        }
+    }
+}
+
+/// Plans the restore of a postgres backup: a logical one into a database, a physical one
+/// (a base backup and its WAL) into a new data directory. Returns the backup whose data
+/// object is read, which for `latest` of a physical policy is a base backup.
+pub async fn plan(
+    repo: &Repo,
+    record: BackupRecord,
+    selector: &Selector,
+    target: &Target,
+    recovery: &RecoveryTarget,
+    port: Option<u16>,
+) -> Result<(BackupRecord, PgPlan)> {
+    let id = record.backup_id.clone();
+    let policy = record.policy.clone();
+    match (mode(&record), target) {
+        (Some("logical"), Target::Database { url, overwrite }) => {
+            if recovery != &RecoveryTarget::Latest {
+                return Err(Error::invalid(format!(
+                    "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
+                )));
+            }
+            let conn = Conn::new(url, None, None)?;
+            let database = check_database_target(&conn, *overwrite)?;
+            Ok((
+                record.clone(),
+                PgPlan::Logical {
+                    database,
+                    conn,
+                    overwrite: *overwrite,
+                    record,
+                },
+            ))
+        }
+        (Some("logical"), Target::Dir { .. } | Target::Stdout) if recovery == &RecoveryTarget::Latest => {
+            Err(Error::invalid(format!(
+                "backup {id} is a logical PostgreSQL dump: restore it with --to-database URL"
+            ))
+            .hint("or add --stdout and pipe it into pg_restore yourself"))
+        }
+        (Some("physical" | "wal"), Target::Dir { path, .. }) => {
+            let port = port.ok_or_else(|| {
+                Error::invalid("a physical PostgreSQL restore starts a server: give it a free --port")
+            })?;
+            let base = match selector {
+                Selector::Latest => None,
+                Selector::Id(_) => Some(record),
+            };
+            let plan = plan_physical(repo, &policy, base, recovery.clone(), path, port).await?;
+            Ok((plan.record.clone(), PgPlan::Physical(plan)))
+        }
+        (Some("physical" | "wal"), _) => Err(Error::invalid(format!(
+            "backup {id} is a physical PostgreSQL backup: restore it with --target DATA_DIR --port N"
+        ))),
+        _ => Err(Error::invalid(format!(
+            "backup {id} cannot be restored this way"
+        ))),
+    }
+}
+
+/// Runs a planned PostgreSQL restore.
+pub async fn execute(
+    repo: &Repo,
+    plan: &PgPlan,
+    identities: Arc<Identities>,
+    cancel: &Cancel,
+) -> Result<PgReport> {
+    match plan {
+        PgPlan::Logical {
+            conn,
+            overwrite,
+            record,
+            ..
+        } => {
+            let report =
+                restore_logical(repo, record, conn, *overwrite, identities, cancel).await?;
+            if !report.differences.is_empty() {
+                let list: Vec<String> = report
+                    .differences
+                    .iter()
+                    .map(|d| match d.restored {
+                        Some(n) => {
+                            format!("{}: {} rows, the backup had {}", d.table, n, d.expected)
+                        }
+                        None => format!("{}: missing, the backup had {} rows", d.table, d.expected),
+                    })
+                    .collect();
+                return Err(Error::integrity(format!(
+                    "database {} restored from backup {} differs from the backup: {}",
+                    report.database,
+                    report.backup_id,
+                    list.join("; ")
+                )));
+            }
+            Ok(PgReport::Logical(report))
+        }
+        PgPlan::Physical(p) => Ok(PgReport::Physical(
+            restore_physical(repo, p, identities, cancel).await?,
+        )),
+    }
+}
+
 /// For `verify`: the WAL a physical base backup needs is archived without a gap.
 pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
     if mode(record) != Some("physical") {
@@ -844,12 +959,12 @@ mod tests {
         );
         // A target before the gap is still reachable.
         assert_eq!(
-            gap.check(&id, &range(), &RecoveryTarget::Lsn(0x3_000_100))
+            gap.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
                 .unwrap(),
             "000000010000000000000003"
         );
         assert!(gap
-            .check(&id, &range(), &RecoveryTarget::Lsn(0x5_000_100))
+            .check(&id, &range(), &RecoveryTarget::Lsn("0/5000100".into()))
             .is_err());
         let t = DateTime::from_timestamp(1_005, 0).unwrap();
         assert_eq!(
