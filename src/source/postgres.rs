@@ -82,7 +82,7 @@ impl Conn {
         if let Some(p) = &self.password {
             cmd.env("PGPASSWORD", p);
         }
-        cmd.env("PGAPPNAME", "drctl");
+        cmd.env("PGAPPNAME", format!("drctl {program}"));
         cmd
     }
 }
