@@ -16,10 +16,8 @@ use crate::{Error, Result};
 
 /// Archive and fetch PostgreSQL WAL for a `postgres` policy in physical mode.
 ///
-/// In postgresql.conf of the server being backed up:
-///   archive_mode = on
-///   archive_command = 'drctl --config /etc/drctl/drctl.yaml wal push --policy app-pg %p'
-///
+/// In postgresql.conf of the server being backed up, set archive_mode = on and
+/// archive_command = 'drctl --config /etc/drctl/drctl.yaml wal push --policy app-pg %p'.
 /// `drctl restore` of a physical backup writes the matching restore_command itself.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
