@@ -30,6 +30,15 @@ pub struct BackupOptions {
     pub progress: Option<Arc<AtomicU64>>,
 }
 
+/// What one backup takes: its source, the lease that serialises it, and where it sits in a chain.
+pub struct Job {
+    pub source: Box<dyn crate::source::Source>,
+    pub lease: String,
+    pub backup_type: BackupType,
+    /// The backup this one builds on, and the full backup its chain starts from.
+    pub parent: Option<(BackupId, BackupId)>,
+}
+
 /// Runs one full backup of `policy`. Returns the manifest of the completed backup.
 pub async fn run(
     repo: &Repo,
@@ -37,16 +46,33 @@ pub async fn run(
     opts: BackupOptions,
     cancel: &Cancel,
 ) -> Result<Manifest> {
+    let job = Job {
+        source: crate::source::open(policy)?,
+        lease: repo.set_lease_name(&policy.name),
+        backup_type: BackupType::Full,
+        parent: None,
+    };
+    run_job(repo, policy, job, opts, cancel).await
+}
+
+/// Runs one backup of `policy` from the job's source.
+pub async fn run_job(
+    repo: &Repo,
+    policy: &Policy,
+    job: Job,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
     let recipients = crate::crypto::recipients(&repo.settings)?;
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
-        &repo.set_lease_name(&policy.name),
+        &job.lease,
         repo.lease_ttl(),
         opts.wait,
         cancel,
     )
     .await?;
-    let mut result = run_locked(repo, policy, recipients, opts.progress, cancel, &lease).await;
+    let mut result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
     if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
         // Still under the lease: retention cannot remove the backup while it is copied.
         if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
@@ -64,13 +90,19 @@ pub async fn run(
 async fn run_locked(
     repo: &Repo,
     policy: &Policy,
+    job: Job,
     recipients: Vec<String>,
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
     lease: &LeaseGuard,
 ) -> Result<Manifest> {
     let env = &repo.settings.environment;
-    let source = crate::source::open(policy)?;
+    let Job {
+        source,
+        backup_type,
+        parent,
+        ..
+    } = job;
     let started_at = Utc::now();
     let id = BackupId::generate(started_at);
     let record = BackupRecord {
@@ -78,7 +110,7 @@ async fn run_locked(
         environment: env.clone(),
         policy: policy.name.clone(),
         status: Status::Running,
-        backup_type: BackupType::Full,
+        backup_type,
         source_kind: source.kind().to_owned(),
         started_at,
         finished_at: None,
@@ -110,9 +142,9 @@ async fn run_locked(
                 environment: env.clone(),
                 policy: policy.name.clone(),
                 source: source_info,
-                backup_type: BackupType::Full,
-                parent_id: None,
-                chain_base_id: id.clone(),
+                backup_type,
+                parent_id: parent.as_ref().map(|(p, _)| p.clone()),
+                chain_base_id: parent.map(|(_, base)| base).unwrap_or_else(|| id.clone()),
                 started_at,
                 finished_at: Utc::now(),
                 point_in_time: PointInTime {

@@ -54,6 +54,26 @@ pub enum SourceConfig {
         #[serde(default)]
         env: BTreeMap<String, String>,
     },
+    /// A PostgreSQL database (`logical`: pg_dump) or cluster (`physical`: pg_basebackup
+    /// plus WAL archived by `drctl wal push`).
+    Postgres {
+        mode: PostgresMode,
+        /// `postgres://user@host:port/database`, without a password.
+        url: String,
+        /// File holding the password (relative paths resolve against drctl.yaml's directory).
+        #[serde(default, rename = "password-file")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the password.
+        #[serde(default, rename = "password-env")]
+        password_env: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresMode {
+    Logical,
+    Physical,
 }
 
 fn default_artifact() -> String {
@@ -65,6 +85,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Files { .. } => "files",
             SourceConfig::Command { .. } => "command",
+            SourceConfig::Postgres { .. } => "postgres",
         }
     }
 }
@@ -316,6 +337,13 @@ impl Policy {
                         *path = resolve(&settings.base_dir, path);
                     }
                 }
+                if let SourceConfig::Postgres {
+                    password_file: Some(file),
+                    ..
+                } = &mut source
+                {
+                    *file = resolve(&settings.base_dir, file);
+                }
                 let policy = Policy {
                     name,
                     description,
@@ -394,6 +422,53 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                     );
                 }
             }
+        }
+        SourceConfig::Postgres {
+            mode,
+            url,
+            password_file,
+            password_env,
+        } => {
+            check_postgres(p, *mode, url, password_env);
+            if password_file.is_some() && password_env.is_some() {
+                p.add(
+                    "source.password-file",
+                    "give password-file or password-env, not both",
+                );
+            }
+        }
+    }
+}
+
+fn check_postgres(p: &mut Problems, mode: PostgresMode, url: &str, password_env: &Option<String>) {
+    let what = "use postgres://user@host:port/database";
+    match url::Url::parse(url) {
+        Err(e) => p.add("source.url", format!("not a URL ({e}); {what}")),
+        Ok(u) => {
+            if !matches!(u.scheme(), "postgres" | "postgresql") {
+                p.add(
+                    "source.url",
+                    format!("scheme {:?} is not postgres; {what}", u.scheme()),
+                );
+            }
+            if u.password().is_some() {
+                // Never echo the URL: it holds the password.
+                p.add(
+                    "source.url",
+                    "the URL contains a password; move it to password-file or password-env",
+                );
+            }
+            if mode == PostgresMode::Logical && u.path().trim_start_matches('/').is_empty() {
+                p.add(
+                    "source.url",
+                    format!("logical mode needs a database; {what}"),
+                );
+            }
+        }
+    }
+    if let Some(var) = password_env {
+        if var.is_empty() || var.contains('=') {
+            p.add("source.password-env", "invalid environment variable name");
         }
     }
 }

@@ -3,6 +3,7 @@
 //! (`--dry-run`); executing it never writes outside its target.
 
 pub mod extract;
+pub mod postgres;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -96,6 +97,8 @@ pub struct RestorePlan {
     pub port: Option<u16>,
     /// The artifact is a tar archive that will be unpacked.
     pub unpack: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgPlan>,
     #[serde(skip)]
     data: ObjectInfo,
     #[serde(skip)]
@@ -143,9 +146,18 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         recovery,
         port,
     } = request;
-    let record = select(repo, &policy, &selector).await?;
+    let mut record = select(repo, &policy, &selector).await?;
+    let postgres = if record.source_kind == "postgres" {
+        let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
+        record = base;
+        Some(pg)
+    } else {
+        None
+    };
     let manifest = record.manifest()?;
-    if matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest {
+    if postgres.is_none()
+        && (matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest)
+    {
         return Err(not_a_database(&record.backup_id, &record.source_kind));
     }
     let data = manifest.data()?.clone();
@@ -178,6 +190,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         recovery,
         port,
         unpack,
+        postgres,
         data,
         key,
     })
@@ -191,7 +204,7 @@ fn not_a_database(id: &BackupId, kind: &str) -> Error {
 }
 
 /// A restore target must be missing or empty unless `overwrite` is set.
-fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
+pub(crate) fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
     match std::fs::read_dir(path) {
         Ok(mut rd) => {
             if rd.next().is_some() && !overwrite {
@@ -222,6 +235,8 @@ pub struct RestoreReport {
     pub extracted: Option<ExtractStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written_to: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgReport>,
     pub seconds: f64,
 }
 
@@ -252,6 +267,17 @@ pub async fn execute(
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
+    if let Some(pg) = &plan.postgres {
+        let report = postgres::execute(repo, pg, identities, cancel).await?;
+        return Ok(RestoreReport {
+            backup_id: plan.backup_id.clone(),
+            plain: report.plain().clone(),
+            extracted: None,
+            written_to: None,
+            postgres: Some(report),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
     let what = format!("backup {} object {}", plan.backup_id, plan.key);
     let (data, recipients, target, unpack) = (
@@ -333,6 +359,7 @@ pub async fn execute(
         plain: report.0,
         extracted: report.1,
         written_to: report.2,
+        postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

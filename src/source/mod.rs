@@ -4,6 +4,7 @@
 
 pub mod command;
 pub mod files;
+pub mod postgres;
 
 use std::io::Write;
 
@@ -52,6 +53,15 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             command.clone(),
             artifact.clone(),
             env.clone(),
+        )),
+        SourceConfig::Postgres {
+            mode,
+            url,
+            password_file,
+            password_env,
+        } => Box::new(postgres::PostgresSource::new(
+            *mode,
+            postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
         )),
     })
 }
