@@ -55,6 +55,36 @@ pub async fn run(
     run_job(repo, policy, job, opts, cancel).await
 }
 
+/// Runs one incremental backup of `policy`: what changed since the newest completed backup of
+/// its set, which becomes the parent. Only sources with a change log (binary logs) offer it.
+pub async fn run_incremental(
+    repo: &Repo,
+    policy: &Policy,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
+    let env = &repo.settings.environment;
+    let parent = repo
+        .registry
+        .latest(env, &policy.name)
+        .await?
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "policy {} has no completed backup in environment {env} to build an incremental on",
+                policy.name
+            ))
+            .hint("take a full backup first: drctl backup --policy NAME")
+        })?;
+    let parent = parent.manifest()?;
+    let job = Job {
+        source: crate::source::open_incremental(policy, parent)?,
+        lease: repo.set_lease_name(&policy.name),
+        backup_type: BackupType::Incremental,
+        parent: Some((parent.backup_id.clone(), parent.chain_base_id.clone())),
+    };
+    run_job(repo, policy, job, opts, cancel).await
+}
+
 /// Runs one backup of `policy` from the job's source.
 pub async fn run_job(
     repo: &Repo,
@@ -135,7 +165,7 @@ async fn run_locked(
         cancel,
     );
     match written.await {
-        Ok((objects, source_info)) => {
+        Ok((objects, source_info, point_in_time)) => {
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
                 backup_id: id.clone(),
@@ -147,10 +177,10 @@ async fn run_locked(
                 chain_base_id: parent.map(|(_, base)| base).unwrap_or_else(|| id.clone()),
                 started_at,
                 finished_at: Utc::now(),
-                point_in_time: PointInTime {
+                point_in_time: point_in_time.unwrap_or(PointInTime {
                     timestamp: Some(started_at),
                     ..Default::default()
-                },
+                }),
                 objects,
                 encryption: EncryptionInfo {
                     recipients,
@@ -266,7 +296,12 @@ impl Upload {
 /// Chunk size of the file index stream: small, since the index is a fraction of the data.
 const INDEX_CHUNK_SIZE: usize = 64 << 10;
 
-type Produced = (crate::source::Stats, Encoded, Option<Encoded>);
+type Produced = (
+    crate::source::Stats,
+    Option<PointInTime>,
+    Encoded,
+    Option<Encoded>,
+);
 
 #[allow(clippy::too_many_arguments)]
 async fn write_objects(
@@ -278,7 +313,7 @@ async fn write_objects(
     recipients: &[String],
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
-) -> Result<(Vec<ObjectInfo>, SourceInfo)> {
+) -> Result<(Vec<ObjectInfo>, SourceInfo, Option<PointInTime>)> {
     let env = &repo.settings.environment;
     let data_name = ObjectName::Data {
         artifact: source.artifact(),
@@ -330,7 +365,7 @@ async fn write_objects(
             Ok(stats) => {
                 let data = data.finish()?;
                 let index = index.map(Encoder::finish).transpose()?;
-                Ok((stats, data, index))
+                Ok((stats, source.point_in_time(), data, index))
             }
             Err(e) => {
                 data.abandon();
@@ -373,7 +408,7 @@ async fn write_objects(
             },
         );
     }
-    let (stats, data, index) = produced.expect("checked above");
+    let (stats, point_in_time, data, index) = produced.expect("checked above");
     let mut objects = Vec::new();
     for (name, writer) in writers {
         let (role, encoded) = match &name {
@@ -406,5 +441,6 @@ async fn write_objects(
             descriptor,
             stats,
         },
+        point_in_time,
     ))
 }

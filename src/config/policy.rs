@@ -67,6 +67,23 @@ pub enum SourceConfig {
         #[serde(default, rename = "password-env")]
         password_env: Option<String>,
     },
+    /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
+    /// server's binary logs.
+    Mysql {
+        /// `mysql://user@host:port/database`, without a password.
+        url: String,
+        /// File holding the password (relative paths resolve against drctl.yaml's directory).
+        #[serde(default, rename = "password-file")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the password.
+        #[serde(default, rename = "password-env")]
+        password_env: Option<String>,
+    },
+    /// A SQLite database file, copied consistently while it is in use.
+    Sqlite {
+        /// The database file; a relative path resolves against the directory of drctl.yaml.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +103,8 @@ impl SourceConfig {
             SourceConfig::Files { .. } => "files",
             SourceConfig::Command { .. } => "command",
             SourceConfig::Postgres { .. } => "postgres",
+            SourceConfig::Mysql { .. } => "mysql",
+            SourceConfig::Sqlite { .. } => "sqlite",
         }
     }
 }
@@ -337,12 +356,17 @@ impl Policy {
                         *path = resolve(&settings.base_dir, path);
                     }
                 }
-                if let SourceConfig::Postgres {
-                    password_file: Some(file),
-                    ..
-                } = &mut source
-                {
-                    *file = resolve(&settings.base_dir, file);
+                match &mut source {
+                    SourceConfig::Postgres {
+                        password_file: Some(file),
+                        ..
+                    }
+                    | SourceConfig::Mysql {
+                        password_file: Some(file),
+                        ..
+                    } => *file = resolve(&settings.base_dir, file),
+                    SourceConfig::Sqlite { path } => *path = resolve(&settings.base_dir, path),
+                    _ => {}
                 }
                 let policy = Policy {
                     name,
@@ -435,6 +459,31 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                     "source.password-file",
                     "give password-file or password-env, not both",
                 );
+            }
+        }
+        SourceConfig::Mysql {
+            url,
+            password_file,
+            password_env,
+        } => {
+            if let Err(e) = crate::source::mysql::Conn::parse_url(url) {
+                p.add("source.url", e.message());
+            }
+            if password_file.is_some() && password_env.is_some() {
+                p.add(
+                    "source.password-file",
+                    "give password-file or password-env, not both",
+                );
+            }
+            if let Some(var) = password_env {
+                if var.is_empty() || var.contains('=') {
+                    p.add("source.password-env", "invalid environment variable name");
+                }
+            }
+        }
+        SourceConfig::Sqlite { path } => {
+            if path.as_os_str().is_empty() {
+                p.add("source.path", "the database file path must not be empty");
             }
         }
     }
