@@ -20,7 +20,7 @@ use crate::pipeline::{EncodeOptions, Encoder, CHANNEL_DEPTH};
 use crate::registry::lease::{holder_id, LeaseGuard};
 use crate::registry::{BackupRecord, Location, Status};
 use crate::repo::Repo;
-use crate::store::ObjectWriter;
+use crate::store::{ObjectWriter, PutOptions};
 use crate::{Error, ErrorKind, Result};
 
 pub struct BackupOptions {
@@ -95,7 +95,13 @@ pub async fn run_job(
         cancel,
     )
     .await?;
-    let result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
+    let mut result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
+    if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
+        // Still under the lease: retention cannot remove the backup while it is copied.
+        if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
+            result = Err(e);
+        }
+    }
     let released = lease.release().await;
     let manifest = result?;
     if let Err(e) = released {
@@ -140,7 +146,18 @@ async fn run_locked(
     repo.registry.insert(&record).await?;
     tracing::info!(backup_id = %id, policy = %policy.name, "backup started");
 
-    match write_objects(repo, policy, &id, source, &recipients, progress, cancel).await {
+    let put_opts = PutOptions::for_backup(&policy.storage, started_at);
+    let written = write_objects(
+        repo,
+        policy,
+        &id,
+        &put_opts,
+        source,
+        &recipients,
+        progress,
+        cancel,
+    );
+    match written.await {
         Ok((objects, source_info, point_in_time)) => {
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
@@ -164,7 +181,7 @@ async fn run_locked(
                 },
                 drctl_version: crate::VERSION.to_owned(),
             };
-            let committed = commit(repo, &manifest, lease).await;
+            let committed = commit(repo, &manifest, lease, &put_opts).await;
             if let Err(e) = committed {
                 fail(repo, &id, &e).await;
                 return Err(e);
@@ -191,7 +208,12 @@ async fn fail(repo: &Repo, id: &BackupId, e: &Error) {
 }
 
 /// Manifest object, then the registry record (`running` → `completed`).
-async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<()> {
+async fn commit(
+    repo: &Repo,
+    manifest: &Manifest,
+    lease: &LeaseGuard,
+    put_opts: &PutOptions,
+) -> Result<()> {
     let key = ObjectKey::object(
         &manifest.environment,
         &manifest.policy,
@@ -199,9 +221,13 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
         &ObjectName::Manifest,
     );
     repo.store
-        .put_bytes(&key, Bytes::from(manifest.to_json()))
+        .put_bytes(&key, Bytes::from(manifest.to_json()), put_opts)
         .await?;
-    // Every object must be present with the size we wrote before the record says so.
+    // Every object must be present with the size we wrote before the record says so. One
+    // listing, not a HEAD per object: a write-only backup role may list but not read.
+    let prefix =
+        ObjectKey::backup_prefix(&manifest.environment, &manifest.policy, &manifest.backup_id);
+    let listed = repo.store.list(&prefix).await?;
     for object in &manifest.objects {
         let key = ObjectKey::object(
             &manifest.environment,
@@ -209,7 +235,7 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
             &manifest.backup_id,
             &object.object_name()?,
         );
-        match repo.store.head(&key).await? {
+        match listed.iter().find(|m| m.key == key) {
             Some(meta) if meta.size == object.stored_size => {}
             other => {
                 return Err(Error::integrity(format!(
@@ -226,11 +252,7 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
     let location = Location {
         region: repo.store.region(),
         store: repo.store.describe(),
-        prefix: ObjectKey::backup_prefix(
-            &manifest.environment,
-            &manifest.policy,
-            &manifest.backup_id,
-        ),
+        prefix,
     };
     repo.registry
         .complete(&manifest.backup_id, manifest, &[location])
@@ -249,9 +271,10 @@ impl Upload {
         repo: &Repo,
         key: ObjectKey,
         name: ObjectName,
+        opts: &PutOptions,
     ) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
-        let writer = repo.store.put(&key).await?;
+        let writer = repo.store.put(&key, opts).await?;
         let pump = tokio::spawn(crate::pipeline::pump(writer, rx));
         Ok((Upload { name, key, pump }, tx))
     }
@@ -273,10 +296,12 @@ type Produced = (
     Option<Encoded>,
 );
 
+#[allow(clippy::too_many_arguments)]
 async fn write_objects(
     repo: &Repo,
     policy: &Policy,
     id: &BackupId,
+    put_opts: &PutOptions,
     mut source: Box<dyn crate::source::Source>,
     recipients: &[String],
     progress: Option<Arc<AtomicU64>>,
@@ -287,11 +312,11 @@ async fn write_objects(
         artifact: source.artifact(),
     };
     let data_key = ObjectKey::object(env, &policy.name, id, &data_name);
-    let (data_upload, data_tx) = Upload::start(repo, data_key, data_name).await?;
+    let (data_upload, data_tx) = Upload::start(repo, data_key, data_name, put_opts).await?;
     let mut uploads = vec![data_upload];
     let index_tx = if source.has_index() {
         let key = ObjectKey::object(env, &policy.name, id, &ObjectName::Index);
-        let (upload, tx) = Upload::start(repo, key, ObjectName::Index).await?;
+        let (upload, tx) = Upload::start(repo, key, ObjectName::Index, put_opts).await?;
         uploads.push(upload);
         Some(tx)
     } else {

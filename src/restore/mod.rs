@@ -4,6 +4,7 @@
 
 pub mod extract;
 pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 
 use std::io::Write;
@@ -98,6 +99,8 @@ pub struct RestorePlan {
     pub port: Option<u16>,
     /// The artifact is a tar archive that will be unpacked.
     pub unpack: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgPlan>,
     #[serde(skip)]
     data: ObjectInfo,
     /// The source's counters from the manifest (row counts to check against).
@@ -148,7 +151,14 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         recovery,
         port,
     } = request;
-    let record = select(repo, &policy, &selector).await?;
+    let mut record = select(repo, &policy, &selector).await?;
+    let postgres = if record.source_kind == "postgres" {
+        let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
+        record = base;
+        Some(pg)
+    } else {
+        None
+    };
     let manifest = record.manifest()?;
     match (&target, manifest.source.kind.as_str()) {
         (Target::Database { url, overwrite }, "mysql") => {
@@ -160,7 +170,10 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
             },
             "sqlite",
         ) if recovery == RecoveryTarget::Latest => sqlite::check_target(path, *overwrite)?,
-        _ if matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest => {
+        _ if postgres.is_none()
+            && (matches!(target, Target::Database { .. })
+                || recovery != RecoveryTarget::Latest) =>
+        {
             return Err(not_a_database(&record.backup_id, &record.source_kind));
         }
         (
@@ -195,6 +208,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         recovery,
         port,
         unpack,
+        postgres,
         data,
         stats: manifest.source.stats.clone(),
         key,
@@ -209,7 +223,7 @@ fn not_a_database(id: &BackupId, kind: &str) -> Error {
 }
 
 /// A restore target must be missing or empty unless `overwrite` is set.
-fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
+pub(crate) fn check_target(path: &std::path::Path, overwrite: bool) -> Result<()> {
     match std::fs::read_dir(path) {
         Ok(mut rd) => {
             if rd.next().is_some() && !overwrite {
@@ -240,6 +254,8 @@ pub struct RestoreReport {
     pub extracted: Option<ExtractStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written_to: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<postgres::PgReport>,
     /// The backups applied, full first, when a restore replays a chain.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<BackupId>,
@@ -340,6 +356,19 @@ pub async fn execute(
         _ => {}
     }
     let started = std::time::Instant::now();
+    if let Some(pg) = &plan.postgres {
+        let report = postgres::execute(repo, pg, identities, cancel).await?;
+        return Ok(RestoreReport {
+            backup_id: plan.backup_id.clone(),
+            plain: report.plain().clone(),
+            extracted: None,
+            written_to: None,
+            postgres: Some(report),
+            chain: Vec::new(),
+            rows: None,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
     let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
     let what = format!("backup {} object {}", plan.backup_id, plan.key);
     let (data, recipients, target, unpack) = (
@@ -421,6 +450,7 @@ pub async fn execute(
         plain: report.0,
         extracted: report.1,
         written_to: report.2,
+        postgres: None,
         chain: Vec::new(),
         rows: None,
         seconds: started.elapsed().as_secs_f64(),

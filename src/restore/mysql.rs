@@ -238,6 +238,7 @@ pub async fn execute(
         written_to: None,
         chain: applied,
         rows,
+        postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -117,6 +117,7 @@ pub async fn execute(
         written_to: Some(path.clone()),
         chain: Vec::new(),
         rows: Some(rows),
+        postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

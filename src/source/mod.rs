@@ -5,6 +5,7 @@
 pub mod command;
 pub mod files;
 pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 
 use std::io::Write;
@@ -61,6 +62,15 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             command.clone(),
             artifact.clone(),
             env.clone(),
+        )),
+        SourceConfig::Postgres {
+            mode,
+            url,
+            password_file,
+            password_env,
+        } => Box::new(postgres::PostgresSource::new(
+            *mode,
+            postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
         )),
         SourceConfig::Mysql {
             url,
