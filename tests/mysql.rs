@@ -358,6 +358,9 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         .ok();
     let second = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
     assert_eq!(manifest(&sandbox, &second)["parent_id"], first.as_str());
+    // A newer full backup: `latest --until` still finds the chain that covers the time.
+    insert(&server, "app", 21..=25);
+    let newer = sandbox.backup("app");
 
     let until = noted.to_rfc3339();
     let run = sandbox
@@ -413,8 +416,22 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
             &server.url("root", "latest"),
         ])
         .ok();
-    assert_eq!(ids(&server, "latest"), (1..=20).collect::<Vec<_>>());
-    assert_eq!(run.json()[0]["rows"]["rows"], 20);
+    assert_eq!(ids(&server, "latest"), (1..=25).collect::<Vec<_>>());
+    assert_eq!(run.json()[0]["rows"]["rows"], 25);
+    assert_eq!(run.json()[0]["chain"], serde_json::json!([newer]));
+
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            &second,
+            "--to-database",
+            &server.url("root", "second"),
+        ])
+        .ok();
+    assert_eq!(ids(&server, "second"), (1..=20).collect::<Vec<_>>());
 
     // The first incremental alone: its chain ends at row 10.
     sandbox
@@ -430,21 +447,27 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         .ok();
     assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
 
-    // A time before the full backup cannot be reached from this chain.
+    // A time before a chain's full backup cannot be reached from it.
+    let early = [
+        "restore",
+        "--policy",
+        "app",
+        "--to-database",
+        &server.url("root", "too_early"),
+        "--until",
+        "2020-01-01T00:00:00Z",
+        "--backup",
+    ];
     let run = sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "too_early"),
-            "--until",
-            "2020-01-01T00:00:00Z",
-        ])
+        .run(&[&early[..], &[second.as_str()]].concat())
         .code(2);
     assert!(run.stderr.contains(&full), "{}", run.stderr);
+    let run = sandbox.run(&[&early[..], &["latest"]].concat()).code(10);
+    assert!(
+        run.stderr.contains("no completed full backup"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]

@@ -119,7 +119,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             Target::Dir { path, .. } if plan.unpack => format!("unpack into {}", path.display()),
             Target::Dir { path, .. } => format!("write into {}", path.display()),
             Target::Stdout => "write to standard output".into(),
-            Target::Database { url, .. } => format!("load into {url}"),
+            Target::Database { url, .. } => {
+                match &plan.mysql {
+                    Some(my) if my.chain.len() > 1 => format!(
+                    "load into {url}, then replay the binary logs of {} incremental backup(s) ({})",
+                    my.chain.len() - 1,
+                    my.chain[1..].iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+                    _ => format!("load into {url}"),
+                }
+            }
         };
         format!(
             "restore backup {} ({} of {}, taken {}): read {} ({} stored), {to}",

@@ -101,6 +101,8 @@ pub struct RestorePlan {
     pub unpack: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<postgres::PgPlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mysql: Option<mysql::MysqlPlan>,
     #[serde(skip)]
     data: ObjectInfo,
     /// The source's counters from the manifest (row counts to check against).
@@ -159,11 +161,18 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
     } else {
         None
     };
+    let mysql = match (&target, record.source_kind.as_str()) {
+        (Target::Database { url, overwrite }, "mysql") => {
+            let (last, my) =
+                mysql::plan(repo, record, &selector, url, *overwrite, &recovery).await?;
+            record = last;
+            Some(my)
+        }
+        _ => None,
+    };
     let manifest = record.manifest()?;
     match (&target, manifest.source.kind.as_str()) {
-        (Target::Database { url, overwrite }, "mysql") => {
-            mysql::check_request(url, *overwrite, &recovery).await?
-        }
+        _ if mysql.is_some() => {}
         (
             Target::Dir {
                 path, overwrite, ..
@@ -209,6 +218,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         port,
         unpack,
         postgres,
+        mysql,
         data,
         stats: manifest.source.stats.clone(),
         key,
@@ -347,15 +357,15 @@ pub async fn execute(
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
     match (&plan.target, plan.source_kind.as_str()) {
-        (Target::Database { .. }, "mysql") => {
-            return mysql::execute(repo, plan, identities, cancel).await
-        }
         (Target::Dir { .. }, "sqlite") => {
             return sqlite::execute(repo, plan, identities, progress, cancel).await
         }
         _ => {}
     }
     let started = std::time::Instant::now();
+    if let Some(my) = &plan.mysql {
+        return mysql::execute(repo, plan, my, identities, cancel).await;
+    }
     if let Some(pg) = &plan.postgres {
         let report = postgres::execute(repo, pg, identities, cancel).await?;
         return Ok(RestoreReport {

@@ -14,39 +14,144 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use serde::Serialize;
+
 use super::{
-    compare_rows, copy_cancellable, open_object, RecoveryTarget, RestorePlan, RestoreReport, Target,
+    compare_rows, copy_cancellable, open_object, RecoveryTarget, RestorePlan, RestoreReport,
+    Selector,
 };
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
+use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, ObjectKey};
 use crate::pipeline::{Decoder, Digest};
-use crate::registry::Status;
+use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::mysql::{quote_ident, valid_binlog_name, BinlogPos, Conn};
 use crate::{Error, ErrorKind, Result};
 
-/// Checks a restore request before anything is written: the target database must be empty
-/// or missing unless `overwrite`, and the recovery target must be a time.
-pub async fn check_request(url: &str, overwrite: bool, recovery: &RecoveryTarget) -> Result<()> {
-    if let RecoveryTarget::Lsn(_) = recovery {
-        return Err(Error::invalid(
-            "--lsn is for PostgreSQL backups; use --until for MariaDB/MySQL",
-        ));
+/// What a MariaDB/MySQL restore applies, resolved before anything is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct MysqlPlan {
+    /// The backups to apply, full first.
+    pub chain: Vec<BackupId>,
+    /// Whether the restore ends where the last backup ends, so its row counts are checked.
+    pub check_rows: bool,
+    #[serde(skip)]
+    manifests: Vec<Manifest>,
+    #[serde(skip)]
+    conn: Conn,
+    #[serde(skip)]
+    overwrite: bool,
+    #[serde(skip)]
+    until: Option<DateTime<Utc>>,
+}
+
+/// Resolves the chain to apply and checks the target: the database must be empty or missing
+/// unless `overwrite`. With `--backup latest --until T` the chain is the newest one whose full
+/// backup was taken before T. Returns the record of the chain's last backup.
+pub async fn plan(
+    repo: &Repo,
+    record: BackupRecord,
+    selector: &Selector,
+    url: &str,
+    overwrite: bool,
+    recovery: &RecoveryTarget,
+) -> Result<(BackupRecord, MysqlPlan)> {
+    let until = match recovery {
+        RecoveryTarget::Latest => None,
+        RecoveryTarget::Time(t) => Some(*t),
+        RecoveryTarget::Lsn(_) => {
+            return Err(Error::invalid(
+                "--lsn is for PostgreSQL backups; use --until for MariaDB/MySQL",
+            ))
+        }
+    };
+    let record = match (selector, until) {
+        (Selector::Latest, Some(t)) => covering(repo, &record, t).await?,
+        _ => record,
+    };
+    let mut manifests = chain(repo, &record.backup_id).await?;
+    if let Some(t) = until {
+        let base = &manifests[0];
+        if taken_at(base) > t {
+            return Err(Error::invalid(format!(
+                "--until {t} is before backup {} (the full backup of this chain, taken {})",
+                base.backup_id,
+                taken_at(base)
+            ))
+            .hint("pick an older backup with --backup ID (`drctl list` shows them)"));
+        }
+        // An incremental's logs start where its parent ends: later ones add nothing.
+        let keep = 1 + manifests[1..]
+            .iter()
+            .zip(&manifests)
+            .take_while(|(_, parent)| taken_at(parent) <= t)
+            .count();
+        manifests.truncate(keep);
     }
+    // Counts were taken where a backup ends; they describe the result only when the
+    // restore replays to that point.
+    let last = manifests.last().expect("a chain has a full backup");
+    let check_rows = until.is_none_or(|t| t >= taken_at(last));
+
     let conn = target(url)?;
-    let tables = blocking(move || table_count(&conn)).await?;
+    let c = conn.clone();
+    let tables = blocking(move || table_count(&c)).await?;
     if tables > 0 && !overwrite {
         return Err(Error::invalid(format!(
-            "target database {} is not empty ({tables} tables)",
-            target(url)?
+            "target database {conn} is not empty ({tables} tables)"
         ))
         .hint(
             "restore into a new or empty database, or pass --overwrite to drop and re-create it",
         ));
     }
-    Ok(())
+    Ok((
+        record,
+        MysqlPlan {
+            chain: manifests.iter().map(|m| m.backup_id.clone()).collect(),
+            check_rows,
+            manifests,
+            conn,
+            overwrite,
+            until,
+        },
+    ))
+}
+
+/// The newest backup in the chain of the newest full backup taken at or before `t`.
+async fn covering(repo: &Repo, latest: &BackupRecord, t: DateTime<Utc>) -> Result<BackupRecord> {
+    let all = repo
+        .registry
+        .list(&ListQuery {
+            environment: Some(latest.environment.clone()),
+            policy: Some(latest.policy.clone()),
+            status: Some(Status::Completed),
+            before: None,
+            limit: None,
+        })
+        .await?;
+    let base = all
+        .iter()
+        .filter_map(|r| r.manifest.as_ref())
+        .find(|m| m.backup_type == BackupType::Full && taken_at(m) <= t)
+        .ok_or_else(|| {
+            Error::not_found(format!(
+                "no completed full backup of policy {} was taken before {t}",
+                latest.policy
+            ))
+            .hint("`drctl list` shows the backups")
+        })?;
+    let last = all
+        .iter()
+        .find(|r| {
+            r.manifest
+                .as_ref()
+                .is_some_and(|m| m.chain_base_id == base.backup_id)
+        })
+        .expect("the base is in its own chain");
+    Ok(last.clone())
 }
 
 fn target(url: &str) -> Result<Conn> {
@@ -133,55 +238,17 @@ fn taken_at(m: &Manifest) -> DateTime<Utc> {
 pub async fn execute(
     repo: &Repo,
     plan: &RestorePlan,
+    my: &MysqlPlan,
     identities: Arc<Identities>,
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
-    let Target::Database { url, overwrite } = &plan.target else {
-        return Err(Error::invalid("a mysql restore needs --to-database"));
-    };
-    let conn = target(url)?;
-    let mut chain = chain(repo, &plan.backup_id).await?;
-    let until = match &plan.recovery {
-        RecoveryTarget::Time(t) => Some(*t),
-        RecoveryTarget::Latest => None,
-        RecoveryTarget::Lsn(_) => {
-            return Err(Error::invalid(
-                "--lsn is for PostgreSQL backups; use --until for MariaDB/MySQL",
-            ))
-        }
-    };
-    if let Some(t) = until {
-        let base = &chain[0];
-        if taken_at(base) > t {
-            return Err(Error::invalid(format!(
-                "--until {t} is before backup {} (the full backup of this chain, taken {})",
-                base.backup_id,
-                taken_at(base)
-            ))
-            .hint("pick an older backup with --backup ID (`drctl list` shows them)"));
-        }
-        // An incremental's logs start where its parent ends: later ones add nothing.
-        let keep = 1 + chain[1..]
-            .iter()
-            .zip(&chain)
-            .take_while(|(_, parent)| taken_at(parent) <= t)
-            .count();
-        chain.truncate(keep);
-    }
-    let last = chain.last().expect("a chain has a full backup");
-    // Counts were taken where a backup ends; they describe the result only when the
-    // restore replays to that point.
-    let expected = match until {
-        Some(t) if t < taken_at(last) => None,
-        _ => Some(last.source.stats.clone()),
-    };
-
+    let (conn, until) = (my.conn.clone(), my.until);
     let c = conn.clone();
-    let overwrite = *overwrite;
+    let overwrite = my.overwrite;
     blocking(move || prepare(&c, overwrite)).await?;
 
-    let source_db = chain[0]
+    let source_db = my.manifests[0]
         .source
         .descriptor
         .get("database")
@@ -189,8 +256,7 @@ pub async fn execute(
         .map(str::to_owned)
         .ok_or_else(|| Error::integrity("the full backup's manifest names no database"))?;
     let mut plain = None;
-    let mut applied = Vec::new();
-    for manifest in &chain {
+    for manifest in &my.manifests {
         let data = manifest.data()?.clone();
         let key = ObjectKey::object(
             &manifest.environment,
@@ -215,28 +281,27 @@ pub async fn execute(
         .await
         .map_err(|e| e.context(format!("restore of backup {}", manifest.backup_id)))?;
         plain.get_or_insert(digest);
-        applied.push(manifest.backup_id.clone());
     }
 
-    let rows = match expected {
-        Some(stats) => {
-            let c = conn.clone();
-            let actual = blocking(move || c.row_counts()).await?;
-            Some(compare_rows(
-                &last.backup_id,
-                &stats,
-                &actual,
-                &conn.to_string(),
-            )?)
-        }
-        None => None,
+    let last = my.manifests.last().expect("a chain has a full backup");
+    let rows = if my.check_rows {
+        let c = conn.clone();
+        let actual = blocking(move || c.row_counts()).await?;
+        Some(compare_rows(
+            &last.backup_id,
+            &last.source.stats,
+            &actual,
+            &conn.to_string(),
+        )?)
+    } else {
+        None
     };
     Ok(RestoreReport {
         backup_id: plan.backup_id.clone(),
         plain: plain.expect("the chain has a full backup"),
         extracted: None,
         written_to: None,
-        chain: applied,
+        chain: my.chain.clone(),
         rows,
         postgres: None,
         seconds: started.elapsed().as_secs_f64(),
