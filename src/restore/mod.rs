@@ -356,11 +356,8 @@ pub async fn execute(
     progress: Option<Arc<std::sync::atomic::AtomicU64>>,
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
-    match (&plan.target, plan.source_kind.as_str()) {
-        (Target::Dir { .. }, "sqlite") => {
-            return sqlite::execute(repo, plan, identities, progress, cancel).await
-        }
-        _ => {}
+    if let (Target::Dir { .. }, "sqlite") = (&plan.target, plan.source_kind.as_str()) {
+        return sqlite::execute(repo, plan, identities, progress, cancel).await;
     }
     let started = std::time::Instant::now();
     if let Some(my) = &plan.mysql {
