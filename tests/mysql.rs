@@ -375,6 +375,32 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
             &server.url("root", "at_noted"),
             "--until",
             &until,
+            "--dry-run",
+        ])
+        .ok();
+    let plan = &run.json()[0];
+    assert_eq!(
+        plan["mysql"]["chain"],
+        serde_json::json!([full, first, second])
+    );
+    assert_eq!(plan["mysql"]["check_rows"], false, "{plan}");
+    assert_eq!(
+        server.sql(None, "SHOW DATABASES LIKE 'at_noted'"),
+        "",
+        "a dry run writes nothing"
+    );
+    let run = sandbox
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "at_noted"),
+            "--until",
+            &until,
         ])
         .ok();
     assert_eq!(ids(&server, "at_noted"), (1..=15).collect::<Vec<_>>());

@@ -206,3 +206,47 @@ fn sqlite_missing_database_fails_the_backup() {
     assert!(!sandbox.path().join("nope.db").exists());
     assert_eq!(sandbox.records()[0]["status"], "failed");
 }
+
+#[test]
+fn sqlite_restore_reports_row_count_differences_and_leaves_no_file() {
+    let sandbox = Sandbox::new();
+    let db = sandbox.path().join("counted.db");
+    runtime().block_on(create(&db, 40, false));
+    policy(&sandbox, "counted", &db);
+    let id = sandbox.backup("counted");
+    // The registry's copy of the manifest now claims another count.
+    let registry = sandbox.path().join("registry.db");
+    runtime().block_on(async {
+        let mut c = connect(&registry, false, false).await;
+        sqlx::query(
+            "UPDATE backups SET manifest = json_set(manifest, '$.source.stats.tables.events', 41) \
+             WHERE backup_id = ?",
+        )
+        .bind(&id)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    });
+    let target = sandbox.path().join("out/counted.db");
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "counted",
+            "--backup",
+            &id,
+            "--target",
+            target.to_str().unwrap(),
+        ])
+        .code(4);
+    assert!(
+        run.stderr
+            .contains("table events: 41 rows at backup, 40 restored"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(target.parent().unwrap()).unwrap().count(),
+        0
+    );
+}
