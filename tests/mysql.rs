@@ -634,6 +634,23 @@ fn mysql_incremental_needs_a_parent_with_a_binlog_position() {
         .code(2);
     assert!(run.stderr.contains("full backup first"), "{}", run.stderr);
 
+    // Binary logs purged since the full backup break the chain: refused, nothing recorded.
+    let full = sandbox.backup("shop");
+    server.sql(
+        Some("shop"),
+        "INSERT INTO empty_one VALUES (1); FLUSH BINARY LOGS; INSERT INTO empty_one VALUES (2)",
+    );
+    let current = server.sql(None, "SHOW MASTER STATUS");
+    let current = current.split('\t').next().unwrap();
+    server.sql(None, &format!("PURGE BINARY LOGS TO '{current}'"));
+    let run = sandbox
+        .run(&["backup", "--policy", "shop", "--incremental"])
+        .code(1);
+    assert!(run.stderr.contains("chain is broken"), "{}", run.stderr);
+    let records = sandbox.records();
+    assert_eq!(records[0]["status"], "failed");
+    assert_eq!(records[1]["backup_id"], full.as_str());
+
     sandbox.files_policy("files", &[sandbox.path()]);
     let run = sandbox
         .run(&["backup", "--policy", "files", "--incremental"])
