@@ -342,6 +342,7 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     assert_eq!(m["parent_id"], full.as_str());
     assert_eq!(m["chain_base_id"], full.as_str());
     assert_eq!(m["source"]["stats"]["tables"]["t"], 10);
+    assert!(m["source"]["stats"]["checksums"]["t"].is_u64(), "{m}");
     assert_eq!(
         m["source"]["stats"]["binlog_start"],
         manifest(&sandbox, &full)["point_in_time"]["binlog"]
@@ -472,6 +473,35 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         ])
         .ok();
     assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
+
+    // A checksum that does not match the restored table fails the restore (exit 4).
+    let registry = sandbox.path().join("registry.db");
+    let out = Command::new("sqlite3")
+        .arg(&registry)
+        .arg(format!(
+            "UPDATE backups SET manifest = json_set(manifest, '$.source.stats.checksums.t', 1) \
+             WHERE backup_id = '{first}'"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            &first,
+            "--to-database",
+            &server.url("root", "first"),
+            "--overwrite",
+        ])
+        .code(4);
+    assert!(
+        run.stderr.contains("table t: checksum 1 at backup"),
+        "{}",
+        run.stderr
+    );
 
     // A time before a chain's full backup cannot be reached from it.
     let early = [

@@ -8,6 +8,7 @@
 //! events logged in the same second as the given time are replayed, later ones are not.
 //! Connection details come from the URL, the password from MYSQL_PWD in the environment.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -287,12 +288,14 @@ pub async fn execute(
     let rows = if my.check_rows {
         let c = conn.clone();
         let actual = blocking(move || c.row_counts()).await?;
-        Some(compare_rows(
+        let rows = compare_rows(
             &last.backup_id,
             &last.source.stats,
             &actual,
             &conn.to_string(),
-        )?)
+        )?;
+        compare_checksums(&conn, last).await?;
+        Some(rows)
     } else {
         None
     };
@@ -306,6 +309,50 @@ pub async fn execute(
         postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Compares the `CHECKSUM TABLE` values an incremental recorded in its snapshot with the
+/// restored tables', when the target server runs the same version (checksums depend on it).
+async fn compare_checksums(conn: &Conn, last: &Manifest) -> Result<()> {
+    let Some(want) = last.source.stats.get("checksums") else {
+        return Ok(());
+    };
+    let want: BTreeMap<String, u64> = serde_json::from_value(want.clone()).map_err(|e| {
+        Error::integrity(format!(
+            "backup {}: bad checksums in the manifest: {e}",
+            last.backup_id
+        ))
+    })?;
+    let version = last
+        .source
+        .stats
+        .get("server_version")
+        .and_then(|v| v.as_str());
+    let c = conn.clone();
+    let tables: Vec<String> = want.keys().cloned().collect();
+    let (target_version, got) = blocking(move || c.checksums(&tables)).await?;
+    if version.is_none() || version != target_version.as_deref() {
+        return Ok(());
+    }
+    let differences: Vec<String> = want
+        .iter()
+        .filter(|(t, sum)| got.get(*t) != Some(sum))
+        .map(|(t, sum)| {
+            format!(
+                "table {t}: checksum {sum} at backup, {} restored",
+                got.get(t).map_or("none".to_owned(), |s| s.to_string())
+            )
+        })
+        .collect();
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::integrity(format!(
+            "restored {conn} differs from backup {}: {}",
+            last.backup_id,
+            differences.join("; ")
+        )))
+    }
 }
 
 /// Creates the target database, dropping it first with `overwrite`; refuses a non-empty one

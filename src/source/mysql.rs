@@ -176,6 +176,12 @@ impl Conn {
         Ok(rows.first().and_then(|r| r.first()).map(String::as_str) == Some("1"))
     }
 
+    /// `CHECKSUM TABLE` of `tables`, with the server version the checksums depend on.
+    pub fn checksums(&self, tables: &[String]) -> Result<(Option<String>, BTreeMap<String, u64>)> {
+        let rows = self.query(Some(&self.database), &checksum_sql(tables).join(";"))?;
+        Ok(parse_checksums(&self.database, &rows))
+    }
+
     /// Exact row counts of the database's base tables.
     pub fn row_counts(&self) -> Result<BTreeMap<String, u64>> {
         let tables = self.query(
@@ -197,6 +203,38 @@ impl Conn {
             .map(|(t, c)| Ok((t[0].clone(), parse_count(&t[0], &c[0])?)))
             .collect()
     }
+}
+
+/// `CHECKSUM TABLE` of `tables` (in the session's snapshot for InnoDB) and the server version
+/// the checksums depend on; parse the result with [`parse_checksums`].
+fn checksum_sql(tables: &[String]) -> Vec<String> {
+    let mut sql = vec!["SELECT 'version', VERSION()".to_owned()];
+    if !tables.is_empty() {
+        let list: Vec<String> = tables.iter().map(|t| quote_ident(t)).collect();
+        sql.push(format!("CHECKSUM TABLE {}", list.join(", ")));
+    }
+    sql
+}
+
+fn parse_checksums(
+    database: &str,
+    rows: &[Vec<String>],
+) -> (Option<String>, BTreeMap<String, u64>) {
+    let prefix = format!("{database}.");
+    let mut version = None;
+    let mut sums = BTreeMap::new();
+    for row in rows {
+        match (row[0].as_str(), row.get(1)) {
+            ("version", Some(v)) => version = Some(v.clone()),
+            (name, Some(v)) => {
+                if let (Some(table), Ok(sum)) = (name.strip_prefix(&prefix), v.parse()) {
+                    sums.insert(table.to_owned(), sum);
+                }
+            }
+            _ => {}
+        }
+    }
+    (version, sums)
 }
 
 fn parse_count(table: &str, s: &str) -> Result<u64> {
@@ -387,8 +425,11 @@ impl MysqlSource {
                 quote_ident(&t[0])
             ));
         }
+        let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
+        sql.extend(checksum_sql(&names));
         sql.push("COMMIT".into());
         let rows = self.conn.query(Some(&self.conn.database), &sql.join(";"))?;
+        let (version, checksums) = parse_checksums(&self.conn.database, &rows);
         let mut file = None;
         let mut pos = None;
         let mut now = None;
@@ -476,6 +517,10 @@ impl MysqlSource {
         let mut stats = Stats::new();
         stats.insert("bytes".into(), bytes.into());
         stats.insert("tables".into(), serde_json::to_value(&table_counts)?);
+        stats.insert("checksums".into(), serde_json::to_value(&checksums)?);
+        if let Some(v) = version {
+            stats.insert("server_version".into(), v.into());
+        }
         stats.insert("binlog_start".into(), from.to_string().into());
         stats.insert("binlog_end".into(), end.to_string().into());
         stats.insert("binlog_files".into(), serde_json::to_value(files)?);
