@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-
 use serde::Serialize;
 
 use super::{
@@ -391,12 +390,12 @@ fn load_dump(conn: &Conn, mut decoder: Decoder, cancel: &Cancel) -> Result<Diges
 
 /// Copies `input` to the standard input of `cmd`. A failed command explains a failed write,
 /// a damaged input explains the command's death.
-fn feed(mut cmd: Command, input: &mut dyn Read, cancel: &Cancel) -> Result<()> {
+fn feed(mut cmd: Command, input: &mut impl Read, cancel: &Cancel) -> Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
     let stderr = collect_stderr(&mut child);
     let mut stdin = child.stdin.take().expect("piped");
-    let copied = copy_cancellable(&mut ReadRef(input), &mut stdin, cancel);
+    let copied = copy_cancellable(input, &mut stdin, cancel);
     drop(stdin);
     if copied.is_err() {
         let _ = child.kill();
@@ -408,14 +407,6 @@ fn feed(mut cmd: Command, input: &mut dyn Read, cancel: &Cancel) -> Result<()> {
     match copied {
         Err(e) if matches!(e.kind(), ErrorKind::Integrity | ErrorKind::Cancelled) => Err(e),
         copied => check_status(&program, status, &stderr).and(copied),
-    }
-}
-
-struct ReadRef<'a>(&'a mut dyn Read);
-
-impl Read for ReadRef<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
     }
 }
 
