@@ -12,13 +12,16 @@ use crate::{Error, Result};
 /// File trees are unpacked into --target (which must be empty unless --overwrite); entries
 /// that would escape it are refused. Stream artifacts (command sources) are written to a file
 /// in --target, or to standard output with --stdout. Database backups load into the database
-/// --to-database names, to their latest state or to a point in time (--until, --lsn).
-/// Checksums of stored and plain bytes are checked against the manifest; a mismatch fails the
+/// --to-database names, to their latest state or to a point in time (--until, --lsn); a
+/// SQLite backup is written to the database file --target names. Row counts recorded at
+/// backup time are compared with the restored database. Checksums of stored and plain bytes are checked against the manifest; a mismatch fails the
 /// restore (exit 4).
 ///
 /// Examples:
 ///   drctl restore --policy app-files --backup latest --target /srv/restore --dry-run
 ///   drctl restore --policy app-db --backup 20260101T030000Z-0badc0de --stdout | pg_restore -d app
+///   drctl restore --policy mariadb --backup latest --until 2026-11-22T09:30:00Z --to-database mysql://root@127.0.0.1:3306/shop_restored
+///   drctl restore --policy sqlite --backup latest --target /srv/restore/app.db
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("sink").required(true).args(["target", "stdout", "to_database"]))]
 pub struct Args {
@@ -28,7 +31,8 @@ pub struct Args {
     /// Backup ID, or `latest` for the newest completed backup of the policy.
     #[arg(long, short, value_name = "ID|latest")]
     pub backup: String,
-    /// Directory to restore into (created if missing).
+    /// Directory to restore into (created if missing); for a SQLite backup, the database
+    /// file to write.
     #[arg(long, short)]
     pub target: Option<PathBuf>,
     /// Write the artifact to standard output.
