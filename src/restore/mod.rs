@@ -203,15 +203,19 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         &manifest.backup_id,
         &name,
     );
+    let (object, stored_bytes, plain_bytes) = match &mysql {
+        Some(my) => my.summary()?,
+        None => (key.to_string(), data.stored_size, data.plain_size),
+    };
     Ok(RestorePlan {
         backup_id: manifest.backup_id.clone(),
         environment: manifest.environment.clone(),
         policy: manifest.policy.clone(),
         source_kind: manifest.source.kind.clone(),
         started_at: manifest.started_at,
-        object: key.to_string(),
-        stored_bytes: data.stored_size,
-        plain_bytes: data.plain_size,
+        object,
+        stored_bytes,
+        plain_bytes,
         recipients: manifest.encryption.recipients.clone(),
         target,
         recovery,

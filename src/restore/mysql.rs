@@ -48,6 +48,26 @@ pub struct MysqlPlan {
     until: Option<DateTime<Utc>>,
 }
 
+impl MysqlPlan {
+    /// The full backup's data object (read first), and the stored and plain bytes of every
+    /// object the chain reads.
+    pub fn summary(&self) -> Result<(String, u64, u64)> {
+        let full = &self.manifests[0];
+        let key = ObjectKey::object(
+            &full.environment,
+            &full.policy,
+            &full.backup_id,
+            &full.data()?.object_name()?,
+        );
+        let mut sizes = (0, 0);
+        for m in &self.manifests {
+            let data = m.data()?;
+            sizes = (sizes.0 + data.stored_size, sizes.1 + data.plain_size);
+        }
+        Ok((key.to_string(), sizes.0, sizes.1))
+    }
+}
+
 /// Resolves the chain to apply and checks the target: the database must be empty or missing
 /// unless `overwrite`. With `--backup latest --until T` the chain is the newest one whose full
 /// backup was taken before T. Returns the record of the chain's last backup.
