@@ -42,6 +42,8 @@ impl std::fmt::Display for StoreUrl {
 pub enum RegistryUrl {
     /// `sqlite:///abs/registry.db` or `sqlite://relative/registry.db`.
     Sqlite(PathBuf),
+    /// `dynamodb://table?region=us-east-1[&endpoint=http://host:port]`.
+    DynamoDb(crate::registry::dynamodb::TableUrl),
 }
 
 impl RegistryUrl {
@@ -49,8 +51,11 @@ impl RegistryUrl {
         if let Some(rest) = s.strip_prefix("sqlite://") {
             return non_empty(rest, s).map(|p| RegistryUrl::Sqlite(resolve(base, Path::new(p))));
         }
+        if s.starts_with("dynamodb://") {
+            return crate::registry::dynamodb::TableUrl::parse(s).map(RegistryUrl::DynamoDb);
+        }
         Err(Error::invalid(format!(
-            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db"
+            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db or dynamodb://table?region=REGION"
         )))
     }
 }
@@ -59,6 +64,7 @@ impl std::fmt::Display for RegistryUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegistryUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            RegistryUrl::DynamoDb(t) => t.fmt(f),
         }
     }
 }
