@@ -5,7 +5,7 @@
 //! container and instance roles) and never appear in messages.
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 
 use crate::Error;
 
@@ -39,24 +39,43 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let (message, retryable) = match &err {
+    match &err {
         SdkError::ServiceError(service) => {
             let e = service.err();
             let code = e.code().unwrap_or("unknown error");
-            (
-                format!("{what}: {code}: {}", e.message().unwrap_or("(no message)")),
-                TRANSIENT_CODES.contains(&code),
-            )
+            let out = Error::failure(format!(
+                "{what}: {code}: {}",
+                e.message().unwrap_or("(no message)")
+            ));
+            if TRANSIENT_CODES.contains(&code) {
+                out.retryable()
+            } else {
+                out
+            }
         }
+        SdkError::DispatchFailure(d) if !(d.is_io() || d.is_timeout()) => Error::failure(format!(
+            "{what}: {}",
+            chain(&err)
+        ))
+        .hint("check the AWS credentials (environment, profile, SSO, or an instance or task role)"),
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            (format!("{what}: {}", DisplayErrorContext(&err)), true)
+            Error::failure(format!("{what}: {}", chain(&err))).retryable()
         }
-        _ => (format!("{what}: {}", DisplayErrorContext(&err)), false),
-    };
-    let err = Error::failure(message);
-    if retryable {
-        err.retryable()
-    } else {
-        err
+        _ => Error::failure(format!("{what}: {}", chain(&err))),
     }
+}
+
+/// An error and its sources, each as its `Display` says it, joined by ": ".
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
 }

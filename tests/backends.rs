@@ -1,6 +1,7 @@
 //! Runs the shared backend suites against every implementation. Adding a backend is one
 //! line per suite plus a function that returns a fresh, not yet created instance.
 
+mod common;
 mod suites;
 
 use std::sync::Arc;
@@ -33,17 +34,11 @@ async fn fresh_sqlite_registry() -> RegistryFixture {
     }
 }
 
-/// The moto server `scripts/moto.sh` starts (`DRCTL_MOTO_PORT`, default 5000).
-fn moto_endpoint() -> String {
-    let port = std::env::var("DRCTL_MOTO_PORT").unwrap_or_else(|_| "5000".into());
-    format!("http://127.0.0.1:{port}")
-}
-
 /// SDK configuration for moto in `region`, with moto's test credentials.
 async fn moto_config(region: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(region.to_owned()))
-        .endpoint_url(moto_endpoint())
+        .endpoint_url(common::moto_endpoint())
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
             "test", "test", None, None, "moto",
         ))
@@ -72,10 +67,10 @@ impl Drop for DropTable {
 
 /// A DynamoDB registry on moto, in a table of its own that does not exist yet.
 async fn fresh_dynamodb_registry() -> RegistryFixture {
-    let table = format!("drctl-test-{:016x}", rand::random::<u64>());
+    let table = common::unique_name("drctl-test");
     let url = TableUrl::parse(&format!(
         "dynamodb://{table}?region=us-east-1&endpoint={}",
-        moto_endpoint()
+        common::moto_endpoint()
     ))
     .expect("url");
     let config = moto_config("us-east-1").await;
