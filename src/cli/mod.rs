@@ -107,18 +107,18 @@ impl Ctx {
         Repo::open(self.settings()?).await
     }
 
-    /// The identities for decryption: --identity, else identity-file.
+    /// The identities for decryption: --identity, else identity-file (skipped when missing
+    /// and KMS is configured), then KMS.
     pub fn identities(&self, settings: &Settings) -> Result<Arc<Identities>> {
-        let file = self
-            .global
-            .identity
-            .clone()
-            .or_else(|| settings.identity_file.clone())
-            .ok_or_else(|| {
-                Error::invalid("no identity to decrypt with")
-                    .hint("pass --identity FILE or set identity-file in drctl.yaml")
-            })?;
-        Ok(Arc::new(Identities::load(&file)?))
+        let (file, required) = match &self.global.identity {
+            Some(f) => (Some(f.as_path()), true),
+            None => (settings.identity_file.as_deref(), false),
+        };
+        Ok(Arc::new(Identities::open(
+            file,
+            required,
+            settings.kms.as_ref(),
+        )?))
     }
 
     /// Destructive commands in a production environment need --confirm.

@@ -98,6 +98,8 @@ pub struct Settings {
     pub production: bool,
     /// How long a lease lives without renewal.
     pub lease_ttl_seconds: u64,
+    /// KMS keys that also wrap every backup's file key, and how restores reach KMS.
+    pub kms: Option<crate::crypto::kms::KmsSettings>,
 }
 
 pub const KEYS: &[&str] = &[
@@ -110,6 +112,7 @@ pub const KEYS: &[&str] = &[
     "policies-dir",
     "production",
     "lease-ttl-seconds",
+    "kms",
 ];
 const REQUIRED: &[&str] = &["environment", "repository", "registry"];
 pub const DEFAULT_LEASE_TTL_SECONDS: u64 = 120;
@@ -165,11 +168,16 @@ impl Settings {
                 p.add(format!("recipients[{i}]"), e.message());
             }
         }
-        if recipients.is_empty() && raw.recipients_file.is_none() {
+        // A host that only restores with KMS needs no recipients; backups still refuse to run
+        // without one (promise 2: the break-glass identity always restores).
+        if recipients.is_empty() && raw.recipients_file.is_none() && raw.kms.is_none() {
             p.add(
                 "recipients",
                 "no recipients: set recipients or recipients-file (drctl init can create the file)",
             );
+        }
+        for (field, message) in raw.kms.iter().flat_map(|k| k.problems()) {
+            p.add(format!("kms.{field}"), message);
         }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
@@ -193,6 +201,7 @@ impl Settings {
             ),
             production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
+            kms: raw.kms,
             base_dir,
         };
         if p.list.is_empty() {
@@ -228,4 +237,5 @@ struct PartialRaw {
     policies_dir: Option<PathBuf>,
     production: Option<bool>,
     lease_ttl_seconds: Option<u64>,
+    kms: Option<crate::crypto::kms::KmsSettings>,
 }
