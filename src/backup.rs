@@ -170,7 +170,7 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
     }
     lease.confirm().await?;
     let location = Location {
-        region: "local".into(),
+        region: repo.store.region(),
         store: repo.store.describe(),
         prefix: ObjectKey::backup_prefix(
             &manifest.environment,

@@ -438,3 +438,37 @@ fn production_environment_needs_confirm_for_destructive_commands() {
     sb.run(&["gc", "--dry-run"]).ok();
     sb.run(&["gc", "--confirm"]).ok();
 }
+
+#[test]
+fn database_restore_options_are_checked_before_anything_is_read() {
+    let (sb, id, _) = backed_up();
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", "-p", "p", "-b", id.as_str()];
+        args.extend_from_slice(extra);
+        sb.run(&args).code(2)
+    };
+    let run = restore(&["--to-database", "postgres://app:hunter2@127.0.0.1/app"]);
+    assert!(
+        run.stderr.contains("must not carry a password"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    let run = restore(&["--target", "t", "--until", "yesterday"]);
+    assert!(
+        run.stderr.contains("not an RFC 3339 time"),
+        "{}",
+        run.stderr
+    );
+    let run = restore(&["--target", "t", "--lsn", "16/xyz"]);
+    assert!(
+        run.stderr.contains("not a log sequence number"),
+        "{}",
+        run.stderr
+    );
+    let run = restore(&["--to-database", "postgres://127.0.0.1/app"]);
+    assert!(run.stderr.contains("is a files backup"), "{}", run.stderr);
+    let run = restore(&["--target", "t", "--until", "2026-01-01T00:00:00Z"]);
+    assert!(run.stderr.contains("is a files backup"), "{}", run.stderr);
+    assert!(!sb.path().join("t").exists());
+}

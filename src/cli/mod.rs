@@ -8,6 +8,7 @@ mod keys;
 mod list;
 mod policy;
 mod progress;
+mod registry;
 mod restore;
 mod show;
 mod verify;
@@ -91,6 +92,8 @@ pub enum Command {
     Keys(keys::Command),
     #[command(subcommand)]
     Policy(policy::Command),
+    #[command(subcommand)]
+    Registry(registry::Command),
 }
 
 /// What a subcommand gets: global options and the run's cancellation.
@@ -180,6 +183,7 @@ pub async fn run(cli: Cli, cancel: Cancel) -> Result<()> {
         Command::Gc(a) => gc::run(&ctx, a).await,
         Command::Keys(c) => keys::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
+        Command::Registry(c) => registry::run(&ctx, c).await,
     }
 }
 

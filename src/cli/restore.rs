@@ -4,21 +4,23 @@ use std::path::PathBuf;
 
 use super::{human_bytes, Ctx};
 use crate::format::Name;
-use crate::restore::{Selector, Target};
+use crate::restore::{RecoveryTarget, RestoreRequest, Selector, Target};
 use crate::{Error, Result};
 
-/// Restore a backup into a directory or to standard output.
+/// Restore a backup into a directory, a database, or to standard output.
 ///
 /// File trees are unpacked into --target (which must be empty unless --overwrite); entries
 /// that would escape it are refused. Stream artifacts (command sources) are written to a file
-/// in --target, or to standard output with --stdout. Checksums of stored and plain bytes are
-/// checked against the manifest; a mismatch fails the restore (exit 4).
+/// in --target, or to standard output with --stdout. Database backups load into the database
+/// --to-database names, to their latest state or to a point in time (--until, --lsn).
+/// Checksums of stored and plain bytes are checked against the manifest; a mismatch fails the
+/// restore (exit 4).
 ///
 /// Examples:
 ///   drctl restore --policy app-files --backup latest --target /srv/restore --dry-run
 ///   drctl restore --policy app-db --backup 20260101T030000Z-0badc0de --stdout | pg_restore -d app
 #[derive(Debug, clap::Args)]
-#[command(group = clap::ArgGroup::new("sink").required(true).args(["target", "stdout"]))]
+#[command(group = clap::ArgGroup::new("sink").required(true).args(["target", "stdout", "to_database"]))]
 pub struct Args {
     /// Policy the backup belongs to.
     #[arg(long, short)]
@@ -32,6 +34,21 @@ pub struct Args {
     /// Write the artifact to standard output.
     #[arg(long)]
     pub stdout: bool,
+    /// Load a database backup into this database (`postgres://user@host:5432/db`,
+    /// `mysql://user@host:3306/db`); created if missing. Passwords come from the environment
+    /// (PGPASSWORD, MYSQL_PWD) or a password file, never from the command line.
+    #[arg(long, value_name = "URL")]
+    pub to_database: Option<String>,
+    /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)
+    /// instead of to the end.
+    #[arg(long, value_name = "TIME", conflicts_with = "lsn")]
+    pub until: Option<String>,
+    /// Replay PostgreSQL WAL up to this log sequence number (e.g. 16/B374D848).
+    #[arg(long, value_name = "LSN")]
+    pub lsn: Option<String>,
+    /// Port on which to start a restored database server (PostgreSQL physical restores).
+    #[arg(long)]
+    pub port: Option<u16>,
     /// Print what would be restored and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -49,26 +66,53 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let policy = Name::parse(&args.policy)?;
     let selector = Selector::parse(&args.backup)?;
-    let target = match (&args.target, args.stdout) {
-        (Some(path), false) => Target::Dir {
+    let target = match (&args.target, args.stdout, &args.to_database) {
+        (Some(path), false, None) => Target::Dir {
             path: path.clone(),
             overwrite: args.overwrite,
             allow_special: args.allow_special,
         },
-        (None, true) => Target::Stdout,
+        (None, true, None) => Target::Stdout,
+        (None, false, Some(url)) => Target::Database {
+            url: database_url(url)?,
+            overwrite: args.overwrite,
+        },
         _ => {
             return Err(Error::invalid(
-                "give exactly one of --target DIR and --stdout",
+                "give exactly one of --target DIR, --stdout and --to-database URL",
             ))
         }
     };
+    let recovery = match (&args.until, &args.lsn) {
+        (Some(time), _) => RecoveryTarget::Time(
+            chrono::DateTime::parse_from_rfc3339(time)
+                .map_err(|e| {
+                    Error::invalid(format!("--until {time:?} is not an RFC 3339 time: {e}"))
+                        .hint("for example 2026-11-22T09:30:00Z or 2026-11-22T10:30:00+01:00")
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, Some(lsn)) => RecoveryTarget::Lsn(parse_lsn(lsn)?),
+        (None, None) => RecoveryTarget::Latest,
+    };
     let repo = ctx.repo().await?;
-    let plan = crate::restore::plan(&repo, &policy, &selector, target).await?;
+    let plan = crate::restore::plan(
+        &repo,
+        RestoreRequest {
+            policy,
+            selector,
+            target,
+            recovery,
+            port: args.port,
+        },
+    )
+    .await?;
     let describe = |plan: &crate::restore::RestorePlan| {
         let to = match &plan.target {
             Target::Dir { path, .. } if plan.unpack => format!("unpack into {}", path.display()),
             Target::Dir { path, .. } => format!("write into {}", path.display()),
             Target::Stdout => "write to standard output".into(),
+            Target::Database { url, .. } => format!("load into {url}"),
         };
         format!(
             "restore backup {} ({} of {}, taken {}): read {} ({} stored), {to}",
@@ -125,4 +169,34 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         ctx.emit("restore", &report, text);
     }
     Ok(())
+}
+
+/// A database URL for --to-database: parsed, and refused if it carries a password (command
+/// lines are visible to every user of the host).
+fn database_url(s: &str) -> Result<String> {
+    let url = url::Url::parse(s)
+        .map_err(|e| Error::invalid(format!("--to-database {s:?} is not a URL: {e}")))?;
+    if url.password().is_some() {
+        return Err(Error::invalid(
+            "--to-database must not carry a password (command lines are visible to other users)",
+        )
+        .hint("set PGPASSWORD or MYSQL_PWD in the environment, or use a password file"));
+    }
+    Ok(url.to_string())
+}
+
+/// A PostgreSQL LSN: two hexadecimal numbers separated by `/`.
+fn parse_lsn(s: &str) -> Result<String> {
+    let ok = s.split_once('/').is_some_and(|(hi, lo)| {
+        [hi, lo]
+            .iter()
+            .all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_hexdigit()))
+    });
+    if ok {
+        Ok(s.to_ascii_uppercase())
+    } else {
+        Err(Error::invalid(format!(
+            "--lsn {s:?} is not a log sequence number (like 16/B374D848)"
+        )))
+    }
 }

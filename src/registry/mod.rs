@@ -6,6 +6,7 @@
 
 pub mod dynamodb;
 pub mod lease;
+pub mod rebuild;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -148,6 +149,9 @@ pub trait Registry: Send + Sync {
     /// Removes a record that is `deleting` or `failed`.
     async fn remove(&self, id: &BackupId) -> Result<()>;
     async fn set_verification(&self, id: &BackupId, v: &Verification) -> Result<()>;
+    /// Records one more copy of a completed backup (a replica in another region). Adding a
+    /// location the record already has changes nothing; fails unless the record is completed.
+    async fn add_location(&self, id: &BackupId, location: &Location) -> Result<()>;
 
     async fn get(&self, id: &BackupId) -> Result<Option<BackupRecord>>;
     async fn list(&self, query: &ListQuery) -> Result<Vec<BackupRecord>>;

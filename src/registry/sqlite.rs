@@ -253,6 +253,32 @@ impl Registry for SqliteRegistry {
         Ok(())
     }
 
+    async fn add_location(&self, id: &BackupId, location: &Location) -> Result<()> {
+        let location = serde_json::to_string(location)?;
+        let res = sqlx::query(
+            "UPDATE backups SET locations = json_insert(locations, '$[#]', json(?1))
+             WHERE backup_id = ?2 AND status = 'completed'
+               AND NOT EXISTS (SELECT 1 FROM json_each(backups.locations) WHERE json(value) = json(?1))",
+        )
+        .bind(&location)
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        if res.rows_affected() == 1 {
+            return Ok(());
+        }
+        match self.get(id).await? {
+            None => Err(Error::not_found(format!(
+                "backup {id} not found in the registry"
+            ))),
+            Some(r) if r.status != Status::Completed => Err(Error::failure(format!(
+                "backup {id} is {}, not completed; not adding a location",
+                r.status.as_str()
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
     async fn get(&self, id: &BackupId) -> Result<Option<BackupRecord>> {
         let row = sqlx::query("SELECT * FROM backups WHERE backup_id = ?")
             .bind(id.as_str())

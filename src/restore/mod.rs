@@ -51,6 +51,31 @@ pub enum Target {
     },
     /// Write the artifact to standard output.
     Stdout,
+    /// Load a database backup into a database server (`postgres://…`, `mysql://…`).
+    Database { url: String, overwrite: bool },
+}
+
+/// How far a restore replays a backup's log chain (WAL, binary logs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "lowercase")]
+pub enum RecoveryTarget {
+    /// Everything the backups hold.
+    Latest,
+    /// Up to and including this moment.
+    Time(chrono::DateTime<chrono::Utc>),
+    /// Up to this PostgreSQL log sequence number (`16/B374D848`).
+    Lsn(String),
+}
+
+/// What a user asks to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub policy: Name,
+    pub selector: Selector,
+    pub target: Target,
+    pub recovery: RecoveryTarget,
+    /// Port for a database server the restore starts (PostgreSQL physical restores).
+    pub port: Option<u16>,
 }
 
 /// What a restore will do; printed by `--dry-run`.
@@ -66,6 +91,9 @@ pub struct RestorePlan {
     pub plain_bytes: u64,
     pub recipients: Vec<String>,
     pub target: Target,
+    pub recovery: RecoveryTarget,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The artifact is a tar archive that will be unpacked.
     pub unpack: bool,
     #[serde(skip)]
@@ -107,14 +135,19 @@ pub async fn select(repo: &Repo, policy: &Name, selector: &Selector) -> Result<B
     Ok(record)
 }
 
-pub async fn plan(
-    repo: &Repo,
-    policy: &Name,
-    selector: &Selector,
-    target: Target,
-) -> Result<RestorePlan> {
-    let record = select(repo, policy, selector).await?;
+pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
+    let RestoreRequest {
+        policy,
+        selector,
+        target,
+        recovery,
+        port,
+    } = request;
+    let record = select(repo, &policy, &selector).await?;
     let manifest = record.manifest()?;
+    if matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest {
+        return Err(not_a_database(&record.backup_id, &record.source_kind));
+    }
     let data = manifest.data()?.clone();
     let name = data.object_name()?;
     let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar")
@@ -142,10 +175,19 @@ pub async fn plan(
         plain_bytes: data.plain_size,
         recipients: manifest.encryption.recipients.clone(),
         target,
+        recovery,
+        port,
         unpack,
         data,
         key,
     })
+}
+
+fn not_a_database(id: &BackupId, kind: &str) -> Error {
+    Error::invalid(format!(
+        "backup {id} is a {kind} backup: it restores into a directory or to standard output, \
+         to the state it was taken in (--to-database, --until and --lsn are for database backups)"
+    ))
 }
 
 /// A restore target must be missing or empty unless `overwrite` is set.
@@ -227,6 +269,7 @@ pub async fn execute(
         .trim_end_matches(".zst.age")
         .to_owned();
     let cancel = cancel.clone();
+    let (plan_id, kind) = (plan.backup_id.clone(), plan.source_kind.clone());
     let report = tokio::task::spawn_blocking(
         move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
             let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
@@ -235,6 +278,7 @@ pub async fn execute(
                 progress,
             };
             match target {
+                Target::Database { .. } => Err(not_a_database(&plan_id, &kind)),
                 Target::Stdout => {
                     let stdout = std::io::stdout();
                     let mut out =

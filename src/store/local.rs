@@ -113,6 +113,7 @@ impl ObjectStore for LocalStore {
                 tmp,
                 file: Some(file),
                 size: 0,
+                flushed: 0,
             }) as Box<dyn ObjectWriter>)
         })
         .await
@@ -298,6 +299,27 @@ struct LocalWriter {
     tmp: PathBuf,
     file: Option<File>,
     size: u64,
+    /// Bytes up to which write-back has been started.
+    flushed: u64,
+}
+
+/// Write-back of a large object is started every this many bytes, so that the `fsync` in
+/// `finish` has little left to wait for and dirty pages do not pile up.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk, without waiting.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor and range; SYNC_FILE_RANGE_WRITE only queues I/O. Failure is
+    // harmless (the fsync in `finish` still makes the data durable), so the result is ignored.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 #[async_trait]
@@ -309,14 +331,21 @@ impl ObjectWriter for LocalWriter {
             .ok_or_else(|| Error::failure("write after failure"))?;
         let tmp = self.tmp.clone();
         let len = chunk.len() as u64;
+        let (flushed, size) = (self.flushed, self.size + len);
         let file = blocking(move || {
             file.write_all(&chunk)
                 .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            if size - flushed >= WRITEBACK_EVERY {
+                start_writeback(&file, flushed, size - flushed);
+            }
             Ok(file)
         })
         .await?;
         self.file = Some(file);
-        self.size += len;
+        if size - self.flushed >= WRITEBACK_EVERY {
+            self.flushed = size;
+        }
+        self.size = size;
         Ok(())
     }
 

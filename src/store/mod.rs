@@ -38,6 +38,10 @@ pub struct Leftover {
 pub trait ObjectStore: Send + Sync {
     /// Where the store is, with any credentials removed; safe to print.
     fn describe(&self) -> String;
+    /// The region the objects are in, as registry locations record it.
+    fn region(&self) -> String {
+        "local".into()
+    }
     /// Creates the repository if missing (idempotent).
     async fn create(&self) -> Result<()>;
     /// Fails with `NotFound` unless the repository exists.

@@ -42,6 +42,7 @@ macro_rules! registry_suite {
             list_before_cursor_works_after_the_cursor_record_is_removed,
             latest_is_the_newest_completed_backup_of_the_set,
             set_verification_round_trips,
+            add_location_appends_once_and_only_to_completed_records,
             free_lease_is_granted_and_a_second_holder_gets_the_current_lease,
             renew_extends_the_lease,
             released_lease_is_granted_again_with_a_larger_token,
@@ -303,6 +304,46 @@ pub async fn complete_moves_running_to_completed_with_manifest_and_locations(
         ..record
     };
     assert_eq!(get(&registry, &id).await, expected);
+}
+
+pub async fn add_location_appends_once_and_only_to_completed_records(registry: Arc<dyn Registry>) {
+    created(&registry).await;
+    let done = add(&registry, "prod", "app-db", &id_at(1), Status::Completed).await;
+    let replica = Location {
+        region: "us-west-2".into(),
+        store: "s3://dr-bucket/backups".into(),
+        prefix: prefix_of(&done),
+    };
+    registry
+        .add_location(&done.backup_id, &replica)
+        .await
+        .expect("add location");
+    registry
+        .add_location(&done.backup_id, &replica)
+        .await
+        .expect("adding the same location again");
+    let mut locations = done.locations.clone();
+    locations.push(replica.clone());
+    assert_eq!(
+        get(&registry, &done.backup_id).await,
+        BackupRecord { locations, ..done }
+    );
+
+    for (n, status) in [(2, Status::Running), (3, Status::Failed)] {
+        let r = add(&registry, "prod", "app-db", &id_at(n), status).await;
+        assert!(
+            registry.add_location(&r.backup_id, &replica).await.is_err(),
+            "a location was added to a {} record",
+            status.as_str()
+        );
+        assert_eq!(get(&registry, &r.backup_id).await, r);
+    }
+    let missing = id_at(9);
+    let err = registry
+        .add_location(&missing, &replica)
+        .await
+        .expect_err("location added to a missing record");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
 }
 
 pub async fn complete_fails_unless_running(registry: Arc<dyn Registry>) {
