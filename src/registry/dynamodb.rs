@@ -65,6 +65,8 @@ use crate::{Error, Result};
 
 const SCHEMA_VERSION: &str = "1";
 const META_PK: &str = "meta#schema";
+/// How often `add_location` reads again after a concurrent change of the locations.
+const ADD_LOCATION_ATTEMPTS: usize = 10;
 /// How long `create` waits for a new table and its indexes to become active.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -675,6 +677,53 @@ impl Registry for DynamoDbRegistry {
             Err(e) if condition_failed(&e) => Ok(()),
             Err(e) => Err(self.err(format!("record the verification of backup {id}"), e)),
         }
+    }
+
+    async fn add_location(&self, id: &BackupId, location: &Location) -> Result<()> {
+        // Read, append, and write back under the condition that the list is still the one
+        // read: a concurrent addition makes the write fail, and the loop reads again.
+        for _ in 0..ADD_LOCATION_ATTEMPTS {
+            let Some(item) = self.get_item(backup_pk(id)).await? else {
+                return Err(Error::not_found(format!(
+                    "backup {id} not found in the registry"
+                )));
+            };
+            let record = record_from_item(&item)?;
+            if record.status != Status::Completed {
+                return Err(Error::failure(format!(
+                    "backup {id} is {}, not completed; not adding a location",
+                    record.status.as_str()
+                )));
+            }
+            if record.locations.contains(location) {
+                return Ok(());
+            }
+            let mut locations = record.locations;
+            locations.push(location.clone());
+            let res = self
+                .client
+                .update_item()
+                .table_name(&self.url.table)
+                .key("pk", backup_pk(id))
+                .update_expression("SET #locations = :new")
+                .condition_expression("#status = :completed AND #locations = :old")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_names("#locations", "locations")
+                .expression_attribute_values(":completed", s(Status::Completed.as_str()))
+                .expression_attribute_values(":old", s(get_s(&item, "locations")?))
+                .expression_attribute_values(":new", s(serde_json::to_string(&locations)?))
+                .send()
+                .await;
+            match res {
+                Ok(_) => return Ok(()),
+                Err(e) if condition_failed(&e) => continue,
+                Err(e) => return Err(self.err(format!("add a location to backup {id}"), e)),
+            }
+        }
+        Err(Error::failure(format!(
+            "backup {id}: its locations kept changing while a location was added"
+        ))
+        .retryable())
     }
 
     async fn get(&self, id: &BackupId) -> Result<Option<BackupRecord>> {
