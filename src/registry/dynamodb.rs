@@ -276,6 +276,14 @@ const INDEXES: &[(&str, &str)] = &[
     ("all", "gsi_all"),
 ];
 
+fn index_partition_key(index: &str) -> &'static str {
+    INDEXES
+        .iter()
+        .find(|(name, _)| *name == index)
+        .map(|(_, attr)| *attr)
+        .expect("every index is listed")
+}
+
 impl DynamoDbRegistry {
     /// Prepares a client with the default credential chain; nothing is sent until the first
     /// operation.
@@ -435,11 +443,6 @@ impl DynamoDbRegistry {
         Ok(out.item)
     }
 
-    /// The record of `id`, read before a status change to learn its set and start time.
-    async fn existing(&self, id: &BackupId) -> Result<Option<BackupRecord>> {
-        self.get(id).await
-    }
-
     /// `from` → `to` on the record, with extra SET clauses; false when the status was not `from`.
     async fn change_status(
         &self,
@@ -595,7 +598,7 @@ impl Registry for DynamoDbRegistry {
                 "backup {id} is no longer running in the registry; not marking it completed"
             ))
         };
-        let Some(record) = self.existing(id).await? else {
+        let Some(record) = self.get(id).await? else {
             return Err(not_running());
         };
         let changed = self
@@ -625,7 +628,7 @@ impl Registry for DynamoDbRegistry {
         to: Status,
         error: Option<&str>,
     ) -> Result<bool> {
-        let Some(record) = self.existing(id).await? else {
+        let Some(record) = self.get(id).await? else {
             return Ok(false);
         };
         let mut extra = Vec::new();
@@ -740,7 +743,7 @@ impl Registry for DynamoDbRegistry {
             return Ok(Vec::new());
         }
         // The index whose partition key fixes the most filters; the rest become a filter.
-        let status = q.status.map(|s| AttributeValue::S(s.as_str().into()));
+        let status = q.status.map(|st| s(st.as_str()));
         let policy = q.policy.as_ref().map(|p| s(p.as_str()));
         let (index, partition, filter) = match (&q.environment, &q.policy, q.status) {
             (Some(e), Some(p), Some(st)) => ("by-set-status", set_status_key(e, p, st), None),
@@ -757,11 +760,7 @@ impl Registry for DynamoDbRegistry {
             ),
             (None, _, None) => ("all", "backup".to_owned(), policy.map(|v| ("policy", v))),
         };
-        let partition_attr = INDEXES
-            .iter()
-            .find(|(name, _)| *name == index)
-            .map(|(_, attr)| *attr)
-            .expect("every index is listed");
+        let partition_attr = index_partition_key(index);
         let bound = match &q.before {
             None => None,
             Some(before) => Some(match self.get(before).await? {
