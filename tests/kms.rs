@@ -167,6 +167,9 @@ fn kms_wrapped_backup_restores_with_kms_alone_with_the_identity_and_with_stock_a
         );
     }
 
+    let keys = sb.run(&["--json", "keys", "list"]).ok().json();
+    assert_eq!(keys[0]["kms_keys"], serde_json::json!([key]));
+
     // KMS alone: no identity file on the restore host.
     let kms_only = restore_host(
         &sb,
