@@ -1,5 +1,5 @@
-//! End-to-end `drctl init`, `backup`, `list` and `restore` with the registry in DynamoDB
-//! (moto, started by `scripts/moto.sh`) and a local repository.
+//! End-to-end `drctl init`, `backup`, `list`, `restore` and `registry rebuild` with the
+//! registry in DynamoDB (moto, started by `scripts/moto.sh`) and a local repository.
 
 mod common;
 
@@ -112,4 +112,75 @@ fn commands_on_a_missing_table_say_to_run_init() {
         "{}",
         run.stderr
     );
+}
+
+/// Deletes a table, as an accident or a region loss would.
+fn delete_table(table: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(moto_endpoint())
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "test", "test", None, None, "moto",
+            ))
+            .load()
+            .await;
+        aws_sdk_dynamodb::Client::new(&config)
+            .delete_table()
+            .table_name(table)
+            .send()
+            .await
+            .expect("delete table");
+    });
+}
+
+#[test]
+fn a_lost_table_is_rebuilt_from_the_repository() {
+    let table = unique_name("drctl-e2e");
+    let sb = dynamodb_sandbox(&table);
+    let src = sb.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha").unwrap();
+    sb.files_policy("tree", &[&src]);
+    let first = sb.backup("tree");
+    std::fs::write(src.join("b.txt"), vec![3u8; 200_000]).unwrap();
+    let second = sb.backup("tree");
+
+    delete_table(&table);
+    sb.run(&["list"]).code(10);
+
+    sb.run(&["registry", "rebuild"]).ok();
+    let records = sb.records();
+    let listed: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["backup_id"].as_str().unwrap(),
+                r["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (second.as_str(), "completed"),
+            (first.as_str(), "completed")
+        ]
+    );
+    let target = sb.path().join("restore");
+    sb.run(&[
+        "restore",
+        "-p",
+        "tree",
+        "-b",
+        "latest",
+        "-t",
+        target.to_str().unwrap(),
+    ])
+    .ok();
+    assert_same_tree(&src, &restored(&target, &src));
 }

@@ -385,3 +385,44 @@ fn backup_fails_cleanly_when_kms_refuses_to_encrypt() {
         "{records:?}"
     );
 }
+
+#[test]
+fn kms_settings_problems_are_reported_with_their_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let config = dir.path().join("drctl.yaml");
+    let write = |kms: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+                 recipients: [age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p]\n{kms}"
+            ),
+        )
+        .unwrap()
+    };
+    let validate = || -> common::Run {
+        Command::new(common::bin())
+            .args(["--config", config.to_str().unwrap(), "policy", "validate"])
+            .output()
+            .unwrap()
+            .into()
+    };
+
+    write(
+        "kms:\n  keys: [alias/backups, 'arn:aws:kms:us-east-1:nope']\n  \
+         endpoints:\n    us-east-1: ftp://kms.example\n",
+    );
+    let run = validate().code(2);
+    for field in ["kms.keys[0]", "kms.keys[1]", "kms.endpoints.us-east-1"] {
+        assert!(run.stderr.contains(field), "{field}: {}", run.stderr);
+    }
+    assert!(run.stderr.contains("kms.region"), "{}", run.stderr);
+
+    write("kms:\n  keys: [alias/backups]\n  region: us-west-2\n  colour: blue\n");
+    let run = validate().code(2);
+    assert!(run.stderr.contains("colour"), "{}", run.stderr);
+
+    write("kms:\n  keys: [alias/backups]\n  region: us-west-2\n");
+    validate().ok();
+}
