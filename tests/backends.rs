@@ -1,7 +1,8 @@
 //! Runs the shared backend suites against every implementation. Adding a backend is one
 //! line per suite plus a function that returns a fresh, not yet created instance.
 
-mod common;
+#[path = "common/moto.rs"]
+mod moto;
 mod suites;
 
 use std::sync::Arc;
@@ -22,6 +23,22 @@ async fn fresh_local_store() -> StoreFixture {
     }
 }
 
+/// An S3 store (moto) on a bucket that does not exist yet, with 5 MiB parts so that the
+/// suite's larger objects go up as multipart uploads.
+async fn fresh_s3_store() -> StoreFixture {
+    moto::env();
+    let url = moto::url(&moto::bucket("suite"), "repo", "us-east-1", "");
+    let store = drctl::store::open(
+        &drctl::config::StoreUrl::parse(&url, std::path::Path::new("/")).expect("url"),
+    )
+    .await
+    .expect("open");
+    StoreFixture {
+        store,
+        _guard: Box::new(()),
+    }
+}
+
 /// A SQLite registry at a path that does not exist yet.
 async fn fresh_sqlite_registry() -> RegistryFixture {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -32,18 +49,6 @@ async fn fresh_sqlite_registry() -> RegistryFixture {
         registry: Arc::new(registry),
         _guard: Box::new(dir),
     }
-}
-
-/// SDK configuration for moto in `region`, with moto's test credentials.
-async fn moto_config(region: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region.to_owned()))
-        .endpoint_url(common::moto_endpoint())
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "test", "test", None, None, "moto",
-        ))
-        .load()
-        .await
 }
 
 /// Deletes the test's table when the test ends.
@@ -67,13 +72,13 @@ impl Drop for DropTable {
 
 /// A DynamoDB registry on moto, in a table of its own that does not exist yet.
 async fn fresh_dynamodb_registry() -> RegistryFixture {
-    let table = common::unique_name("drctl-test");
+    let table = moto::bucket("registry");
     let url = TableUrl::parse(&format!(
         "dynamodb://{table}?region=us-east-1&endpoint={}",
-        common::moto_endpoint()
+        moto::endpoint()
     ))
     .expect("url");
-    let config = moto_config("us-east-1").await;
+    let config = moto::sdk_config("us-east-1").await;
     RegistryFixture {
         registry: Arc::new(DynamoDbRegistry::with_config(&url, &config)),
         _guard: Box::new(DropTable(aws_sdk_dynamodb::Client::new(&config), table)),
@@ -93,6 +98,10 @@ mod local_store {
     }
 }
 
+mod s3_store {
+    crate::store_suite!(super::fresh_s3_store);
+}
+
 mod sqlite_registry {
     crate::registry_suite!(super::fresh_sqlite_registry);
 }
@@ -109,7 +118,7 @@ mod dynamodb_registry {
         fixture.registry.create().await.expect("create again");
         let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
             .expect("describe is a dynamodb URL");
-        let client = aws_sdk_dynamodb::Client::new(&super::moto_config("us-east-1").await);
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
         let table = client
             .describe_table()
             .table_name(&url.table)
@@ -156,7 +165,7 @@ mod dynamodb_registry {
         let fixture = super::fresh_dynamodb_registry().await;
         let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
             .expect("describe is a dynamodb URL");
-        let client = aws_sdk_dynamodb::Client::new(&super::moto_config("us-east-1").await);
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
         client
             .create_table()
             .table_name(&url.table)

@@ -3,30 +3,27 @@
 
 mod common;
 
-use common::{assert_same_tree, moto_endpoint, restored, unique_name, Sandbox, MOTO_ENV};
+use common::{assert_same_tree, moto, restored, Sandbox};
 
 fn dynamodb_sandbox(table: &str) -> Sandbox {
-    Sandbox::with_config(
-        &format!(
-            "environment: test\nrepository: file://repo\n\
+    Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\n\
              registry: dynamodb://{table}?region=us-east-1&endpoint={}\n\
              recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n",
-            moto_endpoint()
-        ),
-        MOTO_ENV,
-    )
+        moto::endpoint()
+    ))
 }
 
 #[test]
 fn backup_list_and_restore_through_a_dynamodb_registry() {
-    let table = unique_name("drctl-e2e");
+    let table = moto::bucket("e2e");
     let sb = dynamodb_sandbox(&table);
     let init = sb.run(&["--json", "init"]).ok().json();
     assert_eq!(
         init[0]["registry"],
         format!(
             "dynamodb://{table}?region=us-east-1&endpoint={}",
-            moto_endpoint()
+            moto::endpoint()
         ),
         "a second init reports the same table"
     );
@@ -96,9 +93,9 @@ fn backup_list_and_restore_through_a_dynamodb_registry() {
 
 #[test]
 fn commands_on_a_missing_table_say_to_run_init() {
-    let table = unique_name("drctl-e2e");
+    let table = moto::bucket("e2e");
     let sb = dynamodb_sandbox(&table);
-    let other = unique_name("drctl-missing");
+    let other = moto::bucket("missing");
     std::fs::write(
         sb.path().join("drctl.yaml"),
         std::fs::read_to_string(sb.path().join("drctl.yaml"))
@@ -121,14 +118,7 @@ fn delete_table(table: &str) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(moto_endpoint())
-            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-                "test", "test", None, None, "moto",
-            ))
-            .load()
-            .await;
+        let config = moto::sdk_config("us-east-1").await;
         aws_sdk_dynamodb::Client::new(&config)
             .delete_table()
             .table_name(table)
@@ -140,7 +130,7 @@ fn delete_table(table: &str) {
 
 #[test]
 fn a_lost_table_is_rebuilt_from_the_repository() {
-    let table = unique_name("drctl-e2e");
+    let table = moto::bucket("e2e");
     let sb = dynamodb_sandbox(&table);
     let src = sb.path().join("src");
     std::fs::create_dir_all(&src).unwrap();

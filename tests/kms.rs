@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{assert_same_tree, moto_endpoint, restored, Sandbox, MOTO_ENV};
+use common::{assert_same_tree, moto, restored, Sandbox};
 
 /// An endpoint where nothing listens: a region that is down.
 const DEAD: &str = "http://127.0.0.1:9";
@@ -25,15 +25,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn kms_client(region: &str) -> aws_sdk_kms::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region.to_owned()))
-        .endpoint_url(moto_endpoint())
-        .credentials_provider(aws_sdk_kms::config::Credentials::new(
-            "test", "test", None, None, "moto",
-        ))
-        .load()
-        .await;
-    aws_sdk_kms::Client::new(&config)
+    aws_sdk_kms::Client::new(&moto::sdk_config(region).await)
 }
 
 /// A new symmetric key in us-east-1, replicated to `replicas` (then a multi-region key).
@@ -79,15 +71,12 @@ fn tree(root: &Path) {
 /// A sandbox whose backups also wrap for `key` (KMS in us-east-1 reached through moto),
 /// with one files backup taken. Returns the sandbox, the source and the backup ID.
 fn backed_up(key: &str) -> (Sandbox, std::path::PathBuf, String) {
-    let sb = Sandbox::with_config(
-        &format!(
-            "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+    let sb = Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
              recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n\
              kms:\n  keys: [{key}]\n  endpoints:\n    us-east-1: {}\n",
-            moto_endpoint()
-        ),
-        MOTO_ENV,
-    );
+        moto::endpoint()
+    ));
     let src = sb.path().join("src");
     tree(&src);
     sb.files_policy("tree", &[&src]);
@@ -174,7 +163,7 @@ fn kms_wrapped_backup_restores_with_kms_alone_with_the_identity_and_with_stock_a
     let kms_only = restore_host(
         &sb,
         "kms-only.yaml",
-        &format!("kms:\n  endpoints:\n    us-east-1: {}\n", moto_endpoint()),
+        &format!("kms:\n  endpoints:\n    us-east-1: {}\n", moto::endpoint()),
     );
     let target = sb.path().join("restore-kms");
     restore(&sb, &kms_only, &id, &target).ok();
@@ -229,7 +218,7 @@ fn multi_region_key_restores_through_the_dr_replica_while_the_primary_region_is_
         "dr.yaml",
         &format!(
             "kms:\n  region: us-west-2\n  endpoints:\n    us-east-1: {DEAD}\n    us-west-2: {}\n",
-            moto_endpoint()
+            moto::endpoint()
         ),
     );
     let target = sb.path().join("restore-dr");
@@ -242,7 +231,7 @@ fn multi_region_key_restores_through_the_dr_replica_while_the_primary_region_is_
         "no-replica.yaml",
         &format!(
             "kms:\n  region: eu-west-1\n  endpoints:\n    us-east-1: {DEAD}\n    eu-west-1: {}\n",
-            moto_endpoint()
+            moto::endpoint()
         ),
     );
     let target = sb.path().join("restore-nowhere");
@@ -272,7 +261,7 @@ impl RecordingProxy {
     fn start() -> RecordingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let upstream = moto_endpoint().trim_start_matches("http://").to_owned();
+        let upstream = moto::endpoint().trim_start_matches("http://").to_owned();
         let ops = Arc::new(Mutex::new(Vec::new()));
         let open = Arc::new(AtomicUsize::new(0));
         let (thread_ops, thread_open) = (ops.clone(), open.clone());
@@ -329,15 +318,12 @@ impl RecordingProxy {
 fn backups_only_encrypt_with_kms_and_restores_only_decrypt() {
     let key = create_key(&[]);
     let proxy = RecordingProxy::start();
-    let sb = Sandbox::with_config(
-        &format!(
-            "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+    let sb = Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
              recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n\
              kms:\n  keys: [{key}]\n  endpoints:\n    us-east-1: {}\n",
-            proxy.url
-        ),
-        MOTO_ENV,
-    );
+        proxy.url
+    ));
     let src = sb.path().join("src");
     tree(&src);
     sb.files_policy("tree", &[&src]);
@@ -360,15 +346,12 @@ fn backups_only_encrypt_with_kms_and_restores_only_decrypt() {
 #[test]
 fn backup_fails_cleanly_when_kms_refuses_to_encrypt() {
     let missing = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000";
-    let sb = Sandbox::with_config(
-        &format!(
-            "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+    let sb = Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
              recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n\
              kms:\n  keys: [{missing}]\n  endpoints:\n    us-east-1: {}\n",
-            moto_endpoint()
-        ),
-        MOTO_ENV,
-    );
+        moto::endpoint()
+    ));
     let src = sb.path().join("src");
     tree(&src);
     sb.files_policy("tree", &[&src]);

@@ -12,6 +12,7 @@ mod registry;
 mod restore;
 mod show;
 mod verify;
+mod wal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,6 +95,8 @@ pub enum Command {
     Policy(policy::Command),
     #[command(subcommand)]
     Registry(registry::Command),
+    #[command(subcommand)]
+    Wal(wal::Command),
 }
 
 /// What a subcommand gets: global options and the run's cancellation.
@@ -184,6 +187,7 @@ pub async fn run(cli: Cli, cancel: Cancel) -> Result<()> {
         Command::Keys(c) => keys::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
         Command::Registry(c) => registry::run(&ctx, c).await,
+        Command::Wal(c) => wal::run(&ctx, c).await,
     }
 }
 

@@ -2,6 +2,8 @@
 //! registry and key, and a snapshot of a directory tree for byte-exact comparisons.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -12,26 +14,6 @@ use sha2::Digest;
 
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
-    /// Environment variables every command of the sandbox runs with.
-    pub env: Vec<(String, String)>,
-}
-
-/// The moto server `scripts/moto.sh` starts (`DRCTL_MOTO_PORT`, default 5000).
-pub fn moto_endpoint() -> String {
-    let port = std::env::var("DRCTL_MOTO_PORT").unwrap_or_else(|_| "5000".into());
-    format!("http://127.0.0.1:{port}")
-}
-
-/// Credentials moto accepts, as environment variables for `drctl`.
-pub const MOTO_ENV: &[(&str, &str)] = &[
-    ("AWS_ACCESS_KEY_ID", "test"),
-    ("AWS_SECRET_ACCESS_KEY", "test"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-];
-
-/// A name no other test (or helper sharing moto) uses: `prefix-` and 16 hex digits.
-pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
 pub struct Run {
@@ -88,27 +70,23 @@ impl Sandbox {
 
     /// Like [`Sandbox::new`], with extra lines appended to drctl.yaml.
     pub fn with_settings(extra: &str) -> Sandbox {
-        Self::with_config(
-            &format!(
-                "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
-                 recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n{extra}"
-            ),
-            &[],
-        )
+        Self::with_repository("file://repo", extra)
     }
 
-    /// A sandbox whose drctl.yaml is `config`, running every command with `env`; `drctl init` done.
-    pub fn with_config(config: &str, env: &[(&str, &str)]) -> Sandbox {
+    /// Like [`Sandbox::with_settings`], with the repository at `repository`.
+    pub fn with_repository(repository: &str, extra: &str) -> Sandbox {
+        Self::with_config(&format!(
+            "environment: test\nrepository: {repository}\nregistry: sqlite://registry.db\n\
+             recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n{extra}"
+        ))
+    }
+
+    /// A sandbox whose drctl.yaml is `config`; `drctl init` done.
+    pub fn with_config(config: &str) -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         std::fs::write(dir.path().join("drctl.yaml"), config).unwrap();
-        let sb = Sandbox {
-            dir,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
+        let sb = Sandbox { dir };
         sb.run(&["init"]).ok();
         sb
     }
@@ -123,8 +101,8 @@ impl Sandbox {
             .current_dir(self.path())
             .env("DRCTL_CONFIG", self.path().join("drctl.yaml"))
             .env_remove("DRCTL_IDENTITY")
-            .env_remove("DRCTL_LOG")
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
+            .env_remove("DRCTL_LOG");
+        moto::env_for(&mut c);
         c
     }
 
