@@ -30,6 +30,7 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::Client;
 use serde::Deserialize;
 
+use crate::config::settings::valid_region;
 use crate::{Error, ErrorKind, Result};
 
 /// The stanza type of a KMS-wrapped file key.
@@ -92,12 +93,6 @@ impl KmsSettings {
         }
         out
     }
-}
-
-fn valid_region(r: &str) -> bool {
-    !r.is_empty()
-        && r.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// A KMS ARN: `arn:PARTITION:kms:REGION:ACCOUNT:RESOURCE` (`key/ID` or `alias/NAME`).
