@@ -409,3 +409,34 @@ fn kms_settings_problems_are_reported_with_their_fields() {
     write("kms:\n  keys: [alias/backups]\n  region: us-west-2\n");
     validate().ok();
 }
+
+#[test]
+fn a_key_named_by_alias_is_recorded_by_its_arn() {
+    let key = create_key(&[]);
+    let alias = format!("alias/{}", moto::bucket("backups"));
+    runtime().block_on(async {
+        kms_client("us-east-1")
+            .await
+            .create_alias()
+            .alias_name(&alias)
+            .target_key_id(key.rsplit('/').next().unwrap())
+            .send()
+            .await
+            .expect("create alias")
+    });
+    let sb = Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+         recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n\
+         kms:\n  keys: [{alias}]\n  region: us-east-1\n  endpoints:\n    us-east-1: {}\n",
+        moto::endpoint()
+    ));
+    let src = sb.path().join("src");
+    tree(&src);
+    sb.files_policy("tree", &[&src]);
+    let id = sb.backup("tree");
+    let dir = sb.backup_dir("tree", &id);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["encryption"]["kms_keys"], serde_json::json!([key]));
+    assert!(stanza_lines(&dir.join("data.tar.zst.age")).contains(&format!("-> aws-kms {key}")));
+}
