@@ -13,7 +13,7 @@ use crate::{Error, Result};
 pub enum StoreUrl {
     /// `file:///abs/path`, `file://relative/path` or a plain path: a local directory.
     Local(PathBuf),
-    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&upload-concurrency=N]`.
+    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&concurrency=N]`.
     S3(S3Url),
 }
 
@@ -80,13 +80,17 @@ impl S3Url {
                 "endpoint" => {
                     let e = url::Url::parse(&v).map_err(|e| bad(format!("endpoint: {e}")))?;
                     if !matches!(e.scheme(), "http" | "https") || !e.username().is_empty() {
-                        return Err(bad("endpoint must be an http(s) URL without credentials".into()));
+                        return Err(bad(
+                            "endpoint must be an http(s) URL without credentials".into()
+                        ));
                     }
                     endpoint = Some(v.trim_end_matches('/').to_owned());
                 }
                 "part-size-mib" => part_size_mib = number(5..=5120)?,
-                "upload-concurrency" => concurrency = number(1..=16)?,
-                _ => return Err(bad(format!("unknown parameter {k:?} (known: region, endpoint, part-size-mib, upload-concurrency)"))),
+                "concurrency" => concurrency = number(1..=16)?,
+                _ => return Err(bad(format!(
+                    "unknown parameter {k:?} (known: region, endpoint, part-size-mib, concurrency)"
+                ))),
             }
         }
         let region =
