@@ -60,10 +60,19 @@ impl S3Url {
                 "credentials do not belong in the URL; use the AWS credential chain".into(),
             ));
         }
-        let prefix = url.path().trim_matches('/').to_owned();
-        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+        // The prefix as written: URL parsing would resolve `..` and percent-encode.
+        let written = s["s3://".len()..].split(['?', '#']).next().unwrap_or("");
+        let prefix = written
+            .split_once('/')
+            .map_or("", |(_, p)| p)
+            .trim_matches('/')
+            .to_owned();
+        if prefix.split('/').any(|c| c == "." || c == "..")
+            || prefix.contains("//")
+            || !prefix.is_ascii()
+        {
             return Err(bad(format!(
-                "prefix {prefix:?} has empty, '.' or '..' components"
+                "prefix {prefix:?} has empty, '.' or '..' components or non-ASCII characters"
             )));
         }
         let (mut region, mut endpoint) = (None, None);
@@ -88,9 +97,11 @@ impl S3Url {
                 }
                 "part-size-mib" => part_size_mib = number(5..=5120)?,
                 "concurrency" => concurrency = number(1..=16)?,
-                _ => return Err(bad(format!(
+                _ => {
+                    return Err(bad(format!(
                     "unknown parameter {k:?} (known: region, endpoint, part-size-mib, concurrency)"
-                ))),
+                )))
+                }
             }
         }
         let region =
