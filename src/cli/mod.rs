@@ -40,10 +40,10 @@ Exit codes:
 
 /// drctl: encrypted, verified backups and tested restores.
 ///
-/// Backups stream through zstd and age into a repository (a local directory) and are
-/// recorded in a registry (SQLite or DynamoDB). Every artifact is a standard age file over
-/// zstd over tar (or a raw stream): with the identity, `age -d | zstd -d | tar -x` restores it
-/// without drctl; with a `kms` section, KMS can unwrap it too.
+/// Backups stream through zstd and age into a repository (a local directory or an S3 bucket)
+/// and are recorded in a registry (SQLite or DynamoDB). Every artifact is a standard age file
+/// over zstd over tar (or a raw stream): with the identity, `age -d | zstd -d | tar -x`
+/// restores it without drctl; with a `kms` section, KMS can unwrap it too.
 ///
 /// Start with `drctl init`, then `drctl backup --policy NAME`.
 #[derive(Debug, Parser)]

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 pub enum StoreUrl {
     /// `file:///abs/path`, `file://relative/path` or a plain path: a local directory.
     Local(PathBuf),
-    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&upload-concurrency=N]`.
+    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&concurrency=N]`.
     S3(S3Url),
 }
 
@@ -60,10 +60,19 @@ impl S3Url {
                 "credentials do not belong in the URL; use the AWS credential chain".into(),
             ));
         }
-        let prefix = url.path().trim_matches('/').to_owned();
-        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+        // The prefix as written: URL parsing would resolve `..` and percent-encode.
+        let written = s["s3://".len()..].split(['?', '#']).next().unwrap_or("");
+        let prefix = written
+            .split_once('/')
+            .map_or("", |(_, p)| p)
+            .trim_matches('/')
+            .to_owned();
+        if prefix.split('/').any(|c| c == "." || c == "..")
+            || prefix.contains("//")
+            || !prefix.is_ascii()
+        {
             return Err(bad(format!(
-                "prefix {prefix:?} has empty, '.' or '..' components"
+                "prefix {prefix:?} has empty, '.' or '..' components or non-ASCII characters"
             )));
         }
         let (mut region, mut endpoint) = (None, None);
@@ -80,13 +89,19 @@ impl S3Url {
                 "endpoint" => {
                     let e = url::Url::parse(&v).map_err(|e| bad(format!("endpoint: {e}")))?;
                     if !matches!(e.scheme(), "http" | "https") || !e.username().is_empty() {
-                        return Err(bad("endpoint must be an http(s) URL without credentials".into()));
+                        return Err(bad(
+                            "endpoint must be an http(s) URL without credentials".into()
+                        ));
                     }
                     endpoint = Some(v.trim_end_matches('/').to_owned());
                 }
                 "part-size-mib" => part_size_mib = number(5..=5120)?,
-                "upload-concurrency" => concurrency = number(1..=16)?,
-                _ => return Err(bad(format!("unknown parameter {k:?} (known: region, endpoint, part-size-mib, upload-concurrency)"))),
+                "concurrency" => concurrency = number(1..=16)?,
+                _ => {
+                    return Err(bad(format!(
+                    "unknown parameter {k:?} (known: region, endpoint, part-size-mib, concurrency)"
+                )))
+                }
             }
         }
         let region =
