@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::proxy::RecordingProxy;
 use common::{assert_same_tree, moto, restored, Sandbox};
 
 fn dynamodb_sandbox(table: &str) -> Sandbox {
@@ -173,4 +174,49 @@ fn a_lost_table_is_rebuilt_from_the_repository() {
     ])
     .ok();
     assert_same_tree(&src, &restored(&target, &src));
+}
+
+/// Every access pattern is a keyed read: whatever the command, DynamoDB never sees a Scan.
+#[test]
+fn commands_read_the_registry_by_key_and_index_never_by_scan() {
+    let proxy = RecordingProxy::start();
+    let table = moto::bucket("e2e");
+    let sb = Sandbox::with_config(&format!(
+        "environment: test\nrepository: file://repo\n\
+         registry: dynamodb://{table}?region=us-east-1&endpoint={}\n\
+         recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n",
+        proxy.url
+    ));
+    let src = sb.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha").unwrap();
+    sb.files_policy("tree", &[&src]);
+    let first = sb.backup("tree");
+    let second = sb.backup("tree");
+    proxy.take();
+
+    for args in [
+        &["list"][..],
+        &["list", "--policy", "tree"],
+        &["list", "--status", "completed"],
+        &["list", "--policy", "tree", "--status", "failed"],
+        &["list", "--limit", "1", "--before", &second],
+        &["show", &first],
+        &["verify", "--all"],
+        &["restore", "-p", "tree", "-b", "latest", "--stdout"],
+    ] {
+        sb.run(args).ok();
+        let ops = proxy.take();
+        assert!(
+            !ops.is_empty() && ops.iter().all(|op| !op.contains("scan")),
+            "{args:?}: {ops:?}"
+        );
+    }
+    // A listing is one index query (after the check that the registry exists), not reads
+    // item by item.
+    sb.run(&["list", "--policy", "tree"]).ok();
+    assert_eq!(
+        proxy.take(),
+        ["dynamodb_20120810.getitem", "dynamodb_20120810.query"]
+    );
 }

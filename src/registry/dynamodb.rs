@@ -36,7 +36,8 @@
 //! that moment, never from `get`.
 //!
 //! Every write is conditional: inserts on the item's absence, status changes on the current
-//! status, leases on expiry or the fencing token. `gsi_set_status` changes with the status, so
+//! status, added locations on the status and the location list as read, leases on expiry or
+//! the fencing token. `gsi_set_status` changes with the status, so
 //! a status change first reads the record (for its set), then writes under the condition that
 //! the status is still the one expected.
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
