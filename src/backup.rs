@@ -11,6 +11,7 @@ use chrono::Utc;
 
 use crate::cancel::Cancel;
 use crate::config::Policy;
+use crate::crypto::Recipients;
 use crate::format::manifest::{
     BackupType, EncryptionInfo, ObjectInfo, ObjectRole, PointInTime, SourceInfo, FORMAT_VERSION,
 };
@@ -86,7 +87,7 @@ pub async fn run_job(
     opts: BackupOptions,
     cancel: &Cancel,
 ) -> Result<Manifest> {
-    let recipients = crate::crypto::recipients(&repo.settings)?;
+    let recipients = crate::crypto::Recipients::from_settings(&repo.settings)?;
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
         &job.lease,
@@ -114,7 +115,7 @@ async fn run_locked(
     repo: &Repo,
     policy: &Policy,
     job: Job,
-    recipients: Vec<String>,
+    recipients: Recipients,
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
     lease: &LeaseGuard,
@@ -176,8 +177,8 @@ async fn run_locked(
                 }),
                 objects,
                 encryption: EncryptionInfo {
-                    recipients,
-                    kms_keys: Vec::new(),
+                    kms_keys: recipients.kms_keys(),
+                    recipients: recipients.x25519,
                 },
                 drctl_version: crate::VERSION.to_owned(),
             };
@@ -303,7 +304,7 @@ async fn write_objects(
     id: &BackupId,
     put_opts: &PutOptions,
     mut source: Box<dyn crate::source::Source>,
-    recipients: &[String],
+    recipients: &Recipients,
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
 ) -> Result<(Vec<ObjectInfo>, SourceInfo, Option<PointInTime>)> {
@@ -328,11 +329,11 @@ async fn write_objects(
     let data_opts = EncodeOptions {
         level: policy.compression.level,
         workers: policy.compression.workers(),
-        recipients: recipients.to_vec(),
+        recipients: recipients.clone(),
         progress,
         chunk_size: crate::store::CHUNK_SIZE,
     };
-    let index_recipients = recipients.to_vec();
+    let index_recipients = recipients.clone();
     let thread_cancel = cancel.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<Produced> {
         let mut data = Encoder::start(data_opts, data_tx)?;

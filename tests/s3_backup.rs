@@ -123,3 +123,36 @@ fn storage_options_are_refused_for_a_local_repository() {
         );
     }
 }
+
+#[test]
+fn gc_aborts_a_multipart_upload_left_by_a_crashed_run() {
+    let bucket = moto::bucket("gc");
+    let sb = Sandbox::with_repository(&moto::url(&bucket, "backups", "us-east-1", ""), "");
+    let s3 = moto::client("us-east-1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = "backups/test/tree/20260101T000000Z-0badc0de/data.tar.zst.age";
+    rt.block_on(async {
+        s3.create_multipart_upload()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+    });
+    let plan = sb.run(&["--json", "gc", "--dry-run"]).ok();
+    assert!(
+        plan.stdout
+            .contains("test/tree/20260101T000000Z-0badc0de/data.tar.zst.age?uploadId="),
+        "{}",
+        plan.stdout
+    );
+    assert_eq!(
+        rt.block_on(moto::multipart_uploads(&s3, &bucket)),
+        vec![key]
+    );
+    sb.run(&["gc"]).ok();
+    assert_eq!(
+        rt.block_on(moto::multipart_uploads(&s3, &bucket)),
+        Vec::<String>::new()
+    );
+}

@@ -1,10 +1,12 @@
-//! Backups to S3 through a small TCP proxy in front of moto: one that drops connections
-//! part-way through uploads (the backup retries, or fails cleanly with no `completed` record
-//! and no multipart upload left), and one that records the requests so their headers and
-//! checksums can be checked byte for byte.
+//! Backups to S3 through a small TCP proxy in front of moto that drops connections part-way
+//! through uploads (the backup retries, or fails cleanly with no `completed` record and no
+//! multipart upload left), answers with throttling, server or permission errors, or records
+//! the requests so their headers and checksums can be checked byte for byte. And a backup
+//! interrupted with SIGINT mid-upload, which stops writing and aborts its upload.
 
 mod common;
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +24,10 @@ struct Proxy {
     cuts: Arc<AtomicUsize>,
     /// What each connection sent upstream, when recording.
     sent: Option<Arc<Mutex<Vec<ConnectionLog>>>>,
+    /// Canned errors (`"503 SlowDown"`): each new connection takes one, reads one request,
+    /// answers with it and closes, instead of forwarding.
+    errors: Arc<Mutex<VecDeque<&'static str>>>,
+    answered: Arc<AtomicUsize>,
 }
 
 type ConnectionLog = Arc<Mutex<Vec<u8>>>;
@@ -35,15 +41,23 @@ impl Proxy {
             cuts_left: Arc::new(AtomicUsize::new(cuts_left)),
             cuts: Arc::new(AtomicUsize::new(0)),
             sent: record.then(Default::default),
+            errors: Default::default(),
+            answered: Default::default(),
         };
         let (cuts_left, cuts, sent) = (
             proxy.cuts_left.clone(),
             proxy.cuts.clone(),
             proxy.sent.clone(),
         );
+        let (errors, answered) = (proxy.errors.clone(), proxy.answered.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
-                let Ok(client) = client else { return };
+                let Ok(mut client) = client else { return };
+                if let Some(status) = errors.lock().unwrap().pop_front() {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || answer(&mut client, status));
+                    continue;
+                }
                 let Ok(upstream) = TcpStream::connect(("127.0.0.1", moto::port())) else {
                     continue;
                 };
@@ -157,6 +171,30 @@ impl Request {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Reads one request and answers it with an S3 error (`status` is `"503 SlowDown"`).
+fn answer(client: &mut TcpStream, status: &str) {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 64 << 10];
+    loop {
+        if let Some((_, used)) = Request::parse(&data) {
+            assert!(used <= data.len());
+            break;
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    let code = status.split_once(' ').unwrap().1;
+    let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>");
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.shutdown(Shutdown::Both);
 }
 
 fn sha256_b64(data: &[u8]) -> String {
@@ -342,4 +380,116 @@ fn uploads_send_sha256_per_part_and_the_policy_object_options() {
             "{xml}"
         );
     }
+}
+
+#[test]
+fn backup_retries_throttling_and_server_errors() {
+    let proxy = Proxy::start(usize::MAX, 0, false);
+    let bucket = moto::bucket("slow");
+    let (sb, src) = files_sandbox(&proxy, &bucket, "");
+    // Four failures in a row: the request that meets them succeeds on its fifth attempt.
+    proxy.errors.lock().unwrap().extend([
+        "503 SlowDown",
+        "500 InternalError",
+        "503 SlowDown",
+        "503 ServiceUnavailable",
+    ]);
+    let id = sb.backup("tree");
+    assert_eq!(proxy.answered.load(Ordering::SeqCst), 4);
+    assert_eq!(sb.status(&id), "completed");
+    let target = sb.path().join("restore");
+    sb.run(&[
+        "restore",
+        "-p",
+        "tree",
+        "-b",
+        &id,
+        "--target",
+        target.to_str().unwrap(),
+    ])
+    .ok();
+    assert_same_tree(&src, &restored(&target, &src));
+}
+
+#[test]
+fn access_denied_fails_at_once_with_what_to_check() {
+    let proxy = Proxy::start(usize::MAX, 0, false);
+    let bucket = moto::bucket("deny");
+    let (sb, _src) = files_sandbox(&proxy, &bucket, "");
+    proxy
+        .errors
+        .lock()
+        .unwrap()
+        .extend(["403 AccessDenied"; 10]);
+    let run = sb.run(&["backup", "-p", "tree"]).code(1);
+    assert!(
+        run.stderr.contains("access denied (AccessDenied") && run.stderr.contains("IAM policy"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        proxy.answered.load(Ordering::SeqCst),
+        1,
+        "no retry of a 403"
+    );
+}
+
+#[test]
+fn interrupted_backup_stops_writing_and_aborts_its_upload() {
+    let proxy = Proxy::start(usize::MAX, 0, false);
+    let bucket = moto::bucket("sigint");
+    let sb = Sandbox::with_repository(&proxy.url(&bucket), "");
+    // Endless incompressible output: the upload is multipart and never finishes by itself.
+    sb.command_policy(
+        "endless",
+        &[
+            "sh",
+            "-c",
+            "while true; do head -c 1000000 /dev/urandom; done",
+        ],
+        "bin",
+    );
+    let mut child = sb
+        .cmd(&["backup", "-p", "endless"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while uploads_left(&bucket).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no multipart upload started"
+        );
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("the backup ended before it was interrupted: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    // Nothing more arrives at S3 once the run has exited: no upload, no object.
+    let records = sb.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["status"], "failed", "{records:?}");
+    assert_eq!(uploads_left(&bucket), Vec::<String>::new());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed = rt.block_on(async {
+        moto::client("us-east-1")
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix("backups/test/")
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(listed.contents().len(), 0, "{listed:?}");
 }

@@ -273,3 +273,56 @@ async fn missing_bucket_is_not_found_with_a_hint_to_init() {
     store.create().await.expect("create again");
     store.check().await.expect("check");
 }
+
+#[test]
+fn s3_urls_are_parsed_and_bad_ones_refused() {
+    let base = std::path::Path::new("/etc/drctl");
+    let url = |s: &str| match StoreUrl::parse(s, base) {
+        Ok(StoreUrl::S3(u)) => Ok(u),
+        Ok(other) => panic!("{s}: parsed as {other}"),
+        Err(e) => Err(e.message().to_owned()),
+    };
+    let u = url("s3://my-backups/prod/db?region=eu-west-1").unwrap();
+    assert_eq!(
+        (u.bucket.as_str(), u.prefix.as_str(), u.region.as_str()),
+        ("my-backups", "prod/db", "eu-west-1")
+    );
+    assert_eq!((&u.endpoint, u.part_size_mib, u.concurrency), (&None, 8, 2));
+    assert_eq!(u.to_string(), "s3://my-backups/prod/db?region=eu-west-1");
+    let u = url(
+        "s3://b-1/?region=us-east-1&endpoint=http://127.0.0.1:9000/&part-size-mib=16&concurrency=4",
+    )
+    .unwrap();
+    assert_eq!(u.prefix, "");
+    assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    assert_eq!((u.part_size_mib, u.concurrency), (16, 4));
+    for (bad, why) in [
+        ("s3://bucket/x", "region is required"),
+        ("s3://Bucket/x?region=us-east-1", "is not a bucket name"),
+        ("s3://ab/x?region=us-east-1", "is not a bucket name"),
+        (
+            "s3://key:secret@bucket/x?region=us-east-1",
+            "credentials do not belong",
+        ),
+        ("s3://bucket/a/../b?region=us-east-1", "'..'"),
+        (
+            "s3://bucket/x?region=us-east-1&part-size-mib=4",
+            "part-size-mib=4",
+        ),
+        (
+            "s3://bucket/x?region=us-east-1&concurrency=0",
+            "concurrency=0",
+        ),
+        (
+            "s3://bucket/x?region=us-east-1&endpoint=ftp://h",
+            "endpoint must be",
+        ),
+        (
+            "s3://bucket/x?region=us-east-1&acl=public",
+            "unknown parameter \"acl\"",
+        ),
+    ] {
+        let err = url(bad).expect_err(bad);
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}

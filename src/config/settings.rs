@@ -13,7 +13,7 @@ use crate::{Error, Result};
 pub enum StoreUrl {
     /// `file:///abs/path`, `file://relative/path` or a plain path: a local directory.
     Local(PathBuf),
-    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&upload-concurrency=N]`.
+    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&concurrency=N]`.
     S3(S3Url),
 }
 
@@ -60,10 +60,19 @@ impl S3Url {
                 "credentials do not belong in the URL; use the AWS credential chain".into(),
             ));
         }
-        let prefix = url.path().trim_matches('/').to_owned();
-        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+        // The prefix as written: URL parsing would resolve `..` and percent-encode.
+        let written = s["s3://".len()..].split(['?', '#']).next().unwrap_or("");
+        let prefix = written
+            .split_once('/')
+            .map_or("", |(_, p)| p)
+            .trim_matches('/')
+            .to_owned();
+        if prefix.split('/').any(|c| c == "." || c == "..")
+            || prefix.contains("//")
+            || !prefix.is_ascii()
+        {
             return Err(bad(format!(
-                "prefix {prefix:?} has empty, '.' or '..' components"
+                "prefix {prefix:?} has empty, '.' or '..' components or non-ASCII characters"
             )));
         }
         let (mut region, mut endpoint) = (None, None);
@@ -80,13 +89,19 @@ impl S3Url {
                 "endpoint" => {
                     let e = url::Url::parse(&v).map_err(|e| bad(format!("endpoint: {e}")))?;
                     if !matches!(e.scheme(), "http" | "https") || !e.username().is_empty() {
-                        return Err(bad("endpoint must be an http(s) URL without credentials".into()));
+                        return Err(bad(
+                            "endpoint must be an http(s) URL without credentials".into()
+                        ));
                     }
                     endpoint = Some(v.trim_end_matches('/').to_owned());
                 }
                 "part-size-mib" => part_size_mib = number(5..=5120)?,
-                "upload-concurrency" => concurrency = number(1..=16)?,
-                _ => return Err(bad(format!("unknown parameter {k:?} (known: region, endpoint, part-size-mib, upload-concurrency)"))),
+                "concurrency" => concurrency = number(1..=16)?,
+                _ => {
+                    return Err(bad(format!(
+                    "unknown parameter {k:?} (known: region, endpoint, part-size-mib, concurrency)"
+                )))
+                }
             }
         }
         let region =
@@ -153,6 +168,8 @@ impl std::fmt::Display for StoreUrl {
 pub enum RegistryUrl {
     /// `sqlite:///abs/registry.db` or `sqlite://relative/registry.db`.
     Sqlite(PathBuf),
+    /// `dynamodb://table?region=us-east-1[&endpoint=http://host:port]`.
+    DynamoDb(crate::registry::dynamodb::TableUrl),
 }
 
 impl RegistryUrl {
@@ -160,8 +177,11 @@ impl RegistryUrl {
         if let Some(rest) = s.strip_prefix("sqlite://") {
             return non_empty(rest, s).map(|p| RegistryUrl::Sqlite(resolve(base, Path::new(p))));
         }
+        if s.starts_with("dynamodb://") {
+            return crate::registry::dynamodb::TableUrl::parse(s).map(RegistryUrl::DynamoDb);
+        }
         Err(Error::invalid(format!(
-            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db"
+            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db or dynamodb://table?region=REGION"
         )))
     }
 }
@@ -170,6 +190,7 @@ impl std::fmt::Display for RegistryUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegistryUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            RegistryUrl::DynamoDb(t) => t.fmt(f),
         }
     }
 }
@@ -205,6 +226,8 @@ pub struct Settings {
     pub lease_ttl_seconds: u64,
     /// The resources of each disaster-recovery region, for `drctl restore --region`.
     pub regions: std::collections::BTreeMap<String, RegionSettings>,
+    /// KMS keys that also wrap every backup's file key, and how restores reach KMS.
+    pub kms: Option<crate::crypto::kms::KmsSettings>,
 }
 
 /// Where one region's copy of the registry and of the backups are.
@@ -239,6 +262,7 @@ pub const KEYS: &[&str] = &[
     "production",
     "lease-ttl-seconds",
     "regions",
+    "kms",
 ];
 const REQUIRED: &[&str] = &["environment", "repository", "registry"];
 pub const DEFAULT_LEASE_TTL_SECONDS: u64 = 120;
@@ -294,7 +318,9 @@ impl Settings {
                 p.add(format!("recipients[{i}]"), e.message());
             }
         }
-        if recipients.is_empty() && raw.recipients_file.is_none() {
+        // A host that only restores with KMS needs no recipients; backups still refuse to run
+        // without one (promise 2: the break-glass identity always restores).
+        if recipients.is_empty() && raw.recipients_file.is_none() && raw.kms.is_none() {
             p.add(
                 "recipients",
                 "no recipients: set recipients or recipients-file (drctl init can create the file)",
@@ -328,6 +354,9 @@ impl Settings {
                 );
             }
         }
+        for (field, message) in raw.kms.iter().flat_map(|k| k.problems()) {
+            p.add(format!("kms.{field}"), message);
+        }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
         }
@@ -351,6 +380,7 @@ impl Settings {
             production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
             regions,
+            kms: raw.kms,
             base_dir,
         };
         if p.list.is_empty() {
@@ -387,4 +417,5 @@ struct PartialRaw {
     production: Option<bool>,
     lease_ttl_seconds: Option<u64>,
     regions: Option<std::collections::BTreeMap<String, RawRegion>>,
+    kms: Option<crate::crypto::kms::KmsSettings>,
 }

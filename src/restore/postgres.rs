@@ -582,11 +582,15 @@ pub async fn restore_physical(
             .map_err(|e| Error::io(format!("resolve {}", p.display()), e))
             .map(|p| sh_quote(&p.to_string_lossy()))
     };
+    // Without an identity file, `wal fetch` decrypts with the settings' KMS keys.
+    let identity = match &identities.file {
+        Some(f) => format!(" --identity {}", absolute(f)?),
+        None => String::new(),
+    };
     let restore_command = format!(
-        "{} -q --config {} --identity {} wal fetch --policy {} %f %p",
+        "{} -q --config {}{identity} wal fetch --policy {} %f %p",
         sh_quote(&exe.to_string_lossy()),
         absolute(&repo.settings.file)?,
-        absolute(&identities.file)?,
         plan.record.policy
     );
     let mut settings = format!(
