@@ -48,22 +48,40 @@ fn user_args() -> Vec<String> {
     }
 }
 
-/// A data directory made once per test process by mariadb-install-db, copied by each server.
+/// A data directory made by mariadb-install-db once per MariaDB version (kept in the temporary
+/// directory across runs), copied by each server.
 fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         need("mariadb-install-db");
-        let dir = tempfile::Builder::new()
-            .prefix("drctl-mariadb-template-")
+        let version = Command::new(mariadbd())
+            .arg("--version")
+            .output()
+            .expect("run mariadbd --version");
+        let version: String = String::from_utf8_lossy(&version.stdout)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let fixed = std::env::temp_dir().join(format!(
+            "drctl-mariadb-template-{}",
+            version.trim_matches('-')
+        ));
+        if fixed.join("data/mysql").is_dir() {
+            return fixed.join("data");
+        }
+        let staging = tempfile::Builder::new()
+            .prefix("drctl-mariadb-staging-")
             .tempdir()
-            .unwrap()
-            .keep();
-        let data = dir.join("data");
+            .unwrap();
         let out = Command::new("mariadb-install-db")
             .args(["--no-defaults", "--auth-root-authentication-method=normal"])
             .args(["--skip-test-db", "--skip-name-resolve"])
-            .arg(format!("--datadir={}", data.display()))
+            .arg(format!(
+                "--datadir={}",
+                staging.path().join("data").display()
+            ))
             .args(user_args())
+            .args(SERVER_OPTIONS)
             .output()
             .expect("run mariadb-install-db");
         assert!(
@@ -71,9 +89,20 @@ fn template() -> &'static Path {
             "mariadb-install-db failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        data
+        // Another test process may have won the race; its template is as good.
+        let staging = staging.keep();
+        if std::fs::rename(&staging, &fixed).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        fixed.join("data")
     })
 }
+
+/// Small InnoDB files: every server copies the template.
+const SERVER_OPTIONS: &[&str] = &[
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-log-file-size=16M",
+];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -110,10 +139,7 @@ impl Server {
                 "--binlog-format=ROW",
                 "--skip-name-resolve",
             ])
-            .args([
-                "--innodb-buffer-pool-size=32M",
-                "--innodb-log-file-size=16M",
-            ])
+            .args(SERVER_OPTIONS)
             .args(user_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
