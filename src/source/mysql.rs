@@ -589,7 +589,9 @@ struct Values {
     escaped: bool,
 }
 
-const LINE_CAP: usize = 4096;
+/// Longest line prefix kept outside INSERT values: enough for `INSERT INTO t (columns...) VALUES`
+/// of very wide tables.
+const LINE_CAP: usize = 64 << 10;
 
 impl<'a> DumpScanner<'a> {
     fn new(out: &'a mut dyn Write) -> Self {
@@ -752,12 +754,13 @@ mod tests {
             INSERT INTO `t` VALUES\n(1,'a(b'),\n(2,'it\\'s ); (x)'),\n(3,NULL);\n\
             INSERT INTO `t` VALUES (4,'x'),(5,'y');\n\
             INSERT INTO `we``ird` VALUES (1);\n\
+            INSERT INTO `we``ird` (`x`, `gen(1)`) VALUES (2,DEFAULT),(3,DEFAULT);\n\
             -- not INSERT INTO `t` VALUES (9);\n";
         for split in [0, 1, 50, 100, 130, 150, 170, 200, dump.len()] {
             let (tables, binlog) = scan(dump, split);
             assert_eq!(tables["t"], 5, "split at {split}");
             assert_eq!(tables["empty"], 0);
-            assert_eq!(tables["we`ird"], 1);
+            assert_eq!(tables["we`ird"], 3);
             assert_eq!(tables.len(), 3);
             assert_eq!(binlog.unwrap().to_string(), "binlog.000003:379");
         }
