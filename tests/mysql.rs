@@ -214,7 +214,7 @@ impl Drop for Server {
 }
 
 /// A database with a table of varied rows (quotes, parentheses, semicolons, NULLs, binary),
-/// an empty table and a view.
+/// an empty table, a view and a procedure whose body is an INSERT line.
 fn seed(server: &Server, db: &str) {
     server.sql(
         None,
@@ -226,7 +226,9 @@ fn seed(server: &Server, db: &str) {
              INSERT INTO items VALUES (1, 'it''s (tricky); stuff', NULL, 1.50),
                                       (2, 'back\\\\slash', UNHEX('00FF27283B29'), 99.99);
              INSERT INTO items SELECT seq, CONCAT('item-', seq, REPEAT('x', seq % 50)),
-                    RANDOM_BYTES(1 + seq % 64), seq / 7 FROM seq_3_to_3000;"
+                    RANDOM_BYTES(1 + seq % 64), seq / 7 FROM seq_3_to_3000;
+             CREATE PROCEDURE add_item()
+INSERT INTO `items` VALUES (9999, 'not a row of the dump', NULL, 0);"
         ),
     );
 }

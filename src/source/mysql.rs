@@ -578,6 +578,8 @@ struct DumpScanner<'a> {
     /// The current line while outside an INSERT's values (capped).
     line: Vec<u8>,
     values: Option<Values>,
+    /// Inside a `DELIMITER ;;` block (routine and trigger bodies), whose INSERTs are not data.
+    in_routine: bool,
 }
 
 /// Inside the values of `INSERT INTO table VALUES (...),(...);`.
@@ -601,6 +603,7 @@ impl<'a> DumpScanner<'a> {
             binlog: None,
             line: Vec::new(),
             values: None,
+            in_routine: false,
         }
     }
 
@@ -638,7 +641,7 @@ impl<'a> DumpScanner<'a> {
                 self.end_line();
                 continue;
             }
-            if (b == b' ' || b == b'(') && self.line.ends_with(b" VALUES") {
+            if (b == b' ' || b == b'(') && !self.in_routine && self.line.ends_with(b" VALUES") {
                 if let Some(table) = backquoted_after(&self.line, b"INSERT INTO ") {
                     self.values = Some(Values {
                         table,
@@ -662,7 +665,12 @@ impl<'a> DumpScanner<'a> {
 
     fn end_line(&mut self) {
         let line = std::mem::take(&mut self.line);
-        if line.ends_with(b" VALUES") {
+        match line.as_slice() {
+            b"DELIMITER ;;" => self.in_routine = true,
+            b"DELIMITER ;" => self.in_routine = false,
+            _ => {}
+        }
+        if line.ends_with(b" VALUES") && !self.in_routine {
             if let Some(table) = backquoted_after(&line, b"INSERT INTO ") {
                 self.values = Some(Values {
                     table,
@@ -755,7 +763,8 @@ mod tests {
             INSERT INTO `t` VALUES (4,'x'),(5,'y');\n\
             INSERT INTO `we``ird` VALUES (1);\n\
             INSERT INTO `we``ird` (`x`, `gen(1)`) VALUES (2,DEFAULT),(3,DEFAULT);\n\
-            -- not INSERT INTO `t` VALUES (9);\n";
+            -- not INSERT INTO `t` VALUES (9);\n\
+            DELIMITER ;;\nCREATE PROCEDURE p() BEGIN\nINSERT INTO `t` VALUES (10);\nEND ;;\nDELIMITER ;\n";
         for split in [0, 1, 50, 100, 130, 150, 170, 200, dump.len()] {
             let (tables, binlog) = scan(dump, split);
             assert_eq!(tables["t"], 5, "split at {split}");
