@@ -363,10 +363,10 @@ pub async fn execute(
     if let (Target::Dir { .. }, "sqlite") = (&plan.target, plan.source_kind.as_str()) {
         return sqlite::execute(repo, plan, identities, progress, cancel).await;
     }
-    let started = std::time::Instant::now();
     if let Some(my) = &plan.mysql {
         return mysql::execute(repo, plan, my, identities, cancel).await;
     }
+    let started = std::time::Instant::now();
     if let Some(pg) = &plan.postgres {
         let report = postgres::execute(repo, pg, identities, cancel).await?;
         return Ok(RestoreReport {
