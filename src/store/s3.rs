@@ -388,7 +388,7 @@ impl ObjectStore for S3Store {
         let (tx, stream) = ByteStream::channel(key.clone());
         let (part, concurrency) = (self.part_size as u64, self.concurrency);
         tokio::spawn(async move {
-            let mut pending: VecDeque<AbortOnDrop<Result<Bytes>>> = VecDeque::new();
+            let mut pending: VecDeque<AbortOnDrop<Result<Vec<Bytes>>>> = VecDeque::new();
             let mut next = 0u64;
             loop {
                 while pending.len() < concurrency && next < size {
@@ -407,11 +407,13 @@ impl ObjectStore for S3Store {
                     Err(e) => Err(Error::failure(format!("download task failed: {e}"))),
                 };
                 match fetched {
-                    Ok(mut data) => {
-                        while !data.is_empty() {
-                            let chunk = data.split_to(data.len().min(CHUNK_SIZE));
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                return;
+                    Ok(segments) => {
+                        for mut data in segments {
+                            while !data.is_empty() {
+                                let chunk = data.split_to(data.len().min(CHUNK_SIZE));
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -615,8 +617,9 @@ struct Ranged {
 }
 
 impl Ranged {
-    /// Bytes `start..end`, retrying a response body that breaks part-way.
-    async fn fetch(&self, start: u64, end: u64) -> Result<Bytes> {
+    /// Bytes `start..end` as received (not copied into one buffer), retrying a response body
+    /// that breaks part-way.
+    async fn fetch(&self, start: u64, end: u64) -> Result<Vec<Bytes>> {
         let mut attempt = 1;
         loop {
             let res = self
@@ -641,7 +644,9 @@ impl Ranged {
                 Err(e) => return Err(self.store.err(format!("read {}", self.full), e)),
             };
             match out.body.collect().await {
-                Ok(data) if data.remaining() as u64 == end - start => return Ok(data.into_bytes()),
+                Ok(data) if data.remaining() as u64 == end - start => {
+                    return Ok(data.into_segments().collect())
+                }
                 Ok(data) => {
                     return Err(Error::integrity(format!(
                         "{}: {} bytes {start}..{end}: got {} bytes",
