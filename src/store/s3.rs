@@ -209,6 +209,9 @@ impl S3Store {
     }
 }
 
+/// The most parts a multipart upload can have.
+const MAX_PARTS: usize = 10_000;
+
 /// The largest object one CopyObject request can copy.
 const MAX_COPY_OBJECT: u64 = 5 << 30;
 
@@ -739,8 +742,20 @@ impl S3Writer {
         while self.in_flight.len() >= self.store.concurrency {
             self.join_one().await?;
         }
+        let number = self.parts.len() + self.in_flight.len() + 1;
+        if number > MAX_PARTS {
+            return Err(self.fail(
+                Error::failure(format!(
+                    "{}: {} is larger than {MAX_PARTS} parts of {} MiB",
+                    self.store.describe(),
+                    self.key,
+                    self.store.part_size >> 20
+                ))
+                .hint("raise part-size-mib in the repository URL (S3 allows at most 10000 parts)"),
+            ));
+        }
+        let number = number as i32;
         let data = std::mem::take(&mut self.buf).freeze();
-        let number = (self.parts.len() + self.in_flight.len() + 1) as i32;
         let (store, full, key) = (self.store.clone(), self.full.clone(), self.key.clone());
         let upload_id = self.upload_id.clone().expect("started above");
         self.in_flight.spawn(async move {
