@@ -28,7 +28,7 @@ use aws_sdk_s3::types::{
 };
 use aws_sdk_s3::Client;
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use sha2::Digest;
 
 use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE};
@@ -675,8 +675,6 @@ impl Ranged {
         }
     }
 }
-
-use bytes::Buf;
 
 struct S3Writer {
     store: S3Store,
