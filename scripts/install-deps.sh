@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the system tools that drctl's tests and scripts need, if missing.
 #
-#   scripts/install-deps.sh           age, zstd, tar, sqlite3, GNU time
-#   scripts/install-deps.sh --bench   the above plus restic (benchmark reference)
+#   scripts/install-deps.sh           age, zstd, tar, sqlite3, GNU time, PostgreSQL
+#   scripts/install-deps.sh --bench   the above plus restic and pgBackRest (benchmark references)
 #
 # Debian/Ubuntu only (apt-get). Does nothing when every tool is already present,
 # so it is cheap to call at the start of every script.
@@ -37,9 +37,13 @@ probes=(
     "tar tar"
     "sqlite3 sqlite3"
     "time /usr/bin/time"
+    "postgresql-client psql"
+    "postgresql-client pg_dump"
+    "postgresql-client pg_basebackup"
+    "postgresql pg_ctlcluster"
 )
 if [[ $bench -eq 1 ]]; then
-    probes+=("restic restic")
+    probes+=("restic restic" "pgbackrest pgbackrest")
 fi
 
 missing=()
@@ -57,7 +61,21 @@ for probe in "${probes[@]}"; do
     fi
 done
 
+# The PostgreSQL tests need the server on 127.0.0.1:5432; start the installed cluster.
+start_postgres() {
+    if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432 &&
+        command -v pg_lsclusters >/dev/null 2>&1; then
+        pg_lsclusters -h | while read -r version cluster port _; do
+            if [[ $port == 5432 ]]; then
+                echo "install-deps: starting PostgreSQL cluster $version/$cluster"
+                pg_ctlcluster "$version" "$cluster" start || true
+            fi
+        done
+    fi
+}
+
 if [[ ${#missing[@]} -eq 0 ]]; then
+    start_postgres
     echo "install-deps: all tools present"
     exit 0
 fi
@@ -83,6 +101,8 @@ export DEBIAN_FRONTEND=noninteractive
 "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
 "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+start_postgres
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: note: cargo is not on PATH; install a Rust toolchain (https://rustup.rs)" >&2

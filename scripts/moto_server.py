@@ -20,7 +20,9 @@ kms_utils.CIPHERTEXT_HEADER_FORMAT = (
 )
 
 
-def _deserialize_ciphertext_blob(blob: bytes) -> "kms_utils.Ciphertext":
+# moto calls this with the keyword argument ciphertext_blob: keep the parameter name.
+def _deserialize_ciphertext_blob(ciphertext_blob: bytes) -> "kms_utils.Ciphertext":
+    blob = ciphertext_blob
     header = blob[: kms_utils.HEADER_LEN]
     key_id, iv, tag = struct.unpack(kms_utils.CIPHERTEXT_HEADER_FORMAT, header)
     return kms_utils.Ciphertext(

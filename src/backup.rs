@@ -11,6 +11,7 @@ use chrono::Utc;
 
 use crate::cancel::Cancel;
 use crate::config::Policy;
+use crate::crypto::Recipients;
 use crate::format::manifest::{
     BackupType, EncryptionInfo, ObjectInfo, ObjectRole, PointInTime, SourceInfo, FORMAT_VERSION,
 };
@@ -30,6 +31,15 @@ pub struct BackupOptions {
     pub progress: Option<Arc<AtomicU64>>,
 }
 
+/// What one backup takes: its source, the lease that serialises it, and where it sits in a chain.
+pub struct Job {
+    pub source: Box<dyn crate::source::Source>,
+    pub lease: String,
+    pub backup_type: BackupType,
+    /// The backup this one builds on, and the full backup its chain starts from.
+    pub parent: Option<(BackupId, BackupId)>,
+}
+
 /// Runs one full backup of `policy`. Returns the manifest of the completed backup.
 pub async fn run(
     repo: &Repo,
@@ -37,16 +47,63 @@ pub async fn run(
     opts: BackupOptions,
     cancel: &Cancel,
 ) -> Result<Manifest> {
-    let recipients = crate::crypto::recipients(&repo.settings)?;
+    let job = Job {
+        source: crate::source::open(policy)?,
+        lease: repo.set_lease_name(&policy.name),
+        backup_type: BackupType::Full,
+        parent: None,
+    };
+    run_job(repo, policy, job, opts, cancel).await
+}
+
+/// Runs one incremental backup of `policy`: what changed since the newest completed backup of
+/// its set, which becomes the parent. Only sources with a change log (binary logs) offer it.
+pub async fn run_incremental(
+    repo: &Repo,
+    policy: &Policy,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
+    let env = &repo.settings.environment;
+    let parent = repo
+        .registry
+        .latest(env, &policy.name)
+        .await?
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "policy {} has no completed backup in environment {env} to build an incremental on",
+                policy.name
+            ))
+            .hint("take a full backup first: drctl backup --policy NAME")
+        })?;
+    let parent = parent.manifest()?;
+    let job = Job {
+        source: crate::source::open_incremental(policy, parent)?,
+        lease: repo.set_lease_name(&policy.name),
+        backup_type: BackupType::Incremental,
+        parent: Some((parent.backup_id.clone(), parent.chain_base_id.clone())),
+    };
+    run_job(repo, policy, job, opts, cancel).await
+}
+
+/// Runs one backup of `policy` from the job's source.
+pub async fn run_job(
+    repo: &Repo,
+    policy: &Policy,
+    job: Job,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
+    let recipients = crate::crypto::Recipients::from_settings(&repo.settings)?;
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
-        &repo.set_lease_name(&policy.name),
+        &job.lease,
         repo.lease_ttl(),
         opts.wait,
         cancel,
     )
     .await?;
-    let mut result = run_locked(repo, policy, recipients, opts.progress, cancel, &lease).await;
+    let mut result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
     if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
         // Still under the lease: retention cannot remove the backup while it is copied.
         if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
@@ -64,13 +121,19 @@ pub async fn run(
 async fn run_locked(
     repo: &Repo,
     policy: &Policy,
-    recipients: Vec<String>,
+    job: Job,
+    recipients: Recipients,
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
     lease: &LeaseGuard,
 ) -> Result<Manifest> {
     let env = &repo.settings.environment;
-    let source = crate::source::open(policy)?;
+    let Job {
+        source,
+        backup_type,
+        parent,
+        ..
+    } = job;
     let started_at = Utc::now();
     let id = BackupId::generate(started_at);
     let record = BackupRecord {
@@ -78,7 +141,7 @@ async fn run_locked(
         environment: env.clone(),
         policy: policy.name.clone(),
         status: Status::Running,
-        backup_type: BackupType::Full,
+        backup_type,
         source_kind: source.kind().to_owned(),
         started_at,
         finished_at: None,
@@ -103,26 +166,26 @@ async fn run_locked(
         cancel,
     );
     match written.await {
-        Ok((objects, source_info)) => {
+        Ok((objects, source_info, point_in_time)) => {
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
                 backup_id: id.clone(),
                 environment: env.clone(),
                 policy: policy.name.clone(),
                 source: source_info,
-                backup_type: BackupType::Full,
-                parent_id: None,
-                chain_base_id: id.clone(),
+                backup_type,
+                parent_id: parent.as_ref().map(|(p, _)| p.clone()),
+                chain_base_id: parent.map(|(_, base)| base).unwrap_or_else(|| id.clone()),
                 started_at,
                 finished_at: Utc::now(),
-                point_in_time: PointInTime {
+                point_in_time: point_in_time.unwrap_or(PointInTime {
                     timestamp: Some(started_at),
                     ..Default::default()
-                },
+                }),
                 objects,
                 encryption: EncryptionInfo {
-                    recipients,
-                    kms_keys: Vec::new(),
+                    kms_keys: recipients.kms_keys(),
+                    recipients: recipients.x25519,
                 },
                 drctl_version: crate::VERSION.to_owned(),
             };
@@ -234,7 +297,12 @@ impl Upload {
 /// Chunk size of the file index stream: small, since the index is a fraction of the data.
 const INDEX_CHUNK_SIZE: usize = 64 << 10;
 
-type Produced = (crate::source::Stats, Encoded, Option<Encoded>);
+type Produced = (
+    crate::source::Stats,
+    Option<PointInTime>,
+    Encoded,
+    Option<Encoded>,
+);
 
 #[allow(clippy::too_many_arguments)]
 async fn write_objects(
@@ -243,10 +311,10 @@ async fn write_objects(
     id: &BackupId,
     put_opts: &PutOptions,
     mut source: Box<dyn crate::source::Source>,
-    recipients: &[String],
+    recipients: &Recipients,
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
-) -> Result<(Vec<ObjectInfo>, SourceInfo)> {
+) -> Result<(Vec<ObjectInfo>, SourceInfo, Option<PointInTime>)> {
     let env = &repo.settings.environment;
     let data_name = ObjectName::Data {
         artifact: source.artifact(),
@@ -268,11 +336,11 @@ async fn write_objects(
     let data_opts = EncodeOptions {
         level: policy.compression.level,
         workers: policy.compression.workers(),
-        recipients: recipients.to_vec(),
+        recipients: recipients.clone(),
         progress,
         chunk_size: crate::store::CHUNK_SIZE,
     };
-    let index_recipients = recipients.to_vec();
+    let index_recipients = recipients.clone();
     let thread_cancel = cancel.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<Produced> {
         let mut data = Encoder::start(data_opts, data_tx)?;
@@ -298,7 +366,7 @@ async fn write_objects(
             Ok(stats) => {
                 let data = data.finish()?;
                 let index = index.map(Encoder::finish).transpose()?;
-                Ok((stats, data, index))
+                Ok((stats, source.point_in_time(), data, index))
             }
             Err(e) => {
                 data.abandon();
@@ -341,7 +409,7 @@ async fn write_objects(
             },
         );
     }
-    let (stats, data, index) = produced.expect("checked above");
+    let (stats, point_in_time, data, index) = produced.expect("checked above");
     let mut objects = Vec::new();
     for (name, writer) in writers {
         let (role, encoded) = match &name {
@@ -374,5 +442,6 @@ async fn write_objects(
             descriptor,
             stats,
         },
+        point_in_time,
     ))
 }

@@ -5,6 +5,7 @@
 //! backends, `source` produces the bytes, and `backup`, `restore`, `verify` and `gc` are the
 //! jobs built from them. `cli` is a thin layer over the jobs.
 
+pub mod aws;
 pub mod backup;
 pub mod cancel;
 pub mod cli;

@@ -28,7 +28,11 @@ impl Repo {
 
     /// Opens the store and registry that drctl.yaml names for `region` (`regions:`), and
     /// nothing else: for restores while the primary region is unavailable.
-    pub async fn open_region(settings: Settings, region: &str) -> Result<Repo> {
+    /// KMS too: multi-region keys are decrypted through their replica in `region`.
+    pub async fn open_region(mut settings: Settings, region: &str) -> Result<Repo> {
+        if let Some(kms) = &mut settings.kms {
+            kms.region = Some(region.to_owned());
+        }
         let Some(r) = settings.regions.get(region).cloned() else {
             return Err(crate::Error::invalid(format!(
                 "{} has no region {region:?} (known: {})",

@@ -129,6 +129,7 @@ async fn check(
         }
         report.objects += 1;
     }
+    crate::restore::postgres::verify_wal(repo, record).await?;
 
     if let Some(identities) = identities {
         let data = manifest.data()?.clone();

@@ -7,6 +7,7 @@ mod suites;
 
 use std::sync::Arc;
 
+use drctl::registry::dynamodb::{DynamoDbRegistry, TableUrl};
 use drctl::registry::sqlite::SqliteRegistry;
 use drctl::store::local::LocalStore;
 use suites::registry::RegistryFixture;
@@ -50,6 +51,40 @@ async fn fresh_sqlite_registry() -> RegistryFixture {
     }
 }
 
+/// Deletes the test's table when the test ends.
+struct DropTable(aws_sdk_dynamodb::Client, String);
+
+impl Drop for DropTable {
+    fn drop(&mut self) {
+        let (client, table) = (self.0.clone(), self.1.clone());
+        // The test's runtime is shutting down: delete from a runtime of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            // A table that is already gone is fine.
+            let _ = rt.block_on(client.delete_table().table_name(table).send());
+        })
+        .join();
+    }
+}
+
+/// A DynamoDB registry on moto, in a table of its own that does not exist yet.
+async fn fresh_dynamodb_registry() -> RegistryFixture {
+    let table = moto::bucket("registry");
+    let url = TableUrl::parse(&format!(
+        "dynamodb://{table}?region=us-east-1&endpoint={}",
+        moto::endpoint()
+    ))
+    .expect("url");
+    let config = moto::sdk_config("us-east-1").await;
+    RegistryFixture {
+        registry: Arc::new(DynamoDbRegistry::with_config(&url, &config)),
+        _guard: Box::new(DropTable(aws_sdk_dynamodb::Client::new(&config), table)),
+    }
+}
+
 mod local_store {
     crate::store_suite!(super::fresh_local_store);
 
@@ -69,6 +104,97 @@ mod s3_store {
 
 mod sqlite_registry {
     crate::registry_suite!(super::fresh_sqlite_registry);
+}
+
+mod dynamodb_registry {
+    crate::registry_suite!(super::fresh_dynamodb_registry);
+
+    use aws_sdk_dynamodb::types::{BillingMode, PointInTimeRecoveryStatus, TableStatus};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn create_makes_an_active_on_demand_table_with_point_in_time_recovery_and_every_index() {
+        let fixture = super::fresh_dynamodb_registry().await;
+        fixture.registry.create().await.expect("create");
+        fixture.registry.create().await.expect("create again");
+        let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
+            .expect("describe is a dynamodb URL");
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
+        let table = client
+            .describe_table()
+            .table_name(&url.table)
+            .send()
+            .await
+            .expect("describe table")
+            .table
+            .expect("table");
+        assert_eq!(table.table_status(), Some(&TableStatus::Active));
+        assert_eq!(
+            table.billing_mode_summary().and_then(|b| b.billing_mode()),
+            Some(&BillingMode::PayPerRequest)
+        );
+        let mut indexes: Vec<&str> = table
+            .global_secondary_indexes()
+            .iter()
+            .filter_map(|i| i.index_name())
+            .collect();
+        indexes.sort();
+        assert_eq!(
+            indexes,
+            [
+                "all",
+                "by-environment",
+                "by-set",
+                "by-set-status",
+                "by-status"
+            ]
+        );
+        let pitr = client
+            .describe_continuous_backups()
+            .table_name(&url.table)
+            .send()
+            .await
+            .expect("describe continuous backups")
+            .continuous_backups_description
+            .and_then(|d| d.point_in_time_recovery_description)
+            .and_then(|p| p.point_in_time_recovery_status);
+        assert_eq!(pitr, Some(PointInTimeRecoveryStatus::Enabled));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn create_refuses_a_table_that_is_not_a_registry() {
+        let fixture = super::fresh_dynamodb_registry().await;
+        let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
+            .expect("describe is a dynamodb URL");
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
+        client
+            .create_table()
+            .table_name(&url.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(
+                aws_sdk_dynamodb::types::KeySchemaElement::builder()
+                    .attribute_name("pk")
+                    .key_type(aws_sdk_dynamodb::types::KeyType::Hash)
+                    .build()
+                    .unwrap(),
+            )
+            .attribute_definitions(
+                aws_sdk_dynamodb::types::AttributeDefinition::builder()
+                    .attribute_name("pk")
+                    .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .expect("create a foreign table");
+        let err = fixture.registry.create().await.unwrap_err();
+        assert!(
+            err.message().contains(&url.table) && err.message().contains("by-set-status"),
+            "{err}"
+        );
+        let err = fixture.registry.check().await.unwrap_err();
+        assert_eq!(err.kind(), drctl::ErrorKind::NotFound, "{err}");
+    }
 }
 
 #[test]

@@ -18,13 +18,15 @@ pub enum Command {
         #[arg(long, short)]
         output: PathBuf,
     },
-    /// Show the recipients new backups are encrypted to, and the identity's public keys.
+    /// Show the recipients new backups are encrypted to, the KMS keys that also wrap their
+    /// file keys, and the identity's public keys.
     List,
 }
 
 #[derive(Serialize)]
 struct Keys {
     recipients: Vec<String>,
+    kms_keys: Vec<String>,
     identity_file: Option<String>,
     identity_public_keys: Vec<String>,
 }
@@ -53,6 +55,7 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             };
             let keys = Keys {
                 recipients,
+                kms_keys: settings.kms.map(|k| k.keys).unwrap_or_default(),
                 identity_file: file.map(|f| f.display().to_string()),
                 identity_public_keys,
             };
@@ -60,6 +63,12 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
                 let mut t = String::from("recipients (new backups are encrypted to each):\n");
                 for r in &keys.recipients {
                     t.push_str(&format!("  {r}\n"));
+                }
+                if !keys.kms_keys.is_empty() {
+                    t.push_str("KMS keys (each also wraps new backups' file keys):\n");
+                    for k in &keys.kms_keys {
+                        t.push_str(&format!("  {k}\n"));
+                    }
                 }
                 match &keys.identity_file {
                     Some(f) if !keys.identity_public_keys.is_empty() => {

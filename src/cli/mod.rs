@@ -12,6 +12,7 @@ mod registry;
 mod restore;
 mod show;
 mod verify;
+mod wal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,8 +41,9 @@ Exit codes:
 /// drctl: encrypted, verified backups and tested restores.
 ///
 /// Backups stream through zstd and age into a repository (a local directory or an S3 bucket)
-/// and are recorded in a registry (SQLite). Every artifact is a standard age file over zstd over tar
-/// (or a raw stream): with the identity, `age -d | zstd -d | tar -x` restores it without drctl.
+/// and are recorded in a registry (SQLite or DynamoDB). Every artifact is a standard age file
+/// over zstd over tar (or a raw stream): with the identity, `age -d | zstd -d | tar -x`
+/// restores it without drctl; with a `kms` section, KMS can unwrap it too.
 ///
 /// Start with `drctl init`, then `drctl backup --policy NAME`.
 #[derive(Debug, Parser)]
@@ -93,6 +95,8 @@ pub enum Command {
     Policy(policy::Command),
     #[command(subcommand)]
     Registry(registry::Command),
+    #[command(subcommand)]
+    Wal(wal::Command),
 }
 
 /// What a subcommand gets: global options and the run's cancellation.
@@ -110,18 +114,18 @@ impl Ctx {
         Repo::open(self.settings()?).await
     }
 
-    /// The identities for decryption: --identity, else identity-file.
+    /// The identities for decryption: --identity, else identity-file (skipped when missing
+    /// and KMS is configured), then KMS.
     pub fn identities(&self, settings: &Settings) -> Result<Arc<Identities>> {
-        let file = self
-            .global
-            .identity
-            .clone()
-            .or_else(|| settings.identity_file.clone())
-            .ok_or_else(|| {
-                Error::invalid("no identity to decrypt with")
-                    .hint("pass --identity FILE or set identity-file in drctl.yaml")
-            })?;
-        Ok(Arc::new(Identities::load(&file)?))
+        let (file, required) = match &self.global.identity {
+            Some(f) => (Some(f.as_path()), true),
+            None => (settings.identity_file.as_deref(), false),
+        };
+        Ok(Arc::new(Identities::open(
+            file,
+            required,
+            settings.kms.as_ref(),
+        )?))
     }
 
     /// Destructive commands in a production environment need --confirm.
@@ -183,6 +187,7 @@ pub async fn run(cli: Cli, cancel: Cancel) -> Result<()> {
         Command::Keys(c) => keys::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
         Command::Registry(c) => registry::run(&ctx, c).await,
+        Command::Wal(c) => wal::run(&ctx, c).await,
     }
 }
 

@@ -163,7 +163,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
                     s.files, s.dirs, s.links
                 ))
                 .unwrap_or_default()
-        )
+        ) + &report
+            .rows
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "; row counts match the backup ({} tables, {} rows)",
+                    r.tables, r.rows
+                )
+            })
+            .unwrap_or_default()
     };
     if args.stdout {
         // Standard output carries the data; the report goes to stderr.

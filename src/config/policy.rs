@@ -54,6 +54,43 @@ pub enum SourceConfig {
         #[serde(default)]
         env: BTreeMap<String, String>,
     },
+    /// A PostgreSQL database (`logical`: pg_dump) or cluster (`physical`: pg_basebackup
+    /// plus WAL archived by `drctl wal push`).
+    Postgres {
+        mode: PostgresMode,
+        /// `postgres://user@host:port/database`, without a password.
+        url: String,
+        /// File holding the password (relative paths resolve against drctl.yaml's directory).
+        #[serde(default, rename = "password-file")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the password.
+        #[serde(default, rename = "password-env")]
+        password_env: Option<String>,
+    },
+    /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
+    /// server's binary logs.
+    Mysql {
+        /// `mysql://user@host:port/database`, without a password.
+        url: String,
+        /// File holding the password (relative paths resolve against drctl.yaml's directory).
+        #[serde(default, rename = "password-file")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the password.
+        #[serde(default, rename = "password-env")]
+        password_env: Option<String>,
+    },
+    /// A SQLite database file, copied consistently while it is in use.
+    Sqlite {
+        /// The database file; a relative path resolves against the directory of drctl.yaml.
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostgresMode {
+    Logical,
+    Physical,
 }
 
 fn default_artifact() -> String {
@@ -65,6 +102,9 @@ impl SourceConfig {
         match self {
             SourceConfig::Files { .. } => "files",
             SourceConfig::Command { .. } => "command",
+            SourceConfig::Postgres { .. } => "postgres",
+            SourceConfig::Mysql { .. } => "mysql",
+            SourceConfig::Sqlite { .. } => "sqlite",
         }
     }
 }
@@ -316,6 +356,18 @@ impl Policy {
                         *path = resolve(&settings.base_dir, path);
                     }
                 }
+                match &mut source {
+                    SourceConfig::Postgres {
+                        password_file: Some(file),
+                        ..
+                    }
+                    | SourceConfig::Mysql {
+                        password_file: Some(file),
+                        ..
+                    } => *file = resolve(&settings.base_dir, file),
+                    SourceConfig::Sqlite { path } => *path = resolve(&settings.base_dir, path),
+                    _ => {}
+                }
                 let policy = Policy {
                     name,
                     description,
@@ -394,6 +446,78 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                     );
                 }
             }
+        }
+        SourceConfig::Postgres {
+            mode,
+            url,
+            password_file,
+            password_env,
+        } => {
+            check_postgres(p, *mode, url, password_env);
+            if password_file.is_some() && password_env.is_some() {
+                p.add(
+                    "source.password-file",
+                    "give password-file or password-env, not both",
+                );
+            }
+        }
+        SourceConfig::Mysql {
+            url,
+            password_file,
+            password_env,
+        } => {
+            if let Err(e) = crate::source::mysql::Conn::parse_url(url) {
+                p.add("source.url", e.message());
+            }
+            if password_file.is_some() && password_env.is_some() {
+                p.add(
+                    "source.password-file",
+                    "give password-file or password-env, not both",
+                );
+            }
+            if let Some(var) = password_env {
+                if var.is_empty() || var.contains('=') {
+                    p.add("source.password-env", "invalid environment variable name");
+                }
+            }
+        }
+        SourceConfig::Sqlite { path } => {
+            if path.as_os_str().is_empty() {
+                p.add("source.path", "the database file path must not be empty");
+            }
+        }
+    }
+}
+
+fn check_postgres(p: &mut Problems, mode: PostgresMode, url: &str, password_env: &Option<String>) {
+    let what = "use postgres://user@host:port/database";
+    match url::Url::parse(url) {
+        Err(e) => p.add("source.url", format!("not a URL ({e}); {what}")),
+        Ok(u) => {
+            if !matches!(u.scheme(), "postgres" | "postgresql") {
+                p.add(
+                    "source.url",
+                    format!("scheme {:?} is not postgres; {what}", u.scheme()),
+                );
+            }
+            if u.password().is_some() {
+                // Never echo the URL: it holds the password.
+                p.add(
+                    "source.url",
+                    "the URL contains a password; move it to password-file or password-env",
+                );
+            }
+            if mode == PostgresMode::Logical && u.path().trim_start_matches('/').is_empty() {
+                p.add(
+                    "source.url",
+                    format!("logical mode needs a database; {what}"),
+                );
+            }
+        }
+    }
+    if let Some(var) = password_env {
+        if var.is_empty() || var.contains('=') {
+            p.add("source.password-env", "invalid environment variable name");
         }
     }
 }

@@ -168,6 +168,8 @@ impl std::fmt::Display for StoreUrl {
 pub enum RegistryUrl {
     /// `sqlite:///abs/registry.db` or `sqlite://relative/registry.db`.
     Sqlite(PathBuf),
+    /// `dynamodb://table?region=us-east-1[&endpoint=http://host:port]`.
+    DynamoDb(crate::registry::dynamodb::TableUrl),
 }
 
 impl RegistryUrl {
@@ -175,8 +177,11 @@ impl RegistryUrl {
         if let Some(rest) = s.strip_prefix("sqlite://") {
             return non_empty(rest, s).map(|p| RegistryUrl::Sqlite(resolve(base, Path::new(p))));
         }
+        if s.starts_with("dynamodb://") {
+            return crate::registry::dynamodb::TableUrl::parse(s).map(RegistryUrl::DynamoDb);
+        }
         Err(Error::invalid(format!(
-            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db"
+            "unsupported registry URL {s:?}: use sqlite:///path/to/registry.db or dynamodb://table?region=REGION"
         )))
     }
 }
@@ -185,6 +190,7 @@ impl std::fmt::Display for RegistryUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RegistryUrl::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            RegistryUrl::DynamoDb(t) => t.fmt(f),
         }
     }
 }
@@ -220,6 +226,8 @@ pub struct Settings {
     pub lease_ttl_seconds: u64,
     /// The resources of each disaster-recovery region, for `drctl restore --region`.
     pub regions: std::collections::BTreeMap<String, RegionSettings>,
+    /// KMS keys that also wrap every backup's file key, and how restores reach KMS.
+    pub kms: Option<crate::crypto::kms::KmsSettings>,
 }
 
 /// Where one region's copy of the registry and of the backups are.
@@ -254,6 +262,7 @@ pub const KEYS: &[&str] = &[
     "production",
     "lease-ttl-seconds",
     "regions",
+    "kms",
 ];
 const REQUIRED: &[&str] = &["environment", "repository", "registry"];
 pub const DEFAULT_LEASE_TTL_SECONDS: u64 = 120;
@@ -309,7 +318,9 @@ impl Settings {
                 p.add(format!("recipients[{i}]"), e.message());
             }
         }
-        if recipients.is_empty() && raw.recipients_file.is_none() {
+        // A host that only restores with KMS needs no recipients; backups still refuse to run
+        // without one (promise 2: the break-glass identity always restores).
+        if recipients.is_empty() && raw.recipients_file.is_none() && raw.kms.is_none() {
             p.add(
                 "recipients",
                 "no recipients: set recipients or recipients-file (drctl init can create the file)",
@@ -343,6 +354,9 @@ impl Settings {
                 );
             }
         }
+        for (field, message) in raw.kms.iter().flat_map(|k| k.problems()) {
+            p.add(format!("kms.{field}"), message);
+        }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
         }
@@ -366,6 +380,7 @@ impl Settings {
             production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
             regions,
+            kms: raw.kms,
             base_dir,
         };
         if p.list.is_empty() {
@@ -402,4 +417,5 @@ struct PartialRaw {
     production: Option<bool>,
     lease_ttl_seconds: Option<u64>,
     regions: Option<std::collections::BTreeMap<String, RawRegion>>,
+    kms: Option<crate::crypto::kms::KmsSettings>,
 }

@@ -1,12 +1,16 @@
-//! age recipients and identities, and key files.
+//! age recipients and identities, the KMS envelope ([`kms`]), and key files.
 //!
-//! Backup hosts need only recipients (public keys). Identities are read only by commands that
-//! decrypt (restore, deep verify) and are never logged or copied.
+//! Backup hosts need only recipients (public keys, and KMS keys they may only encrypt with).
+//! Identities are read only by commands that decrypt (restore, deep verify) and are never
+//! logged or copied.
+
+pub mod kms;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use age::secrecy::ExposeSecret;
 
@@ -55,23 +59,96 @@ pub fn recipients(settings: &Settings) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Boxes recipients for `age::Encryptor`.
-pub fn to_age_recipients(recipients: &[String]) -> Result<Vec<Box<dyn age::Recipient + Send>>> {
-    recipients
-        .iter()
-        .map(|r| parse_recipient(r).map(|r| Box::new(r) as Box<dyn age::Recipient + Send>))
-        .collect()
+/// Everything a new backup's file key is wrapped for.
+#[derive(Clone)]
+pub struct Recipients {
+    /// age X25519 recipients (`age1…`).
+    pub x25519: Vec<String>,
+    /// KMS keys, when the settings name any.
+    pub kms: Option<Arc<kms::Kms>>,
 }
 
-/// Identities able to decrypt, loaded from an age identity file.
+impl Recipients {
+    /// The recipients of the settings (inside the async runtime: KMS calls go through it).
+    pub fn from_settings(settings: &Settings) -> Result<Recipients> {
+        let kms = match &settings.kms {
+            Some(k) if !k.keys.is_empty() => Some(kms::Kms::new(k.clone())?),
+            _ => None,
+        };
+        Ok(Recipients {
+            x25519: recipients(settings)?,
+            kms,
+        })
+    }
+
+    /// Only X25519 recipients.
+    pub fn x25519(recipients: Vec<String>) -> Recipients {
+        Recipients {
+            x25519: recipients,
+            kms: None,
+        }
+    }
+
+    /// Boxes the recipients for `age::Encryptor`. KMS recipients call KMS when age wraps the
+    /// file key, so the encryptor must be set up on a blocking thread.
+    pub fn to_age(&self) -> Result<Vec<Box<dyn age::Recipient + Send>>> {
+        let mut out = Vec::new();
+        for r in &self.x25519 {
+            out.push(Box::new(parse_recipient(r)?) as Box<dyn age::Recipient + Send>);
+        }
+        if let Some(kms) = &self.kms {
+            for r in kms.recipients() {
+                out.push(Box::new(r) as Box<dyn age::Recipient + Send>);
+            }
+        }
+        Ok(out)
+    }
+
+    /// ARNs of the KMS keys that wrapped file keys so far (for the manifest).
+    pub fn kms_keys(&self) -> Vec<String> {
+        self.kms.as_ref().map(|k| k.used_keys()).unwrap_or_default()
+    }
+}
+
+/// Identities able to decrypt: those of an age identity file, and KMS.
 pub struct Identities {
-    pub file: std::path::PathBuf,
+    pub file: Option<std::path::PathBuf>,
     pub identities: Vec<Box<dyn age::Identity + Send + Sync>>,
-    /// The public keys matching the identities, for error messages.
+    /// The public keys matching the file's identities, for error messages.
     pub public: Vec<String>,
+    /// How KMS is asked, when it is.
+    kms: Option<String>,
 }
 
 impl Identities {
+    /// The identities for a restore: the identity file (when given and, unless `required`,
+    /// present), then KMS (when `kms` is given). X25519 comes first: it needs no network.
+    pub fn open(
+        file: Option<&Path>,
+        required: bool,
+        kms: Option<&kms::KmsSettings>,
+    ) -> Result<Identities> {
+        let mut out = match file {
+            Some(f) if required || f.exists() || kms.is_none() => Identities::load(f)?,
+            _ => Identities {
+                file: None,
+                identities: Vec::new(),
+                public: Vec::new(),
+                kms: None,
+            },
+        };
+        if let Some(settings) = kms {
+            let kms = kms::Kms::new(settings.clone())?;
+            out.kms = Some(kms.describe());
+            out.identities.push(Box::new(kms.identity()));
+        }
+        if out.identities.is_empty() {
+            return Err(Error::invalid("no identity to decrypt with")
+                .hint("pass --identity FILE, set identity-file in drctl.yaml, or configure kms"));
+        }
+        Ok(out)
+    }
+
     pub fn load(file: &Path) -> Result<Identities> {
         let text = std::fs::read_to_string(file).map_err(|e| {
             Error::not_found(format!("cannot read identity file {}: {e}", file.display()))
@@ -100,9 +177,10 @@ impl Identities {
             )));
         }
         Ok(Identities {
-            file: file.to_path_buf(),
+            file: Some(file.to_path_buf()),
             identities,
             public,
+            kms: None,
         })
     }
 
@@ -114,16 +192,32 @@ impl Identities {
 
     /// The error for a backup none of these identities can open.
     pub fn wrong_key(&self, what: &str, recipients: &[String]) -> Error {
+        let mut tried = Vec::new();
+        if let Some(file) = &self.file {
+            tried.push(format!(
+                "the identity file {} holds {}",
+                file.display(),
+                self.public.join(", ")
+            ));
+        }
+        if let Some(kms) = &self.kms {
+            tried.push(format!("{kms} found no aws-kms stanza"));
+        }
         Error::new(
             ErrorKind::WrongKey,
             format!(
-                "{what}: no identity in {} can decrypt it; it was encrypted to {}; the identity file holds {}",
-                self.file.display(),
-                if recipients.is_empty() { "(unknown recipients)".to_string() } else { recipients.join(", ") },
-                self.public.join(", ")
+                "{what}: no available identity can decrypt it; it was encrypted to {}; {}",
+                if recipients.is_empty() {
+                    "(unknown recipients)".to_string()
+                } else {
+                    recipients.join(", ")
+                },
+                tried.join("; ")
             ),
         )
-        .hint("use the identity of one of those recipients (--identity), or the break-glass identity")
+        .hint(
+            "use the identity of one of those recipients (--identity), or the break-glass identity",
+        )
     }
 }
 

@@ -19,8 +19,8 @@ pub struct EncodeOptions {
     pub level: i32,
     /// zstd worker threads (0: compress on the caller's thread).
     pub workers: u32,
-    /// age X25519 recipients (`age1…`).
-    pub recipients: Vec<String>,
+    /// Who the file key is wrapped for.
+    pub recipients: crate::crypto::Recipients,
     /// Incremented with every plain byte, for progress reporting.
     pub progress: Option<Arc<AtomicU64>>,
     /// Size of the chunks handed between stages and to the store: `store::CHUNK_SIZE` for bulk
@@ -51,7 +51,7 @@ pub struct Encoded {
 impl Encoder {
     /// Starts the crypt thread; encrypted chunks go to `out`.
     pub fn start(opts: EncodeOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<Encoder> {
-        let recipients = crate::crypto::to_age_recipients(&opts.recipients)?;
+        let recipients = opts.recipients.to_age()?;
         let chunk_size = opts.chunk_size;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
         let crypt = std::thread::Builder::new()

@@ -4,6 +4,7 @@
 //! writers never silently overwrite each other. A record is `completed` only after its objects
 //! and manifest are durable; readers treat nothing else as a usable backup.
 
+pub mod dynamodb;
 pub mod lease;
 pub mod rebuild;
 pub mod sqlite;
@@ -190,5 +191,29 @@ impl dyn Registry {
 pub async fn open(url: &RegistryUrl) -> Result<Arc<dyn Registry>> {
     match url {
         RegistryUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteRegistry::open(path).await?)),
+        RegistryUrl::DynamoDb(table) => Ok(Arc::new(dynamodb::DynamoDbRegistry::open(table).await)),
     }
+}
+
+/// A timestamp as registries store it: RFC 3339 with microseconds, fixed width, so the text
+/// sorts in time order.
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| crate::Error::failure(format!("registry holds a bad timestamp {s:?}: {e}")))
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> crate::Error {
+    crate::Error::failure(format!("registry holds a bad {what}: {e}"))
+}
+
+/// Where a page that ended with `before` continues: records that sort (by start time, then
+/// ID) below the returned bound. The cursor's record may be gone by the next page (retention):
+/// then the bound is the last instant of the second its ID names, so no older record is skipped.
+fn cursor_fallback(before: &BackupId) -> DateTime<Utc> {
+    before.timestamp() + chrono::Duration::microseconds(999_999)
 }

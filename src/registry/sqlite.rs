@@ -12,7 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
-use super::{BackupRecord, Lease, ListQuery, Location, Registry, Status, Verification};
+use super::{
+    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Registry,
+    Status, Verification,
+};
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, Name};
 use crate::{Error, Result};
@@ -70,20 +73,6 @@ impl SqliteRegistry {
             pool,
         })
     }
-}
-
-fn ts(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
-fn parse_ts(s: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| Error::failure(format!("registry holds a bad timestamp {s:?}: {e}")))
-}
-
-fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::failure(format!("registry holds a bad {what}: {e}"))
 }
 
 fn record_from_row(row: &SqliteRow) -> Result<BackupRecord> {
@@ -311,9 +300,7 @@ impl Registry for SqliteRegistry {
             builder.push(" AND status = ").push_bind(status.as_str());
         }
         if let Some(before) = &q.before {
-            // The cursor's record may be gone by the next page (retention): then fall back to the
-            // last instant of the second its ID names, so no older record is skipped.
-            let fallback = ts(&(before.timestamp() + chrono::Duration::microseconds(999_999)));
+            let fallback = ts(&cursor_fallback(before));
             builder
                 .push(" AND (started_at, backup_id) < (COALESCE((SELECT started_at FROM backups WHERE backup_id = ")
                 .push_bind(before.as_str())

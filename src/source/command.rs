@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 
 use super::{Source, Stats};
 use crate::cancel::Cancel;
@@ -51,78 +52,115 @@ impl Source for CommandSource {
         _index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats> {
-        let program = &self.argv[0];
-        let mut child = Command::new(program)
-            .args(&self.argv[1..])
-            .envs(&self.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| Error::failure(format!("cannot run `{program}`: {e}")))?;
-        let mut stderr = child.stderr.take().expect("piped");
-        let stderr_thread = std::thread::spawn(move || {
-            let mut tail: Vec<u8> = Vec::new();
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > 2 * STDERR_TAIL {
-                    tail.drain(..tail.len() - STDERR_TAIL);
-                }
-            }
-            if tail.len() > STDERR_TAIL {
-                tail.drain(..tail.len() - STDERR_TAIL);
-            }
-            String::from_utf8_lossy(&tail).trim().to_owned()
-        });
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut bytes = 0u64;
-        let copied: Result<()> = loop {
-            if let Err(e) = cancel.check() {
-                break Err(e);
-            }
-            match stdout.read(&mut buf) {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    if let Err(e) = out.write_all(&buf[..n]) {
-                        break Err(Error::io("write", e));
-                    }
-                    bytes += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(Error::io(format!("read the output of `{program}`"), e)),
-            }
-        };
-        if copied.is_err() {
-            let _ = child.kill();
-        }
-        drop(stdout);
-        let status = child
-            .wait()
-            .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
-        let stderr = stderr_thread.join().unwrap_or_default();
-        copied?;
-        if !status.success() {
-            let how = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exited with status {code}"),
-                (None, Some(sig)) => format!("was killed by signal {sig}"),
-                _ => "failed".to_owned(),
-            };
-            let detail = if stderr.is_empty() {
-                "(no stderr)".to_owned()
-            } else {
-                stderr
-            };
-            return Err(Error::failure(format!(
-                "command `{program}` {how}; stderr: {detail}"
-            )));
-        }
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..]).envs(&self.env);
+        let streamed = stream_stdout(cmd, out, cancel)?;
         let mut stats = Stats::new();
-        stats.insert("bytes".into(), bytes.into());
+        stats.insert("bytes".into(), streamed.bytes.into());
         Ok(stats)
     }
+}
+
+/// What a streamed command left behind.
+pub struct Streamed {
+    /// Bytes copied from its standard output.
+    pub bytes: u64,
+    /// The tail of its standard error.
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdin closed), copies its standard output to `out` in large blocks, and
+/// waits for it. A failed write, a cancellation, a non-zero exit or a signal is an error
+/// naming the program with its stderr.
+pub fn stream_stdout(mut cmd: Command, out: &mut dyn Write, cancel: &Cancel) -> Result<Streamed> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = spawn(&mut cmd, Stdio::null(), Stdio::piped())?;
+    let stderr_thread = collect_stderr(&mut child);
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut bytes = 0u64;
+    let copied: Result<()> = loop {
+        if let Err(e) = cancel.check() {
+            break Err(e);
+        }
+        match stdout.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                if let Err(e) = out.write_all(&buf[..n]) {
+                    break Err(Error::io("write", e));
+                }
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(Error::io(format!("read the output of `{program}`"), e)),
+        }
+    };
+    if copied.is_err() {
+        let _ = child.kill();
+    }
+    drop(stdout);
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
+    let stderr = stderr_thread.join().unwrap_or_default();
+    copied?;
+    check_status(&program, status, &stderr)?;
+    Ok(Streamed { bytes, stderr })
+}
+
+/// Starts `cmd` with the given stdin and stdout and a piped stderr.
+pub fn spawn(cmd: &mut Command, stdin: Stdio, stdout: Stdio) -> Result<Child> {
+    cmd.stdin(stdin)
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::failure(format!(
+                "cannot run `{}`: {e}",
+                cmd.get_program().to_string_lossy()
+            ))
+            .hint("check that the program is installed and on PATH")
+        })
+}
+
+/// Reads a child's piped stderr on a thread, keeping its tail.
+pub fn collect_stderr(child: &mut Child) -> JoinHandle<String> {
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::spawn(move || {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > 2 * STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+        }
+        if tail.len() > STDERR_TAIL {
+            tail.drain(..tail.len() - STDERR_TAIL);
+        }
+        String::from_utf8_lossy(&tail).trim().to_owned()
+    })
+}
+
+/// Turns a non-zero exit or a signal into an error carrying the program's stderr.
+pub fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<()> {
+    if status.success() {
+        return Ok(());
+    }
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "failed".to_owned(),
+    };
+    let detail = if stderr.is_empty() {
+        "(no stderr)"
+    } else {
+        stderr
+    };
+    Err(Error::failure(format!(
+        "command `{program}` {how}; stderr: {detail}"
+    )))
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
@@ -75,16 +76,17 @@ impl Sandbox {
 
     /// Like [`Sandbox::with_settings`], with the repository at `repository`.
     pub fn with_repository(repository: &str, extra: &str) -> Sandbox {
+        Self::with_config(&format!(
+            "environment: test\nrepository: {repository}\nregistry: sqlite://registry.db\n\
+             recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n{extra}"
+        ))
+    }
+
+    /// A sandbox whose drctl.yaml is `config`; `drctl init` done.
+    pub fn with_config(config: &str) -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
-        std::fs::write(
-            dir.path().join("drctl.yaml"),
-            format!(
-                "environment: test\nrepository: {repository}\nregistry: sqlite://registry.db\n\
-                 recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n{extra}"
-            ),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("drctl.yaml"), config).unwrap();
         let sb = Sandbox { dir };
         sb.run(&["init"]).ok();
         sb

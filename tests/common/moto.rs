@@ -39,7 +39,7 @@ pub fn env_for(cmd: &mut std::process::Command) {
         .env_remove("AWS_PROFILE");
 }
 
-/// A bucket name no other test (or test run) uses.
+/// A bucket (or table) name no other test (or test run) uses.
 pub fn bucket(label: &str) -> String {
     format!("drctl-{label}-{:016x}", rand::random::<u64>())
 }
@@ -50,6 +50,17 @@ pub fn url(bucket: &str, prefix: &str, region: &str, extra: &str) -> String {
         "s3://{bucket}/{prefix}?region={region}&endpoint={}&part-size-mib=5{extra}",
         endpoint()
     )
+}
+
+/// SDK configuration for moto in `region`, for clients of other services than S3 (S3 needs
+/// path-style addressing: [`client`]).
+pub async fn sdk_config(region: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_owned()))
+        .endpoint_url(endpoint())
+        .credentials_provider(Credentials::new("test", "test", None, None, "tests"))
+        .load()
+        .await
 }
 
 /// A client for checking what S3 holds, independent of the code under test.

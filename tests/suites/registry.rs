@@ -43,6 +43,7 @@ macro_rules! registry_suite {
             latest_is_the_newest_completed_backup_of_the_set,
             set_verification_round_trips,
             add_location_appends_once_and_only_to_completed_records,
+            concurrent_add_location_keeps_every_location,
             free_lease_is_granted_and_a_second_holder_gets_the_current_lease,
             renew_extends_the_lease,
             released_lease_is_granted_again_with_a_larger_token,
@@ -304,6 +305,52 @@ pub async fn complete_moves_running_to_completed_with_manifest_and_locations(
         ..record
     };
     assert_eq!(get(&registry, &id).await, expected);
+}
+
+/// Replication to several regions may finish at the same moment: no addition is lost.
+pub async fn concurrent_add_location_keeps_every_location(registry: Arc<dyn Registry>) {
+    created(&registry).await;
+    let done = add(&registry, "prod", "app-db", &id_at(1), Status::Completed).await;
+    let regions = [
+        "us-west-2",
+        "eu-west-1",
+        "eu-central-1",
+        "ap-south-1",
+        "sa-east-1",
+        "ca-central-1",
+    ];
+    let start = Arc::new(tokio::sync::Barrier::new(regions.len()));
+    let tasks: Vec<_> = regions
+        .iter()
+        .map(|region| {
+            let (registry, start, id) = (registry.clone(), start.clone(), done.backup_id.clone());
+            let location = Location {
+                region: (*region).into(),
+                store: format!("s3://dr-{region}/backups"),
+                prefix: prefix_of(&done),
+            };
+            tokio::spawn(async move {
+                start.wait().await;
+                registry.add_location(&id, &location).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("join").expect("add location");
+    }
+    let record = get(&registry, &done.backup_id).await;
+    assert_eq!(
+        record.locations[0], done.locations[0],
+        "the first copy stays first"
+    );
+    let mut added: Vec<&str> = record.locations[1..]
+        .iter()
+        .map(|l| l.region.as_str())
+        .collect();
+    added.sort();
+    let mut expected = regions.to_vec();
+    expected.sort();
+    assert_eq!(added, expected);
 }
 
 pub async fn add_location_appends_once_and_only_to_completed_records(registry: Arc<dyn Registry>) {

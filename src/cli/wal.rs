@@ -1,0 +1,154 @@
+//! `drctl wal`: PostgreSQL's archive_command and restore_command.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Ctx;
+use crate::backup::{BackupOptions, Job};
+use crate::config::policy::PostgresMode;
+use crate::config::{Policy, SourceConfig};
+use crate::format::manifest::BackupType;
+use crate::format::Name;
+use crate::pipeline::HashReader;
+use crate::restore::postgres::{fetch_wal, mode, WalArchive};
+use crate::source::postgres::WalSource;
+use crate::{Error, Result};
+
+/// Archive and fetch PostgreSQL WAL for a `postgres` policy in physical mode.
+///
+/// In postgresql.conf of the server being backed up, set archive_mode = on and
+/// archive_command = 'drctl --config /etc/drctl/drctl.yaml wal push --policy app-pg %p'.
+/// `drctl restore` of a physical backup writes the matching restore_command itself.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    Push(PushArgs),
+    Fetch(FetchArgs),
+}
+
+/// Compress, encrypt, upload and register one WAL file (archive_command, `%p`).
+///
+/// Each file becomes an incremental backup of the policy whose parent is the newest base
+/// backup. Pushing a file that is already archived with the same contents succeeds without
+/// storing it again; the same name with different contents fails (exit 4), so PostgreSQL
+/// keeps the file and retries instead of losing it.
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// Policy (postgres, mode physical).
+    #[arg(long, short)]
+    pub policy: String,
+    /// The WAL file (PostgreSQL's %p).
+    pub path: PathBuf,
+}
+
+/// Write an archived WAL file to a path (restore_command, `%f %p`).
+///
+/// Exits 10 when the file is not archived, which tells PostgreSQL that recovery has reached
+/// the end of the archive.
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// Policy (postgres, mode physical).
+    #[arg(long, short)]
+    pub policy: String,
+    /// The WAL file name (PostgreSQL's %f).
+    pub name: String,
+    /// Where to write it (PostgreSQL's %p).
+    pub path: PathBuf,
+}
+
+pub async fn run(ctx: &Ctx, command: Command) -> Result<()> {
+    match command {
+        Command::Push(a) => push(ctx, a).await,
+        Command::Fetch(a) => fetch(ctx, a).await,
+    }
+}
+
+fn check_policy(policy: &Policy) -> Result<()> {
+    match &policy.source {
+        SourceConfig::Postgres {
+            mode: PostgresMode::Physical,
+            ..
+        } => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "policy {} is not a postgres policy in physical mode; WAL belongs to those",
+            policy.name
+        ))),
+    }
+}
+
+async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
+    let repo = ctx.repo().await?;
+    let policy = Policy::load(&repo.settings, &args.policy)?;
+    check_policy(&policy)?;
+    let source = WalSource::new(args.path.clone())?;
+    let name = source.name().to_owned();
+    let archive = WalArchive::load(&repo, &policy.name).await?;
+    if let Some(existing) = archive.get(&name) {
+        let file = std::fs::File::open(&args.path)
+            .map_err(|e| Error::io(format!("read WAL file {}", args.path.display()), e))?;
+        let digest = HashReader::new(file)
+            .drain()
+            .map_err(|e| Error::io(format!("read WAL file {}", args.path.display()), e))?;
+        let stored = existing.manifest()?.data()?;
+        if digest.sha256 == stored.plain_sha256 && digest.size == stored.plain_size {
+            ctx.emit(
+                "wal_push",
+                &serde_json::json!({ "wal": name, "backup_id": existing.backup_id, "already_archived": true }),
+                || format!("WAL file {name} is already archived as backup {}", existing.backup_id),
+            );
+            return Ok(());
+        }
+        return Err(Error::integrity(format!(
+            "WAL file {name} is already archived (backup {}) with different contents",
+            existing.backup_id
+        ))
+        .hint(
+            "two servers may be archiving into the same policy; give each cluster its own policy",
+        ));
+    }
+    let base = repo
+        .registry
+        .list(&crate::registry::ListQuery {
+            environment: Some(repo.settings.environment.clone()),
+            policy: Some(policy.name.clone()),
+            status: Some(crate::registry::Status::Completed),
+            before: None,
+            limit: None,
+        })
+        .await?
+        .into_iter()
+        .find(|r| mode(r) == Some("physical"))
+        .map(|r| (r.backup_id.clone(), r.backup_id));
+    let job = Job {
+        source: Box::new(source),
+        // WAL is archived while a base backup holds the set's lease (pg_basebackup waits
+        // for it), so pushes serialise on a lease of their own.
+        lease: format!("wal/{}/{}", repo.settings.environment, policy.name),
+        backup_type: BackupType::Incremental,
+        parent: base,
+    };
+    let opts = BackupOptions {
+        wait: Some(Duration::from_secs(repo.settings.lease_ttl_seconds)),
+        progress: None,
+    };
+    let manifest = crate::backup::run_job(&repo, &policy, job, opts, &ctx.cancel).await?;
+    ctx.emit(
+        "wal_push",
+        &serde_json::json!({ "wal": name, "backup_id": manifest.backup_id, "already_archived": false }),
+        || format!("WAL file {name} archived as backup {}", manifest.backup_id),
+    );
+    Ok(())
+}
+
+async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
+    let repo = ctx.repo().await?;
+    let policy = Name::parse(&args.policy)?;
+    let identities = ctx.identities(&repo.settings)?;
+    let archive = WalArchive::load(&repo, &policy).await?;
+    fetch_wal(&repo, &archive, &policy, &args.name, &args.path, identities).await?;
+    ctx.emit(
+        "wal_fetch",
+        &serde_json::json!({ "wal": args.name }),
+        String::new,
+    );
+    Ok(())
+}

@@ -1,0 +1,983 @@
+//! PostgreSQL restores and the WAL archive.
+//!
+//! Logical: `pg_restore` into a database (created if missing; a non-empty one only with
+//! `overwrite`), in one transaction that stops at the first error, then row counts compared
+//! with the manifest. Physical: a base backup unpacked into a new data directory, recovery
+//! settings that fetch WAL through `drctl wal fetch`, the server started and recovered to the
+//! latest point, a time or an LSN, then checked. Every WAL segment recovery needs is checked
+//! to be archived before anything is written.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::extract::{self, ExtractOptions};
+use super::{open_object, RecoveryTarget, Selector, Target};
+use crate::cancel::Cancel;
+use crate::crypto::Identities;
+use crate::format::manifest::BackupType;
+use crate::format::{BackupId, Name, ObjectKey};
+use crate::pipeline::{Decoder, Digest};
+use crate::registry::{BackupRecord, ListQuery, Status};
+use crate::repo::Repo;
+use crate::source::command::{check_status, collect_stderr, spawn};
+use crate::source::postgres::{
+    format_lsn, parse_lsn, parse_segment, row_counts, segment_name, Conn, Session, WalRange,
+};
+use crate::{Error, ErrorKind, Result};
+
+/// The mode a postgres backup was taken in (`logical`, `physical` or `wal`).
+pub fn mode(record: &BackupRecord) -> Option<&str> {
+    let m = record.manifest.as_ref()?;
+    (m.source.kind == "postgres")
+        .then(|| m.source.descriptor.get("mode")?.as_str())
+        .flatten()
+}
+
+/// Decodes a backup's data object on a blocking thread, handing the plain bytes to `sink`.
+async fn decode<T: Send + 'static>(
+    repo: &Repo,
+    record: &BackupRecord,
+    identities: Arc<Identities>,
+    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+) -> Result<(T, Digest)> {
+    let manifest = record.manifest()?;
+    let data = manifest.data()?.clone();
+    let key = ObjectKey::object(
+        &manifest.environment,
+        &manifest.policy,
+        &manifest.backup_id,
+        &data.object_name()?,
+    );
+    let stream = open_object(&repo.store, &key, &manifest.backup_id).await?;
+    let what = format!("backup {} object {key}", manifest.backup_id);
+    let recipients = manifest.encryption.recipients.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut decoder = Decoder::open(stream, &identities, data, &recipients, what)?;
+        match sink(&mut decoder) {
+            Ok(t) => Ok((t, decoder.finish()?)),
+            // Damaged stored bytes explain a failing consumer; report the root cause.
+            Err(e) if e.kind() != ErrorKind::Integrity => Err(decoder.finish().err().unwrap_or(e)),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
+}
+
+// ---------------------------------------------------------------------------------------
+// Logical
+
+/// The outcome of a logical restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogicalReport {
+    pub backup_id: BackupId,
+    pub database: String,
+    pub created: bool,
+    pub plain: Digest,
+    /// Row counts in the restored database.
+    pub tables: BTreeMap<String, u64>,
+    /// Tables whose row count differs from the manifest's (None: missing).
+    pub differences: Vec<TableDifference>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableDifference {
+    pub table: String,
+    pub expected: u64,
+    pub restored: Option<u64>,
+}
+
+/// State of a target database, found before anything is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseTarget {
+    pub database: String,
+    pub exists: bool,
+    /// Relations outside the system schemas.
+    pub relations: u64,
+}
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn sql_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Checks the target database: it may be missing (it will be created) or empty; a non-empty
+/// one needs `overwrite`.
+pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseTarget> {
+    let database = target.database().ok_or_else(|| {
+        Error::invalid("the target URL names no database; use postgres://user@host:port/database")
+    })?;
+    let mut admin = Session::open(&target.with_database("postgres")?)?;
+    let exists = admin.value(&format!(
+        "SELECT count(*) FROM pg_database WHERE datname = {}",
+        sql_literal(&database)
+    ))? != "0";
+    admin.close()?;
+    let relations = if exists {
+        let mut s = Session::open(target)?;
+        let n = s.value(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'",
+        )?;
+        s.close()?;
+        n.parse().unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    if relations > 0 && !overwrite {
+        return Err(Error::invalid(format!(
+            "target database {database} is not empty ({relations} relations)"
+        ))
+        .hint("restore into a new or empty database, or pass --overwrite to drop and recreate the objects the dump holds"));
+    }
+    Ok(DatabaseTarget {
+        database,
+        exists,
+        relations,
+    })
+}
+
+/// Restores a logical backup into the database `target` names.
+pub async fn restore_logical(
+    repo: &Repo,
+    record: &BackupRecord,
+    target: &Conn,
+    overwrite: bool,
+    identities: Arc<Identities>,
+    cancel: &Cancel,
+) -> Result<LogicalReport> {
+    let started = std::time::Instant::now();
+    if mode(record) != Some("logical") {
+        return Err(Error::invalid(format!(
+            "backup {} is not a logical PostgreSQL backup",
+            record.backup_id
+        )));
+    }
+    let state = check_database_target(target, overwrite)?;
+    if !state.exists {
+        let mut admin = Session::open(&target.with_database("postgres")?)?;
+        admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
+        admin.close()?;
+    }
+    let mut cmd = target.command("pg_restore");
+    cmd.args(["--exit-on-error", "--single-transaction", "-d", &target.url]);
+    if state.relations > 0 {
+        cmd.args(["--clean", "--if-exists"]);
+    }
+    let cancel_thread = cancel.clone();
+    let ((), plain) = decode(repo, record, identities, move |reader| {
+        pipe_into(cmd, reader, &cancel_thread)
+    })
+    .await
+    .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
+
+    let mut session = Session::open(target)?;
+    let tables = row_counts(&mut session)?;
+    session.close()?;
+    let expected: BTreeMap<String, u64> = record
+        .manifest()?
+        .source
+        .stats
+        .get("tables")
+        .and_then(|t| serde_json::from_value(t.clone()).ok())
+        .unwrap_or_default();
+    let differences = expected
+        .iter()
+        .filter(|(t, n)| tables.get(*t) != Some(n))
+        .map(|(t, n)| TableDifference {
+            table: t.clone(),
+            expected: *n,
+            restored: tables.get(t).copied(),
+        })
+        .collect();
+    Ok(LogicalReport {
+        backup_id: record.backup_id.clone(),
+        database: state.database,
+        created: !state.exists,
+        plain,
+        tables,
+        differences,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Feeds `reader` into the standard input of `cmd`; its failure (with stderr) wins over a
+/// broken pipe.
+fn pipe_into(mut cmd: Command, mut reader: &mut dyn Read, cancel: &Cancel) -> Result<()> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
+    let stderr = collect_stderr(&mut child);
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+    let fed: Result<()> = loop {
+        if let Err(e) = cancel.check() {
+            break Err(e);
+        }
+        let n = match crate::pipeline::read_full(&mut reader, &mut buf) {
+            Ok(n) => n,
+            Err(e) => break Err(crate::pipeline::damaged("restore", e)),
+        };
+        if n == 0 {
+            break Ok(());
+        }
+        if let Err(e) = stdin.write_all(&buf[..n]) {
+            break Err(Error::io(format!("write to `{program}`"), e));
+        }
+    };
+    drop(stdin);
+    if fed.is_err() {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
+    let stderr = stderr.join().unwrap_or_default();
+    match fed {
+        Err(e) if e.kind() == ErrorKind::Failure => {
+            check_status(&program, status, &stderr)?;
+            Err(e)
+        }
+        Err(e) => Err(e),
+        Ok(()) => check_status(&program, status, &stderr),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// WAL archive
+
+/// The WAL files archived for one policy: completed `wal` records by file name.
+pub struct WalArchive {
+    files: BTreeMap<String, BackupRecord>,
+}
+
+impl WalArchive {
+    pub async fn load(repo: &Repo, policy: &Name) -> Result<WalArchive> {
+        let records = repo
+            .registry
+            .list(&ListQuery {
+                environment: Some(repo.settings.environment.clone()),
+                policy: Some(policy.clone()),
+                status: Some(Status::Completed),
+                before: None,
+                limit: None,
+            })
+            .await?;
+        let mut files = BTreeMap::new();
+        for r in records {
+            if mode(&r) != Some("wal") {
+                continue;
+            }
+            let name = r.manifest()?.source.descriptor["wal"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            // Newest first: keep the first record of a name.
+            files.entry(name).or_insert(r);
+        }
+        Ok(WalArchive { files })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&BackupRecord> {
+        self.files.get(name)
+    }
+
+    /// Segment numbers archived on `timeline`, with the time each was archived.
+    fn segments(&self, timeline: u32, segment_size: u64) -> BTreeMap<u64, DateTime<Utc>> {
+        self.files
+            .iter()
+            .filter_map(|(name, r)| {
+                let (tli, segno) = parse_segment(name, segment_size)?;
+                (tli == timeline).then_some((segno, r.started_at))
+            })
+            .collect()
+    }
+
+    /// Checks that every segment recovery from `range` to `target` reads is archived, and
+    /// returns the last one. Finds missing segments and gaps before anything is written.
+    pub fn check(
+        &self,
+        base: &BackupId,
+        range: &WalRange,
+        target: &RecoveryTarget,
+    ) -> Result<String> {
+        let size = range.segment_size;
+        let tli = range.timeline;
+        let segments = self.segments(tli, size);
+        let seg = |name: &str| parse_segment(name, size).map(|(_, s)| s).unwrap_or(0);
+        let (start, stop) = (seg(&range.start_wal), seg(&range.stop_wal));
+        let missing = |s: u64, why: &str| {
+            Error::integrity(format!(
+                "WAL segment {} is not archived; base backup {base} {why}",
+                segment_name(tli, s, size)
+            ))
+            .hint("`drctl verify` lists the WAL the backups need; choose an earlier --until/--lsn or another base backup")
+        };
+        for s in start..=stop {
+            if !segments.contains_key(&s) {
+                return Err(missing(s, "needs it to become consistent"));
+            }
+        }
+        // Archived segments form one run from `start`; the first hole ends it.
+        let mut end = stop;
+        while segments.contains_key(&(end + 1)) {
+            end += 1;
+        }
+        let last = match target {
+            RecoveryTarget::Latest => {
+                if let Some((&after, _)) = segments.range(end + 1..).next() {
+                    return Err(missing(
+                        end + 1,
+                        &format!(
+                            "cannot reach the latest point: segment {} and later are archived after this gap",
+                            segment_name(tli, after, size)
+                        ),
+                    ));
+                }
+                end
+            }
+            RecoveryTarget::Lsn(lsn) => {
+                let lsn = &parse_lsn(lsn)
+                    .ok_or_else(|| Error::invalid(format!("{lsn:?} is not an LSN")))?;
+                let need = lsn / size;
+                if *lsn < parse_lsn(&range.stop_lsn).unwrap_or(0) {
+                    return Err(Error::invalid(format!(
+                        "LSN {} is before the end of base backup {base} ({})",
+                        format_lsn(*lsn),
+                        range.stop_lsn
+                    )));
+                }
+                if need > end {
+                    return Err(missing(
+                        end + 1,
+                        &format!("needs it to reach LSN {}", format_lsn(*lsn)),
+                    ));
+                }
+                need
+            }
+            RecoveryTarget::Time(t) => {
+                // Recovery stops at the first commit after `t`: a segment archived after `t`
+                // must be in the unbroken run.
+                match segments.range(start..).find(|(_, at)| *at > t) {
+                    Some((&s, _)) if s <= end => s,
+                    Some(_) => {
+                        return Err(missing(end + 1, &format!("needs it to reach {t}")))
+                    }
+                    None => {
+                        return Err(Error::invalid(format!(
+                            "no WAL archived after {t} yet: recovery could not tell that it reached the target"
+                        ))
+                        .hint("run `SELECT pg_switch_wal()` on the server so the current segment is archived, then retry"))
+                    }
+                }
+            }
+        };
+        Ok(segment_name(tli, last, size))
+    }
+}
+
+/// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename).
+pub async fn fetch_wal(
+    repo: &Repo,
+    archive: &WalArchive,
+    policy: &Name,
+    name: &str,
+    dest: &Path,
+    identities: Arc<Identities>,
+) -> Result<()> {
+    let record = archive.get(name).ok_or_else(|| {
+        Error::not_found(format!(
+            "WAL file {name} is not in the archive of policy {policy}"
+        ))
+    })?;
+    let tmp = dest.with_extension("drctl-tmp");
+    let (tmp2, dest2) = (tmp.clone(), dest.to_path_buf());
+    let written = decode(repo, record, identities, move |reader| {
+        let what = || format!("write {}", tmp2.display());
+        let mut f = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
+        std::io::copy(reader, &mut f).map_err(|e| crate::pipeline::damaged("restore", e))?;
+        f.sync_all().map_err(|e| Error::io(what(), e))?;
+        std::fs::rename(&tmp2, &dest2)
+            .map_err(|e| Error::io(format!("rename to {}", dest2.display()), e))
+    })
+    .await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map(|_| ())
+}
+
+// ---------------------------------------------------------------------------------------
+// Physical
+
+/// The base backup and WAL a physical restore uses, resolved before anything is written.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhysicalPlan {
+    pub base_backup: BackupId,
+    pub wal: WalRange,
+    pub target: RecoveryTarget,
+    /// The last WAL segment recovery reads.
+    pub last_wal: String,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    #[serde(skip)]
+    record: BackupRecord,
+}
+
+fn wal_range(record: &BackupRecord) -> Result<WalRange> {
+    let stats = &record.manifest()?.source.stats;
+    stats
+        .get("wal")
+        .and_then(|w| serde_json::from_value(w.clone()).ok())
+        .ok_or_else(|| {
+            Error::integrity(format!(
+                "backup {}: the manifest records no WAL range",
+                record.backup_id
+            ))
+        })
+}
+
+/// Picks the base backup (`base`, else the newest that ends before the target) and checks
+/// that the WAL to reach the target is archived.
+pub async fn plan_physical(
+    repo: &Repo,
+    policy: &Name,
+    base: Option<BackupRecord>,
+    target: RecoveryTarget,
+    data_dir: &Path,
+    port: u16,
+) -> Result<PhysicalPlan> {
+    let record = match base {
+        Some(r) => r,
+        None => {
+            let all = repo
+                .registry
+                .list(&ListQuery {
+                    environment: Some(repo.settings.environment.clone()),
+                    policy: Some(policy.clone()),
+                    status: Some(Status::Completed),
+                    before: None,
+                    limit: None,
+                })
+                .await?;
+            all.into_iter()
+                .filter(|r| r.backup_type == BackupType::Full && mode(r) == Some("physical"))
+                .find(|r| match &target {
+                    RecoveryTarget::Latest => true,
+                    RecoveryTarget::Time(t) => r.finished_at.is_some_and(|f| f <= *t),
+                    RecoveryTarget::Lsn(l) => wal_range(r)
+                        .ok()
+                        .and_then(|w| parse_lsn(&w.stop_lsn))
+                        .zip(parse_lsn(l))
+                        .is_some_and(|(stop, l)| stop <= l),
+                })
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "no completed physical base backup of policy {policy} ends before the recovery target"
+                    ))
+                    .hint("`drctl list` shows the base backups; take one with `drctl backup`")
+                })?
+        }
+    };
+    if mode(&record) != Some("physical") {
+        return Err(Error::invalid(format!(
+            "backup {} is not a physical PostgreSQL base backup",
+            record.backup_id
+        )));
+    }
+    let wal = wal_range(&record)?;
+    let archive = WalArchive::load(repo, policy).await?;
+    let last_wal = archive.check(&record.backup_id, &wal, &target)?;
+    super::check_target(data_dir, false)?;
+    Ok(PhysicalPlan {
+        base_backup: record.backup_id.clone(),
+        wal,
+        target,
+        last_wal,
+        data_dir: data_dir.to_path_buf(),
+        port,
+        record,
+    })
+}
+
+/// The outcome of a physical restore: a running, recovered server.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhysicalReport {
+    pub base_backup: BackupId,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    pub plain: Digest,
+    /// Row counts per database and table after recovery.
+    pub databases: BTreeMap<String, BTreeMap<String, u64>>,
+    pub seconds: f64,
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Unpacks the base backup, writes the recovery settings, starts the server on the plan's
+/// port and waits until recovery has finished; then counts rows in every database.
+pub async fn restore_physical(
+    repo: &Repo,
+    plan: &PhysicalPlan,
+    identities: Arc<Identities>,
+    cancel: &Cancel,
+) -> Result<PhysicalReport> {
+    let started = std::time::Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Err(Error::invalid(
+            "PostgreSQL does not run as root, so a physical restore cannot start the server",
+        )
+        .hint(
+            "run the restore as the PostgreSQL OS user, e.g. `sudo -u postgres drctl restore ...`",
+        ));
+    }
+    let dir = plan.data_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    set_mode(&dir, 0o700)?;
+    let (dir2, cancel2) = (dir.clone(), cancel.clone());
+    let (_, plain) = decode(repo, &plan.record, identities.clone(), move |reader| {
+        extract::extract(
+            reader,
+            &dir2,
+            &ExtractOptions {
+                allow_special: false,
+            },
+            &cancel2,
+        )
+    })
+    .await?;
+    set_mode(&dir, 0o700)?;
+
+    // Debian-style clusters keep their configuration outside the data directory.
+    let conf = dir.join("postgresql.conf");
+    if !conf.exists() {
+        write(&conf, "")?;
+    }
+    let hba = dir.join("pg_hba.conf");
+    if !hba.exists() {
+        write(
+            &hba,
+            "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )?;
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io("find the drctl binary", e))?;
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .map_err(|e| Error::io(format!("resolve {}", p.display()), e))
+            .map(|p| sh_quote(&p.to_string_lossy()))
+    };
+    // Without an identity file, `wal fetch` decrypts with the settings' KMS keys.
+    let identity = match &identities.file {
+        Some(f) => format!(" --identity {}", absolute(f)?),
+        None => String::new(),
+    };
+    let restore_command = format!(
+        "{} -q --config {}{identity} wal fetch --policy {} %f %p",
+        sh_quote(&exe.to_string_lossy()),
+        absolute(&repo.settings.file)?,
+        plan.record.policy
+    );
+    let mut settings = format!(
+        "\n# drctl restore of base backup {}\nrestore_command = {}\narchive_mode = off\n\
+         port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n",
+        plan.base_backup,
+        conf_quote(&restore_command),
+        plan.port
+    );
+    match &plan.target {
+        RecoveryTarget::Latest => {}
+        RecoveryTarget::Time(t) => {
+            settings += &format!(
+                "recovery_target_time = '{}'\nrecovery_target_action = 'promote'\n",
+                t.format("%Y-%m-%d %H:%M:%S%.6f+00")
+            );
+        }
+        RecoveryTarget::Lsn(l) => {
+            settings +=
+                &format!("recovery_target_lsn = '{l}'\nrecovery_target_action = 'promote'\n");
+        }
+    }
+    let auto = dir.join("postgresql.auto.conf");
+    let mut existing = std::fs::read_to_string(&auto).unwrap_or_default();
+    existing += &settings;
+    write(&auto, &existing)?;
+    write(&dir.join("recovery.signal"), "")?;
+
+    let version = std::fs::read_to_string(dir.join("PG_VERSION"))
+        .map_err(|e| Error::io("read PG_VERSION of the restored data directory", e))?;
+    let pg_ctl = server_binary(version.trim(), "pg_ctl");
+    let log = dir.join("drctl-restore.log");
+    let mut cmd = Command::new(&pg_ctl);
+    cmd.arg("-D")
+        .arg(&dir)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "600", "start"]);
+    run_quiet(cmd, &pg_ctl, &log)?;
+
+    let user = url::Url::parse(
+        plan.record.manifest()?.source.descriptor["url"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .ok()
+    .map(|u| u.username().to_owned())
+    .filter(|u| !u.is_empty());
+    let local = |db: &str| {
+        let mut u = format!("postgresql:///{db}?host=/tmp&port={}", plan.port);
+        if let Some(user) = &user {
+            u += &format!("&user={user}");
+        }
+        Conn::new(&u, None, None)
+    };
+    // Recovery is over when the server has promoted.
+    loop {
+        cancel.check()?;
+        let done = Session::open(&local("postgres")?)
+            .and_then(|mut s| {
+                let v = s.value("SELECT pg_is_in_recovery()");
+                s.close()?;
+                v
+            })
+            .map(|v| v == "f");
+        if done.unwrap_or(false) {
+            break;
+        }
+        if !dir.join("postmaster.pid").exists() {
+            return Err(Error::failure(format!(
+                "the restored server stopped during recovery; log {}: {}",
+                log.display(),
+                tail(&log)
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+
+    let mut databases = BTreeMap::new();
+    let mut s = Session::open(&local("postgres")?)?;
+    let names = s.query(
+        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
+    )?;
+    s.close()?;
+    for db in names {
+        let mut s = Session::open(&local(&db)?)?;
+        databases.insert(db, row_counts(&mut s)?);
+        s.close()?;
+    }
+    Ok(PhysicalReport {
+        base_backup: plan.base_backup.clone(),
+        data_dir: dir,
+        port: plan.port,
+        plain,
+        databases,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+/// The last lines of a log file, for errors.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn run_quiet(mut cmd: Command, program: &Path, log: &Path) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::failure(format!("cannot run {}: {e}", program.display())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::failure(format!(
+        "{} failed: {}{}; server log {}: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim(),
+        log.display(),
+        tail(log)
+    )))
+}
+
+/// A PostgreSQL server program of `version`: Debian's versioned directory, `pg_config
+/// --bindir`, or PATH.
+pub fn server_binary(version: &str, name: &str) -> PathBuf {
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{version}/bin/{name}"));
+    if debian.exists() {
+        return debian;
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(name);
+        if out.status.success() && p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// The PostgreSQL part of a restore plan.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum PgPlan {
+    Logical {
+        #[serde(flatten)]
+        database: DatabaseTarget,
+        #[serde(skip)]
+        conn: Conn,
+        #[serde(skip)]
+        overwrite: bool,
+        #[serde(skip)]
+        record: BackupRecord,
+    },
+    Physical(PhysicalPlan),
+}
+
+/// What a PostgreSQL restore did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum PgReport {
+    Logical(LogicalReport),
+    Physical(PhysicalReport),
+}
+
+impl PgReport {
+    pub fn plain(&self) -> &Digest {
+        match self {
+            PgReport::Logical(r) => &r.plain,
+            PgReport::Physical(r) => &r.plain,
+        }
+    }
+}
+
+/// Plans the restore of a postgres backup: a logical one into a database, a physical one
+/// (a base backup and its WAL) into a new data directory. Returns the backup whose data
+/// object is read, which for `latest` of a physical policy is a base backup.
+pub async fn plan(
+    repo: &Repo,
+    record: BackupRecord,
+    selector: &Selector,
+    target: &Target,
+    recovery: &RecoveryTarget,
+    port: Option<u16>,
+) -> Result<(BackupRecord, PgPlan)> {
+    let id = record.backup_id.clone();
+    let policy = record.policy.clone();
+    match (mode(&record), target) {
+        (Some("logical"), Target::Database { url, overwrite }) => {
+            if recovery != &RecoveryTarget::Latest {
+                return Err(Error::invalid(format!(
+                    "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
+                )));
+            }
+            let conn = Conn::new(url, None, None)?;
+            let database = check_database_target(&conn, *overwrite)?;
+            Ok((
+                record.clone(),
+                PgPlan::Logical {
+                    database,
+                    conn,
+                    overwrite: *overwrite,
+                    record,
+                },
+            ))
+        }
+        (Some("logical"), Target::Dir { .. } | Target::Stdout) if recovery == &RecoveryTarget::Latest => {
+            Err(Error::invalid(format!(
+                "backup {id} is a logical PostgreSQL dump: restore it with --to-database URL"
+            ))
+            .hint("or add --stdout and pipe it into pg_restore yourself"))
+        }
+        (Some("physical" | "wal"), Target::Dir { path, .. }) => {
+            let port = port.ok_or_else(|| {
+                Error::invalid("a physical PostgreSQL restore starts a server: give it a free --port")
+            })?;
+            let base = match selector {
+                Selector::Latest => None,
+                Selector::Id(_) => Some(record),
+            };
+            let plan = plan_physical(repo, &policy, base, recovery.clone(), path, port).await?;
+            Ok((plan.record.clone(), PgPlan::Physical(plan)))
+        }
+        (Some("physical" | "wal"), _) => Err(Error::invalid(format!(
+            "backup {id} is a physical PostgreSQL backup: restore it with --target DATA_DIR --port N"
+        ))),
+        _ => Err(Error::invalid(format!(
+            "backup {id} cannot be restored this way"
+        ))),
+    }
+}
+
+/// Runs a planned PostgreSQL restore.
+pub async fn execute(
+    repo: &Repo,
+    plan: &PgPlan,
+    identities: Arc<Identities>,
+    cancel: &Cancel,
+) -> Result<PgReport> {
+    match plan {
+        PgPlan::Logical {
+            conn,
+            overwrite,
+            record,
+            ..
+        } => {
+            let report =
+                restore_logical(repo, record, conn, *overwrite, identities, cancel).await?;
+            if !report.differences.is_empty() {
+                let list: Vec<String> = report
+                    .differences
+                    .iter()
+                    .map(|d| match d.restored {
+                        Some(n) => {
+                            format!("{}: {} rows, the backup had {}", d.table, n, d.expected)
+                        }
+                        None => format!("{}: missing, the backup had {} rows", d.table, d.expected),
+                    })
+                    .collect();
+                return Err(Error::integrity(format!(
+                    "database {} restored from backup {} differs from the backup: {}",
+                    report.database,
+                    report.backup_id,
+                    list.join("; ")
+                )));
+            }
+            Ok(PgReport::Logical(report))
+        }
+        PgPlan::Physical(p) => Ok(PgReport::Physical(
+            restore_physical(repo, p, identities, cancel).await?,
+        )),
+    }
+}
+
+/// For `verify`: the WAL a physical base backup needs is archived without a gap.
+pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
+    if mode(record) != Some("physical") {
+        return Ok(());
+    }
+    let wal = wal_range(record)?;
+    let archive = WalArchive::load(repo, &record.policy).await?;
+    archive
+        .check(&record.backup_id, &wal, &RecoveryTarget::Latest)
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(names: &[&str]) -> WalArchive {
+        let files = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let at = DateTime::from_timestamp(1_000 + i as i64 * 10, 0).unwrap();
+                let record = BackupRecord {
+                    backup_id: BackupId::generate(at),
+                    environment: Name::parse("t").unwrap(),
+                    policy: Name::parse("p").unwrap(),
+                    status: Status::Completed,
+                    backup_type: BackupType::Incremental,
+                    source_kind: "postgres".into(),
+                    started_at: at,
+                    finished_at: Some(at),
+                    holder: String::new(),
+                    manifest: None,
+                    locations: Vec::new(),
+                    last_verification: None,
+                    error: None,
+                };
+                (n.to_string(), record)
+            })
+            .collect();
+        WalArchive { files }
+    }
+
+    fn range() -> WalRange {
+        WalRange {
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            stop_lsn: "0/2000100".into(),
+            start_wal: "000000010000000000000002".into(),
+            stop_wal: "000000010000000000000002".into(),
+            segment_size: 16 << 20,
+        }
+    }
+
+    #[test]
+    fn wal_check_finds_missing_segments_and_gaps() {
+        let id = BackupId::parse("20260101T000000Z-0badc0de").unwrap();
+        let latest = RecoveryTarget::Latest;
+        let a = archive(&["000000010000000000000002", "000000010000000000000003"]);
+        assert_eq!(
+            a.check(&id, &range(), &latest).unwrap(),
+            "000000010000000000000003"
+        );
+
+        let e = archive(&["000000010000000000000003"])
+            .check(&id, &range(), &latest)
+            .unwrap_err();
+        assert!(
+            e.message()
+                .contains("000000010000000000000002 is not archived"),
+            "{}",
+            e.message()
+        );
+
+        let gap = archive(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000005",
+        ]);
+        let e = gap.check(&id, &range(), &latest).unwrap_err();
+        assert!(
+            e.message()
+                .contains("000000010000000000000004 is not archived"),
+            "{}",
+            e.message()
+        );
+        // A target before the gap is still reachable.
+        assert_eq!(
+            gap.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
+                .unwrap(),
+            "000000010000000000000003"
+        );
+        assert!(gap
+            .check(&id, &range(), &RecoveryTarget::Lsn("0/5000100".into()))
+            .is_err());
+        let t = DateTime::from_timestamp(1_005, 0).unwrap();
+        assert_eq!(
+            gap.check(&id, &range(), &RecoveryTarget::Time(t)).unwrap(),
+            "000000010000000000000003"
+        );
+        let after_all = DateTime::from_timestamp(5_000, 0).unwrap();
+        assert!(gap
+            .check(&id, &range(), &RecoveryTarget::Time(after_all))
+            .is_err());
+    }
+}

@@ -1,0 +1,634 @@
+//! PostgreSQL: `logical` streams `pg_dump -Fc` and records per-table row counts taken in the
+//! dump's own snapshot; `physical` streams `pg_basebackup` as tar and records the WAL range
+//! (timeline, start and stop LSN) the base backup needs. WAL segments arrive separately,
+//! one per `drctl wal push` ([`WalSource`]).
+//!
+//! The password never appears on a command line, in the descriptor or in an error: it is
+//! handed to the client tools in `PGPASSWORD`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+
+use super::command::{check_status, collect_stderr, spawn, stream_stdout};
+use super::{Source, Stats};
+use crate::cancel::Cancel;
+use crate::config::policy::PostgresMode;
+use crate::store::CHUNK_SIZE;
+use crate::{Error, Result};
+
+/// How to reach a server: a URL without a password, and the password on the side.
+#[derive(Clone)]
+pub struct Conn {
+    pub url: String,
+    password: Option<String>,
+}
+
+impl Conn {
+    /// Reads the password from `password_file` or the variable `password_env`, if given.
+    pub fn new(
+        url: &str,
+        password_file: Option<&Path>,
+        password_env: Option<&str>,
+    ) -> Result<Conn> {
+        let password = match (password_file, password_env) {
+            (Some(file), _) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    Error::io(format!("read the password file {}", file.display()), e)
+                })?;
+                Some(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                Error::invalid(format!(
+                    "environment variable {var} (password-env) is not set"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        Ok(Conn {
+            url: url.to_owned(),
+            password,
+        })
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_database(&self, database: &str) -> Result<Conn> {
+        let mut u = url::Url::parse(&self.url)
+            .map_err(|e| Error::invalid(format!("invalid PostgreSQL URL: {e}")))?;
+        u.set_path(&format!("/{}", urlencode(database)));
+        Ok(Conn {
+            url: u.to_string(),
+            password: self.password.clone(),
+        })
+    }
+
+    /// The database the URL names.
+    pub fn database(&self) -> Option<String> {
+        let u = url::Url::parse(&self.url).ok()?;
+        let db = u.path().trim_start_matches('/');
+        (!db.is_empty()).then(|| {
+            url::form_urlencoded::parse(format!("d={db}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+    }
+
+    /// A client tool command with the password in its environment.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some(p) = &self.password {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.env("PGAPPNAME", format!("drctl {program}"));
+        cmd
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Conn")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A `psql` session on a pipe, for queries that must share one transaction.
+pub struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+const END_MARK: &str = "__drctl_end_of_result__";
+
+impl Session {
+    pub fn open(conn: &Conn) -> Result<Session> {
+        let mut cmd = conn.command("psql");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &conn.url,
+        ]);
+        let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::piped())?;
+        let stderr = Some(collect_stderr(&mut child));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Session {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Runs one statement; returns its result rows (columns joined by `|`).
+    pub fn query(&mut self, sql: &str) -> Result<Vec<String>> {
+        let sent = self.stdin.as_mut().map(|stdin| {
+            stdin
+                .write_all(format!("{sql};\n\\echo {END_MARK}\n").as_bytes())
+                .and_then(|_| stdin.flush())
+        });
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.failed());
+        }
+        let mut rows = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(self.failed()),
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches('\n');
+            if line == END_MARK {
+                return Ok(rows);
+            }
+            rows.push(line.to_owned());
+        }
+    }
+
+    /// Runs a query that returns one value.
+    pub fn value(&mut self, sql: &str) -> Result<String> {
+        let rows = self.query(sql)?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| Error::failure(format!("psql: no result for {sql:?}")))
+    }
+
+    /// Ends the session; fails if psql did.
+    pub fn close(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io("wait for psql", e))?;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        check_status("psql", status, &stderr)
+    }
+
+    fn failed(&mut self) -> Error {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let status = self.child.wait();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        match status {
+            Ok(status) if !status.success() && !stderr.is_empty() => {
+                check_status("psql", status, &stderr).unwrap_err()
+            }
+            _ => Error::failure(format!(
+                "psql session ended unexpectedly; stderr: {}",
+                if stderr.is_empty() { "(none)" } else { &stderr }
+            )),
+        }
+    }
+}
+
+/// The ordinary tables of the session's database (no system schemas), quoted.
+pub fn tables(session: &mut Session) -> Result<Vec<String>> {
+    session.query(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
+         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1",
+    )
+}
+
+/// Exact row counts of every ordinary table, in the session's current snapshot.
+pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
+    let mut counts = BTreeMap::new();
+    for table in tables(session)? {
+        let n = session.value(&format!("SELECT count(*) FROM {table}"))?;
+        let n = n
+            .parse()
+            .map_err(|_| Error::failure(format!("psql: bad row count {n:?} for {table}")))?;
+        counts.insert(table, n);
+    }
+    Ok(counts)
+}
+
+pub struct PostgresSource {
+    mode: PostgresMode,
+    conn: Conn,
+}
+
+impl PostgresSource {
+    pub fn new(mode: PostgresMode, conn: Conn) -> Self {
+        PostgresSource { mode, conn }
+    }
+
+    fn logical(&self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
+        let mut session = Session::open(&self.conn)?;
+        session.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        let snapshot = session.value("SELECT pg_export_snapshot()")?;
+        // Count rows in the exported snapshot while pg_dump streams it; the transaction
+        // stays open until the dump is done so pg_dump can import the snapshot.
+        let counter = std::thread::spawn(move || {
+            let counts = row_counts(&mut session);
+            (session, counts)
+        });
+        let mut cmd = self.conn.command("pg_dump");
+        cmd.args(["-Fc", "-Z0", "--snapshot", &snapshot, "-d", &self.conn.url]);
+        let streamed = stream_stdout(cmd, out, cancel);
+        let (mut session, counts) = counter
+            .join()
+            .map_err(|_| Error::failure("row count thread failed"))?;
+        let streamed = streamed?;
+        let counts = counts?;
+        session.query("COMMIT")?;
+        session.close()?;
+        let mut stats = Stats::new();
+        stats.insert("mode".into(), "logical".into());
+        stats.insert("bytes".into(), streamed.bytes.into());
+        stats.insert("tables".into(), serde_json::to_value(counts)?);
+        Ok(stats)
+    }
+
+    fn physical(&self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
+        let mut session = Session::open(&self.conn)?;
+        let archive_mode = session.value("SELECT current_setting('archive_mode')")?;
+        let segment_size = session.value(
+            "SELECT setting::bigint * (CASE unit WHEN 'MB' THEN 1048576 ELSE 1 END) \
+             FROM pg_settings WHERE name = 'wal_segment_size'",
+        )?;
+        session.close()?;
+        if archive_mode == "off" {
+            return Err(Error::invalid(
+                "archive_mode is off: a physical backup without archived WAL cannot be restored",
+            )
+            .hint("set archive_mode = on and archive_command = 'drctl --config /path/drctl.yaml wal push --policy NAME %p', then restart the server"));
+        }
+        let segment_size: u64 = segment_size
+            .parse()
+            .map_err(|_| Error::failure(format!("bad wal_segment_size {segment_size:?}")))?;
+        let mut cmd = self.conn.command("pg_basebackup");
+        cmd.args(["-D", "-", "-Ft", "-X", "none", "-c", "fast"])
+            .args(["-d", &self.conn.url]);
+        // The backup manifest pg_basebackup appends to the archive names the WAL range.
+        let mut tap = TarTap::new(out, "backup_manifest");
+        let streamed = stream_stdout(cmd, &mut tap, cancel)?;
+        let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
+        let mut stats = Stats::new();
+        stats.insert("mode".into(), "physical".into());
+        stats.insert("bytes".into(), streamed.bytes.into());
+        stats.insert("wal".into(), serde_json::to_value(range)?);
+        Ok(stats)
+    }
+}
+
+impl Source for PostgresSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+    fn artifact(&self) -> String {
+        match self.mode {
+            PostgresMode::Logical => "pgdump".into(),
+            PostgresMode::Physical => "tar".into(),
+        }
+    }
+    fn descriptor(&self) -> serde_json::Value {
+        let mode = match self.mode {
+            PostgresMode::Logical => "logical",
+            PostgresMode::Physical => "physical",
+        };
+        serde_json::json!({ "mode": mode, "url": self.conn.url })
+    }
+    fn has_index(&self) -> bool {
+        false
+    }
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        _index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
+        match self.mode {
+            PostgresMode::Logical => self.logical(out, cancel),
+            PostgresMode::Physical => self.physical(out, cancel),
+        }
+    }
+}
+
+/// The WAL a base backup needs to become consistent: segments `start_wal` to `stop_wal`
+/// of `timeline`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WalRange {
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub segment_size: u64,
+}
+
+impl WalRange {
+    /// Reads the WAL range from (the end of) a backup manifest.
+    fn from_manifest(manifest: &str, segment_size: u64) -> Result<WalRange> {
+        let field = |name: &str| {
+            let rest = manifest.split("\"WAL-Ranges\"").nth(1)?;
+            let value = rest.split(&format!("\"{name}\":")).nth(1)?;
+            let value = value.trim_start().trim_start_matches('"');
+            let end = value.find(['"', ',', ' ', '}'])?;
+            Some(value[..end].to_owned())
+        };
+        let timeline = field("Timeline").and_then(|t| t.parse::<u32>().ok());
+        let start = field("Start-LSN").as_deref().and_then(parse_lsn);
+        let stop = field("End-LSN").as_deref().and_then(parse_lsn);
+        let (Some(timeline), Some(start), Some(stop)) = (timeline, start, stop) else {
+            return Err(Error::failure(
+                "the base backup holds no backup_manifest with a WAL range; PostgreSQL 13 or later is needed",
+            ));
+        };
+        // The stop LSN may sit exactly on a segment boundary: the last record ends before it.
+        let stop_segment = stop.saturating_sub(1).max(start) / segment_size;
+        Ok(WalRange {
+            timeline,
+            start_lsn: format_lsn(start),
+            stop_lsn: format_lsn(stop),
+            start_wal: segment_name(timeline, start / segment_size, segment_size),
+            stop_wal: segment_name(timeline, stop_segment, segment_size),
+            segment_size,
+        })
+    }
+}
+
+/// Passes a tar stream through and keeps the last [`TAP_TAIL`] bytes of one entry.
+struct TarTap<'a> {
+    inner: &'a mut dyn Write,
+    entry: &'static str,
+    header: Vec<u8>,
+    /// Bytes left in the current entry's data (with padding), and whether to keep them.
+    remaining: u64,
+    data_left: u64,
+    capture: bool,
+    captured: Vec<u8>,
+}
+
+const TAP_TAIL: usize = 64 << 10;
+
+impl<'a> TarTap<'a> {
+    fn new(inner: &'a mut dyn Write, entry: &'static str) -> Self {
+        TarTap {
+            inner,
+            entry,
+            header: Vec::with_capacity(512),
+            remaining: 0,
+            data_left: 0,
+            capture: false,
+            captured: Vec::new(),
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(data.len());
+                let keep = (self.data_left as usize).min(n);
+                if self.capture {
+                    self.captured.extend_from_slice(&data[..keep]);
+                    if self.captured.len() > 2 * TAP_TAIL {
+                        self.captured.drain(..self.captured.len() - TAP_TAIL);
+                    }
+                }
+                self.data_left -= keep as u64;
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (512 - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == 512 {
+                let h = std::mem::take(&mut self.header);
+                let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+                let size = std::str::from_utf8(&h[124..136])
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s.trim_matches(['\0', ' ']), 8).ok())
+                    .unwrap_or(0);
+                let name = &h[..name_end];
+                self.capture = name == self.entry.as_bytes()
+                    || name.strip_prefix(b"./") == Some(self.entry.as_bytes());
+                if self.capture {
+                    self.captured.clear();
+                }
+                self.data_left = size;
+                self.remaining = size.div_ceil(512) * 512;
+            }
+        }
+    }
+}
+
+impl Write for TarTap<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.observe(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Parses `16/B374D848`.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// The file name of WAL segment `segno` on `timeline`.
+pub fn segment_name(timeline: u32, segno: u64, segment_size: u64) -> String {
+    let per_id = 0x1_0000_0000 / segment_size;
+    format!("{timeline:08X}{:08X}{:08X}", segno / per_id, segno % per_id)
+}
+
+/// Timeline and segment number of a segment file name.
+pub fn parse_segment(name: &str, segment_size: u64) -> Option<(u32, u64)> {
+    if name.len() != 24 || !is_upper_hex(name) {
+        return None;
+    }
+    let tli = u32::from_str_radix(&name[..8], 16).ok()?;
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..], 16).ok()?;
+    Some((tli, log * (0x1_0000_0000 / segment_size) + seg))
+}
+
+fn is_upper_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
+/// Whether `name` is a file PostgreSQL archives: a segment, a partial segment, a timeline
+/// history file or a backup history file. Nothing else is accepted as a WAL name.
+pub fn is_wal_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && is_upper_hex(s);
+    match name.split('.').collect::<Vec<_>>()[..] {
+        [seg] => hex(seg, 24),
+        [seg, "partial"] => hex(seg, 24),
+        [tli, "history"] => hex(tli, 8),
+        [seg, off, "backup"] => hex(seg, 24) && hex(off, 8),
+        _ => false,
+    }
+}
+
+/// One archived WAL file, read from the server's `pg_wal`.
+pub struct WalSource {
+    path: PathBuf,
+    name: String,
+}
+
+impl WalSource {
+    /// `path` as the archive command's `%p`; its file name must be a WAL name.
+    pub fn new(path: PathBuf) -> Result<WalSource> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| is_wal_name(n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "{} is not a WAL file name (segment, .partial, .history or .backup)",
+                    path.display()
+                ))
+            })?
+            .to_owned();
+        Ok(WalSource { path, name })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Source for WalSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+    fn artifact(&self) -> String {
+        "wal".into()
+    }
+    fn descriptor(&self) -> serde_json::Value {
+        serde_json::json!({ "mode": "wal", "wal": self.name })
+    }
+    fn has_index(&self) -> bool {
+        false
+    }
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        _index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
+        let what = || format!("read WAL file {}", self.path.display());
+        let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(what(), e))?;
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut bytes = 0u64;
+        loop {
+            cancel.check()?;
+            let n =
+                crate::pipeline::read_full(&mut f, &mut buf).map_err(|e| Error::io(what(), e))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| Error::io("write", e))?;
+            bytes += n as u64;
+        }
+        let mut stats = Stats::new();
+        stats.insert("bytes".into(), bytes.into());
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_and_segment_names() {
+        let seg = 16 << 20;
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(
+            segment_name(1, 0x16_B374_D848 / seg, seg),
+            "0000000100000016000000B3"
+        );
+        assert_eq!(
+            parse_segment("0000000100000016000000B3", seg),
+            Some((1, 0x16_B374_D848 / seg))
+        );
+        assert_eq!(parse_segment("0000000100000016000000b3", seg), None);
+    }
+
+    #[test]
+    fn tar_tap_finds_the_wal_range_in_the_backup_manifest() {
+        let manifest = b"{ \"Files\": [],\n\"WAL-Ranges\": [\n{ \"Timeline\": 1, \"Start-LSN\": \"0/2000028\", \"End-LSN\": \"0/3000000\" }\n],\n}";
+        let mut archive = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("PG_VERSION", &b"15\n"[..]),
+            ("backup_manifest", &manifest[..]),
+        ] {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            archive.append_data(&mut h, name, data).unwrap();
+        }
+        let bytes = archive.into_inner().unwrap();
+        let mut out = Vec::new();
+        let mut tap = TarTap::new(&mut out, "backup_manifest");
+        for piece in bytes.chunks(100) {
+            tap.write_all(piece).unwrap();
+        }
+        let captured = String::from_utf8(tap.captured).unwrap();
+        assert_eq!(out, bytes);
+        let r = WalRange::from_manifest(&captured, 16 << 20).unwrap();
+        assert_eq!(r.start_wal, "000000010000000000000002");
+        assert_eq!(r.stop_wal, "000000010000000000000002");
+        assert_eq!((r.timeline, r.stop_lsn.as_str()), (1, "0/3000000"));
+        assert!(WalRange::from_manifest("{}", 16 << 20).is_err());
+    }
+
+    #[test]
+    fn only_wal_names_are_accepted() {
+        for ok in [
+            "000000010000000000000002",
+            "000000010000000000000002.partial",
+            "00000002.history",
+            "000000010000000000000002.00000028.backup",
+        ] {
+            assert!(is_wal_name(ok), "{ok}");
+        }
+        for bad in [
+            "../etc/passwd",
+            "00000001000000000000000",
+            "000000010000000000000002.gz",
+            "",
+        ] {
+            assert!(!is_wal_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! PostgreSQL backups against real servers: logical dumps of the server on 127.0.0.1:5432
+//! (trust auth, user postgres), and physical base backups plus WAL archiving of a scratch
+//! cluster each test creates with initdb on a free port.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Run, Sandbox};
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// Runs SQL on a server as postgres; panics with psql's stderr on failure.
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("psql is not installed ({e}); run scripts/install-deps.sh"));
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The shared server must be up; say how to get it when it is not.
+fn require_server() {
+    let ok = Command::new("pg_isready")
+        .args(["-h", "127.0.0.1", "-p", "5432"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "PostgreSQL is not accepting connections on 127.0.0.1:5432: run `scripts/install-deps.sh` \
+         (installs and starts PostgreSQL) and make sure user postgres can connect with trust auth"
+    );
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (t.subsec_nanos() ^ std::process::id().rotate_left(16) ^ n.rotate_left(24)) & 0x7fff_ffff
+}
+
+/// A database on the shared server, dropped at the end of the test.
+struct Db {
+    name: String,
+}
+
+impl Db {
+    fn new(prefix: &str) -> Db {
+        require_server();
+        let name = unique(prefix);
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!("CREATE DATABASE {name}"),
+        );
+        Db { name }
+    }
+    /// A name for a database that does not exist yet (dropped at the end too).
+    fn later(prefix: &str) -> Db {
+        require_server();
+        Db {
+            name: unique(prefix),
+        }
+    }
+    fn url(&self) -> String {
+        format!("{SERVER}/{}", self.name)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", "-d", &format!("{SERVER}/postgres"), "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .output();
+    }
+}
+
+fn logical_policy(sb: &Sandbox, name: &str, url: &str) {
+    sb.policy(
+        name,
+        &format!("name: {name}\nsource:\n  kind: postgres\n  mode: logical\n  url: {url}\n"),
+    );
+}
+
+/// Tables with text, numbers, NULLs, a quoted name in its own schema, and an index.
+fn fill(url: &str) {
+    psql(
+        url,
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance numeric, note text);\
+         INSERT INTO accounts SELECT g, 'owner ' || g, g * 1.5, CASE WHEN g % 7 = 0 THEN NULL ELSE md5(g::text) END \
+           FROM generate_series(1, 5000) g;\
+         CREATE INDEX accounts_owner ON accounts (owner);\
+         CREATE SCHEMA audit;\
+         CREATE TABLE audit.\"Event Log\" (at timestamptz DEFAULT now(), what text);\
+         INSERT INTO audit.\"Event Log\" (what) SELECT 'event ' || g FROM generate_series(1, 123) g;\
+         CREATE TABLE empty_table (x int);",
+    );
+}
+
+/// A digest of every row, to compare two databases.
+fn content(url: &str) -> String {
+    psql(
+        url,
+        "SELECT md5(string_agg(a::text, ',' ORDER BY a.id)) FROM accounts a UNION ALL \
+         SELECT md5(string_agg(e.what, ',' ORDER BY e.what)) FROM audit.\"Event Log\" e",
+    )
+}
+
+#[test]
+fn logical_round_trip_restores_every_row_and_checks_row_counts() {
+    let source = Db::new("drctl_src");
+    fill(&source.url());
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+
+    let show = sb.run(&["--json", "show", &id]).ok().json();
+    let stats = &show[0]["manifest"]["source"]["stats"];
+    assert_eq!(stats["tables"]["public.accounts"], 5000, "{stats}");
+    assert_eq!(stats["tables"]["audit.\"Event Log\""], 123);
+    assert_eq!(stats["tables"]["public.empty_table"], 0);
+    assert_eq!(
+        show[0]["manifest"]["objects"][0]["name"],
+        "data.pgdump.zst.age"
+    );
+
+    // Rows written after the backup are not in it.
+    psql(
+        &source.url(),
+        "INSERT INTO accounts VALUES (5001, 'late', 0, NULL)",
+    );
+
+    let target = Db::later("drctl_dst");
+    let run = sb
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "pg",
+            "--backup",
+            &id,
+            "--to-database",
+            &target.url(),
+        ])
+        .ok();
+    let report = &run.json()[0]["postgres"];
+    assert_eq!(report["created"], true);
+    assert_eq!(report["tables"]["public.accounts"], 5000);
+    assert_eq!(report["differences"].as_array().unwrap().len(), 0);
+    psql(&source.url(), "DELETE FROM accounts WHERE id = 5001");
+    assert_eq!(content(&target.url()), content(&source.url()));
+    assert_eq!(
+        psql(
+            &target.url(),
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_owner'"
+        ),
+        "1"
+    );
+}
+
+#[test]
+fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
+    let source = Db::new("drctl_src");
+    fill(&source.url());
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    sb.backup("pg");
+    psql(&source.url(), "DELETE FROM accounts WHERE id > 10");
+
+    let args = [
+        "restore",
+        "--policy",
+        "pg",
+        "--backup",
+        "latest",
+        "--to-database",
+    ];
+    let url = source.url();
+    let run = sb.run(&[&args[..], &[url.as_str()]].concat()).code(2);
+    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    // Nothing was touched.
+    assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "10");
+
+    sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
+        .ok();
+    assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
+}
+
+#[test]
+fn logical_restore_fails_on_the_first_error_and_leaves_nothing_half_done() {
+    let source = Db::new("drctl_src");
+    fill(&source.url());
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    sb.backup("pg");
+    // The target has a conflicting object the dump does not drop: the first CREATE fails.
+    let target = Db::new("drctl_dst");
+    psql(&target.url(), "CREATE SCHEMA audit");
+    let run = sb
+        .run(&[
+            "restore",
+            "--policy",
+            "pg",
+            "--backup",
+            "latest",
+            "--to-database",
+            &target.url(),
+            "--overwrite",
+        ])
+        .code(1);
+    assert!(run.stderr.contains("pg_restore"), "{}", run.stderr);
+    assert!(run.stderr.contains("audit"), "{}", run.stderr);
+    // One transaction: no table of the dump was left behind.
+    assert_eq!(
+        psql(
+            &target.url(),
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'accounts'"
+        ),
+        "0"
+    );
+}
+
+#[test]
+fn failing_dump_is_recorded_as_failed_with_the_tool_stderr() {
+    require_server();
+    let sb = Sandbox::new();
+    logical_policy(&sb, "gone", &format!("{SERVER}/drctl_no_such_database"));
+    let run = sb.run(&["backup", "--policy", "gone"]).code(1);
+    assert!(
+        run.stderr
+            .contains("database \"drctl_no_such_database\" does not exist"),
+        "{}",
+        run.stderr
+    );
+    let records = sb.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["status"], "failed");
+    assert!(records[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+}
+
+#[test]
+fn missing_client_tools_fail_the_backup() {
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &format!("{SERVER}/postgres"));
+    let empty = tempfile::tempdir().unwrap();
+    let run: Run = sb
+        .cmd(&["backup", "--policy", "pg"])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("cannot run `psql`"), "{}", run.stderr);
+    assert_eq!(sb.records()[0]["status"], "failed");
+}
+
+#[test]
+fn server_going_away_mid_dump_fails_the_backup() {
+    let source = Db::new("drctl_src");
+    // Enough rows that the dump is still running when its connection is cut.
+    psql(
+        &source.url(),
+        "CREATE TABLE big AS SELECT g AS id, repeat(md5(g::text), 20) AS t \
+         FROM generate_series(1, 300000) g",
+    );
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let mut child = sb
+        .cmd(&["backup", "--policy", "pg"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = source.name.clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut killed = false;
+    while std::time::Instant::now() < deadline && !killed {
+        let n = psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = '{db}' AND application_name = 'drctl pg_dump'"
+            ),
+        );
+        killed = n != "0";
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+    }
+    let run: Run = child.wait_with_output().unwrap().into();
+    assert!(killed, "the dump finished before it could be interrupted");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("pg_dump"), "{}", run.stderr);
+    assert_eq!(sb.records()[0]["status"], "failed");
+}
+
+// ---------------------------------------------------------------------------------------
+// Physical: a scratch cluster with archive_command = drctl wal push.
+
+/// A PostgreSQL server program: Debian's newest versioned directory, then pg_config, then PATH.
+fn server_bin(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        dirs.insert(
+            0,
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        );
+    }
+    dirs.reverse();
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(name))
+                    .find(|p| p.exists())
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!("PostgreSQL server program {name} not found; run scripts/install-deps.sh (package postgresql)")
+        })
+}
+
+/// The OS user the scratch servers run as: PostgreSQL refuses root, so root uses `postgres`.
+fn server_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "running as root needs an OS user `postgres`"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    Some((id("-u"), id("-g")))
+}
+
+fn as_server_user(cmd: &mut Command) -> &mut Command {
+    if let Some((uid, gid)) = server_user() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Servers started by a test, stopped when it ends (also on panic).
+#[derive(Default)]
+struct Servers(Vec<PathBuf>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = as_server_user(&mut Command::new(server_bin("pg_ctl")))
+                .arg("-D")
+                .arg(dir)
+                .args(["-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// A sandbox the server user owns, with a private copy of drctl (the build directory may
+/// change under a long-running server).
+struct Cluster {
+    sb: Sandbox,
+    drctl: PathBuf,
+    data: PathBuf,
+    port: u16,
+    servers: Servers,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let sb = Sandbox::new();
+        let drctl = sb.path().join("drctl-bin");
+        std::fs::copy(common::bin(), &drctl).unwrap();
+        sb.policy(
+            "pgphys",
+            "name: pgphys\nsource:\n  kind: postgres\n  mode: physical\n  url: PLACEHOLDER\n",
+        );
+        let port = free_port();
+        let policy = sb.path().join("policies/pgphys.yaml");
+        let text = std::fs::read_to_string(&policy).unwrap().replace(
+            "PLACEHOLDER",
+            &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        );
+        std::fs::write(&policy, text).unwrap();
+        if server_user().is_some() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(sb.path())
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let data = sb.path().join("data");
+        let out = as_server_user(&mut Command::new(server_bin("initdb")))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
+             fsync = off\narchive_mode = on\n\
+             archive_command = '{} -q --config {} wal push --policy pgphys %p'\n",
+            drctl.display(),
+            sb.path().join("drctl.yaml").display()
+        );
+        append(&data.join("postgresql.conf"), &conf);
+        append(
+            &data.join("pg_hba.conf"),
+            "host replication postgres 127.0.0.1/32 trust\n",
+        );
+        let mut c = Cluster {
+            sb,
+            drctl,
+            data: data.clone(),
+            port,
+            servers: Servers::default(),
+        };
+        c.pg_ctl_start(&data);
+        c
+    }
+
+    fn pg_ctl_start(&mut self, data: &Path) {
+        let out = as_server_user(&mut Command::new(server_bin("pg_ctl")))
+            .arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(data.join("server.log"))
+            .args(["-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.servers.0.push(data.to_path_buf());
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs the private drctl as the server user.
+    fn drctl(&self, args: &[&str]) -> Run {
+        as_server_user(&mut Command::new(&self.drctl))
+            .args(args)
+            .current_dir(self.sb.path())
+            .env("DRCTL_CONFIG", self.sb.path().join("drctl.yaml"))
+            .env_remove("DRCTL_IDENTITY")
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    /// Switches to a new WAL segment and waits until the old one is archived.
+    fn switch_wal(&self) {
+        let wal = psql(&self.url(), "SELECT pg_walfile_name(pg_switch_wal())");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let archived = psql(
+                &self.url(),
+                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            );
+            if archived.as_str() >= wal.as_str() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "WAL {wal} was not archived; server log: {}",
+                std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Restores into a new data directory; returns the run and the restored server's URL.
+    fn restore(&mut self, dir: &str, extra: &[&str]) -> (Run, String) {
+        let port = free_port();
+        let target = self.sb.path().join(dir);
+        let port_s = port.to_string();
+        let mut args = vec![
+            "--json",
+            "restore",
+            "--policy",
+            "pgphys",
+            "--backup",
+            "latest",
+            "--target",
+            target.to_str().unwrap(),
+            "--port",
+            &port_s,
+        ];
+        args.extend_from_slice(extra);
+        let run = self.drctl(&args);
+        if target.join("postmaster.pid").exists() {
+            self.servers.0.push(target);
+        }
+        (
+            run,
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        )
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+fn ids(url: &str) -> String {
+    psql(
+        url,
+        "SELECT count(*) || ' rows, ' || min(id) || '..' || max(id) FROM t",
+    )
+}
+
+#[test]
+fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
+    let mut c = Cluster::start();
+    psql(
+        &c.url(),
+        "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+    );
+    psql(
+        &c.url(),
+        "INSERT INTO t (id) SELECT generate_series(1, 100)",
+    );
+    let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
+    let manifest = &run.json()[0];
+    let wal = &manifest["source"]["stats"]["wal"];
+    assert_eq!(wal["timeline"], 1, "{manifest}");
+    assert!(wal["start_wal"].as_str().unwrap().starts_with("00000001"));
+
+    psql(
+        &c.url(),
+        "INSERT INTO t (id) SELECT generate_series(101, 200)",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    psql(
+        &c.url(),
+        "INSERT INTO t (id) SELECT generate_series(201, 300)",
+    );
+    c.switch_wal();
+
+    // WAL files are registered as incrementals of the base backup.
+    let list = c.drctl(&["--json", "list", "--limit", "1000"]).ok().json();
+    let base_id = manifest["backup_id"].as_str().unwrap();
+    let after_base = list
+        .iter()
+        .filter(|r| r["type"] == "incremental" && r["manifest"]["parent_id"] == base_id)
+        .count();
+    assert!(after_base >= 1, "{list:?}");
+    c.drctl(&["verify", "--all"]).ok();
+
+    let (run, url) = c.restore("pitr", &["--until", &noted]);
+    let run = run.ok();
+    assert_eq!(ids(&url), "200 rows, 1..200", "{}", run.stdout);
+    assert_eq!(
+        run.json()[0]["postgres"]["databases"]["postgres"]["public.t"],
+        200
+    );
+
+    let (run, url) = c.restore("latest", &[]);
+    run.ok();
+    assert_eq!(ids(&url), "300 rows, 1..300");
+    // The restored server does not archive into the source's policy.
+    assert_eq!(psql(&url, "SHOW archive_mode"), "off");
+}
+
+#[test]
+fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
+    let c = Cluster::start();
+    c.switch_wal();
+    let list = c.drctl(&["--json", "list"]).ok().json();
+    let first = list
+        .iter()
+        .find(|r| r["type"] == "incremental")
+        .expect("an archived WAL file");
+    let id = first["backup_id"].as_str().unwrap();
+    // Fetch it back, push the same bytes again under the same name: accepted, not stored twice.
+    let dir = c.sb.path().join("walcopy");
+    std::fs::create_dir(&dir).unwrap();
+    if server_user().is_some() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+    }
+    let show = c.drctl(&["--json", "show", id]).ok().json();
+    let name = show[0]["manifest"]["source"]["descriptor"]["wal"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let copy = dir.join(&name);
+    c.drctl(&[
+        "wal",
+        "fetch",
+        "--policy",
+        "pgphys",
+        &name,
+        copy.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 16 << 20);
+    let run = c
+        .drctl(&["wal", "push", "--policy", "pgphys", copy.to_str().unwrap()])
+        .ok();
+    assert!(run.stdout.contains("already archived"), "{}", run.stdout);
+    let before = c
+        .drctl(&["--json", "list", "--limit", "1000"])
+        .ok()
+        .json()
+        .len();
+
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&copy, &bytes).unwrap();
+    let run = c
+        .drctl(&["wal", "push", "--policy", "pgphys", copy.to_str().unwrap()])
+        .code(4);
+    assert!(run.stderr.contains("different contents"), "{}", run.stderr);
+    let after = c
+        .drctl(&["--json", "list", "--limit", "1000"])
+        .ok()
+        .json()
+        .len();
+    assert_eq!(before, after);
+
+    // Not a WAL name: refused before anything is read.
+    let run = c
+        .drctl(&["wal", "push", "--policy", "pgphys", "/etc/passwd"])
+        .code(2);
+    assert!(run.stderr.contains("not a WAL file name"), "{}", run.stderr);
+    // A file that is not archived: exit 10, so recovery knows the archive ends here.
+    c.drctl(&[
+        "wal",
+        "fetch",
+        "--policy",
+        "pgphys",
+        "00000009.history",
+        copy.to_str().unwrap(),
+    ])
+    .code(10);
+}
+
+#[test]
+fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
+    let mut c = Cluster::start();
+    psql(&c.url(), "CREATE TABLE t (id int)");
+    let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
+    let base = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 1000)");
+        c.switch_wal();
+    }
+    c.drctl(&["verify", &base]).ok();
+    // Forget one segment after the base backup's own range.
+    let stop = c.drctl(&["--json", "show", &base]).ok().json()[0]["manifest"]["source"]["stats"]
+        ["wal"]["stop_wal"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let list = c.drctl(&["--json", "list", "--limit", "1000"]).ok().json();
+    let mut names: Vec<(String, String)> = list
+        .iter()
+        .filter_map(|r| {
+            let name = r["manifest"]["source"]["descriptor"]["wal"].as_str()?;
+            (name.len() == 24 && name > stop.as_str())
+                .then(|| (name.to_owned(), r["backup_id"].as_str().unwrap().to_owned()))
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 2, "{names:?}");
+    let (gap, gap_id) = &names[0];
+    let db = c.sb.path().join("registry.db");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!("DELETE FROM backups WHERE backup_id = '{gap_id}'"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let run = c.drctl(&["verify", &base]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stdout.contains(gap.as_str()) || run.stderr.contains(gap.as_str()),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+
+    let (run, _) = c.restore("gap", &[]);
+    let run = run.code(4);
+    assert!(
+        run.stdout.contains(gap.as_str()) || run.stderr.contains(gap.as_str()),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !c.sb.path().join("gap").exists(),
+        "the plan wrote before it checked"
+    );
+}
