@@ -28,6 +28,15 @@ struct Proxy {
     /// answers with it and closes, instead of forwarding.
     errors: Arc<Mutex<VecDeque<&'static str>>>,
     answered: Arc<AtomicUsize>,
+    /// While this lasts, a connection that has received more than 1 MiB is cut.
+    download_cuts_left: Arc<AtomicUsize>,
+    download_cuts: Arc<AtomicUsize>,
+}
+
+/// Takes one from a budget of cuts; false once it is used up.
+fn take_cut(left: &AtomicUsize) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+        .is_ok()
 }
 
 type ConnectionLog = Arc<Mutex<Vec<u8>>>;
@@ -43,6 +52,8 @@ impl Proxy {
             sent: record.then(Default::default),
             errors: Default::default(),
             answered: Default::default(),
+            download_cuts_left: Default::default(),
+            download_cuts: Default::default(),
         };
         let (cuts_left, cuts, sent) = (
             proxy.cuts_left.clone(),
@@ -50,6 +61,10 @@ impl Proxy {
             proxy.sent.clone(),
         );
         let (errors, answered) = (proxy.errors.clone(), proxy.answered.clone());
+        let (down_left, down_cuts) = (
+            proxy.download_cuts_left.clone(),
+            proxy.download_cuts.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { return };
@@ -67,11 +82,25 @@ impl Proxy {
                     log
                 });
                 let (cuts_left, cuts) = (cuts_left.clone(), cuts.clone());
+                let (down_left, down_cuts) = (down_left.clone(), down_cuts.clone());
                 std::thread::spawn(move || {
                     let (mut from_up, mut to_client) =
                         (upstream.try_clone().unwrap(), client.try_clone().unwrap());
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from_up, &mut to_client);
+                        let mut buf = vec![0u8; 64 << 10];
+                        let mut total = 0;
+                        while let Ok(n @ 1..) = from_up.read(&mut buf) {
+                            total += n;
+                            if total > 1 << 20 && take_cut(&down_left) {
+                                down_cuts.fetch_add(1, Ordering::SeqCst);
+                                let _ = to_client.shutdown(Shutdown::Both);
+                                let _ = from_up.shutdown(Shutdown::Both);
+                                return;
+                            }
+                            if to_client.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to_client.shutdown(Shutdown::Write);
                     });
                     let (mut client, mut upstream) = (client, upstream);
@@ -83,12 +112,7 @@ impl Proxy {
                             Ok(n) => n,
                         };
                         total += n;
-                        let cut = total > cut_after
-                            && cuts_left
-                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
-                                    c.checked_sub(1)
-                                })
-                                .is_ok();
+                        let cut = total > cut_after && take_cut(&cuts_left);
                         if cut {
                             cuts.fetch_add(1, Ordering::SeqCst);
                             let _ = client.shutdown(Shutdown::Both);
@@ -492,4 +516,27 @@ fn interrupted_backup_stops_writing_and_aborts_its_upload() {
             .unwrap()
     });
     assert_eq!(listed.contents().len(), 0, "{listed:?}");
+}
+
+#[test]
+fn restore_retries_downloads_that_break_part_way() {
+    let proxy = Proxy::start(usize::MAX, 0, false);
+    let bucket = moto::bucket("download");
+    let (sb, src) = files_sandbox(&proxy, &bucket, "");
+    let id = sb.backup("tree");
+    // Ranged GETs of 5 MiB: the next three responses break 1 MiB in.
+    proxy.download_cuts_left.store(3, Ordering::SeqCst);
+    let target = sb.path().join("restore");
+    sb.run(&[
+        "restore",
+        "-p",
+        "tree",
+        "-b",
+        &id,
+        "--target",
+        target.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(proxy.download_cuts.load(Ordering::SeqCst), 3);
+    assert_same_tree(&src, &restored(&target, &src));
 }

@@ -28,7 +28,7 @@ use aws_sdk_s3::types::{
 };
 use aws_sdk_s3::Client;
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use sha2::Digest;
 
 use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE};
@@ -209,6 +209,9 @@ impl S3Store {
     }
 }
 
+/// The most parts a multipart upload can have.
+const MAX_PARTS: usize = 10_000;
+
 /// The largest object one CopyObject request can copy.
 const MAX_COPY_OBJECT: u64 = 5 << 30;
 
@@ -388,7 +391,7 @@ impl ObjectStore for S3Store {
         let (tx, stream) = ByteStream::channel(key.clone());
         let (part, concurrency) = (self.part_size as u64, self.concurrency);
         tokio::spawn(async move {
-            let mut pending: VecDeque<AbortOnDrop<Result<Bytes>>> = VecDeque::new();
+            let mut pending: VecDeque<AbortOnDrop<Result<Vec<Bytes>>>> = VecDeque::new();
             let mut next = 0u64;
             loop {
                 while pending.len() < concurrency && next < size {
@@ -407,11 +410,13 @@ impl ObjectStore for S3Store {
                     Err(e) => Err(Error::failure(format!("download task failed: {e}"))),
                 };
                 match fetched {
-                    Ok(mut data) => {
-                        while !data.is_empty() {
-                            let chunk = data.split_to(data.len().min(CHUNK_SIZE));
-                            if tx.send(Ok(chunk)).await.is_err() {
-                                return;
+                    Ok(segments) => {
+                        for mut data in segments {
+                            while !data.is_empty() {
+                                let chunk = data.split_to(data.len().min(CHUNK_SIZE));
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                     }
@@ -615,8 +620,9 @@ struct Ranged {
 }
 
 impl Ranged {
-    /// Bytes `start..end`, retrying a response body that breaks part-way.
-    async fn fetch(&self, start: u64, end: u64) -> Result<Bytes> {
+    /// Bytes `start..end` as received (not copied into one buffer), retrying a response body
+    /// that breaks part-way.
+    async fn fetch(&self, start: u64, end: u64) -> Result<Vec<Bytes>> {
         let mut attempt = 1;
         loop {
             let res = self
@@ -641,7 +647,9 @@ impl Ranged {
                 Err(e) => return Err(self.store.err(format!("read {}", self.full), e)),
             };
             match out.body.collect().await {
-                Ok(data) if data.remaining() as u64 == end - start => return Ok(data.into_bytes()),
+                Ok(data) if data.remaining() as u64 == end - start => {
+                    return Ok(data.into_segments().collect())
+                }
                 Ok(data) => {
                     return Err(Error::integrity(format!(
                         "{}: {} bytes {start}..{end}: got {} bytes",
@@ -667,8 +675,6 @@ impl Ranged {
         }
     }
 }
-
-use bytes::Buf;
 
 struct S3Writer {
     store: S3Store,
@@ -734,8 +740,20 @@ impl S3Writer {
         while self.in_flight.len() >= self.store.concurrency {
             self.join_one().await?;
         }
+        let number = self.parts.len() + self.in_flight.len() + 1;
+        if number > MAX_PARTS {
+            return Err(self.fail(
+                Error::failure(format!(
+                    "{}: {} is larger than {MAX_PARTS} parts of {} MiB",
+                    self.store.describe(),
+                    self.key,
+                    self.store.part_size >> 20
+                ))
+                .hint("raise part-size-mib in the repository URL (S3 allows at most 10000 parts)"),
+            ));
+        }
+        let number = number as i32;
         let data = std::mem::take(&mut self.buf).freeze();
-        let number = (self.parts.len() + self.in_flight.len() + 1) as i32;
         let (store, full, key) = (self.store.clone(), self.full.clone(), self.key.clone());
         let upload_id = self.upload_id.clone().expect("started above");
         self.in_flight.spawn(async move {
