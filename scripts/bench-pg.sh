@@ -121,11 +121,12 @@ fi
 if ! as_pg "$(pgbin pg_ctl)" -D "$data" status >/dev/null 2>&1; then
     as_pg "$(pgbin pg_ctl)" -D "$data" -l "$data/server.log" -w start >/dev/null
 fi
-if [[ $(sql "SELECT count(*) FROM pg_database WHERE datname = 'bench'" postgres) == 0 ]]; then
+if [[ ! -f $work/loaded ]]; then
     log "loading data: pgbench scale $scale and $events rows of text"
     # Loading does not need archiving; the benchmark switches it to drctl below.
     sql "ALTER SYSTEM SET archive_command = '/bin/true'" postgres
     sql "SELECT pg_reload_conf()" postgres >/dev/null
+    sql "DROP DATABASE IF EXISTS bench" postgres
     sql "CREATE DATABASE bench" postgres
     pgbench -i -q -s "$scale" -d "$url/bench" >"$logs/pgbench.log" 2>&1
     sql "CREATE TABLE events (
@@ -138,18 +139,19 @@ if [[ $(sql "SELECT count(*) FROM pg_database WHERE datname = 'bench'" postgres)
     sql "INSERT INTO events
          SELECT g,
                 timestamptz '2026-01-01' + g * interval '7 seconds',
-                (g * 7919) % ($scale * 100000) + 1,
-                (ARRAY['login','logout','transfer','deposit','withdrawal','audit'])[1 + g % 6],
+                ((g * 7919) % ($scale * 100000) + 1)::int,
+                (ARRAY['login','logout','transfer','deposit','withdrawal','audit'])[(1 + g % 6)::int],
                 'user ' || (g % 50000) || ' ' ||
-                  (ARRAY['moved funds to','checked balance of','updated address for','closed'])[1 + g % 4] ||
+                  (ARRAY['moved funds to','checked balance of','updated address for','closed'])[(1 + g % 4)::int] ||
                   ' account ' || ((g * 31) % 1000000) || ' ref ' || md5(g::text) ||
-                  CASE WHEN g % 3 = 0 THEN ' note: ' || repeat(substr(md5((g * 17)::text), 1, 12) || ' ', 1 + g % 5) ELSE '' END,
+                  CASE WHEN g % 3 = 0 THEN ' note: ' || repeat(substr(md5((g * 17)::text), 1, 12) || ' ', (1 + g % 5)::int) ELSE '' END,
                 jsonb_build_object('ip', '10.' || (g % 250) || '.' || (g % 97) || '.' || (g % 13),
                                    'amount', round((g % 100000) / 100.0, 2),
-                                   'agent', (ARRAY['web','ios','android','api'])[1 + g % 4])
-         FROM generate_series(1, $events) g"
+                                   'agent', (ARRAY['web','ios','android','api'])[(1 + g % 4)::int])
+         FROM generate_series(1::bigint, $events) g"
     sql "CREATE INDEX events_account ON events (account, at)"
     sql "VACUUM ANALYZE"
+    touch "$work/loaded"
 fi
 db_bytes=$(sql "SELECT pg_database_size('bench')")
 cluster_bytes=$(sql "SELECT sum(pg_database_size(datname)) FROM pg_database")

@@ -762,6 +762,30 @@ pub enum PgReport {
     Physical(PhysicalReport),
 }
 
+impl PgPlan {
+    /// One line for `--dry-run`.
+    pub fn describe(&self) -> String {
+        match self {
+            PgPlan::Logical { database, .. } => format!(
+                "database {} {}; pg_restore stops at the first error, then row counts are compared with the manifest",
+                database.database,
+                if database.exists { "exists" } else { "will be created" }
+            ),
+            PgPlan::Physical(p) => {
+                let to = match &p.target {
+                    RecoveryTarget::Latest => "the end of the archive".to_owned(),
+                    RecoveryTarget::Time(t) => t.to_rfc3339(),
+                    RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+                };
+                format!(
+                    "replay WAL {} to {} (timeline {}) up to {to}, then start the server on port {}",
+                    p.wal.start_wal, p.last_wal, p.wal.timeline, p.port
+                )
+            }
+        }
+    }
+}
+
 impl PgReport {
     pub fn plain(&self) -> &Digest {
         match self {
