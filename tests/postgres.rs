@@ -214,7 +214,7 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
 }
 
 #[test]
-fn logical_restore_fails_on_the_first_error_and_leaves_nothing_half_done() {
+fn logical_restore_stops_at_the_first_error() {
     let source = Db::new("drctl_src");
     fill(&source.url());
     let sb = Sandbox::new();
@@ -237,7 +237,7 @@ fn logical_restore_fails_on_the_first_error_and_leaves_nothing_half_done() {
         .code(1);
     assert!(run.stderr.contains("pg_restore"), "{}", run.stderr);
     assert!(run.stderr.contains("audit"), "{}", run.stderr);
-    // One transaction: no table of the dump was left behind.
+    // It stopped there: the tables that come after the schema were not created.
     assert_eq!(
         psql(
             &target.url(),

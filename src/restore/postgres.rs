@@ -1,8 +1,8 @@
 //! PostgreSQL restores and the WAL archive.
 //!
-//! Logical: `pg_restore` into a database (created if missing; a non-empty one only with
-//! `overwrite`), in one transaction that stops at the first error, then row counts compared
-//! with the manifest. Physical: a base backup unpacked into a new data directory, recovery
+//! Logical: `pg_restore -j <cores>` into a database (created if missing; a non-empty one
+//! only with `overwrite`), stopping at the first error, then row counts compared with the
+//! manifest. Physical: a base backup unpacked into a new data directory, recovery
 //! settings that fetch WAL through `drctl wal fetch`, the server started and recovered to the
 //! latest point, a time or an LSN, then checked. Every WAL segment recovery needs is checked
 //! to be archived before anything is written.
@@ -169,17 +169,40 @@ pub async fn restore_logical(
         admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
         admin.close()?;
     }
+    // pg_restore loads tables and builds indexes in parallel only from a file: decode the
+    // dump into a private temporary file (mode 0600, removed afterwards), then restore it.
+    let file = TempFile(std::env::temp_dir().join(format!(
+        "drctl-restore-{}-{}.pgdump",
+        record.backup_id,
+        std::process::id()
+    )));
+    let (path, cancel_thread) = (file.0.clone(), cancel.clone());
+    let ((), plain) = decode(repo, record, identities, move |reader| {
+        write_private(reader, &path, &cancel_thread)
+    })
+    .await?;
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .to_string();
     let mut cmd = target.command("pg_restore");
-    cmd.args(["--exit-on-error", "--single-transaction", "-d", &target.url]);
+    cmd.args(["--exit-on-error", "-j", &jobs, "-d", &target.url]);
     if state.relations > 0 {
         cmd.args(["--clean", "--if-exists"]);
     }
-    let cancel_thread = cancel.clone();
-    let ((), plain) = decode(repo, record, identities, move |reader| {
-        pipe_into(cmd, reader, &cancel_thread)
+    cmd.arg(&file.0);
+    tokio::task::spawn_blocking(move || {
+        let mut child = spawn(&mut cmd, Stdio::null(), Stdio::null())?;
+        let stderr = collect_stderr(&mut child);
+        let status = child
+            .wait()
+            .map_err(|e| Error::io("wait for `pg_restore`", e))?;
+        check_status("pg_restore", status, &stderr.join().unwrap_or_default())
     })
     .await
+    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
+    drop(file);
 
     let mut session = Session::open(target)?;
     let tables = row_counts(&mut session)?;
@@ -211,44 +234,34 @@ pub async fn restore_logical(
     })
 }
 
-/// Feeds `reader` into the standard input of `cmd`; its failure (with stderr) wins over a
-/// broken pipe.
-fn pipe_into(mut cmd: Command, mut reader: &mut dyn Read, cancel: &Cancel) -> Result<()> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
-    let stderr = collect_stderr(&mut child);
-    let mut stdin = child.stdin.take().expect("piped");
-    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
-    let fed: Result<()> = loop {
-        if let Err(e) = cancel.check() {
-            break Err(e);
-        }
-        let n = match crate::pipeline::read_full(&mut reader, &mut buf) {
-            Ok(n) => n,
-            Err(e) => break Err(crate::pipeline::damaged("restore", e)),
-        };
-        if n == 0 {
-            break Ok(());
-        }
-        if let Err(e) = stdin.write_all(&buf[..n]) {
-            break Err(Error::io(format!("write to `{program}`"), e));
-        }
-    };
-    drop(stdin);
-    if fed.is_err() {
-        let _ = child.kill();
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
-    let stderr = stderr.join().unwrap_or_default();
-    match fed {
-        Err(e) if e.kind() == ErrorKind::Failure => {
-            check_status(&program, status, &stderr)?;
-            Err(e)
+}
+
+/// Writes `reader` to a new file only the current user can read.
+fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("write {}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(what(), e))?;
+    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+    loop {
+        cancel.check()?;
+        let n = crate::pipeline::read_full(&mut reader, &mut buf)
+            .map_err(|e| crate::pipeline::damaged("restore", e))?;
+        if n == 0 {
+            return Ok(());
         }
-        Err(e) => Err(e),
-        Ok(()) => check_status(&program, status, &stderr),
+        f.write_all(&buf[..n]).map_err(|e| Error::io(what(), e))?;
     }
 }
 
