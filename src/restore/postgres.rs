@@ -271,6 +271,8 @@ fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Res
 /// The WAL files archived for one policy: completed `wal` records by file name.
 pub struct WalArchive {
     files: BTreeMap<String, BackupRecord>,
+    /// The newest completed base backup of the policy.
+    pub latest_base: Option<BackupId>,
 }
 
 impl WalArchive {
@@ -286,18 +288,24 @@ impl WalArchive {
             })
             .await?;
         let mut files = BTreeMap::new();
+        let mut latest_base = None;
+        // Newest first: keep the first record of a name, and the first base backup.
         for r in records {
-            if mode(&r) != Some("wal") {
-                continue;
+            match mode(&r) {
+                Some("wal") => {
+                    let name = r.manifest()?.source.descriptor["wal"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    files.entry(name).or_insert(r);
+                }
+                Some("physical") if latest_base.is_none() => {
+                    latest_base = Some(r.backup_id.clone());
+                }
+                _ => {}
             }
-            let name = r.manifest()?.source.descriptor["wal"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            // Newest first: keep the first record of a name.
-            files.entry(name).or_insert(r);
         }
-        Ok(WalArchive { files })
+        Ok(WalArchive { files, latest_base })
     }
 
     pub fn get(&self, name: &str) -> Option<&BackupRecord> {
@@ -948,7 +956,10 @@ mod tests {
                 (n.to_string(), record)
             })
             .collect();
-        WalArchive { files }
+        WalArchive {
+            files,
+            latest_base: None,
+        }
     }
 
     fn range() -> WalRange {
