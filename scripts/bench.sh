@@ -8,6 +8,9 @@
 #   BENCH_DIR      working directory (default: bench-work, gitignored)
 #   BENCH_RUNS     rounds; the best round counts (default: 3)
 #   BENCH_RESTIC=1 also time restic on the same corpus, as a reference
+#   BENCH_S3=1     also back up to and restore from S3 (moto, started by scripts/moto.sh):
+#                  drctl with an s3:// repository against the stock pipeline piped
+#                  through `aws s3 cp` (awscli, installed into a virtualenv)
 #   BENCH_CORPUS_ONLY=1  only build the corpus (for other benchmark scripts) and exit
 #
 # The corpus (>= 1 GB: >= 700 MiB of real file trees copied from this machine
@@ -27,6 +30,8 @@ if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 bench_restic=${BENCH_RESTIC:-0}
+bench_s3=${BENCH_S3:-0}
+awscli_version=1.46.3
 
 mkdir -p "${BENCH_DIR:-bench-work}"
 work=$(cd "${BENCH_DIR:-bench-work}" && pwd)
@@ -188,13 +193,33 @@ compression:
   threads: 0
 YAML
 
-# A fresh drctl repository and registry for one round (same key every round).
-init_drctl_repo() {
-    local dir=$run/drctl
+# S3 (moto) and the AWS CLI for the S3 rounds.
+if [[ $bench_s3 == 1 ]]; then
+    bash scripts/moto.sh
+    s3_endpoint=http://127.0.0.1:${DRCTL_MOTO_PORT:-5000}
+    export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_DEFAULT_REGION=us-east-1
+    export AWS_EC2_METADATA_DISABLED=true
+    awscli_home=${XDG_CACHE_HOME:-$HOME/.cache}/drctl/awscli-$awscli_version
+    if [[ ! -x $awscli_home/bin/aws ]]; then
+        log "installing awscli $awscli_version into $awscli_home"
+        python3 -m venv "$awscli_home"
+        "$awscli_home/bin/pip" install --quiet --disable-pip-version-check "awscli==$awscli_version"
+    fi
+    aws() { "$awscli_home/bin/aws" --endpoint-url "$s3_endpoint" "$@"; }
+fi
+
+# A fresh drctl repository and registry for one round (same key every round), in a local
+# directory (drctl) or in a new S3 bucket (drctl-s3).
+init_drctl_repo() { # [drctl|drctl-s3]
+    local name=${1:-drctl} repository=file://repo
+    local dir=$run/$name
+    if [[ $name == drctl-s3 ]]; then
+        repository="s3://$(s3_bucket)/drctl?region=us-east-1&endpoint=$s3_endpoint"
+    fi
     mkdir -p "$dir"
     cat >"$dir/drctl.yaml" <<YAML
 environment: bench
-repository: file://repo
+repository: $repository
 registry: sqlite://registry.db
 recipients: ["$pub"]
 identity-file: $work/key.txt
@@ -205,6 +230,9 @@ YAML
     ((rc == 0)) || fail_with_log "drctl init" "$rc" "$logs/drctl-init.log"
 }
 
+# The bucket of this round's S3 runs.
+s3_bucket() { echo "drctl-bench-round-$r"; }
+
 # ---------------------------------------------------------------------------
 # Timed operations. Each writes "<elapsed seconds> <peak RSS KiB>" to $1.
 # Stock pipelines: elapsed is the whole pipeline; peak RSS is the largest of
@@ -214,10 +242,20 @@ YAML
 stock_pipeline_script='
 set -euo pipefail
 t=$1; mode=$2; threads=$3; corpus=$4; pub=$5; key=$6; archive=$7; out=$8
-if [[ $mode == backup ]]; then
+if [[ $mode == backup && -n ${S3_URL:-} ]]; then
+    /usr/bin/time -f "%M" -o "$t.tar" tar -C "$corpus" -cf - . |
+        /usr/bin/time -f "%M" -o "$t.zstd" zstd -3 -T"$threads" -q |
+        /usr/bin/time -f "%M" -o "$t.age" age -r "$pub" |
+        /usr/bin/time -f "%M" -o "$t.aws" "$AWS" --endpoint-url "$S3_ENDPOINT" s3 cp - "$S3_URL"
+elif [[ $mode == backup ]]; then
     /usr/bin/time -f "%M" -o "$t.tar" tar -C "$corpus" -cf - . |
         /usr/bin/time -f "%M" -o "$t.zstd" zstd -3 -T"$threads" -q |
         /usr/bin/time -f "%M" -o "$t.age" age -r "$pub" >"$archive"
+elif [[ -n ${S3_URL:-} ]]; then
+    /usr/bin/time -f "%M" -o "$t.aws" "$AWS" --endpoint-url "$S3_ENDPOINT" s3 cp "$S3_URL" - |
+        /usr/bin/time -f "%M" -o "$t.age" age -d -i "$key" |
+        /usr/bin/time -f "%M" -o "$t.zstd" zstd -d -q |
+        /usr/bin/time -f "%M" -o "$t.tar" tar -x -C "$out"
 else
     /usr/bin/time -f "%M" -o "$t.age" age -d -i "$key" "$archive" |
         /usr/bin/time -f "%M" -o "$t.zstd" zstd -d -q |
@@ -225,16 +263,21 @@ else
 fi
 '
 
-timed_stock() { # <timing file> backup|restore
-    local t=$1 mode=$2 rc=0 stage rss=0 v
+timed_stock() { # <timing file> backup|restore [s3]
+    local t=$1 mode=$2 rc=0 stage rss=0 v name=stock stages=(tar zstd age) s3=()
+    if [[ ${3:-} == s3 ]]; then
+        name=stock-s3 stages+=(aws)
+        s3=(env AWS="$awscli_home/bin/aws" S3_ENDPOINT="$s3_endpoint"
+            S3_URL="s3://$(s3_bucket)/stock/stock.tar.zst.age")
+    fi
     sync
-    /usr/bin/time -f '%e %M' -o "$t.total" \
+    "${s3[@]}" /usr/bin/time -f '%e %M' -o "$t.total" \
         bash -c "$stock_pipeline_script" bash "$t" "$mode" "$cores" "$corpus" "$pub" \
-        "$work/key.txt" "$run/stock.tar.zst.age" "$run/out-stock" \
-        >"$logs/stock-$mode.log" 2>&1 || rc=$?
-    ((rc == 0)) || fail_with_log "stock $mode" "$rc" "$logs/stock-$mode.log"
+        "$work/key.txt" "$run/stock.tar.zst.age" "$run/out-$name" \
+        >"$logs/$name-$mode.log" 2>&1 || rc=$?
+    ((rc == 0)) || fail_with_log "$name $mode" "$rc" "$logs/$name-$mode.log"
     : >"$t.stages"
-    for stage in tar zstd age; do
+    for stage in "${stages[@]}"; do
         v=$(time_field "$t.$stage" 1)
         echo "$stage $v" >>"$t.stages"
         ((v > rss)) && rss=$v
@@ -242,16 +285,17 @@ timed_stock() { # <timing file> backup|restore
     echo "$(time_field "$t.total" 1) $rss" >"$t"
 }
 
-timed_drctl() { # <timing file> backup|restore
-    local t=$1 mode=$2 rc=0 args
+timed_drctl() { # <timing file> backup|restore [s3]
+    local t=$1 mode=$2 rc=0 args name=drctl
+    [[ ${3:-} == s3 ]] && name=drctl-s3
     if [[ $mode == backup ]]; then
         args=(backup --policy bench)
     else
-        args=(restore --backup latest --policy bench --target "$run/out-drctl")
+        args=(restore --backup latest --policy bench --target "$run/out-$name")
     fi
     sync
-    DRCTL_CONFIG=$run/drctl/drctl.yaml /usr/bin/time -f '%e %M' -o "$t.total" \
-        "$drctl" "${args[@]}" >"$logs/drctl-$mode.log" 2>&1 || rc=$?
+    DRCTL_CONFIG=$run/$name/drctl.yaml /usr/bin/time -f '%e %M' -o "$t.total" \
+        "$drctl" "${args[@]}" >"$logs/$name-$mode.log" 2>&1 || rc=$?
     ((rc == 0)) || fail_with_log "drctl ${args[*]}" "$rc" "$logs/drctl-$mode.log"
     echo "$(time_field "$t.total" 1) $(time_field "$t.total" 2)" >"$t"
 }
@@ -308,16 +352,19 @@ verify_restore() { # <name> <restored tree>
 }
 
 # drctl restores a tree under its absolute path inside the target.
-drctl_restored_tree() {
+drctl_restored_tree() { # <output directory>
     local c
-    for c in "$run/out-drctl/${corpus#/}" "$run/out-drctl/corpus" "$run/out-drctl"; do
+    for c in "$1/${corpus#/}" "$1/corpus" "$1"; do
         if [[ -d $c/random ]]; then
             echo "$c"
             return
         fi
     done
-    echo "$run/out-drctl/${corpus#/}"
+    echo "$1/${corpus#/}"
 }
+
+timed_stock-s3() { timed_stock "$@" s3; }
+timed_drctl-s3() { timed_drctl "$@" s3; }
 
 # ---------------------------------------------------------------------------
 wipe "$runs_dir" # left over by an interrupted run
@@ -330,6 +377,7 @@ mkdir -p "$results"
 
 tools=(stock drctl)
 [[ $bench_restic == 1 ]] && tools+=(restic)
+[[ $bench_s3 == 1 ]] && tools+=(stock-s3 drctl-s3)
 
 for ((r = 1; r <= runs; r++)); do
     log "round $r of $runs"
@@ -340,6 +388,10 @@ for ((r = 1; r <= runs; r++)); do
     run=$runs_dir/round-$r
     mkdir -p "$run"
     init_drctl_repo
+    if [[ $bench_s3 == 1 ]]; then
+        aws s3 mb "s3://$(s3_bucket)" >"$logs/s3-mb.log" 2>&1 || fail_with_log "aws s3 mb" $? "$logs/s3-mb.log"
+        init_drctl_repo drctl-s3
+    fi
     if [[ $bench_restic == 1 ]]; then
         RESTIC_REPOSITORY=$run/restic RESTIC_PASSWORD=bench restic init >"$logs/restic-init.log" 2>&1 ||
             fail_with_log "restic init" $? "$logs/restic-init.log"
@@ -351,6 +403,7 @@ for ((r = 1; r <= runs; r++)); do
     else
         order=(drctl stock)
         [[ $bench_restic == 1 ]] && order+=(restic)
+        [[ $bench_s3 == 1 ]] && order+=(drctl-s3 stock-s3)
     fi
 
     for tool in "${order[@]}"; do
@@ -370,7 +423,11 @@ for ((r = 1; r <= runs; r++)); do
 
     if ((r == 1)); then
         verify_restore stock "$run/out-stock"
-        verify_restore drctl "$(drctl_restored_tree)"
+        verify_restore drctl "$(drctl_restored_tree "$run/out-drctl")"
+        if [[ $bench_s3 == 1 ]]; then
+            verify_restore stock-s3 "$run/out-stock-s3"
+            verify_restore drctl-s3 "$(drctl_restored_tree "$run/out-drctl-s3")"
+        fi
         if [[ $bench_restic == 1 ]]; then
             verify_restore restic "$run/out-restic/${corpus#/}"
         fi
@@ -405,14 +462,24 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     echo "- Stock pipeline: \`tar -cf - . | zstd -3 -T$cores | age -r KEY\` and \`age -d | zstd -d | tar -x\`; drctl: zstd level 3, threads 0"
     echo "- Best of $runs rounds (page cache warm); throughput = corpus bytes / elapsed seconds; ratio = drctl / stock (above 1 means drctl is faster)"
     echo "- Peak RSS: drctl is one process; for the stock pipeline it is the largest of its three processes (highest over all rounds)"
+    if [[ $bench_s3 == 1 ]]; then
+        echo "- S3 rows: moto $(grep -o '^moto_version=.*' scripts/moto.sh | cut -d= -f2) on 127.0.0.1 (one Python process, which bounds both sides); stock = the same pipeline through \`aws s3 cp\` (awscli $awscli_version), whose RSS counts as a fourth stage"
+    fi
     echo "- Restores write to $(df -P "$work" | awk 'NR == 2 { print $1 }'); write-back makes them vary between rounds on virtual disks (raise BENCH_RUNS)"
     echo
     echo "| operation | stock MB/s | drctl MB/s | ratio | stock peak RSS MiB | drctl peak RSS MiB |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for op in backup restore; do
-        s=$(best_secs stock "$op")
-        d=$(best_secs drctl "$op")
-        echo "| $op | $(mbps "$s") | $(mbps "$d") | $(ratio "$s" "$d") | $(mib "$(peak_kib stock "$op")") | $(mib "$(peak_kib drctl "$op")") |"
+    pairs=("stock drctl")
+    [[ $bench_s3 == 1 ]] && pairs+=("stock-s3 drctl-s3")
+    for pair in "${pairs[@]}"; do
+        read -r st dt <<<"$pair"
+        where=""
+        [[ $st == stock-s3 ]] && where=" (S3)"
+        for op in backup restore; do
+            s=$(best_secs "$st" "$op")
+            d=$(best_secs "$dt" "$op")
+            echo "| $op$where | $(mbps "$s") | $(mbps "$d") | $(ratio "$s" "$d") | $(mib "$(peak_kib "$st" "$op")") | $(mib "$(peak_kib "$dt" "$op")") |"
+        done
     done
     echo
     echo "Stored size (last round):"

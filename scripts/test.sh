@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite: installs the tools the tests shell out to (age, zstd, tar,
-# sqlite3), then `cargo test --locked`. Extra arguments go to cargo test, e.g.
+# sqlite3), starts moto (the S3 emulator the S3 tests use, see scripts/moto.sh), then
+# `cargo test --locked`. Extra arguments go to cargo test, e.g.
 #   scripts/test.sh restore::           # only tests whose name matches
 #   scripts/test.sh -- --nocapture      # show test output
 set -euo pipefail
@@ -8,4 +9,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/install-deps.sh
+export DRCTL_MOTO_PORT=${DRCTL_MOTO_PORT:-5000}
+bash scripts/moto.sh
 exec cargo test --locked "$@"

@@ -20,7 +20,7 @@ use crate::pipeline::{EncodeOptions, Encoder, CHANNEL_DEPTH};
 use crate::registry::lease::{holder_id, LeaseGuard};
 use crate::registry::{BackupRecord, Location, Status};
 use crate::repo::Repo;
-use crate::store::ObjectWriter;
+use crate::store::{ObjectWriter, PutOptions};
 use crate::{Error, ErrorKind, Result};
 
 pub struct BackupOptions {
@@ -55,6 +55,36 @@ pub async fn run(
     run_job(repo, policy, job, opts, cancel).await
 }
 
+/// Runs one incremental backup of `policy`: what changed since the newest completed backup of
+/// its set, which becomes the parent. Only sources with a change log (binary logs) offer it.
+pub async fn run_incremental(
+    repo: &Repo,
+    policy: &Policy,
+    opts: BackupOptions,
+    cancel: &Cancel,
+) -> Result<Manifest> {
+    let env = &repo.settings.environment;
+    let parent = repo
+        .registry
+        .latest(env, &policy.name)
+        .await?
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "policy {} has no completed backup in environment {env} to build an incremental on",
+                policy.name
+            ))
+            .hint("take a full backup first: drctl backup --policy NAME")
+        })?;
+    let parent = parent.manifest()?;
+    let job = Job {
+        source: crate::source::open_incremental(policy, parent)?,
+        lease: repo.set_lease_name(&policy.name),
+        backup_type: BackupType::Incremental,
+        parent: Some((parent.backup_id.clone(), parent.chain_base_id.clone())),
+    };
+    run_job(repo, policy, job, opts, cancel).await
+}
+
 /// Runs one backup of `policy` from the job's source.
 pub async fn run_job(
     repo: &Repo,
@@ -72,7 +102,13 @@ pub async fn run_job(
         cancel,
     )
     .await?;
-    let result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
+    let mut result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
+    if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
+        // Still under the lease: retention cannot remove the backup while it is copied.
+        if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
+            result = Err(e);
+        }
+    }
     let released = lease.release().await;
     let manifest = result?;
     if let Err(e) = released {
@@ -117,8 +153,19 @@ async fn run_locked(
     repo.registry.insert(&record).await?;
     tracing::info!(backup_id = %id, policy = %policy.name, "backup started");
 
-    match write_objects(repo, policy, &id, source, &recipients, progress, cancel).await {
-        Ok((objects, source_info)) => {
+    let put_opts = PutOptions::for_backup(&policy.storage, started_at);
+    let written = write_objects(
+        repo,
+        policy,
+        &id,
+        &put_opts,
+        source,
+        &recipients,
+        progress,
+        cancel,
+    );
+    match written.await {
+        Ok((objects, source_info, point_in_time)) => {
             let manifest = Manifest {
                 format_version: FORMAT_VERSION,
                 backup_id: id.clone(),
@@ -130,10 +177,10 @@ async fn run_locked(
                 chain_base_id: parent.map(|(_, base)| base).unwrap_or_else(|| id.clone()),
                 started_at,
                 finished_at: Utc::now(),
-                point_in_time: PointInTime {
+                point_in_time: point_in_time.unwrap_or(PointInTime {
                     timestamp: Some(started_at),
                     ..Default::default()
-                },
+                }),
                 objects,
                 encryption: EncryptionInfo {
                     recipients,
@@ -141,7 +188,7 @@ async fn run_locked(
                 },
                 drctl_version: crate::VERSION.to_owned(),
             };
-            let committed = commit(repo, &manifest, lease).await;
+            let committed = commit(repo, &manifest, lease, &put_opts).await;
             if let Err(e) = committed {
                 fail(repo, &id, &e).await;
                 return Err(e);
@@ -168,7 +215,12 @@ async fn fail(repo: &Repo, id: &BackupId, e: &Error) {
 }
 
 /// Manifest object, then the registry record (`running` → `completed`).
-async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<()> {
+async fn commit(
+    repo: &Repo,
+    manifest: &Manifest,
+    lease: &LeaseGuard,
+    put_opts: &PutOptions,
+) -> Result<()> {
     let key = ObjectKey::object(
         &manifest.environment,
         &manifest.policy,
@@ -176,9 +228,13 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
         &ObjectName::Manifest,
     );
     repo.store
-        .put_bytes(&key, Bytes::from(manifest.to_json()))
+        .put_bytes(&key, Bytes::from(manifest.to_json()), put_opts)
         .await?;
-    // Every object must be present with the size we wrote before the record says so.
+    // Every object must be present with the size we wrote before the record says so. One
+    // listing, not a HEAD per object: a write-only backup role may list but not read.
+    let prefix =
+        ObjectKey::backup_prefix(&manifest.environment, &manifest.policy, &manifest.backup_id);
+    let listed = repo.store.list(&prefix).await?;
     for object in &manifest.objects {
         let key = ObjectKey::object(
             &manifest.environment,
@@ -186,7 +242,7 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
             &manifest.backup_id,
             &object.object_name()?,
         );
-        match repo.store.head(&key).await? {
+        match listed.iter().find(|m| m.key == key) {
             Some(meta) if meta.size == object.stored_size => {}
             other => {
                 return Err(Error::integrity(format!(
@@ -203,11 +259,7 @@ async fn commit(repo: &Repo, manifest: &Manifest, lease: &LeaseGuard) -> Result<
     let location = Location {
         region: repo.store.region(),
         store: repo.store.describe(),
-        prefix: ObjectKey::backup_prefix(
-            &manifest.environment,
-            &manifest.policy,
-            &manifest.backup_id,
-        ),
+        prefix,
     };
     repo.registry
         .complete(&manifest.backup_id, manifest, &[location])
@@ -226,9 +278,10 @@ impl Upload {
         repo: &Repo,
         key: ObjectKey,
         name: ObjectName,
+        opts: &PutOptions,
     ) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
-        let writer = repo.store.put(&key).await?;
+        let writer = repo.store.put(&key, opts).await?;
         let pump = tokio::spawn(crate::pipeline::pump(writer, rx));
         Ok((Upload { name, key, pump }, tx))
     }
@@ -243,27 +296,34 @@ impl Upload {
 /// Chunk size of the file index stream: small, since the index is a fraction of the data.
 const INDEX_CHUNK_SIZE: usize = 64 << 10;
 
-type Produced = (crate::source::Stats, Encoded, Option<Encoded>);
+type Produced = (
+    crate::source::Stats,
+    Option<PointInTime>,
+    Encoded,
+    Option<Encoded>,
+);
 
+#[allow(clippy::too_many_arguments)]
 async fn write_objects(
     repo: &Repo,
     policy: &Policy,
     id: &BackupId,
+    put_opts: &PutOptions,
     mut source: Box<dyn crate::source::Source>,
     recipients: &[String],
     progress: Option<Arc<AtomicU64>>,
     cancel: &Cancel,
-) -> Result<(Vec<ObjectInfo>, SourceInfo)> {
+) -> Result<(Vec<ObjectInfo>, SourceInfo, Option<PointInTime>)> {
     let env = &repo.settings.environment;
     let data_name = ObjectName::Data {
         artifact: source.artifact(),
     };
     let data_key = ObjectKey::object(env, &policy.name, id, &data_name);
-    let (data_upload, data_tx) = Upload::start(repo, data_key, data_name).await?;
+    let (data_upload, data_tx) = Upload::start(repo, data_key, data_name, put_opts).await?;
     let mut uploads = vec![data_upload];
     let index_tx = if source.has_index() {
         let key = ObjectKey::object(env, &policy.name, id, &ObjectName::Index);
-        let (upload, tx) = Upload::start(repo, key, ObjectName::Index).await?;
+        let (upload, tx) = Upload::start(repo, key, ObjectName::Index, put_opts).await?;
         uploads.push(upload);
         Some(tx)
     } else {
@@ -305,7 +365,7 @@ async fn write_objects(
             Ok(stats) => {
                 let data = data.finish()?;
                 let index = index.map(Encoder::finish).transpose()?;
-                Ok((stats, data, index))
+                Ok((stats, source.point_in_time(), data, index))
             }
             Err(e) => {
                 data.abandon();
@@ -348,7 +408,7 @@ async fn write_objects(
             },
         );
     }
-    let (stats, data, index) = produced.expect("checked above");
+    let (stats, point_in_time, data, index) = produced.expect("checked above");
     let mut objects = Vec::new();
     for (name, writer) in writers {
         let (role, encoded) = match &name {
@@ -381,5 +441,6 @@ async fn write_objects(
             descriptor,
             stats,
         },
+        point_in_time,
     ))
 }

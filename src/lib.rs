@@ -15,6 +15,7 @@ pub mod format;
 pub mod gc;
 pub mod pipeline;
 pub mod registry;
+pub mod replicate;
 pub mod repo;
 pub mod restore;
 pub mod source;

@@ -17,13 +17,41 @@ pub struct Repo {
 impl Repo {
     /// Opens the store and registry without checking that they exist (for `drctl init`).
     pub async fn connect(settings: Settings) -> Result<Repo> {
-        let store = crate::store::open(&settings.repository);
+        let store = crate::store::open(&settings.repository).await?;
         let registry = crate::registry::open(&settings.registry).await?;
         Ok(Repo {
             settings,
             store,
             registry,
         })
+    }
+
+    /// Opens the store and registry that drctl.yaml names for `region` (`regions:`), and
+    /// nothing else: for restores while the primary region is unavailable.
+    pub async fn open_region(settings: Settings, region: &str) -> Result<Repo> {
+        let Some(r) = settings.regions.get(region).cloned() else {
+            return Err(crate::Error::invalid(format!(
+                "{} has no region {region:?} (known: {})",
+                settings.file.display(),
+                settings
+                    .regions
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .hint(format!(
+                "add regions: {{{region}: {{registry: URL, repository: URL}}}} to drctl.yaml"
+            )));
+        };
+        let repo = Repo {
+            store: crate::store::open(&r.repository).await?,
+            registry: crate::registry::open(&r.registry).await?,
+            settings,
+        };
+        repo.store.check().await?;
+        repo.registry.check().await?;
+        Ok(repo)
     }
 
     /// Opens the store and registry, failing with `NotFound` unless both were initialised.

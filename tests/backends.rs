@@ -1,6 +1,8 @@
 //! Runs the shared backend suites against every implementation. Adding a backend is one
 //! line per suite plus a function that returns a fresh, not yet created instance.
 
+#[path = "common/moto.rs"]
+mod moto;
 mod suites;
 
 use std::sync::Arc;
@@ -17,6 +19,22 @@ async fn fresh_local_store() -> StoreFixture {
     StoreFixture {
         store,
         _guard: Box::new(dir),
+    }
+}
+
+/// An S3 store (moto) on a bucket that does not exist yet, with 5 MiB parts so that the
+/// suite's larger objects go up as multipart uploads.
+async fn fresh_s3_store() -> StoreFixture {
+    moto::env();
+    let url = moto::url(&moto::bucket("suite"), "repo", "us-east-1", "");
+    let store = drctl::store::open(
+        &drctl::config::StoreUrl::parse(&url, std::path::Path::new("/")).expect("url"),
+    )
+    .await
+    .expect("open");
+    StoreFixture {
+        store,
+        _guard: Box::new(()),
     }
 }
 
@@ -43,6 +61,10 @@ mod local_store {
         crate::suites::store::local_planted_temp_file_is_a_leftover_until_removed(store, &root)
             .await;
     }
+}
+
+mod s3_store {
+    crate::store_suite!(super::fresh_s3_store);
 }
 
 mod sqlite_registry {

@@ -7,10 +7,11 @@ use crate::backup::BackupOptions;
 use crate::config::Policy;
 use crate::Result;
 
-/// Take a full backup of a policy now.
+/// Take a backup of a policy now (full unless --incremental).
 ///
 /// Streams the policy's source through zstd and age into the repository, writes the manifest,
-/// and only then records the backup as completed. Exits 11 if another backup of the same
+/// and only then records the backup as completed. --incremental backs up what changed since
+/// the newest completed backup of the policy (MariaDB/MySQL: the binary logs since then). Exits 11 if another backup of the same
 /// policy is running (unless --wait), 1 if the source fails (the backup is recorded as failed).
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,6 +22,10 @@ pub struct Args {
     /// refusing at once.
     #[arg(long, value_name = "SECONDS")]
     pub wait: Option<u64>,
+    /// Back up only what changed since the newest completed backup of the policy, which
+    /// becomes this backup's parent (sources with a change log: mysql).
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
@@ -31,7 +36,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         wait: args.wait.map(Duration::from_secs),
         progress: progress.counter(),
     };
-    let result = crate::backup::run(&repo, &policy, opts, &ctx.cancel).await;
+    let result = if args.incremental {
+        crate::backup::run_incremental(&repo, &policy, opts, &ctx.cancel).await
+    } else {
+        crate::backup::run(&repo, &policy, opts, &ctx.cancel).await
+    };
     progress.finish();
     let manifest = result?;
     ctx.emit("backup", &manifest, || {

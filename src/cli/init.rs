@@ -49,6 +49,16 @@ pub async fn run(ctx: &Ctx, _args: Args) -> Result<()> {
     let repo = Repo::connect(settings).await?;
     repo.store.create().await?;
     repo.registry.create().await?;
+    for region in repo.settings.regions.values() {
+        crate::store::open(&region.repository)
+            .await?
+            .create()
+            .await?;
+        crate::registry::open(&region.registry)
+            .await?
+            .create()
+            .await?;
+    }
     let report = Report {
         repository: repo.store.describe(),
         registry: repo.registry.describe(),

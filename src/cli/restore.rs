@@ -61,6 +61,10 @@ pub struct Args {
     /// Confirm a restore in a production environment.
     #[arg(long)]
     pub confirm: bool,
+    /// Read only this region's registry and replica bucket (drctl.yaml `regions:`), for a
+    /// restore while the primary region is unavailable.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
@@ -95,7 +99,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         (None, Some(lsn)) => RecoveryTarget::Lsn(parse_lsn(lsn)?),
         (None, None) => RecoveryTarget::Latest,
     };
-    let repo = ctx.repo().await?;
+    let repo = match &args.region {
+        Some(region) => crate::repo::Repo::open_region(ctx.settings()?, region).await?,
+        None => ctx.repo().await?,
+    };
     let plan = crate::restore::plan(
         &repo,
         RestoreRequest {
@@ -161,7 +168,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
                     s.files, s.dirs, s.links
                 ))
                 .unwrap_or_default()
-        )
+        ) + &report
+            .rows
+            .as_ref()
+            .map(|r| {
+                format!(
+                    "; row counts match the backup ({} tables, {} rows)",
+                    r.tables, r.rows
+                )
+            })
+            .unwrap_or_default()
     };
     if args.stdout {
         // Standard output carries the data; the report goes to stderr.

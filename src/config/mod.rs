@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use policy::{Compression, Policy, Retention, Schedule, SourceConfig};
-pub use settings::{RegistryUrl, Settings, StoreUrl};
+pub use settings::{RegistryUrl, S3Url, Settings, StoreUrl};
 
 use crate::{Error, Result};
 

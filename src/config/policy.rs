@@ -19,6 +19,9 @@ pub struct Policy {
     pub schedule: Schedule,
     pub retention: Retention,
     pub compression: Compression,
+    pub storage: Storage,
+    /// Copies of every backup in other regions.
+    pub replicas: Vec<Replica>,
     /// The file the policy was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -64,6 +67,23 @@ pub enum SourceConfig {
         #[serde(default, rename = "password-env")]
         password_env: Option<String>,
     },
+    /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
+    /// server's binary logs.
+    Mysql {
+        /// `mysql://user@host:port/database`, without a password.
+        url: String,
+        /// File holding the password (relative paths resolve against drctl.yaml's directory).
+        #[serde(default, rename = "password-file")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the password.
+        #[serde(default, rename = "password-env")]
+        password_env: Option<String>,
+    },
+    /// A SQLite database file, copied consistently while it is in use.
+    Sqlite {
+        /// The database file; a relative path resolves against the directory of drctl.yaml.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +103,8 @@ impl SourceConfig {
             SourceConfig::Files { .. } => "files",
             SourceConfig::Command { .. } => "command",
             SourceConfig::Postgres { .. } => "postgres",
+            SourceConfig::Mysql { .. } => "mysql",
+            SourceConfig::Sqlite { .. } => "sqlite",
         }
     }
 }
@@ -118,6 +140,59 @@ pub struct Compression {
     pub threads: u32,
 }
 
+/// How objects are stored (S3 repositories only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Storage {
+    /// S3 storage class, e.g. `STANDARD_IA` (default: the bucket's default, `STANDARD`).
+    pub class: Option<String>,
+    /// Encrypt at rest with this KMS key (SSE-KMS): key ID, ARN or `alias/...`.
+    pub sse_kms_key_id: Option<String>,
+    /// Object Lock retention for every object of a backup (the bucket must have Object Lock).
+    pub object_lock: Option<ObjectLock>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    /// Objects are locked until the backup's start time plus this many days.
+    pub days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete.
+    Governance,
+    /// Nobody can delete before retain-until, not even the root user.
+    Compliance,
+}
+
+/// A bucket in another region that receives a copy of every backup.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replica {
+    pub region: String,
+    pub repository: super::S3Url,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawReplica {
+    region: String,
+    repository: String,
+}
+
+/// Storage classes a restore can read at once (no archive tiers that need a thaw first).
+pub const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "REDUCED_REDUNDANCY",
+];
+
 fn default_level() -> i32 {
     3
 }
@@ -151,6 +226,8 @@ const KEYS: &[&str] = &[
     "schedule",
     "retention",
     "compression",
+    "storage",
+    "replicas",
 ];
 const REQUIRED: &[&str] = &["name", "source"];
 
@@ -197,9 +274,22 @@ impl Policy {
             None => Some(Compression::default()),
         };
 
+        let storage: Option<Storage> = match entries.remove("storage") {
+            Some(v) => p.section("storage", v),
+            None => Some(Storage::default()),
+        };
         if let Some(source) = &source {
             check_source(&mut p, source);
         }
+        if let Some(storage) = &storage {
+            check_storage(&mut p, storage, settings);
+        }
+        let replicas: Option<Vec<Replica>> = match entries.remove("replicas") {
+            Some(v) => p
+                .section::<Vec<RawReplica>>("replicas", v)
+                .map(|raw| check_replicas(&mut p, raw, settings)),
+            None => Some(Vec::new()),
+        };
         if let Some(schedule) = &schedule {
             for (field, expr) in [
                 ("full", &schedule.full),
@@ -243,21 +333,40 @@ impl Policy {
                 );
             }
         }
-        match (name, source, schedule, retention, compression) {
-            (Some(name), Some(mut source), Some(schedule), Some(retention), Some(compression))
-                if p.list.is_empty() =>
-            {
+        match (
+            name,
+            source,
+            schedule,
+            retention,
+            compression,
+            storage,
+            replicas,
+        ) {
+            (
+                Some(name),
+                Some(mut source),
+                Some(schedule),
+                Some(retention),
+                Some(compression),
+                Some(storage),
+                Some(replicas),
+            ) if p.list.is_empty() => {
                 if let SourceConfig::Files { paths, .. } = &mut source {
                     for path in paths.iter_mut() {
                         *path = resolve(&settings.base_dir, path);
                     }
                 }
-                if let SourceConfig::Postgres {
-                    password_file: Some(file),
-                    ..
-                } = &mut source
-                {
-                    *file = resolve(&settings.base_dir, file);
+                match &mut source {
+                    SourceConfig::Postgres {
+                        password_file: Some(file),
+                        ..
+                    }
+                    | SourceConfig::Mysql {
+                        password_file: Some(file),
+                        ..
+                    } => *file = resolve(&settings.base_dir, file),
+                    SourceConfig::Sqlite { path } => *path = resolve(&settings.base_dir, path),
+                    _ => {}
                 }
                 let policy = Policy {
                     name,
@@ -266,6 +375,8 @@ impl Policy {
                     schedule,
                     retention,
                     compression,
+                    storage,
+                    replicas,
                     file: path.to_path_buf(),
                 };
                 (Some(policy), p.list)
@@ -350,6 +461,31 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                 );
             }
         }
+        SourceConfig::Mysql {
+            url,
+            password_file,
+            password_env,
+        } => {
+            if let Err(e) = crate::source::mysql::Conn::parse_url(url) {
+                p.add("source.url", e.message());
+            }
+            if password_file.is_some() && password_env.is_some() {
+                p.add(
+                    "source.password-file",
+                    "give password-file or password-env, not both",
+                );
+            }
+            if let Some(var) = password_env {
+                if var.is_empty() || var.contains('=') {
+                    p.add("source.password-env", "invalid environment variable name");
+                }
+            }
+        }
+        SourceConfig::Sqlite { path } => {
+            if path.as_os_str().is_empty() {
+                p.add("source.path", "the database file path must not be empty");
+            }
+        }
     }
 }
 
@@ -382,6 +518,101 @@ fn check_postgres(p: &mut Problems, mode: PostgresMode, url: &str, password_env:
     if let Some(var) = password_env {
         if var.is_empty() || var.contains('=') {
             p.add("source.password-env", "invalid environment variable name");
+        }
+    }
+}
+
+fn check_replicas(p: &mut Problems, raw: Vec<RawReplica>, settings: &Settings) -> Vec<Replica> {
+    let mut out: Vec<Replica> = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        let field = format!("replicas[{i}]");
+        let url = match super::StoreUrl::parse(&r.repository, &settings.base_dir) {
+            Ok(super::StoreUrl::S3(u)) => u,
+            Ok(other) => {
+                p.add(
+                    format!("{field}.repository"),
+                    format!("{other}: replicas are s3:// buckets"),
+                );
+                continue;
+            }
+            Err(e) => {
+                p.add(format!("{field}.repository"), e.message());
+                continue;
+            }
+        };
+        if url.region != r.region {
+            p.add(
+                format!("{field}.region"),
+                format!(
+                    "{} does not match the URL's region {}",
+                    r.region, url.region
+                ),
+            );
+        }
+        let same =
+            |a: &super::S3Url, b: &super::S3Url| a.bucket == b.bucket && a.prefix == b.prefix;
+        if matches!(&settings.repository, super::StoreUrl::S3(primary) if same(primary, &url))
+            || out.iter().any(|o| same(&o.repository, &url))
+        {
+            p.add(
+                format!("{field}.repository"),
+                "the same bucket and prefix as the repository or another replica",
+            );
+        }
+        if let Some(super::settings::RegionSettings {
+            repository: super::StoreUrl::S3(dr),
+            ..
+        }) = settings.regions.get(&r.region)
+        {
+            if !same(dr, &url) {
+                p.add(
+                    format!("{field}.repository"),
+                    format!("drctl.yaml regions.{}.repository is {dr}: `drctl restore --region {}` reads there, so replicate there", r.region, r.region),
+                );
+            }
+        }
+        out.push(Replica {
+            region: r.region,
+            repository: url,
+        });
+    }
+    out
+}
+
+fn check_storage(p: &mut Problems, storage: &Storage, settings: &Settings) {
+    if *storage != Storage::default() && !matches!(settings.repository, super::StoreUrl::S3(_)) {
+        p.add(
+            "storage",
+            format!(
+                "storage options need an s3:// repository, not {}",
+                settings.repository
+            ),
+        );
+    }
+    if let Some(class) = &storage.class {
+        if !STORAGE_CLASSES.contains(&class.as_str()) {
+            p.add(
+                "storage.class",
+                format!(
+                    "{class:?} is not a storage class restores can read at once (use one of {})",
+                    STORAGE_CLASSES.join(", ")
+                ),
+            );
+        }
+    }
+    if storage
+        .sse_kms_key_id
+        .as_ref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
+        p.add("storage.sse-kms-key-id", "empty key id");
+    }
+    if let Some(lock) = &storage.object_lock {
+        if !(1..=36_500).contains(&lock.days) {
+            p.add(
+                "storage.object-lock.days",
+                format!("{} is out of range 1..=36500", lock.days),
+            );
         }
     }
 }

@@ -13,6 +13,113 @@ use crate::{Error, Result};
 pub enum StoreUrl {
     /// `file:///abs/path`, `file://relative/path` or a plain path: a local directory.
     Local(PathBuf),
+    /// `s3://bucket/prefix?region=R[&endpoint=URL][&part-size-mib=N][&upload-concurrency=N]`.
+    S3(S3Url),
+}
+
+/// An S3 bucket and key prefix. A custom endpoint (an S3-compatible store) implies
+/// path-style addressing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; may be empty.
+    pub prefix: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    /// Multipart part size in MiB (5..=5120); objects up to one part go up in one PutObject.
+    pub part_size_mib: u32,
+    /// Parts uploaded (and ranges downloaded) at once (1..=16).
+    pub concurrency: u32,
+}
+
+pub const DEFAULT_PART_SIZE_MIB: u32 = 8;
+pub const DEFAULT_S3_CONCURRENCY: u32 = 2;
+
+impl S3Url {
+    fn parse(s: &str) -> Result<S3Url> {
+        let bad = |why: String| {
+            Error::invalid(format!(
+                "invalid S3 URL {s:?}: {why} (format: s3://bucket/prefix?region=us-east-1)"
+            ))
+        };
+        let url = url::Url::parse(s).map_err(|e| bad(e.to_string()))?;
+        let bucket = url.host_str().unwrap_or_default().to_owned();
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !bucket.starts_with(['-', '.'])
+            && !bucket.ends_with(['-', '.']);
+        if !valid_bucket {
+            return Err(bad(format!(
+                "{bucket:?} is not a bucket name (3-63 of a-z, 0-9, '-', '.')"
+            )));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "credentials do not belong in the URL; use the AWS credential chain".into(),
+            ));
+        }
+        let prefix = url.path().trim_matches('/').to_owned();
+        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+            return Err(bad(format!(
+                "prefix {prefix:?} has empty, '.' or '..' components"
+            )));
+        }
+        let (mut region, mut endpoint) = (None, None);
+        let (mut part_size_mib, mut concurrency) = (DEFAULT_PART_SIZE_MIB, DEFAULT_S3_CONCURRENCY);
+        for (k, v) in url.query_pairs() {
+            let number = |range: std::ops::RangeInclusive<u32>| {
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| range.contains(n))
+                    .ok_or_else(|| bad(format!("{k}={v}: expected a number in {range:?}")))
+            };
+            match &*k {
+                "region" if !v.is_empty() => region = Some(v.into_owned()),
+                "endpoint" => {
+                    let e = url::Url::parse(&v).map_err(|e| bad(format!("endpoint: {e}")))?;
+                    if !matches!(e.scheme(), "http" | "https") || !e.username().is_empty() {
+                        return Err(bad("endpoint must be an http(s) URL without credentials".into()));
+                    }
+                    endpoint = Some(v.trim_end_matches('/').to_owned());
+                }
+                "part-size-mib" => part_size_mib = number(5..=5120)?,
+                "upload-concurrency" => concurrency = number(1..=16)?,
+                _ => return Err(bad(format!("unknown parameter {k:?} (known: region, endpoint, part-size-mib, upload-concurrency)"))),
+            }
+        }
+        let region =
+            region.ok_or_else(|| bad("region is required, e.g. ?region=us-east-1".into()))?;
+        Ok(S3Url {
+            bucket,
+            prefix,
+            region,
+            endpoint,
+            part_size_mib,
+            concurrency,
+        })
+    }
+}
+
+impl serde::Serialize for S3Url {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "s3://{}/{}?region={}",
+            self.bucket, self.prefix, self.region
+        )?;
+        if let Some(e) = &self.endpoint {
+            write!(f, "&endpoint={e}")?;
+        }
+        Ok(())
+    }
 }
 
 impl StoreUrl {
@@ -20,9 +127,12 @@ impl StoreUrl {
         if let Some(rest) = s.strip_prefix("file://") {
             return non_empty(rest, s).map(|p| StoreUrl::Local(resolve(base, Path::new(p))));
         }
+        if s.starts_with("s3://") {
+            return S3Url::parse(s).map(StoreUrl::S3);
+        }
         if s.contains("://") {
             return Err(Error::invalid(format!(
-                "unsupported repository URL {s:?}: use file:///path/to/repo or a directory path"
+                "unsupported repository URL {s:?}: use file:///path/to/repo, s3://bucket/prefix?region=R or a directory path"
             )));
         }
         non_empty(s, s).map(|p| StoreUrl::Local(resolve(base, Path::new(p))))
@@ -33,6 +143,7 @@ impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreUrl::Local(p) => write!(f, "file://{}", p.display()),
+            StoreUrl::S3(u) => u.fmt(f),
         }
     }
 }
@@ -92,6 +203,29 @@ pub struct Settings {
     pub production: bool,
     /// How long a lease lives without renewal.
     pub lease_ttl_seconds: u64,
+    /// The resources of each disaster-recovery region, for `drctl restore --region`.
+    pub regions: std::collections::BTreeMap<String, RegionSettings>,
+}
+
+/// Where one region's copy of the registry and of the backups are.
+#[derive(Debug, Clone)]
+pub struct RegionSettings {
+    pub registry: RegistryUrl,
+    pub repository: StoreUrl,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRegion {
+    registry: String,
+    repository: String,
+}
+
+/// AWS-style region names: `us-west-2`, `eu-central-1`.
+pub fn valid_region(r: &str) -> bool {
+    (2..=32).contains(&r.len())
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 pub const KEYS: &[&str] = &[
@@ -104,6 +238,7 @@ pub const KEYS: &[&str] = &[
     "policies-dir",
     "production",
     "lease-ttl-seconds",
+    "regions",
 ];
 const REQUIRED: &[&str] = &["environment", "repository", "registry"];
 pub const DEFAULT_LEASE_TTL_SECONDS: u64 = 120;
@@ -165,6 +300,34 @@ impl Settings {
                 "no recipients: set recipients or recipients-file (drctl init can create the file)",
             );
         }
+        let mut regions = std::collections::BTreeMap::new();
+        for (name, r) in raw.regions.unwrap_or_default() {
+            let field = format!("regions.{name}");
+            if !valid_region(&name) {
+                p.add(&field, "not a region name (like us-west-2)");
+            }
+            let registry = RegistryUrl::parse(&r.registry, &base_dir)
+                .map_err(|e| p.add(format!("{field}.registry"), e.message()));
+            let repository = StoreUrl::parse(&r.repository, &base_dir)
+                .map_err(|e| p.add(format!("{field}.repository"), e.message()));
+            if let (Ok(registry), Ok(repository)) = (registry, repository) {
+                if let StoreUrl::S3(u) = &repository {
+                    if u.region != name {
+                        p.add(
+                            format!("{field}.repository"),
+                            format!("the URL's region is {}, not {name}", u.region),
+                        );
+                    }
+                }
+                regions.insert(
+                    name,
+                    RegionSettings {
+                        registry,
+                        repository,
+                    },
+                );
+            }
+        }
         if raw.lease_ttl_seconds == Some(0) {
             p.add("lease-ttl-seconds", "must be greater than 0");
         }
@@ -187,6 +350,7 @@ impl Settings {
             ),
             production: raw.production.unwrap_or(false),
             lease_ttl_seconds: raw.lease_ttl_seconds.unwrap_or(DEFAULT_LEASE_TTL_SECONDS),
+            regions,
             base_dir,
         };
         if p.list.is_empty() {
@@ -222,4 +386,5 @@ struct PartialRaw {
     policies_dir: Option<PathBuf>,
     production: Option<bool>,
     lease_ttl_seconds: Option<u64>,
+    regions: Option<std::collections::BTreeMap<String, RawRegion>>,
 }

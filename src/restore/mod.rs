@@ -3,7 +3,9 @@
 //! (`--dry-run`); executing it never writes outside its target.
 
 pub mod extract;
+pub mod mysql;
 pub mod postgres;
+pub mod sqlite;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -101,6 +103,9 @@ pub struct RestorePlan {
     pub postgres: Option<postgres::PgPlan>,
     #[serde(skip)]
     data: ObjectInfo,
+    /// The source's counters from the manifest (row counts to check against).
+    #[serde(skip)]
+    stats: crate::source::Stats,
     #[serde(skip)]
     key: ObjectKey,
 }
@@ -155,21 +160,34 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         None
     };
     let manifest = record.manifest()?;
-    if postgres.is_none()
-        && (matches!(target, Target::Database { .. }) || recovery != RecoveryTarget::Latest)
-    {
-        return Err(not_a_database(&record.backup_id, &record.source_kind));
+    match (&target, manifest.source.kind.as_str()) {
+        (Target::Database { url, overwrite }, "mysql") => {
+            mysql::check_request(url, *overwrite, &recovery).await?
+        }
+        (
+            Target::Dir {
+                path, overwrite, ..
+            },
+            "sqlite",
+        ) if recovery == RecoveryTarget::Latest => sqlite::check_target(path, *overwrite)?,
+        _ if postgres.is_none()
+            && (matches!(target, Target::Database { .. })
+                || recovery != RecoveryTarget::Latest) =>
+        {
+            return Err(not_a_database(&record.backup_id, &record.source_kind));
+        }
+        (
+            Target::Dir {
+                path, overwrite, ..
+            },
+            _,
+        ) => check_target(path, *overwrite)?,
+        _ => {}
     }
     let data = manifest.data()?.clone();
     let name = data.object_name()?;
     let unpack = matches!(&name, ObjectName::Data { artifact } if artifact == "tar")
         && matches!(target, Target::Dir { .. });
-    if let Target::Dir {
-        path, overwrite, ..
-    } = &target
-    {
-        check_target(path, *overwrite)?;
-    }
     let key = ObjectKey::object(
         &manifest.environment,
         &manifest.policy,
@@ -192,6 +210,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         unpack,
         postgres,
         data,
+        stats: manifest.source.stats.clone(),
         key,
     })
 }
@@ -237,7 +256,68 @@ pub struct RestoreReport {
     pub written_to: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<postgres::PgReport>,
+    /// The backups applied, full first, when a restore replays a chain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<BackupId>,
+    /// Row counts recorded at backup time that matched the restored database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<RowCheck>,
     pub seconds: f64,
+}
+
+/// Row counts recorded at backup time, found again in the restored database.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowCheck {
+    pub tables: usize,
+    pub rows: u64,
+}
+
+/// Compares the `tables` row counts of a manifest's stats with a restored database's; any
+/// difference (a table missing, extra, or with another count) is an integrity error naming
+/// each one.
+pub fn compare_rows(
+    backup_id: &BackupId,
+    stats: &crate::source::Stats,
+    actual: &std::collections::BTreeMap<String, u64>,
+    target: &str,
+) -> Result<RowCheck> {
+    let expected: std::collections::BTreeMap<String, u64> = stats
+        .get("tables")
+        .map(|v| serde_json::from_value(v.clone()))
+        .transpose()
+        .map_err(|e| {
+            Error::integrity(format!(
+                "backup {backup_id}: bad row counts in the manifest: {e}"
+            ))
+        })?
+        .ok_or_else(|| {
+            Error::integrity(format!(
+                "backup {backup_id}: the manifest records no row counts"
+            ))
+        })?;
+    let mut differences = Vec::new();
+    for (table, want) in &expected {
+        match actual.get(table) {
+            Some(got) if got == want => {}
+            Some(got) => differences.push(format!(
+                "table {table}: {want} rows at backup, {got} restored"
+            )),
+            None => differences.push(format!("table {table} ({want} rows at backup) is missing")),
+        }
+    }
+    for table in actual.keys().filter(|t| !expected.contains_key(*t)) {
+        differences.push(format!("table {table} was not in the backup"));
+    }
+    if !differences.is_empty() {
+        return Err(Error::integrity(format!(
+            "restored {target} differs from backup {backup_id}: {}",
+            differences.join("; ")
+        )));
+    }
+    Ok(RowCheck {
+        tables: expected.len(),
+        rows: expected.values().sum(),
+    })
 }
 
 /// Opens an object of a backup for decoding, on a blocking thread's behalf.
@@ -266,6 +346,15 @@ pub async fn execute(
     progress: Option<Arc<std::sync::atomic::AtomicU64>>,
     cancel: &Cancel,
 ) -> Result<RestoreReport> {
+    match (&plan.target, plan.source_kind.as_str()) {
+        (Target::Database { .. }, "mysql") => {
+            return mysql::execute(repo, plan, identities, cancel).await
+        }
+        (Target::Dir { .. }, "sqlite") => {
+            return sqlite::execute(repo, plan, identities, progress, cancel).await
+        }
+        _ => {}
+    }
     let started = std::time::Instant::now();
     if let Some(pg) = &plan.postgres {
         let report = postgres::execute(repo, pg, identities, cancel).await?;
@@ -275,6 +364,8 @@ pub async fn execute(
             extracted: None,
             written_to: None,
             postgres: Some(report),
+            chain: Vec::new(),
+            rows: None,
             seconds: started.elapsed().as_secs_f64(),
         });
     }
@@ -360,6 +451,8 @@ pub async fn execute(
         extracted: report.1,
         written_to: report.2,
         postgres: None,
+        chain: Vec::new(),
+        rows: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

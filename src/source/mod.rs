@@ -4,12 +4,16 @@
 
 pub mod command;
 pub mod files;
+pub mod mysql;
 pub mod postgres;
+pub mod sqlite;
 
 use std::io::Write;
 
 use crate::cancel::Cancel;
 use crate::config::{Policy, SourceConfig};
+use crate::format::manifest::PointInTime;
+use crate::format::Manifest;
 use crate::Result;
 
 /// Counters reported by a source, recorded in the manifest.
@@ -31,6 +35,11 @@ pub trait Source: Send {
         index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats>;
+    /// The moment the backup represents (log positions), once [`Source::run`] succeeded;
+    /// `None` means the backup's start time.
+    fn point_in_time(&self) -> Option<PointInTime> {
+        None
+    }
 }
 
 /// Builds the source a policy names.
@@ -63,5 +72,35 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             *mode,
             postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
         )),
+        SourceConfig::Mysql {
+            url,
+            password_file,
+            password_env,
+        } => Box::new(mysql::MysqlSource::full(mysql::Conn::new(
+            url,
+            password_file.as_deref(),
+            password_env.as_deref(),
+        )?)),
+        SourceConfig::Sqlite { path } => Box::new(sqlite::SqliteSource::new(path.clone())),
     })
+}
+
+/// Builds the source of an incremental backup whose parent is `parent`.
+pub fn open_incremental(policy: &Policy, parent: &Manifest) -> Result<Box<dyn Source>> {
+    match &policy.source {
+        SourceConfig::Mysql {
+            url,
+            password_file,
+            password_env,
+        } => Ok(Box::new(mysql::MysqlSource::incremental(
+            mysql::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
+            parent,
+        )?)),
+        other => Err(crate::Error::invalid(format!(
+            "policy {} backs up a {} source, which has no incremental backups",
+            policy.name,
+            other.kind()
+        ))
+        .hint("run a full backup: drctl backup --policy NAME")),
+    }
 }

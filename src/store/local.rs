@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, CHUNK_SIZE};
+use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE};
 use crate::format::ObjectKey;
 use crate::{Error, Result};
 
@@ -84,7 +84,13 @@ impl ObjectStore for LocalStore {
         }
     }
 
-    async fn put(&self, key: &ObjectKey) -> Result<Box<dyn ObjectWriter>> {
+    async fn put(&self, key: &ObjectKey, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>> {
+        if *opts != PutOptions::default() {
+            return Err(Error::invalid(format!(
+                "{}: storage class, SSE-KMS and Object Lock need an S3 repository",
+                self.describe()
+            )));
+        }
         let dest = self.path(key);
         let key = key.clone();
         blocking(move || {

@@ -4,6 +4,7 @@
 //! no object behind (at most a temporary that `drctl gc` finds).
 
 pub mod local;
+pub mod s3;
 
 use std::io::Read;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::config::policy::{LockMode, Storage};
 use crate::config::StoreUrl;
 use crate::format::ObjectKey;
 use crate::{Error, Result};
@@ -31,7 +33,38 @@ pub struct ObjectMeta {
 pub struct Leftover {
     /// A store-specific description (a temp file path, an upload ID).
     pub what: String,
+    /// Bytes it holds, where the store knows without extra requests (else 0).
     pub size: u64,
+}
+
+/// How one object is stored. Only S3 stores accept anything but the default; policy
+/// validation refuses these options for other repositories.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    pub storage_class: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub retention: Option<Retention>,
+}
+
+/// Object Lock retention of one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub mode: LockMode,
+    pub retain_until: chrono::DateTime<chrono::Utc>,
+}
+
+impl PutOptions {
+    /// The options for the objects of a backup that started at `started_at`.
+    pub fn for_backup(storage: &Storage, started_at: chrono::DateTime<chrono::Utc>) -> Self {
+        PutOptions {
+            storage_class: storage.class.clone(),
+            sse_kms_key_id: storage.sse_kms_key_id.clone(),
+            retention: storage.object_lock.as_ref().map(|l| Retention {
+                mode: l.mode,
+                retain_until: started_at + chrono::Duration::days(i64::from(l.days)),
+            }),
+        }
+    }
 }
 
 #[async_trait]
@@ -47,7 +80,7 @@ pub trait ObjectStore: Send + Sync {
     /// Fails with `NotFound` unless the repository exists.
     async fn check(&self) -> Result<()>;
     /// Starts writing an object.
-    async fn put(&self, key: &ObjectKey) -> Result<Box<dyn ObjectWriter>>;
+    async fn put(&self, key: &ObjectKey, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>>;
     /// Streams an object in chunks of at most [`CHUNK_SIZE`].
     async fn get(&self, key: &ObjectKey) -> Result<ByteStream>;
     async fn head(&self, key: &ObjectKey) -> Result<Option<ObjectMeta>>;
@@ -61,8 +94,13 @@ pub trait ObjectStore: Send + Sync {
     async fn remove_leftover(&self, leftover: &Leftover) -> Result<()>;
 
     /// Writes a small object in one go.
-    async fn put_bytes(&self, key: &ObjectKey, data: Bytes) -> Result<ObjectMeta> {
-        let mut w = self.put(key).await?;
+    async fn put_bytes(
+        &self,
+        key: &ObjectKey,
+        data: Bytes,
+        opts: &PutOptions,
+    ) -> Result<ObjectMeta> {
+        let mut w = self.put(key, opts).await?;
         if let Err(e) = w.write(data).await {
             let _ = w.abort().await;
             return Err(e);
@@ -147,9 +185,10 @@ impl Read for ByteStream {
     }
 }
 
-/// Opens the store a URL names.
-pub fn open(url: &StoreUrl) -> Arc<dyn ObjectStore> {
-    match url {
+/// Opens the store a URL names (without contacting it).
+pub async fn open(url: &StoreUrl) -> Result<Arc<dyn ObjectStore>> {
+    Ok(match url {
         StoreUrl::Local(path) => Arc::new(local::LocalStore::new(path.clone())),
-    }
+        StoreUrl::S3(url) => Arc::new(s3::S3Store::open(url).await?),
+    })
 }

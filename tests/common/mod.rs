@@ -2,6 +2,8 @@
 //! registry and key, and a snapshot of a directory tree for byte-exact comparisons.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -68,12 +70,17 @@ impl Sandbox {
 
     /// Like [`Sandbox::new`], with extra lines appended to drctl.yaml.
     pub fn with_settings(extra: &str) -> Sandbox {
+        Self::with_repository("file://repo", extra)
+    }
+
+    /// Like [`Sandbox::with_settings`], with the repository at `repository`.
+    pub fn with_repository(repository: &str, extra: &str) -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
         std::fs::write(
             dir.path().join("drctl.yaml"),
             format!(
-                "environment: test\nrepository: file://repo\nregistry: sqlite://registry.db\n\
+                "environment: test\nrepository: {repository}\nregistry: sqlite://registry.db\n\
                  recipients-file: keys/recipients.txt\nidentity-file: keys/identity.txt\n{extra}"
             ),
         )
@@ -94,6 +101,7 @@ impl Sandbox {
             .env("DRCTL_CONFIG", self.path().join("drctl.yaml"))
             .env_remove("DRCTL_IDENTITY")
             .env_remove("DRCTL_LOG");
+        moto::env_for(&mut c);
         c
     }
 

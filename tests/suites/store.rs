@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::Utc;
 use drctl::format::{BackupId, Name, ObjectKey, ObjectName};
-use drctl::store::{Leftover, ObjectStore, CHUNK_SIZE};
+use drctl::store::{Leftover, ObjectStore, PutOptions, CHUNK_SIZE};
 use drctl::{Error, ErrorKind, Result};
 
 /// A store under test plus whatever must outlive it (a temporary directory, a bucket prefix).
@@ -60,6 +60,15 @@ macro_rules! store_suite {
 // Helpers
 
 const MIB: usize = 1 << 20;
+
+/// Writes of this many MiB are multipart uploads with 5 MiB parts (the S3 minimum).
+const LARGE_CHUNKS: u64 = 11;
+
+const DEFAULT_OPTS: PutOptions = PutOptions {
+    storage_class: None,
+    sse_kms_key_id: None,
+    retention: None,
+};
 
 fn name(s: &str) -> Name {
     Name::parse(s).unwrap()
@@ -116,7 +125,7 @@ async fn write_chunked(
     data: &[u8],
     chunk_sizes: &[usize],
 ) {
-    let mut w = store.put(key).await.expect("put");
+    let mut w = store.put(key, &DEFAULT_OPTS).await.expect("put");
     let mut at = 0;
     for size in chunk_sizes.iter().cycle() {
         if at >= data.len() {
@@ -178,7 +187,7 @@ pub async fn check_fails_with_not_found_until_create_and_create_is_idempotent(
 
     let k = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&k, Bytes::from_static(b"kept"))
+        .put_bytes(&k, Bytes::from_static(b"kept"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     store.create().await.expect("second create");
@@ -231,7 +240,7 @@ pub async fn head_returns_size_and_none_for_missing_key(store: Arc<dyn ObjectSto
     let k = key("prod", "app-db", ID1, "tar");
     assert_eq!(store.head(&k).await.expect("head before put"), None);
     let written = store
-        .put_bytes(&k, Bytes::from(pattern(12_345, 1)))
+        .put_bytes(&k, Bytes::from(pattern(12_345, 1)), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     let meta = store.head(&k).await.expect("head").expect("object exists");
@@ -253,10 +262,13 @@ pub async fn head_returns_size_and_none_for_missing_key(store: Arc<dyn ObjectSto
 pub async fn aborted_write_leaves_no_object_and_no_leftover(store: Arc<dyn ObjectStore>) {
     created(&store).await;
     let k = key("prod", "app-db", ID1, "tar");
-    let mut w = store.put(&k).await.expect("put");
-    w.write(Bytes::from(pattern(MIB + 17, 2)))
-        .await
-        .expect("write");
+    let mut w = store.put(&k, &DEFAULT_OPTS).await.expect("put");
+    // Large enough to be a multipart upload in a remote store.
+    for i in 0..LARGE_CHUNKS {
+        w.write(Bytes::from(pattern(MIB + 17, i)))
+            .await
+            .expect("write");
+    }
     w.write(Bytes::from(pattern(99, 3))).await.expect("write");
     w.abort().await.expect("abort");
 
@@ -272,11 +284,11 @@ pub async fn aborted_overwrite_keeps_the_previous_object(store: Arc<dyn ObjectSt
     let k = key("prod", "app-db", ID1, "manifest");
     let original = pattern(4_321, 4);
     store
-        .put_bytes(&k, Bytes::from(original.clone()))
+        .put_bytes(&k, Bytes::from(original.clone()), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
 
-    let mut w = store.put(&k).await.expect("put");
+    let mut w = store.put(&k, &DEFAULT_OPTS).await.expect("put");
     w.write(Bytes::from(pattern(100, 5))).await.expect("write");
     w.abort().await.expect("abort");
 
@@ -295,8 +307,12 @@ pub async fn aborted_overwrite_keeps_the_previous_object(store: Arc<dyn ObjectSt
 pub async fn dropped_writer_leaves_no_object_and_no_leftover(store: Arc<dyn ObjectStore>) {
     created(&store).await;
     let k = key("prod", "app-db", ID1, "tar");
-    let mut w = store.put(&k).await.expect("put");
-    w.write(Bytes::from(pattern(MIB, 6))).await.expect("write");
+    let mut w = store.put(&k, &DEFAULT_OPTS).await.expect("put");
+    for i in 0..LARGE_CHUNKS {
+        w.write(Bytes::from(pattern(MIB, 6 + i)))
+            .await
+            .expect("write");
+    }
     drop(w);
 
     assert_eq!(store.head(&k).await.expect("head"), None);
@@ -322,7 +338,7 @@ pub async fn get_of_missing_key_fails_with_not_found(store: Arc<dyn ObjectStore>
     created(&store).await;
     let present = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&present, Bytes::from_static(b"{}"))
+        .put_bytes(&present, Bytes::from_static(b"{}"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     for missing in [
@@ -355,7 +371,7 @@ pub async fn list_returns_exactly_the_matching_keys_in_key_order(store: Arc<dyn 
     ];
     for (i, k) in keys.iter().enumerate() {
         store
-            .put_bytes(k, Bytes::from(pattern(i * 10, i as u64)))
+            .put_bytes(k, Bytes::from(pattern(i * 10, i as u64)), &DEFAULT_OPTS)
             .await
             .expect("put_bytes");
     }
@@ -448,11 +464,11 @@ pub async fn list_does_not_show_unfinished_writes(store: Arc<dyn ObjectStore>) {
     created(&store).await;
     let done = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&done, Bytes::from_static(b"{}"))
+        .put_bytes(&done, Bytes::from_static(b"{}"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     let pending = key("prod", "app-db", ID1, "tar");
-    let mut w = store.put(&pending).await.expect("put");
+    let mut w = store.put(&pending, &DEFAULT_OPTS).await.expect("put");
     w.write(Bytes::from(pattern(1000, 7))).await.expect("write");
 
     assert_eq!(listed(&store, "").await, vec![done.as_str().to_owned()]);
@@ -476,11 +492,11 @@ pub async fn delete_removes_the_object_and_deleting_a_missing_key_is_ok(
     let doomed = key("prod", "app-db", ID1, "tar");
     let sibling = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&doomed, Bytes::from(pattern(2048, 8)))
+        .put_bytes(&doomed, Bytes::from(pattern(2048, 8)), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     store
-        .put_bytes(&sibling, Bytes::from_static(b"{}"))
+        .put_bytes(&sibling, Bytes::from_static(b"{}"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
 
@@ -543,7 +559,7 @@ pub async fn put_bytes_and_get_bytes_round_trip(store: Arc<dyn ObjectStore>) {
     let k = key("prod", "app-db", ID1, "manifest");
     let data = pattern(70_001, 13);
     let meta = store
-        .put_bytes(&k, Bytes::from(data.clone()))
+        .put_bytes(&k, Bytes::from(data.clone()), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     assert_eq!((meta.key.clone(), meta.size), (k.clone(), 70_001));
@@ -557,7 +573,7 @@ pub async fn put_bytes_and_get_bytes_round_trip(store: Arc<dyn ObjectStore>) {
 
     let empty = key("prod", "app-db", ID2, "manifest");
     store
-        .put_bytes(&empty, Bytes::new())
+        .put_bytes(&empty, Bytes::new(), &DEFAULT_OPTS)
         .await
         .expect("put_bytes empty");
     assert_eq!(
@@ -570,7 +586,7 @@ pub async fn get_bytes_refuses_objects_over_the_limit(store: Arc<dyn ObjectStore
     created(&store).await;
     let k = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&k, Bytes::from(pattern(3 * MIB, 14)))
+        .put_bytes(&k, Bytes::from(pattern(3 * MIB, 14)), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     for limit in [3 * MIB - 1, MIB, 1, 0] {
@@ -628,7 +644,7 @@ pub async fn remove_leftover_refuses_a_finished_object(store: Arc<dyn ObjectStor
     created(&store).await;
     let k = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&k, Bytes::from_static(b"{}"))
+        .put_bytes(&k, Bytes::from_static(b"{}"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     let fake = Leftover {
@@ -656,7 +672,7 @@ pub async fn local_planted_temp_file_is_a_leftover_until_removed(
     created(&store).await;
     let k = key("prod", "app-db", ID1, "manifest");
     store
-        .put_bytes(&k, Bytes::from_static(b"{}"))
+        .put_bytes(&k, Bytes::from_static(b"{}"), &DEFAULT_OPTS)
         .await
         .expect("put_bytes");
     let rel = "prod/app-db/20260101T000000Z-00000001/.tmp.data.tar.zst.age.deadbeef";

@@ -1,0 +1,737 @@
+//! MariaDB/MySQL. A full backup streams `mariadb-dump --single-transaction` of one database
+//! and records, from the dump itself, the binary log position it is consistent with and the
+//! row count of every table. An incremental backup is a tar of the raw binary log files from
+//! the previous backup's position to a new one, taken in a consistent snapshot in which the
+//! row counts are recorded too.
+//!
+//! The password never appears on a command line, in the descriptor or in an error: the client
+//! tools get it in `MYSQL_PWD`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use chrono::Utc;
+
+use super::command::{check_status, stream_stdout};
+use super::{Source, Stats};
+use crate::cancel::Cancel;
+use crate::format::manifest::PointInTime;
+use crate::format::Manifest;
+use crate::{Error, Result};
+
+/// How to reach one database: host, port, user and database from a URL without a password,
+/// and the password on the side.
+#[derive(Clone)]
+pub struct Conn {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub database: String,
+    password: Option<String>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the password.
+        f.write_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mysql://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
+    }
+}
+
+impl Conn {
+    /// Parses `mysql://user@host:port/database` (or `mariadb://`); refuses a password in it.
+    pub fn parse_url(s: &str) -> Result<Conn> {
+        let what = "use mysql://user@host:port/database";
+        let u =
+            url::Url::parse(s).map_err(|e| Error::invalid(format!("not a URL ({e}); {what}")))?;
+        if !matches!(u.scheme(), "mysql" | "mariadb") {
+            return Err(Error::invalid(format!(
+                "scheme {:?} is not mysql; {what}",
+                u.scheme()
+            )));
+        }
+        if u.password().is_some() {
+            // Never echo the URL: it holds the password.
+            return Err(Error::invalid(
+                "the URL contains a password; move it to password-file or password-env \
+                 (or MYSQL_PWD for --to-database)",
+            ));
+        }
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let database = decode(u.path().trim_start_matches('/'));
+        if database.is_empty() || database.contains(['/', '`', '\0']) {
+            return Err(Error::invalid(format!(
+                "the URL must name one database (without / or `); {what}"
+            )));
+        }
+        let host = u.host_str().unwrap_or("localhost").to_owned();
+        let user = match u.username() {
+            "" => "root".to_owned(),
+            name => decode(name),
+        };
+        Ok(Conn {
+            host,
+            port: u.port().unwrap_or(3306),
+            user,
+            database,
+            password: None,
+        })
+    }
+
+    /// Parses the URL and reads the password from `password_file` or the variable
+    /// `password_env`, if given; otherwise the tools read MYSQL_PWD or their option files.
+    pub fn new(
+        url: &str,
+        password_file: Option<&Path>,
+        password_env: Option<&str>,
+    ) -> Result<Conn> {
+        let mut conn = Conn::parse_url(url).map_err(|e| e.context("source.url"))?;
+        conn.password = match (password_file, password_env) {
+            (Some(file), _) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    Error::io(format!("read the password file {}", file.display()), e)
+                })?;
+                Some(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                Error::invalid(format!(
+                    "environment variable {var} (password-env) is not set"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        Ok(conn)
+    }
+
+    /// What the manifest records: no password.
+    pub fn descriptor(&self) -> serde_json::Value {
+        serde_json::json!({
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "database": self.database,
+        })
+    }
+
+    /// A client tool (`mariadb`, `mariadb-dump`, `mariadb-binlog`) with the connection
+    /// options, and the password in its environment.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--host={}", self.host))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--user={}", self.user));
+        if self.host != "localhost" {
+            cmd.arg("--protocol=TCP");
+        }
+        if let Some(p) = &self.password {
+            cmd.env("MYSQL_PWD", p);
+        }
+        cmd
+    }
+
+    /// Runs SQL with the `mariadb` client (in `database` if given) and returns the rows,
+    /// columns split on tabs.
+    pub fn query(&self, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
+        let mut cmd = self.command("mariadb");
+        cmd.args(["--batch", "--skip-column-names", "-e", sql]);
+        if let Some(db) = database {
+            cmd.arg(format!("--database={db}"));
+        }
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| {
+                Error::failure(format!("cannot run `mariadb`: {e}"))
+                    .hint("install the MariaDB client (scripts/install-deps.sh --mariadb)")
+            })?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        check_status("mariadb", out.status, stderr.trim())
+            .map_err(|e| e.context(format!("query {self}")))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect())
+    }
+
+    /// Whether the server writes binary logs.
+    pub fn binlog_enabled(&self) -> Result<bool> {
+        let rows = self.query(None, "SELECT @@log_bin")?;
+        Ok(rows.first().and_then(|r| r.first()).map(String::as_str) == Some("1"))
+    }
+
+    /// Exact row counts of the database's base tables.
+    pub fn row_counts(&self) -> Result<BTreeMap<String, u64>> {
+        let tables = self.query(
+            Some(&self.database),
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
+        )?;
+        if tables.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let sql: Vec<String> = tables
+            .iter()
+            .map(|r| format!("SELECT COUNT(*) FROM {}", quote_ident(&r[0])))
+            .collect();
+        let counts = self.query(Some(&self.database), &sql.join(";"))?;
+        tables
+            .iter()
+            .zip(counts.iter())
+            .map(|(t, c)| Ok((t[0].clone(), parse_count(&t[0], &c[0])?)))
+            .collect()
+    }
+}
+
+fn parse_count(table: &str, s: &str) -> Result<u64> {
+    s.parse()
+        .map_err(|_| Error::failure(format!("bad row count {s:?} for table {table}")))
+}
+
+/// `name` as a backquoted identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A position in the server's binary logs: `binlog.000012:4711`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinlogPos {
+    pub file: String,
+    pub pos: u64,
+}
+
+impl fmt::Display for BinlogPos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.pos)
+    }
+}
+
+impl BinlogPos {
+    pub fn parse(s: &str) -> Result<BinlogPos> {
+        let (file, pos) = s
+            .rsplit_once(':')
+            .ok_or_else(|| Error::integrity(format!("binlog position {s:?} is not FILE:POS")))?;
+        if !valid_binlog_name(file) {
+            return Err(Error::integrity(format!(
+                "binlog position {s:?}: invalid file name"
+            )));
+        }
+        let pos = pos
+            .parse()
+            .map_err(|_| Error::integrity(format!("binlog position {s:?}: invalid offset")))?;
+        Ok(BinlogPos {
+            file: file.to_owned(),
+            pos,
+        })
+    }
+}
+
+/// Binary log file names are plain file names; anything else is refused before it is used
+/// as a path.
+pub fn valid_binlog_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+enum Mode {
+    Full,
+    /// Binary logs from `from` (the parent's end) on.
+    Incremental {
+        from: BinlogPos,
+        parent: String,
+    },
+}
+
+pub struct MysqlSource {
+    conn: Conn,
+    mode: Mode,
+    point_in_time: Option<PointInTime>,
+}
+
+impl MysqlSource {
+    pub fn full(conn: Conn) -> Self {
+        MysqlSource {
+            conn,
+            mode: Mode::Full,
+            point_in_time: None,
+        }
+    }
+
+    /// The binary logs since `parent`, which must be a backup of this source with a
+    /// binlog position.
+    pub fn incremental(conn: Conn, parent: &Manifest) -> Result<Self> {
+        let from = parent
+            .point_in_time
+            .binlog
+            .as_deref()
+            .filter(|_| parent.source.kind == "mysql")
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "backup {} records no binary log position (the server's binary logging \
+                     was off, or it is not a mysql backup): an incremental cannot follow it",
+                    parent.backup_id
+                ))
+                .hint("enable log_bin on the server, then take a full backup")
+            })?;
+        Ok(MysqlSource {
+            conn,
+            mode: Mode::Incremental {
+                from: BinlogPos::parse(from)?,
+                parent: parent.backup_id.to_string(),
+            },
+            point_in_time: None,
+        })
+    }
+
+    fn full_dump(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
+        let binlog = self.conn.binlog_enabled()?;
+        let started = Utc::now();
+        let mut cmd = self.conn.command("mariadb-dump");
+        cmd.args([
+            "--single-transaction",
+            "--quick",
+            "--routines",
+            "--triggers",
+        ]);
+        if binlog {
+            cmd.arg("--master-data=2");
+        }
+        cmd.arg("--").arg(&self.conn.database);
+        let mut scan = DumpScanner::new(out);
+        let streamed = stream_stdout(cmd, &mut scan, cancel)?;
+        let mut stats = Stats::new();
+        stats.insert("bytes".into(), streamed.bytes.into());
+        stats.insert("tables".into(), serde_json::to_value(&scan.tables)?);
+        let position = match (binlog, scan.binlog) {
+            (true, Some(pos)) => Some(pos.to_string()),
+            (true, None) => {
+                return Err(Error::failure(
+                    "mariadb-dump --master-data printed no binary log position",
+                ))
+            }
+            (false, _) => None,
+        };
+        if let Some(pos) = &position {
+            stats.insert("binlog_end".into(), pos.clone().into());
+        }
+        self.point_in_time = Some(PointInTime {
+            timestamp: Some(started),
+            lsn: None,
+            binlog: position,
+        });
+        Ok(stats)
+    }
+
+    fn binlogs(
+        &mut self,
+        from: BinlogPos,
+        parent: &str,
+        out: &mut dyn Write,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
+        if !self.conn.binlog_enabled()? {
+            return Err(Error::invalid(format!(
+                "binary logging is off on {}: incremental backups need log_bin",
+                self.conn
+            ))
+            .hint("enable log_bin in the server's configuration and restart it, then take a full backup"));
+        }
+        let format = self.conn.query(None, "SELECT @@GLOBAL.binlog_format")?;
+        let format = format.first().and_then(|r| r.first()).map(String::as_str);
+        if format != Some("ROW") {
+            return Err(Error::invalid(format!(
+                "binlog_format is {} on {}: incremental backups need ROW, so that every change \
+                 names its table and can be replayed into the restore's database",
+                format.unwrap_or("unknown"),
+                self.conn
+            ))
+            .hint("set binlog_format = ROW in the server's configuration (SET GLOBAL binlog_format = 'ROW' until the next restart)"));
+        }
+        // Close the current log, then, in one consistent snapshot, note the position it
+        // corresponds to and count rows: the range ends exactly where the counts were taken.
+        let tables = self.conn.query(
+            Some(&self.conn.database),
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
+        )?;
+        let mut sql = vec![
+            "FLUSH BINARY LOGS".to_owned(),
+            "START TRANSACTION WITH CONSISTENT SNAPSHOT".to_owned(),
+            "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
+            "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
+        ];
+        for t in &tables {
+            sql.push(format!(
+                "SELECT 'count', COUNT(*) FROM {}",
+                quote_ident(&t[0])
+            ));
+        }
+        sql.push("COMMIT".into());
+        let rows = self.conn.query(Some(&self.conn.database), &sql.join(";"))?;
+        let mut file = None;
+        let mut pos = None;
+        let mut now = None;
+        let mut counts = Vec::new();
+        for row in &rows {
+            match (row[0].as_str(), row.get(1)) {
+                ("Binlog_snapshot_file", Some(v)) => file = Some(v.clone()),
+                ("Binlog_snapshot_position", Some(v)) => pos = v.parse::<u64>().ok(),
+                ("now", Some(v)) => now = chrono::DateTime::parse_from_rfc3339(v).ok(),
+                ("count", Some(v)) => counts.push(v.clone()),
+                _ => {}
+            }
+        }
+        let (Some(file), Some(pos), Some(now)) = (file, pos, now) else {
+            return Err(Error::failure(format!(
+                "{} reported no binlog snapshot position (is this MariaDB?)",
+                self.conn
+            )));
+        };
+        let end = BinlogPos { file, pos };
+        let mut table_counts = BTreeMap::new();
+        for (t, c) in tables.iter().zip(&counts) {
+            table_counts.insert(t[0].clone(), parse_count(&t[0], c)?);
+        }
+
+        let logs: Vec<String> = self
+            .conn
+            .query(None, "SHOW BINARY LOGS")?
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        let index = |name: &str| logs.iter().position(|l| l == name);
+        let first = index(&from.file).ok_or_else(|| {
+            Error::failure(format!(
+                "binary log {} (where backup {parent} ends) is no longer on {}: the chain is broken",
+                from.file, self.conn
+            ))
+            .hint("take a full backup; keep binary logs (binlog_expire_logs_seconds) longer than the incremental interval")
+        })?;
+        let last = index(&end.file).ok_or_else(|| {
+            Error::failure(format!(
+                "binary log {} is not listed by SHOW BINARY LOGS",
+                end.file
+            ))
+        })?;
+        let files = &logs[first..=last];
+        if let Some(bad) = files.iter().find(|f| !valid_binlog_name(f)) {
+            return Err(Error::failure(format!(
+                "the server lists a binary log with an unusable name: {bad:?}"
+            )));
+        }
+
+        let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+        let mut cmd = self.conn.command("mariadb-binlog");
+        cmd.args(["--read-from-remote-server", "--raw"])
+            .arg(format!("--result-file={}/", dir.path().display()))
+            .args(files);
+        stream_stdout(cmd, &mut std::io::sink(), cancel)?;
+
+        let mut bytes = 0u64;
+        let mut tar = tar::Builder::new(out);
+        for name in files {
+            cancel.check()?;
+            let path = dir.path().join(name);
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("mariadb-binlog did not write {name}"), e))?;
+            let len = f
+                .metadata()
+                .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+                .len();
+            let mut header = tar::Header::new_gnu();
+            header.set_size(len);
+            header.set_mode(0o640);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(now.timestamp().max(0) as u64);
+            header.set_entry_type(tar::EntryType::Regular);
+            tar.append_data(&mut header, name, &mut f)
+                .map_err(|e| Error::io(format!("archive binary log {name}"), e))?;
+            bytes += len;
+        }
+        tar.finish()
+            .map_err(|e| Error::io("finish the binary log archive", e))?;
+
+        let mut stats = Stats::new();
+        stats.insert("bytes".into(), bytes.into());
+        stats.insert("tables".into(), serde_json::to_value(&table_counts)?);
+        stats.insert("binlog_start".into(), from.to_string().into());
+        stats.insert("binlog_end".into(), end.to_string().into());
+        stats.insert("binlog_files".into(), serde_json::to_value(files)?);
+        self.point_in_time = Some(PointInTime {
+            timestamp: Some(now.with_timezone(&Utc)),
+            lsn: None,
+            binlog: Some(end.to_string()),
+        });
+        Ok(stats)
+    }
+}
+
+impl Source for MysqlSource {
+    fn kind(&self) -> &'static str {
+        "mysql"
+    }
+    fn artifact(&self) -> String {
+        match self.mode {
+            Mode::Full => "sql".into(),
+            Mode::Incremental { .. } => "tar".into(),
+        }
+    }
+    fn descriptor(&self) -> serde_json::Value {
+        self.conn.descriptor()
+    }
+    fn has_index(&self) -> bool {
+        false
+    }
+    fn run(
+        &mut self,
+        out: &mut dyn Write,
+        _index: Option<&mut dyn Write>,
+        cancel: &Cancel,
+    ) -> Result<Stats> {
+        match &self.mode {
+            Mode::Full => self.full_dump(out, cancel),
+            Mode::Incremental { from, parent } => {
+                let (from, parent) = (from.clone(), parent.clone());
+                self.binlogs(from, &parent, out, cancel)
+            }
+        }
+    }
+    fn point_in_time(&self) -> Option<PointInTime> {
+        self.point_in_time.clone()
+    }
+}
+
+/// Passes a `mariadb-dump` stream through while reading it: the row count of each table
+/// (tuples of its `INSERT ... VALUES` statements, every table from its `CREATE TABLE`) and the
+/// binary log position of `--master-data=2`.
+struct DumpScanner<'a> {
+    out: &'a mut dyn Write,
+    tables: BTreeMap<String, u64>,
+    binlog: Option<BinlogPos>,
+    /// The current line while outside an INSERT's values (capped).
+    line: Vec<u8>,
+    values: Option<Values>,
+}
+
+/// Inside the values of `INSERT INTO table VALUES (...),(...);`.
+struct Values {
+    table: String,
+    rows: u64,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+const LINE_CAP: usize = 4096;
+
+impl<'a> DumpScanner<'a> {
+    fn new(out: &'a mut dyn Write) -> Self {
+        DumpScanner {
+            out,
+            tables: BTreeMap::new(),
+            binlog: None,
+            line: Vec::new(),
+            values: None,
+        }
+    }
+
+    fn scan(&mut self, data: &[u8]) {
+        for &b in data {
+            if let Some(v) = &mut self.values {
+                if v.in_string {
+                    if v.escaped {
+                        v.escaped = false;
+                    } else if b == b'\\' {
+                        v.escaped = true;
+                    } else if b == b'\'' {
+                        v.in_string = false;
+                    }
+                    continue;
+                }
+                match b {
+                    b'\'' => v.in_string = true,
+                    b'(' => {
+                        if v.depth == 0 {
+                            v.rows += 1;
+                        }
+                        v.depth += 1;
+                    }
+                    b')' => v.depth = v.depth.saturating_sub(1),
+                    b';' if v.depth == 0 => {
+                        let v = self.values.take().expect("in values");
+                        *self.tables.entry(v.table).or_default() += v.rows;
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if b == b'\n' {
+                self.end_line();
+                continue;
+            }
+            if (b == b' ' || b == b'(') && self.line.ends_with(b" VALUES") {
+                if let Some(table) = backquoted_after(&self.line, b"INSERT INTO ") {
+                    self.values = Some(Values {
+                        table,
+                        rows: 0,
+                        depth: 0,
+                        in_string: false,
+                        escaped: false,
+                    });
+                    self.line.clear();
+                    if b == b'(' {
+                        self.scan(b"(");
+                    }
+                    continue;
+                }
+            }
+            if self.line.len() < LINE_CAP {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        if line.ends_with(b" VALUES") {
+            if let Some(table) = backquoted_after(&line, b"INSERT INTO ") {
+                self.values = Some(Values {
+                    table,
+                    rows: 0,
+                    depth: 0,
+                    in_string: false,
+                    escaped: false,
+                });
+                return;
+            }
+        }
+        if let Some(table) = backquoted_after(&line, b"CREATE TABLE ") {
+            self.tables.entry(table).or_default();
+        } else if let Some(rest) = line.strip_prefix(b"-- CHANGE MASTER TO ") {
+            self.binlog = parse_change_master(&String::from_utf8_lossy(rest));
+        }
+        self.line = line;
+        self.line.clear();
+    }
+}
+
+/// The backquoted name right after `prefix` at the start of `line`.
+fn backquoted_after(line: &[u8], prefix: &[u8]) -> Option<String> {
+    let rest = line.strip_prefix(prefix)?.strip_prefix(b"`")?;
+    let mut name = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        if rest[i] == b'`' {
+            if rest.get(i + 1) == Some(&b'`') {
+                name.push(b'`');
+                i += 2;
+                continue;
+            }
+            return String::from_utf8(name).ok();
+        }
+        name.push(rest[i]);
+        i += 1;
+    }
+    None
+}
+
+/// `MASTER_LOG_FILE='binlog.000003', MASTER_LOG_POS=379;`
+fn parse_change_master(s: &str) -> Option<BinlogPos> {
+    let file = s.split("MASTER_LOG_FILE='").nth(1)?.split('\'').next()?;
+    let pos = s
+        .split("MASTER_LOG_POS=")
+        .nth(1)?
+        .trim_end_matches(';')
+        .trim();
+    let pos = pos.split([',', ';', ' ']).next()?.parse().ok()?;
+    valid_binlog_name(file).then(|| BinlogPos {
+        file: file.to_owned(),
+        pos,
+    })
+}
+
+impl Write for DumpScanner<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.scan(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(dump: &str, split: usize) -> (BTreeMap<String, u64>, Option<BinlogPos>) {
+        let mut sink = Vec::new();
+        let mut s = DumpScanner::new(&mut sink);
+        let (a, b) = dump.as_bytes().split_at(split.min(dump.len()));
+        s.write_all(a).unwrap();
+        s.write_all(b).unwrap();
+        let (tables, binlog) = (s.tables, s.binlog);
+        assert_eq!(sink, dump.as_bytes());
+        (tables, binlog)
+    }
+
+    #[test]
+    fn dump_scanner_counts_rows_and_reads_the_binlog_position() {
+        let dump = "-- CHANGE MASTER TO MASTER_LOG_FILE='binlog.000003', MASTER_LOG_POS=379;\n\
+            CREATE TABLE `t` (\n  `id` int\n);\n\
+            CREATE TABLE `empty` (`x` int);\n\
+            CREATE TABLE `we``ird` (`x` int);\n\
+            INSERT INTO `t` VALUES\n(1,'a(b'),\n(2,'it\\'s ); (x)'),\n(3,NULL);\n\
+            INSERT INTO `t` VALUES (4,'x'),(5,'y');\n\
+            INSERT INTO `we``ird` VALUES (1);\n\
+            -- not INSERT INTO `t` VALUES (9);\n";
+        for split in [0, 1, 50, 100, 130, 150, 170, 200, dump.len()] {
+            let (tables, binlog) = scan(dump, split);
+            assert_eq!(tables["t"], 5, "split at {split}");
+            assert_eq!(tables["empty"], 0);
+            assert_eq!(tables["we`ird"], 1);
+            assert_eq!(tables.len(), 3);
+            assert_eq!(binlog.unwrap().to_string(), "binlog.000003:379");
+        }
+    }
+
+    #[test]
+    fn url_refuses_passwords_and_missing_databases() {
+        let c = Conn::parse_url("mysql://app@db.internal:3307/shop").unwrap();
+        assert_eq!(c.to_string(), "mysql://app@db.internal:3307/shop");
+        let e = Conn::parse_url("mysql://app:hunter2@db/shop").unwrap_err();
+        assert!(!e.message().contains("hunter2"));
+        assert!(Conn::parse_url("mysql://app@db/").is_err());
+        assert!(Conn::parse_url("postgres://app@db/shop").is_err());
+    }
+
+    #[test]
+    fn binlog_positions_refuse_path_names() {
+        assert!(BinlogPos::parse("binlog.000001:4").is_ok());
+        assert!(BinlogPos::parse("../etc/passwd:4").is_err());
+        assert!(BinlogPos::parse("binlog.000001").is_err());
+    }
+}
