@@ -357,7 +357,7 @@ pub async fn execute(
     }
     let started = std::time::Instant::now();
     if let Some(pg) = &plan.postgres {
-        let report = postgres::execute(repo, pg, identities, cancel).await?;
+        let (report, rows) = postgres::execute(repo, pg, identities, cancel).await?;
         return Ok(RestoreReport {
             backup_id: plan.backup_id.clone(),
             plain: report.plain().clone(),
@@ -365,7 +365,7 @@ pub async fn execute(
             written_to: None,
             postgres: Some(report),
             chain: Vec::new(),
-            rows: None,
+            rows,
             seconds: started.elapsed().as_secs_f64(),
         });
     }

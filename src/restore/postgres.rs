@@ -8,7 +8,7 @@
 //! to be archived before anything is written.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::{open_object, RecoveryTarget, Selector, Target};
+use super::{
+    compare_rows, copy_cancellable, open_object, RecoveryTarget, RowCheck, Selector, Target,
+};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -82,16 +84,7 @@ pub struct LogicalReport {
     pub plain: Digest,
     /// Row counts in the restored database.
     pub tables: BTreeMap<String, u64>,
-    /// Tables whose row count differs from the manifest's (None: missing).
-    pub differences: Vec<TableDifference>,
     pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TableDifference {
-    pub table: String,
-    pub expected: u64,
-    pub restored: Option<u64>,
 }
 
 /// State of a target database, found before anything is written.
@@ -207,29 +200,12 @@ pub async fn restore_logical(
     let mut session = Session::open(target)?;
     let tables = row_counts(&mut session)?;
     session.close()?;
-    let expected: BTreeMap<String, u64> = record
-        .manifest()?
-        .source
-        .stats
-        .get("tables")
-        .and_then(|t| serde_json::from_value(t.clone()).ok())
-        .unwrap_or_default();
-    let differences = expected
-        .iter()
-        .filter(|(t, n)| tables.get(*t) != Some(n))
-        .map(|(t, n)| TableDifference {
-            table: t.clone(),
-            expected: *n,
-            restored: tables.get(t).copied(),
-        })
-        .collect();
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
         database: state.database,
         created: !state.exists,
         plain,
         tables,
-        differences,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -246,23 +222,13 @@ impl Drop for TempFile {
 /// Writes `reader` to a new file only the current user can read.
 fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let what = || format!("write {}", path.display());
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io(what(), e))?;
-    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
-    loop {
-        cancel.check()?;
-        let n = crate::pipeline::read_full(&mut reader, &mut buf)
-            .map_err(|e| crate::pipeline::damaged("restore", e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        f.write_all(&buf[..n]).map_err(|e| Error::io(what(), e))?;
-    }
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    copy_cancellable(&mut reader, &mut f, cancel)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -874,13 +840,14 @@ pub async fn plan(
     }
 }
 
-/// Runs a planned PostgreSQL restore.
+/// Runs a planned PostgreSQL restore. A logical restore's row counts must match the
+/// manifest's exactly.
 pub async fn execute(
     repo: &Repo,
     plan: &PgPlan,
     identities: Arc<Identities>,
     cancel: &Cancel,
-) -> Result<PgReport> {
+) -> Result<(PgReport, Option<RowCheck>)> {
     match plan {
         PgPlan::Logical {
             conn,
@@ -890,28 +857,17 @@ pub async fn execute(
         } => {
             let report =
                 restore_logical(repo, record, conn, *overwrite, identities, cancel).await?;
-            if !report.differences.is_empty() {
-                let list: Vec<String> = report
-                    .differences
-                    .iter()
-                    .map(|d| match d.restored {
-                        Some(n) => {
-                            format!("{}: {} rows, the backup had {}", d.table, n, d.expected)
-                        }
-                        None => format!("{}: missing, the backup had {} rows", d.table, d.expected),
-                    })
-                    .collect();
-                return Err(Error::integrity(format!(
-                    "database {} restored from backup {} differs from the backup: {}",
-                    report.database,
-                    report.backup_id,
-                    list.join("; ")
-                )));
-            }
-            Ok(PgReport::Logical(report))
+            let rows = compare_rows(
+                &record.backup_id,
+                &record.manifest()?.source.stats,
+                &report.tables,
+                &format!("database {}", report.database),
+            )?;
+            Ok((PgReport::Logical(report), Some(rows)))
         }
-        PgPlan::Physical(p) => Ok(PgReport::Physical(
-            restore_physical(repo, p, identities, cancel).await?,
+        PgPlan::Physical(p) => Ok((
+            PgReport::Physical(restore_physical(repo, p, identities, cancel).await?),
+            None,
         )),
     }
 }
