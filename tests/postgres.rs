@@ -691,6 +691,7 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     let manifest = &run.json()[0];
     let wal = &manifest["source"]["stats"]["wal"];
     assert_eq!(wal["timeline"], 1, "{manifest}");
+    assert_eq!(manifest["point_in_time"]["lsn"], wal["stop_lsn"]);
     assert!(wal["start_wal"].as_str().unwrap().starts_with("00000001"));
 
     psql(
