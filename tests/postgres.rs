@@ -151,6 +151,18 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
         "data.pgdump.zst.age"
     );
 
+    // The raw dump is available too, for pg_restore by hand.
+    let raw = sb
+        .cmd(&["restore", "--policy", "pg", "--backup", &id, "--stdout"])
+        .output()
+        .unwrap();
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    assert_eq!(&raw.stdout[..5], b"PGDMP");
+
     // Rows written after the backup are not in it.
     psql(
         &source.url(),

@@ -155,7 +155,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
     let postgres = if record.source_kind == "postgres" {
         let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
         record = base;
-        Some(pg)
+        pg
     } else {
         None
     };

@@ -784,7 +784,9 @@ impl PgReport {
 
 /// Plans the restore of a postgres backup: a logical one into a database, a physical one
 /// (a base backup and its WAL) into a new data directory. Returns the backup whose data
-/// object is read, which for `latest` of a physical policy is a base backup.
+/// object is read, which for `latest` of a physical policy is a base backup, and no
+/// PostgreSQL plan when the artifact is only written out (`--stdout`, or a dump file into
+/// `--target`).
 pub async fn plan(
     repo: &Repo,
     record: BackupRecord,
@@ -792,7 +794,7 @@ pub async fn plan(
     target: &Target,
     recovery: &RecoveryTarget,
     port: Option<u16>,
-) -> Result<(BackupRecord, PgPlan)> {
+) -> Result<(BackupRecord, Option<PgPlan>)> {
     let id = record.backup_id.clone();
     let policy = record.policy.clone();
     match (mode(&record), target) {
@@ -806,19 +808,25 @@ pub async fn plan(
             let database = check_database_target(&conn, *overwrite)?;
             Ok((
                 record.clone(),
-                PgPlan::Logical {
+                Some(PgPlan::Logical {
                     database,
                     conn,
                     overwrite: *overwrite,
                     record,
-                },
+                }),
             ))
         }
-        (Some("logical"), Target::Dir { .. } | Target::Stdout) if recovery == &RecoveryTarget::Latest => {
-            Err(Error::invalid(format!(
-                "backup {id} is a logical PostgreSQL dump: restore it with --to-database URL"
-            ))
-            .hint("or add --stdout and pipe it into pg_restore yourself"))
+        // The dump itself, for pg_restore by hand.
+        (Some("logical"), Target::Dir { .. } | Target::Stdout)
+            if recovery == &RecoveryTarget::Latest =>
+        {
+            Ok((record, None))
+        }
+        // The base backup's tar, without WAL.
+        (Some("physical"), Target::Stdout)
+            if recovery == &RecoveryTarget::Latest && port.is_none() =>
+        {
+            Ok((record, None))
         }
         (Some("physical" | "wal"), Target::Dir { path, .. }) => {
             let port = port.ok_or_else(|| {
@@ -829,10 +837,13 @@ pub async fn plan(
                 Selector::Id(_) => Some(record),
             };
             let plan = plan_physical(repo, &policy, base, recovery.clone(), path, port).await?;
-            Ok((plan.record.clone(), PgPlan::Physical(plan)))
+            Ok((plan.record.clone(), Some(PgPlan::Physical(plan))))
         }
         (Some("physical" | "wal"), _) => Err(Error::invalid(format!(
             "backup {id} is a physical PostgreSQL backup: restore it with --target DATA_DIR --port N"
+        ))),
+        (Some("logical"), _) => Err(Error::invalid(format!(
+            "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
         ))),
         _ => Err(Error::invalid(format!(
             "backup {id} cannot be restored this way"
