@@ -151,6 +151,18 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
         "data.pgdump.zst.age"
     );
 
+    // The raw dump is available too, for pg_restore by hand.
+    let raw = sb
+        .cmd(&["restore", "--policy", "pg", "--backup", &id, "--stdout"])
+        .output()
+        .unwrap();
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    assert_eq!(&raw.stdout[..5], b"PGDMP");
+
     // Rows written after the backup are not in it.
     psql(
         &source.url(),
@@ -173,7 +185,8 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     let report = &run.json()[0]["postgres"];
     assert_eq!(report["created"], true);
     assert_eq!(report["tables"]["public.accounts"], 5000);
-    assert_eq!(report["differences"].as_array().unwrap().len(), 0);
+    assert_eq!(run.json()[0]["rows"]["tables"], 3);
+    assert_eq!(run.json()[0]["rows"]["rows"], 5123);
     psql(&source.url(), "DELETE FROM accounts WHERE id = 5001");
     assert_eq!(content(&target.url()), content(&source.url()));
     assert_eq!(
@@ -214,7 +227,7 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
 }
 
 #[test]
-fn logical_restore_fails_on_the_first_error_and_leaves_nothing_half_done() {
+fn logical_restore_stops_at_the_first_error() {
     let source = Db::new("drctl_src");
     fill(&source.url());
     let sb = Sandbox::new();
@@ -237,7 +250,7 @@ fn logical_restore_fails_on_the_first_error_and_leaves_nothing_half_done() {
         .code(1);
     assert!(run.stderr.contains("pg_restore"), "{}", run.stderr);
     assert!(run.stderr.contains("audit"), "{}", run.stderr);
-    // One transaction: no table of the dump was left behind.
+    // It stopped there: the tables that come after the schema were not created.
     assert_eq!(
         psql(
             &target.url(),
@@ -322,6 +335,103 @@ fn server_going_away_mid_dump_fails_the_backup() {
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert!(run.stderr.contains("pg_dump"), "{}", run.stderr);
     assert_eq!(sb.records()[0]["status"], "failed");
+}
+
+#[test]
+fn postgres_policies_are_validated_with_file_and_field() {
+    let sb = Sandbox::new();
+    sb.policy(
+        "leaky",
+        "name: leaky\nsource:\n  kind: postgres\n  mode: logical\n  url: postgres://app:hunter2@db:5432/app\n",
+    );
+    sb.policy(
+        "both",
+        "name: both\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://app@db:5432/app\n  \
+         password-file: pw\n  password-env: PGPASS\n",
+    );
+    sb.policy(
+        "nodb",
+        "name: nodb\nsource:\n  kind: postgres\n  mode: logical\n  url: mysql://app@db:3306\n",
+    );
+    sb.policy(
+        "badmode",
+        "name: badmode\nsource:\n  kind: postgres\n  mode: incremental\n  url: postgres://app@db/app\n",
+    );
+    let run = sb.run(&["policy", "validate"]).code(2);
+    let out = run.stderr;
+    assert!(
+        out.contains("leaky.yaml: source.url: the URL contains a password"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "the password leaked: {out}");
+    assert!(
+        out.contains("both.yaml: source.password-file: give password-file or password-env"),
+        "{out}"
+    );
+    assert!(
+        out.contains("nodb.yaml: source.url: scheme \"mysql\" is not postgres"),
+        "{out}"
+    );
+    assert!(
+        out.contains("nodb.yaml: source.url: logical mode needs a database"),
+        "{out}"
+    );
+    assert!(out.contains("badmode.yaml: source"), "{out}");
+}
+
+#[test]
+fn the_password_reaches_the_tools_in_the_environment_and_never_errors_or_records() {
+    require_server();
+    let sb = Sandbox::new();
+    std::fs::write(sb.path().join("pg-password"), "s3cret-Pa55\n").unwrap();
+    sb.policy(
+        "pw",
+        &format!(
+            "name: pw\nsource:\n  kind: postgres\n  mode: logical\n  \
+             url: {SERVER}/drctl_no_such_database\n  password-file: pg-password\n"
+        ),
+    );
+    let run = sb
+        .run(&["--json", "-vv", "backup", "--policy", "pw"])
+        .code(1);
+    assert!(!run.stdout.contains("s3cret") && !run.stderr.contains("s3cret"));
+    let records = sb.records();
+    assert!(!records[0].to_string().contains("s3cret"));
+
+    // The tools get it in PGPASSWORD, not on their command line.
+    let bin = sb.path().join("fake-bin");
+    std::fs::create_dir(&bin).unwrap();
+    let seen = sb.path().join("seen");
+    std::fs::write(
+        bin.join("psql"),
+        format!(
+            "#!/bin/sh\nprintf '%s|%s' \"$PGPASSWORD\" \"$*\" > {}\nexit 1\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("psql"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run: Run = sb
+        .cmd(&["backup", "--policy", "pw"])
+        .env("PATH", path)
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let (password, args) = seen.split_once('|').unwrap();
+    assert_eq!(password, "s3cret-Pa55");
+    assert!(!args.contains("s3cret"), "{args}");
+
+    // A password file that cannot be read fails before anything runs, naming the file only.
+    std::fs::remove_file(sb.path().join("pg-password")).unwrap();
+    let run = sb.run(&["backup", "--policy", "pw"]).code(1);
+    assert!(run.stderr.contains("pg-password"), "{}", run.stderr);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -593,6 +703,7 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     let manifest = &run.json()[0];
     let wal = &manifest["source"]["stats"]["wal"];
     assert_eq!(wal["timeline"], 1, "{manifest}");
+    assert_eq!(manifest["point_in_time"]["lsn"], wal["stop_lsn"]);
     assert!(wal["start_wal"].as_str().unwrap().starts_with("00000001"));
 
     psql(

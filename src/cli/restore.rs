@@ -143,6 +143,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             plan.object,
             human_bytes(plan.stored_bytes),
         ) + &format!(", {} after decoding", human_bytes(plan.plain_bytes))
+            + &plan
+                .postgres
+                .as_ref()
+                .map(|pg| format!("; {}", pg.describe()))
+                .unwrap_or_default()
     };
     if args.dry_run {
         ctx.emit("restore_plan", &plan, || {

@@ -10,7 +10,7 @@ use crate::config::{Policy, SourceConfig};
 use crate::format::manifest::BackupType;
 use crate::format::Name;
 use crate::pipeline::HashReader;
-use crate::restore::postgres::{fetch_wal, mode, WalArchive};
+use crate::restore::postgres::{fetch_wal, WalArchive};
 use crate::source::postgres::WalSource;
 use crate::{Error, Result};
 
@@ -105,19 +105,7 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
             "two servers may be archiving into the same policy; give each cluster its own policy",
         ));
     }
-    let base = repo
-        .registry
-        .list(&crate::registry::ListQuery {
-            environment: Some(repo.settings.environment.clone()),
-            policy: Some(policy.name.clone()),
-            status: Some(crate::registry::Status::Completed),
-            before: None,
-            limit: None,
-        })
-        .await?
-        .into_iter()
-        .find(|r| mode(r) == Some("physical"))
-        .map(|r| (r.backup_id.clone(), r.backup_id));
+    let base = archive.latest_base.clone().map(|id| (id.clone(), id));
     let job = Job {
         source: Box::new(source),
         // WAL is archived while a base backup holds the set's lease (pg_basebackup waits

@@ -453,13 +453,8 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             password_file,
             password_env,
         } => {
-            check_postgres(p, *mode, url, password_env);
-            if password_file.is_some() && password_env.is_some() {
-                p.add(
-                    "source.password-file",
-                    "give password-file or password-env, not both",
-                );
-            }
+            check_postgres_url(p, *mode, url);
+            check_password(p, password_file, password_env);
         }
         SourceConfig::Mysql {
             url,
@@ -469,17 +464,7 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             if let Err(e) = crate::source::mysql::Conn::parse_url(url) {
                 p.add("source.url", e.message());
             }
-            if password_file.is_some() && password_env.is_some() {
-                p.add(
-                    "source.password-file",
-                    "give password-file or password-env, not both",
-                );
-            }
-            if let Some(var) = password_env {
-                if var.is_empty() || var.contains('=') {
-                    p.add("source.password-env", "invalid environment variable name");
-                }
-            }
+            check_password(p, password_file, password_env);
         }
         SourceConfig::Sqlite { path } => {
             if path.as_os_str().is_empty() {
@@ -489,7 +474,26 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
     }
 }
 
-fn check_postgres(p: &mut Problems, mode: PostgresMode, url: &str, password_env: &Option<String>) {
+/// A database password comes from a file or an environment variable, not both.
+fn check_password(
+    p: &mut Problems,
+    password_file: &Option<PathBuf>,
+    password_env: &Option<String>,
+) {
+    if password_file.is_some() && password_env.is_some() {
+        p.add(
+            "source.password-file",
+            "give password-file or password-env, not both",
+        );
+    }
+    if let Some(var) = password_env {
+        if var.is_empty() || var.contains('=') {
+            p.add("source.password-env", "invalid environment variable name");
+        }
+    }
+}
+
+fn check_postgres_url(p: &mut Problems, mode: PostgresMode, url: &str) {
     let what = "use postgres://user@host:port/database";
     match url::Url::parse(url) {
         Err(e) => p.add("source.url", format!("not a URL ({e}); {what}")),
@@ -513,11 +517,6 @@ fn check_postgres(p: &mut Problems, mode: PostgresMode, url: &str, password_env:
                     format!("logical mode needs a database; {what}"),
                 );
             }
-        }
-    }
-    if let Some(var) = password_env {
-        if var.is_empty() || var.contains('=') {
-            p.add("source.password-env", "invalid environment variable name");
         }
     }
 }

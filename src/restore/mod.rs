@@ -157,7 +157,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
     let postgres = if record.source_kind == "postgres" {
         let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
         record = base;
-        Some(pg)
+        pg
     } else {
         None
     };
@@ -368,7 +368,7 @@ pub async fn execute(
     }
     let started = std::time::Instant::now();
     if let Some(pg) = &plan.postgres {
-        let report = postgres::execute(repo, pg, identities, cancel).await?;
+        let (report, rows) = postgres::execute(repo, pg, identities, cancel).await?;
         return Ok(RestoreReport {
             backup_id: plan.backup_id.clone(),
             plain: report.plain().clone(),
@@ -376,7 +376,7 @@ pub async fn execute(
             written_to: None,
             postgres: Some(report),
             chain: Vec::new(),
-            rows: None,
+            rows,
             seconds: started.elapsed().as_secs_f64(),
         });
     }

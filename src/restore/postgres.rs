@@ -1,14 +1,14 @@
 //! PostgreSQL restores and the WAL archive.
 //!
-//! Logical: `pg_restore` into a database (created if missing; a non-empty one only with
-//! `overwrite`), in one transaction that stops at the first error, then row counts compared
-//! with the manifest. Physical: a base backup unpacked into a new data directory, recovery
+//! Logical: `pg_restore -j <cores>` into a database (created if missing; a non-empty one
+//! only with `overwrite`), stopping at the first error, then row counts compared with the
+//! manifest. Physical: a base backup unpacked into a new data directory, recovery
 //! settings that fetch WAL through `drctl wal fetch`, the server started and recovered to the
 //! latest point, a time or an LSN, then checked. Every WAL segment recovery needs is checked
 //! to be archived before anything is written.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::{open_object, RecoveryTarget, Selector, Target};
+use super::{
+    compare_rows, copy_cancellable, open_object, RecoveryTarget, RowCheck, Selector, Target,
+};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -82,16 +84,7 @@ pub struct LogicalReport {
     pub plain: Digest,
     /// Row counts in the restored database.
     pub tables: BTreeMap<String, u64>,
-    /// Tables whose row count differs from the manifest's (None: missing).
-    pub differences: Vec<TableDifference>,
     pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct TableDifference {
-    pub table: String,
-    pub expected: u64,
-    pub restored: Option<u64>,
 }
 
 /// State of a target database, found before anything is written.
@@ -169,87 +162,73 @@ pub async fn restore_logical(
         admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
         admin.close()?;
     }
+    // pg_restore loads tables and builds indexes in parallel only from a file: decode the
+    // dump into a private temporary file (mode 0600, removed afterwards), then restore it.
+    let file = TempFile(std::env::temp_dir().join(format!(
+        "drctl-restore-{}-{}.pgdump",
+        record.backup_id,
+        std::process::id()
+    )));
+    let (path, cancel_thread) = (file.0.clone(), cancel.clone());
+    let ((), plain) = decode(repo, record, identities, move |reader| {
+        write_private(reader, &path, &cancel_thread)
+    })
+    .await?;
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .to_string();
     let mut cmd = target.command("pg_restore");
-    cmd.args(["--exit-on-error", "--single-transaction", "-d", &target.url]);
+    cmd.args(["--exit-on-error", "-j", &jobs, "-d", &target.url]);
     if state.relations > 0 {
         cmd.args(["--clean", "--if-exists"]);
     }
-    let cancel_thread = cancel.clone();
-    let ((), plain) = decode(repo, record, identities, move |reader| {
-        pipe_into(cmd, reader, &cancel_thread)
+    cmd.arg(&file.0);
+    tokio::task::spawn_blocking(move || {
+        let mut child = spawn(&mut cmd, Stdio::null(), Stdio::null())?;
+        let stderr = collect_stderr(&mut child);
+        let status = child
+            .wait()
+            .map_err(|e| Error::io("wait for `pg_restore`", e))?;
+        check_status("pg_restore", status, &stderr.join().unwrap_or_default())
     })
     .await
+    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
+    drop(file);
 
     let mut session = Session::open(target)?;
     let tables = row_counts(&mut session)?;
     session.close()?;
-    let expected: BTreeMap<String, u64> = record
-        .manifest()?
-        .source
-        .stats
-        .get("tables")
-        .and_then(|t| serde_json::from_value(t.clone()).ok())
-        .unwrap_or_default();
-    let differences = expected
-        .iter()
-        .filter(|(t, n)| tables.get(*t) != Some(n))
-        .map(|(t, n)| TableDifference {
-            table: t.clone(),
-            expected: *n,
-            restored: tables.get(t).copied(),
-        })
-        .collect();
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
         database: state.database,
         created: !state.exists,
         plain,
         tables,
-        differences,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// Feeds `reader` into the standard input of `cmd`; its failure (with stderr) wins over a
-/// broken pipe.
-fn pipe_into(mut cmd: Command, mut reader: &mut dyn Read, cancel: &Cancel) -> Result<()> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
-    let stderr = collect_stderr(&mut child);
-    let mut stdin = child.stdin.take().expect("piped");
-    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
-    let fed: Result<()> = loop {
-        if let Err(e) = cancel.check() {
-            break Err(e);
-        }
-        let n = match crate::pipeline::read_full(&mut reader, &mut buf) {
-            Ok(n) => n,
-            Err(e) => break Err(crate::pipeline::damaged("restore", e)),
-        };
-        if n == 0 {
-            break Ok(());
-        }
-        if let Err(e) = stdin.write_all(&buf[..n]) {
-            break Err(Error::io(format!("write to `{program}`"), e));
-        }
-    };
-    drop(stdin);
-    if fed.is_err() {
-        let _ = child.kill();
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    let status = child
-        .wait()
-        .map_err(|e| Error::io(format!("wait for `{program}`"), e))?;
-    let stderr = stderr.join().unwrap_or_default();
-    match fed {
-        Err(e) if e.kind() == ErrorKind::Failure => {
-            check_status(&program, status, &stderr)?;
-            Err(e)
-        }
-        Err(e) => Err(e),
-        Ok(()) => check_status(&program, status, &stderr),
-    }
+}
+
+/// Writes `reader` to a new file only the current user can read.
+fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    copy_cancellable(&mut reader, &mut f, cancel)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -258,6 +237,8 @@ fn pipe_into(mut cmd: Command, mut reader: &mut dyn Read, cancel: &Cancel) -> Re
 /// The WAL files archived for one policy: completed `wal` records by file name.
 pub struct WalArchive {
     files: BTreeMap<String, BackupRecord>,
+    /// The newest completed base backup of the policy.
+    pub latest_base: Option<BackupId>,
 }
 
 impl WalArchive {
@@ -273,18 +254,24 @@ impl WalArchive {
             })
             .await?;
         let mut files = BTreeMap::new();
+        let mut latest_base = None;
+        // Newest first: keep the first record of a name, and the first base backup.
         for r in records {
-            if mode(&r) != Some("wal") {
-                continue;
+            match mode(&r) {
+                Some("wal") => {
+                    let name = r.manifest()?.source.descriptor["wal"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    files.entry(name).or_insert(r);
+                }
+                Some("physical") if latest_base.is_none() => {
+                    latest_base = Some(r.backup_id.clone());
+                }
+                _ => {}
             }
-            let name = r.manifest()?.source.descriptor["wal"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            // Newest first: keep the first record of a name.
-            files.entry(name).or_insert(r);
         }
-        Ok(WalArchive { files })
+        Ok(WalArchive { files, latest_base })
     }
 
     pub fn get(&self, name: &str) -> Option<&BackupRecord> {
@@ -766,6 +753,30 @@ pub enum PgReport {
     Physical(PhysicalReport),
 }
 
+impl PgPlan {
+    /// One line for `--dry-run`.
+    pub fn describe(&self) -> String {
+        match self {
+            PgPlan::Logical { database, .. } => format!(
+                "database {} {}; pg_restore stops at the first error, then row counts are compared with the manifest",
+                database.database,
+                if database.exists { "exists" } else { "will be created" }
+            ),
+            PgPlan::Physical(p) => {
+                let to = match &p.target {
+                    RecoveryTarget::Latest => "the end of the archive".to_owned(),
+                    RecoveryTarget::Time(t) => t.to_rfc3339(),
+                    RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+                };
+                format!(
+                    "replay WAL {} to {} (timeline {}) up to {to}, then start the server on port {}",
+                    p.wal.start_wal, p.last_wal, p.wal.timeline, p.port
+                )
+            }
+        }
+    }
+}
+
 impl PgReport {
     pub fn plain(&self) -> &Digest {
         match self {
@@ -777,7 +788,9 @@ impl PgReport {
 
 /// Plans the restore of a postgres backup: a logical one into a database, a physical one
 /// (a base backup and its WAL) into a new data directory. Returns the backup whose data
-/// object is read, which for `latest` of a physical policy is a base backup.
+/// object is read, which for `latest` of a physical policy is a base backup, and no
+/// PostgreSQL plan when the artifact is only written out (`--stdout`, or a dump file into
+/// `--target`).
 pub async fn plan(
     repo: &Repo,
     record: BackupRecord,
@@ -785,7 +798,7 @@ pub async fn plan(
     target: &Target,
     recovery: &RecoveryTarget,
     port: Option<u16>,
-) -> Result<(BackupRecord, PgPlan)> {
+) -> Result<(BackupRecord, Option<PgPlan>)> {
     let id = record.backup_id.clone();
     let policy = record.policy.clone();
     match (mode(&record), target) {
@@ -799,19 +812,25 @@ pub async fn plan(
             let database = check_database_target(&conn, *overwrite)?;
             Ok((
                 record.clone(),
-                PgPlan::Logical {
+                Some(PgPlan::Logical {
                     database,
                     conn,
                     overwrite: *overwrite,
                     record,
-                },
+                }),
             ))
         }
-        (Some("logical"), Target::Dir { .. } | Target::Stdout) if recovery == &RecoveryTarget::Latest => {
-            Err(Error::invalid(format!(
-                "backup {id} is a logical PostgreSQL dump: restore it with --to-database URL"
-            ))
-            .hint("or add --stdout and pipe it into pg_restore yourself"))
+        // The dump itself, for pg_restore by hand.
+        (Some("logical"), Target::Dir { .. } | Target::Stdout)
+            if recovery == &RecoveryTarget::Latest =>
+        {
+            Ok((record, None))
+        }
+        // The base backup's tar, without WAL.
+        (Some("physical"), Target::Stdout)
+            if recovery == &RecoveryTarget::Latest && port.is_none() =>
+        {
+            Ok((record, None))
         }
         (Some("physical" | "wal"), Target::Dir { path, .. }) => {
             let port = port.ok_or_else(|| {
@@ -822,10 +841,13 @@ pub async fn plan(
                 Selector::Id(_) => Some(record),
             };
             let plan = plan_physical(repo, &policy, base, recovery.clone(), path, port).await?;
-            Ok((plan.record.clone(), PgPlan::Physical(plan)))
+            Ok((plan.record.clone(), Some(PgPlan::Physical(plan))))
         }
         (Some("physical" | "wal"), _) => Err(Error::invalid(format!(
             "backup {id} is a physical PostgreSQL backup: restore it with --target DATA_DIR --port N"
+        ))),
+        (Some("logical"), _) => Err(Error::invalid(format!(
+            "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
         ))),
         _ => Err(Error::invalid(format!(
             "backup {id} cannot be restored this way"
@@ -833,13 +855,14 @@ pub async fn plan(
     }
 }
 
-/// Runs a planned PostgreSQL restore.
+/// Runs a planned PostgreSQL restore. A logical restore's row counts must match the
+/// manifest's exactly.
 pub async fn execute(
     repo: &Repo,
     plan: &PgPlan,
     identities: Arc<Identities>,
     cancel: &Cancel,
-) -> Result<PgReport> {
+) -> Result<(PgReport, Option<RowCheck>)> {
     match plan {
         PgPlan::Logical {
             conn,
@@ -849,28 +872,17 @@ pub async fn execute(
         } => {
             let report =
                 restore_logical(repo, record, conn, *overwrite, identities, cancel).await?;
-            if !report.differences.is_empty() {
-                let list: Vec<String> = report
-                    .differences
-                    .iter()
-                    .map(|d| match d.restored {
-                        Some(n) => {
-                            format!("{}: {} rows, the backup had {}", d.table, n, d.expected)
-                        }
-                        None => format!("{}: missing, the backup had {} rows", d.table, d.expected),
-                    })
-                    .collect();
-                return Err(Error::integrity(format!(
-                    "database {} restored from backup {} differs from the backup: {}",
-                    report.database,
-                    report.backup_id,
-                    list.join("; ")
-                )));
-            }
-            Ok(PgReport::Logical(report))
+            let rows = compare_rows(
+                &record.backup_id,
+                &record.manifest()?.source.stats,
+                &report.tables,
+                &format!("database {}", report.database),
+            )?;
+            Ok((PgReport::Logical(report), Some(rows)))
         }
-        PgPlan::Physical(p) => Ok(PgReport::Physical(
-            restore_physical(repo, p, identities, cancel).await?,
+        PgPlan::Physical(p) => Ok((
+            PgReport::Physical(restore_physical(repo, p, identities, cancel).await?),
+            None,
         )),
     }
 }
@@ -915,7 +927,10 @@ mod tests {
                 (n.to_string(), record)
             })
             .collect();
-        WalArchive { files }
+        WalArchive {
+            files,
+            latest_base: None,
+        }
     }
 
     fn range() -> WalRange {

@@ -16,6 +16,7 @@ use super::command::{check_status, collect_stderr, spawn, stream_stdout};
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
+use crate::format::manifest::PointInTime;
 use crate::store::CHUNK_SIZE;
 use crate::{Error, Result};
 
@@ -230,17 +231,35 @@ pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
 pub struct PostgresSource {
     mode: PostgresMode,
     conn: Conn,
+    point_in_time: Option<PointInTime>,
 }
 
 impl PostgresSource {
     pub fn new(mode: PostgresMode, conn: Conn) -> Self {
-        PostgresSource { mode, conn }
+        PostgresSource {
+            mode,
+            conn,
+            point_in_time: None,
+        }
     }
 
-    fn logical(&self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
+    fn logical(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
         let mut session = Session::open(&self.conn)?;
         session.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
         let snapshot = session.value("SELECT pg_export_snapshot()")?;
+        // The snapshot's moment: its transaction's start time and the WAL position.
+        let at = session.value(
+            "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') || ' ' || \
+             CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END",
+        )?;
+        let (time, lsn) = at.split_once(' ').unwrap_or((&at, ""));
+        self.point_in_time = Some(PointInTime {
+            timestamp: chrono::DateTime::parse_from_rfc3339(time)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc)),
+            lsn: parse_lsn(lsn).map(format_lsn),
+            binlog: None,
+        });
         // Count rows in the exported snapshot while pg_dump streams it; the transaction
         // stays open until the dump is done so pg_dump can import the snapshot.
         let counter = std::thread::spawn(move || {
@@ -264,7 +283,7 @@ impl PostgresSource {
         Ok(stats)
     }
 
-    fn physical(&self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
+    fn physical(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
         let mut session = Session::open(&self.conn)?;
         let archive_mode = session.value("SELECT current_setting('archive_mode')")?;
         let segment_size = session.value(
@@ -288,6 +307,12 @@ impl PostgresSource {
         let mut tap = TarTap::new(out, "backup_manifest");
         let streamed = stream_stdout(cmd, &mut tap, cancel)?;
         let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
+        // Consistent from the stop LSN on, which pg_basebackup has just reached.
+        self.point_in_time = Some(PointInTime {
+            timestamp: Some(chrono::Utc::now()),
+            lsn: Some(range.stop_lsn.clone()),
+            binlog: None,
+        });
         let mut stats = Stats::new();
         stats.insert("mode".into(), "physical".into());
         stats.insert("bytes".into(), streamed.bytes.into());
@@ -326,6 +351,9 @@ impl Source for PostgresSource {
             PostgresMode::Logical => self.logical(out, cancel),
             PostgresMode::Physical => self.physical(out, cancel),
         }
+    }
+    fn point_in_time(&self) -> Option<PointInTime> {
+        self.point_in_time.clone()
     }
 }
 
