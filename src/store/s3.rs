@@ -354,6 +354,7 @@ impl ObjectStore for S3Store {
             full: self.full_key(key.as_str()),
             opts: opts.clone(),
             buf: BytesMut::new(),
+            spare: Vec::new(),
             upload_id: None,
             in_flight: tokio::task::JoinSet::new(),
             parts: Vec::new(),
@@ -683,8 +684,12 @@ struct S3Writer {
     opts: PutOptions,
     /// The part being filled.
     buf: BytesMut,
+    /// Buffers of uploaded parts, reused for the next parts: a writer allocates at most
+    /// `concurrency + 1` part buffers, however large the object.
+    spare: Vec<BytesMut>,
     upload_id: Option<String>,
-    in_flight: tokio::task::JoinSet<Result<CompletedPart>>,
+    /// Each part's upload returns its buffer.
+    in_flight: tokio::task::JoinSet<Result<(CompletedPart, Bytes)>>,
     parts: Vec<CompletedPart>,
     size: u64,
     failed: bool,
@@ -700,16 +705,31 @@ impl S3Writer {
 
     /// Waits for one in-flight part.
     async fn join_one(&mut self) -> Result<()> {
-        if let Some(joined) = self.in_flight.join_next().await {
-            let part = joined
-                .map_err(|e| Error::failure(format!("upload task failed: {e}")))
-                .and_then(|r| r);
-            match part {
-                Ok(p) => self.parts.push(p),
-                Err(e) => return Err(self.fail(e)),
-            }
+        match self.in_flight.join_next().await {
+            Some(joined) => self.part_done(joined),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Records an uploaded part and keeps its buffer for the next one.
+    fn part_done(
+        &mut self,
+        joined: std::result::Result<Result<(CompletedPart, Bytes)>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let part = joined
+            .map_err(|e| Error::failure(format!("upload task failed: {e}")))
+            .and_then(|r| r);
+        match part {
+            Ok((p, data)) => {
+                self.parts.push(p);
+                if let Ok(mut buf) = data.try_into_mut() {
+                    buf.clear();
+                    self.spare.push(buf);
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
     }
 
     /// Starts uploading the buffered part, after waiting for a free upload slot.
@@ -768,15 +788,16 @@ impl S3Writer {
                 .content_length(data.len() as i64)
                 .checksum_algorithm(ChecksumAlgorithm::Sha256)
                 .checksum_sha256(&checksum)
-                .body(Body::from(data))
+                .body(Body::from(data.clone()))
                 .send()
                 .await
                 .map_err(|e| store.err(format!("upload part {number} of {key}"), e))?;
-            Ok(CompletedPart::builder()
+            let part = CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_owned))
                 .checksum_sha256(out.checksum_sha256().unwrap_or(&checksum))
-                .build())
+                .build();
+            Ok((part, data))
         });
         Ok(())
     }
@@ -833,6 +854,7 @@ impl S3Writer {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
         self.buf = BytesMut::new();
+        self.spare.clear();
         match self.upload_id.take() {
             Some(id) => abort_upload(&self.store, &self.full, &id).await,
             None => Ok(()),
@@ -853,7 +875,10 @@ impl ObjectWriter for S3Writer {
         let part_size = self.store.part_size;
         while !chunk.is_empty() {
             if self.buf.capacity() == 0 {
-                self.buf = BytesMut::with_capacity(part_size);
+                self.buf = self
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| BytesMut::with_capacity(part_size));
             }
             let take = (part_size - self.buf.len()).min(chunk.len());
             self.buf.extend_from_slice(&chunk.split_to(take));
@@ -863,13 +888,7 @@ impl ObjectWriter for S3Writer {
         }
         // Surface a failed part early instead of at `finish`.
         while let Some(joined) = self.in_flight.try_join_next() {
-            match joined
-                .map_err(|e| Error::failure(format!("upload task failed: {e}")))
-                .and_then(|r| r)
-            {
-                Ok(p) => self.parts.push(p),
-                Err(e) => return Err(self.fail(e)),
-            }
+            self.part_done(joined)?;
         }
         Ok(())
     }
