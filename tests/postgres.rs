@@ -742,6 +742,30 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     assert_eq!(ids(&url), "300 rows, 1..300");
     // The restored server does not archive into the source's policy.
     assert_eq!(psql(&url, "SHOW archive_mode"), "off");
+
+    // A base backup that ends after the target cannot reach it: refused before writing.
+    let early = c.sb.path().join("early");
+    let run = c
+        .drctl(&[
+            "restore",
+            "--policy",
+            "pgphys",
+            "--backup",
+            base_id,
+            "--target",
+            early.to_str().unwrap(),
+            "--port",
+            "5999",
+            "--until",
+            "2000-01-01T00:00:00Z",
+        ])
+        .code(2);
+    assert!(
+        run.stderr.contains("after the recovery target"),
+        "{}",
+        run.stderr
+    );
+    assert!(!early.exists());
 }
 
 #[test]

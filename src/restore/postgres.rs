@@ -481,6 +481,15 @@ pub async fn plan_physical(
             record.backup_id
         )));
     }
+    if let (RecoveryTarget::Time(t), Some(end)) = (&target, record.finished_at) {
+        if end > *t {
+            return Err(Error::invalid(format!(
+                "base backup {} ended at {end}, after the recovery target {t}",
+                record.backup_id
+            ))
+            .hint("pass --backup latest to pick a base backup that ends before the target"));
+        }
+    }
     let wal = wal_range(&record)?;
     let archive = WalArchive::load(repo, policy).await?;
     let last_wal = archive.check(&record.backup_id, &wal, &target)?;
