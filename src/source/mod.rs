@@ -113,3 +113,26 @@ pub fn open_incremental(policy: &Policy, parent: Option<&Manifest>) -> Result<Bo
         .hint("run a full backup: drctl backup --policy NAME")),
     }
 }
+
+/// The password of a database source: the first line of `password_file`, or the value of the
+/// variable `password_env`; `None` when neither is given (the client tools then read their own
+/// environment and option files).
+pub fn read_password(
+    password_file: Option<&std::path::Path>,
+    password_env: Option<&str>,
+) -> Result<Option<String>> {
+    Ok(match (password_file, password_env) {
+        (Some(file), _) => {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                crate::Error::io(format!("read the password file {}", file.display()), e)
+            })?;
+            Some(text.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+            crate::Error::invalid(format!(
+                "environment variable {var} (password-env) is not set"
+            ))
+        })?),
+        (None, None) => None,
+    })
+}

@@ -34,20 +34,7 @@ impl Conn {
         password_file: Option<&Path>,
         password_env: Option<&str>,
     ) -> Result<Conn> {
-        let password = match (password_file, password_env) {
-            (Some(file), _) => {
-                let text = std::fs::read_to_string(file).map_err(|e| {
-                    Error::io(format!("read the password file {}", file.display()), e)
-                })?;
-                Some(text.trim_end_matches(['\n', '\r']).to_owned())
-            }
-            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
-                Error::invalid(format!(
-                    "environment variable {var} (password-env) is not set"
-                ))
-            })?),
-            (None, None) => None,
-        };
+        let password = super::read_password(password_file, password_env)?;
         Ok(Conn {
             url: url.to_owned(),
             password,
