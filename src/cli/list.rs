@@ -51,13 +51,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         return Ok(());
     }
     if records.is_empty() {
-        println!("no backups");
+        super::print_line("no backups");
         return Ok(());
     }
-    println!(
+    super::print_line(&format!(
         "{:<26} {:<20} {:<10} {:<20} {:>10} {:>10}  verified",
         "ID", "POLICY", "STATUS", "STARTED", "SIZE", "STORED"
-    );
+    ));
     for r in &records {
         let (plain, stored) = r
             .manifest
@@ -73,7 +73,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             ),
             None => "-".into(),
         };
-        println!(
+        super::print_line(&format!(
             "{:<26} {:<20} {:<10} {:<20} {:>10} {:>10}  {}",
             r.backup_id.as_str(),
             r.policy.as_str(),
@@ -82,7 +82,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             plain,
             stored,
             verified
-        );
+        ));
     }
     Ok(())
 }

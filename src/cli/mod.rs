@@ -143,17 +143,31 @@ impl Ctx {
     /// Prints `value` as a JSON line (with `message_type`) or as the text `text` renders.
     pub fn emit<T: Serialize>(&self, message_type: &str, value: &T, text: impl FnOnce() -> String) {
         if self.global.json {
-            println!("{}", json_line(message_type, value));
+            print_line(&json_line(message_type, value));
         } else {
             let t = text();
             if !t.is_empty() {
-                println!("{t}");
+                print_line(&t);
             }
         }
     }
 
     pub fn progress(&self, label: &str, total: Option<u64>) -> progress::Progress {
         progress::Progress::start(!self.global.json && !self.global.quiet, label, total)
+    }
+}
+
+/// Prints a line of command output. When standard output is closed early (`drctl list | head`),
+/// the reader has what it wanted: exit quietly instead of failing.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("drctl: cannot write to standard output: {e}");
+        std::process::exit(1);
     }
 }
 

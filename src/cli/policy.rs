@@ -29,12 +29,12 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<()> {
             if ctx.global.json {
                 ctx.emit("validate", &serde_json::json!({ "ok": problems.is_empty(), "policies": names, "problems": problems }), String::new);
             } else if problems.is_empty() {
-                println!(
+                super::print_line(&format!(
                     "ok: {} and {} policies ({})",
                     ctx.global.config.display(),
                     names.len(),
                     names.join(", ")
-                );
+                ));
             }
             if problems.is_empty() {
                 Ok(())

@@ -29,7 +29,7 @@ pub struct EncodeOptions {
 }
 
 /// Bytes of input per zstd worker job.
-const ZSTD_JOB_SIZE: u32 = 2 << 20;
+const ZSTD_JOB_SIZE: u32 = 1 << 20;
 
 type Compressed = Chunker<Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send>>;
 
