@@ -478,3 +478,22 @@ fn commands_before_init_say_so() {
         .into();
     assert!(run.code(10).stderr.contains("not found"));
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let sb = Sandbox::new();
+    for args in [&["list"][..], &["--json", "list"], &["policy", "validate"]] {
+        let mut child = sb
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the reading end before drctl writes, as `drctl list | head -0` would.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+}
