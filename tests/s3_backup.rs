@@ -156,3 +156,38 @@ fn gc_aborts_a_multipart_upload_left_by_a_crashed_run() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn registry_rebuild_from_an_s3_bucket_restores_a_lost_registry() {
+    let bucket = moto::bucket("rebuild");
+    let url = moto::url(&bucket, "backups", "us-east-1", "");
+    let sb = Sandbox::with_repository(&url, "");
+    let src = sb.path().join("src");
+    tree(&src, 64 << 10);
+    sb.files_policy("tree", &[&src]);
+    let id = sb.backup("tree");
+
+    // The registry is lost; a new host rebuilds it from the bucket named on the command line.
+    std::fs::remove_file(sb.path().join("registry.db")).unwrap();
+    sb.run(&["list"]).code(10);
+    let report = &sb
+        .run(&["--json", "registry", "rebuild", "--from", &url])
+        .ok()
+        .json()[0];
+    assert_eq!(report["added"], serde_json::json!([id]), "{report}");
+    let record = &sb.run(&["--json", "show", &id]).ok().json()[0];
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["locations"][0]["region"], "us-east-1", "{record}");
+    let target = sb.path().join("restore");
+    sb.run(&[
+        "restore",
+        "-p",
+        "tree",
+        "-b",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ])
+    .ok();
+    assert_same_tree(&src, &restored(&target, &src));
+}
