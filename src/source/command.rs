@@ -42,10 +42,6 @@ impl Source for CommandSource {
         // Arguments may carry credentials; record the program only.
         serde_json::json!({ "program": self.argv[0], "artifact": self.artifact })
     }
-    fn has_index(&self) -> bool {
-        false
-    }
-
     fn run(
         &mut self,
         out: &mut dyn Write,

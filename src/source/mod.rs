@@ -26,8 +26,10 @@ pub trait Source: Send {
     fn artifact(&self) -> String;
     /// What is backed up, without secrets; recorded in the manifest.
     fn descriptor(&self) -> serde_json::Value;
-    /// Whether [`Source::run`] writes an index.
-    fn has_index(&self) -> bool;
+    /// Whether [`Source::run`] writes an index (only file trees do).
+    fn has_index(&self) -> bool {
+        false
+    }
     /// Writes the artifact to `out` (and the index to `index` where the source has one).
     fn run(
         &mut self,
@@ -135,4 +137,24 @@ pub fn read_password(
         })?),
         (None, None) => None,
     })
+}
+
+/// Streams the file at `path` to `out` in chunks, checking `cancel` between them; returns the
+/// number of bytes written.
+pub fn copy_file(path: &std::path::Path, out: &mut dyn Write, cancel: &Cancel) -> Result<u64> {
+    let what = || format!("read {}", path.display());
+    let mut f = std::fs::File::open(path).map_err(|e| crate::Error::io(what(), e))?;
+    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+    let mut bytes = 0u64;
+    loop {
+        cancel.check()?;
+        let n = crate::pipeline::read_full(&mut f, &mut buf)
+            .map_err(|e| crate::Error::io(what(), e))?;
+        if n == 0 {
+            return Ok(bytes);
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| crate::Error::io("write", e))?;
+        bytes += n as u64;
+    }
 }

@@ -533,9 +533,6 @@ impl Source for MysqlSource {
     fn descriptor(&self) -> serde_json::Value {
         self.conn.descriptor()
     }
-    fn has_index(&self) -> bool {
-        false
-    }
     fn run(
         &mut self,
         out: &mut dyn Write,

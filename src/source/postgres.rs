@@ -17,7 +17,6 @@ use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
 use crate::format::manifest::PointInTime;
-use crate::store::CHUNK_SIZE;
 use crate::{Error, Result};
 
 /// How to reach a server: a URL without a password, and the password on the side.
@@ -325,9 +324,6 @@ impl Source for PostgresSource {
         };
         serde_json::json!({ "mode": mode, "url": self.conn.url })
     }
-    fn has_index(&self) -> bool {
-        false
-    }
     fn run(
         &mut self,
         out: &mut dyn Write,
@@ -549,30 +545,13 @@ impl Source for WalSource {
     fn descriptor(&self) -> serde_json::Value {
         serde_json::json!({ "mode": "wal", "wal": self.name })
     }
-    fn has_index(&self) -> bool {
-        false
-    }
     fn run(
         &mut self,
         out: &mut dyn Write,
         _index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats> {
-        let what = || format!("read WAL file {}", self.path.display());
-        let mut f = std::fs::File::open(&self.path).map_err(|e| Error::io(what(), e))?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut bytes = 0u64;
-        loop {
-            cancel.check()?;
-            let n =
-                crate::pipeline::read_full(&mut f, &mut buf).map_err(|e| Error::io(what(), e))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| Error::io("write", e))?;
-            bytes += n as u64;
-        }
+        let bytes = super::copy_file(&self.path, out, cancel)?;
         let mut stats = Stats::new();
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)

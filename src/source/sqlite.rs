@@ -3,7 +3,7 @@
 //! copy never holds a torn page; the copy's row counts are recorded, then it is streamed.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,7 +12,6 @@ use sqlx::{Connection, SqliteConnection};
 
 use super::{Source, Stats};
 use crate::cancel::Cancel;
-use crate::store::CHUNK_SIZE;
 use crate::{Error, Result};
 
 /// How long the copy waits for a writer holding the database locked (rollback journal mode).
@@ -92,10 +91,6 @@ impl Source for SqliteSource {
     fn descriptor(&self) -> serde_json::Value {
         serde_json::json!({ "path": self.path.to_string_lossy() })
     }
-    fn has_index(&self) -> bool {
-        false
-    }
-
     fn run(
         &mut self,
         out: &mut dyn Write,
@@ -112,22 +107,7 @@ impl Source for SqliteSource {
         let copy = dir.path().join("copy.sqlite");
         // Sources run on a blocking thread of the runtime.
         let counts = tokio::runtime::Handle::current().block_on(self.snapshot(&copy))?;
-        let mut f = std::fs::File::open(&copy)
-            .map_err(|e| Error::io(format!("open {}", copy.display()), e))?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut bytes = 0u64;
-        loop {
-            cancel.check()?;
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| Error::io(format!("read {}", copy.display()), e))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| Error::io("write", e))?;
-            bytes += n as u64;
-        }
+        let bytes = super::copy_file(&copy, out, cancel)?;
         let mut stats = Stats::new();
         stats.insert("bytes".into(), bytes.into());
         stats.insert("tables".into(), serde_json::to_value(counts)?);
