@@ -7,7 +7,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,12 +16,12 @@ use serde::Serialize;
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::ObjectInfo;
-use crate::format::{BackupId, Name, ObjectKey, ObjectName};
+use crate::format::{BackupId, Manifest, Name, ObjectKey, ObjectName};
 use crate::pipeline::{Decoder, Digest};
 use crate::registry::{BackupRecord, Status};
 use crate::repo::Repo;
 use crate::store::ObjectStore;
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 pub use extract::{ExtractOptions, ExtractStats};
 
@@ -351,6 +351,36 @@ pub async fn open_object(
             e
         }
     })
+}
+
+/// Decodes a backup's data object on a blocking thread, handing the plain bytes to `sink`.
+pub async fn decode<T: Send + 'static>(
+    repo: &Repo,
+    manifest: &Manifest,
+    identities: Arc<Identities>,
+    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+) -> Result<(T, Digest)> {
+    let data = manifest.data()?.clone();
+    let key = ObjectKey::object(
+        &manifest.environment,
+        &manifest.policy,
+        &manifest.backup_id,
+        &data.object_name()?,
+    );
+    let stream = open_object(&repo.store, &key, &manifest.backup_id).await?;
+    let what = format!("backup {} object {key}", manifest.backup_id);
+    let recipients = manifest.encryption.recipients.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut decoder = Decoder::open(stream, &identities, data, &recipients, what)?;
+        match sink(&mut decoder) {
+            Ok(t) => Ok((t, decoder.finish()?)),
+            // Damaged stored bytes explain a failing consumer; report the root cause.
+            Err(e) if e.kind() != ErrorKind::Integrity => Err(decoder.finish().err().unwrap_or(e)),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
 }
 
 pub async fn execute(

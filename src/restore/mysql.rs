@@ -17,14 +17,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{
-    compare_rows, copy_cancellable, open_object, RecoveryTarget, RestorePlan, RestoreReport,
-    Selector,
+    compare_rows, copy_cancellable, decode, RecoveryTarget, RestorePlan, RestoreReport, Selector,
 };
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, ObjectKey};
-use crate::pipeline::{Decoder, Digest};
 use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
@@ -277,29 +275,31 @@ pub async fn execute(
         .ok_or_else(|| Error::integrity("the full backup's manifest names no database"))?;
     let mut plain = None;
     for manifest in &my.manifests {
-        let data = manifest.data()?.clone();
-        let key = ObjectKey::object(
-            &manifest.environment,
-            &manifest.policy,
-            &manifest.backup_id,
-            &data.object_name()?,
-        );
-        let stream = open_object(&repo.store, &key, &manifest.backup_id).await?;
-        let what = format!("backup {} object {key}", manifest.backup_id);
-        let (ids, recipients) = (identities.clone(), manifest.encryption.recipients.clone());
-        let (c, cancel, source_db) = (conn.clone(), cancel.clone(), source_db.clone());
-        let full = manifest.parent_id.is_none();
-        let stats = manifest.source.stats.clone();
-        let digest = blocking(move || {
-            let decoder = Decoder::open(stream, &ids, data, &recipients, what)?;
-            if full {
-                load_dump(&c, decoder, &cancel)
-            } else {
-                replay(&c, &source_db, decoder, &stats, until, &cancel)
-            }
-        })
-        .await
-        .map_err(|e| e.context(format!("restore of backup {}", manifest.backup_id)))?;
+        let context = |e: Error| e.context(format!("restore of backup {}", manifest.backup_id));
+        let (c, sink_cancel) = (conn.clone(), cancel.clone());
+        let digest = if manifest.parent_id.is_none() {
+            // `mariadb` stops at the first failing statement.
+            let sink = move |dump: &mut dyn Read| feed(client(&c), dump, &sink_cancel);
+            decode(repo, manifest, identities.clone(), sink)
+                .await
+                .map_err(context)?
+                .1
+        } else {
+            let binlogs = Binlogs::from_stats(&manifest.source.stats).map_err(context)?;
+            // Unpack and check the whole incremental before replaying any of it.
+            let sink = move |tar: &mut dyn Read| {
+                let dir = binlogs.unpack(tar, &sink_cancel)?;
+                Ok((binlogs, dir))
+            };
+            let ((binlogs, dir), digest) = decode(repo, manifest, identities.clone(), sink)
+                .await
+                .map_err(context)?;
+            let (source_db, cancel) = (source_db.clone(), cancel.clone());
+            blocking(move || binlogs.replay(dir.path(), &c, &source_db, until, &cancel))
+                .await
+                .map_err(context)?;
+            digest
+        };
         plain.get_or_insert(digest);
     }
 
@@ -402,20 +402,14 @@ fn client(conn: &Conn) -> Command {
     cmd
 }
 
-/// Loads a dump: `mariadb` stops at the first failing statement.
-fn load_dump(conn: &Conn, mut decoder: Decoder, cancel: &Cancel) -> Result<Digest> {
-    feed(client(conn), &mut decoder, cancel)?;
-    decoder.finish()
-}
-
 /// Copies `input` to the standard input of `cmd`. A failed command explains a failed write,
 /// a damaged input explains the command's death.
-fn feed(mut cmd: Command, input: &mut impl Read, cancel: &Cancel) -> Result<()> {
+fn feed(mut cmd: Command, mut input: &mut dyn Read, cancel: &Cancel) -> Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
     let stderr = collect_stderr(&mut child);
     let mut stdin = child.stdin.take().expect("piped");
-    let copied = copy_cancellable(input, &mut stdin, cancel);
+    let copied = copy_cancellable(&mut input, &mut stdin, cancel);
     drop(stdin);
     if copied.is_err() {
         let _ = child.kill();
@@ -430,71 +424,89 @@ fn feed(mut cmd: Command, input: &mut impl Read, cancel: &Cancel) -> Result<()> 
     }
 }
 
-/// Unpacks an incremental's binary logs and replays them into the target database.
-fn replay(
-    conn: &Conn,
-    source_db: &str,
-    mut decoder: Decoder,
-    stats: &crate::source::Stats,
-    until: Option<DateTime<Utc>>,
-    cancel: &Cancel,
-) -> Result<Digest> {
-    let field = |name: &str| {
-        stats
-            .get(name)
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::integrity(format!("the manifest has no {name}")))
-    };
-    let start = BinlogPos::parse(field("binlog_start")?)?;
-    let end = BinlogPos::parse(field("binlog_end")?)?;
-    let files: Vec<String> = stats
-        .get("binlog_files")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .filter(|f: &Vec<String>| !f.is_empty() && f.iter().all(|f| valid_binlog_name(f)))
-        .ok_or_else(|| Error::integrity("the manifest lists no usable binlog_files"))?;
-    if files.first() != Some(&start.file) || files.last() != Some(&end.file) {
-        return Err(Error::integrity(
-            "binlog_files do not run from binlog_start to binlog_end",
-        ));
-    }
+/// The binary logs of an incremental backup, unpacked into a temporary directory.
+struct Binlogs {
+    start: BinlogPos,
+    end: BinlogPos,
+    files: Vec<String>,
+}
 
-    let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
-    let opts = super::ExtractOptions {
-        allow_special: false,
-    };
-    super::extract::extract(&mut decoder, dir.path(), &opts, cancel)?;
-    let digest = decoder.finish()?;
-    for f in &files {
-        if !dir.path().join(f).is_file() {
-            return Err(Error::integrity(format!(
-                "binary log {f} is missing from the backup"
-            )));
+impl Binlogs {
+    /// The binlog range an incremental's manifest records.
+    fn from_stats(stats: &crate::source::Stats) -> Result<Binlogs> {
+        let field = |name: &str| {
+            stats
+                .get(name)
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| Error::integrity(format!("the manifest has no {name}")))
+        };
+        let start = BinlogPos::parse(field("binlog_start")?)?;
+        let end = BinlogPos::parse(field("binlog_end")?)?;
+        let files: Vec<String> = stats
+            .get("binlog_files")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .filter(|f: &Vec<String>| !f.is_empty() && f.iter().all(|f| valid_binlog_name(f)))
+            .ok_or_else(|| Error::integrity("the manifest lists no usable binlog_files"))?;
+        if files.first() != Some(&start.file) || files.last() != Some(&end.file) {
+            return Err(Error::integrity(
+                "binlog_files do not run from binlog_start to binlog_end",
+            ));
         }
+        Ok(Binlogs { start, end, files })
     }
 
-    let mut binlog = Command::new("mariadb-binlog");
-    // --stop-datetime is read in the local time zone of mariadb-binlog.
-    binlog
-        .env("TZ", "UTC")
-        .arg(format!("--start-position={}", start.pos))
-        .arg(format!("--stop-position={}", end.pos))
-        // Row events are filtered by the name they were logged with, then renamed.
-        .arg(format!("--database={source_db}"));
-    if source_db != conn.database {
-        binlog.arg(format!("--rewrite-db={source_db}->{}", conn.database));
+    /// Unpacks the incremental's tar of binary logs into a temporary directory; every file of
+    /// the range must be there.
+    fn unpack(&self, tar: &mut dyn Read, cancel: &Cancel) -> Result<tempfile::TempDir> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+        let opts = super::ExtractOptions {
+            allow_special: false,
+        };
+        super::extract::extract(tar, dir.path(), &opts, cancel)?;
+        for f in &self.files {
+            if !dir.path().join(f).is_file() {
+                return Err(Error::integrity(format!(
+                    "binary log {f} is missing from the backup"
+                )));
+            }
+        }
+        Ok(dir)
     }
-    if let Some(t) = until {
-        // Event timestamps are whole seconds: replay everything up to the end of t's second.
-        let stop = t.timestamp() + 1;
-        let stop = DateTime::from_timestamp(stop, 0).expect("in range");
-        binlog.arg(format!(
-            "--stop-datetime={}",
-            stop.format("%Y-%m-%d %H:%M:%S")
-        ));
+
+    /// Replays the binary logs unpacked in `dir` into the target database, up to `until` if
+    /// given.
+    fn replay(
+        &self,
+        dir: &std::path::Path,
+        conn: &Conn,
+        source_db: &str,
+        until: Option<DateTime<Utc>>,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let (start, end, files) = (&self.start, &self.end, &self.files);
+        let mut binlog = Command::new("mariadb-binlog");
+        // --stop-datetime is read in the local time zone of mariadb-binlog.
+        binlog
+            .env("TZ", "UTC")
+            .arg(format!("--start-position={}", start.pos))
+            .arg(format!("--stop-position={}", end.pos))
+            // Row events are filtered by the name they were logged with, then renamed.
+            .arg(format!("--database={source_db}"));
+        if source_db != conn.database {
+            binlog.arg(format!("--rewrite-db={source_db}->{}", conn.database));
+        }
+        if let Some(t) = until {
+            // Event timestamps are whole seconds: replay everything up to the end of t's second.
+            let stop = t.timestamp() + 1;
+            let stop = DateTime::from_timestamp(stop, 0).expect("in range");
+            binlog.arg(format!(
+                "--stop-datetime={}",
+                stop.format("%Y-%m-%d %H:%M:%S")
+            ));
+        }
+        binlog.args(files.iter().map(|f| dir.join(f)));
+        pipe(binlog, client(conn), cancel)
     }
-    binlog.args(files.iter().map(|f| dir.path().join(f)));
-    pipe(binlog, client(conn), cancel)?;
-    Ok(digest)
 }
 
 /// `a | b`: both must succeed; `b`'s failure is reported first (it explains `a`'s broken pipe).

@@ -17,21 +17,19 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::{
-    compare_rows, copy_cancellable, open_object, RecoveryTarget, RowCheck, Selector, Target,
-};
+use super::{compare_rows, copy_cancellable, decode, RecoveryTarget, RowCheck, Selector, Target};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
-use crate::format::{BackupId, Name, ObjectKey};
-use crate::pipeline::{Decoder, Digest};
+use crate::format::{BackupId, Name};
+use crate::pipeline::Digest;
 use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
     format_lsn, parse_lsn, parse_segment, row_counts, segment_name, Conn, Session, WalRange,
 };
-use crate::{Error, ErrorKind, Result};
+use crate::{Error, Result};
 
 /// The mode a postgres backup was taken in (`logical`, `physical` or `wal`).
 pub fn mode(record: &BackupRecord) -> Option<&str> {
@@ -39,37 +37,6 @@ pub fn mode(record: &BackupRecord) -> Option<&str> {
     (m.source.kind == "postgres")
         .then(|| m.source.descriptor.get("mode")?.as_str())
         .flatten()
-}
-
-/// Decodes a backup's data object on a blocking thread, handing the plain bytes to `sink`.
-async fn decode<T: Send + 'static>(
-    repo: &Repo,
-    record: &BackupRecord,
-    identities: Arc<Identities>,
-    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
-) -> Result<(T, Digest)> {
-    let manifest = record.manifest()?;
-    let data = manifest.data()?.clone();
-    let key = ObjectKey::object(
-        &manifest.environment,
-        &manifest.policy,
-        &manifest.backup_id,
-        &data.object_name()?,
-    );
-    let stream = open_object(&repo.store, &key, &manifest.backup_id).await?;
-    let what = format!("backup {} object {key}", manifest.backup_id);
-    let recipients = manifest.encryption.recipients.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut decoder = Decoder::open(stream, &identities, data, &recipients, what)?;
-        match sink(&mut decoder) {
-            Ok(t) => Ok((t, decoder.finish()?)),
-            // Damaged stored bytes explain a failing consumer; report the root cause.
-            Err(e) if e.kind() != ErrorKind::Integrity => Err(decoder.finish().err().unwrap_or(e)),
-            Err(e) => Err(e),
-        }
-    })
-    .await
-    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,7 +137,7 @@ pub async fn restore_logical(
         std::process::id()
     )));
     let (path, cancel_thread) = (file.0.clone(), cancel.clone());
-    let ((), plain) = decode(repo, record, identities, move |reader| {
+    let ((), plain) = decode(repo, record.manifest()?, identities, move |reader| {
         write_private(reader, &path, &cancel_thread)
     })
     .await?;
@@ -388,7 +355,7 @@ pub async fn fetch_wal(
     })?;
     let tmp = dest.with_extension("drctl-tmp");
     let (tmp2, dest2) = (tmp.clone(), dest.to_path_buf());
-    let written = decode(repo, record, identities, move |reader| {
+    let written = decode(repo, record.manifest()?, identities, move |reader| {
         let what = || format!("write {}", tmp2.display());
         let mut f = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
         std::io::copy(reader, &mut f).map_err(|e| crate::pipeline::damaged("restore", e))?;
@@ -547,16 +514,21 @@ pub async fn restore_physical(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     set_mode(&dir, 0o700)?;
     let (dir2, cancel2) = (dir.clone(), cancel.clone());
-    let (_, plain) = decode(repo, &plan.record, identities.clone(), move |reader| {
-        extract::extract(
-            reader,
-            &dir2,
-            &ExtractOptions {
-                allow_special: false,
-            },
-            &cancel2,
-        )
-    })
+    let (_, plain) = decode(
+        repo,
+        plan.record.manifest()?,
+        identities.clone(),
+        move |reader| {
+            extract::extract(
+                reader,
+                &dir2,
+                &ExtractOptions {
+                    allow_special: false,
+                },
+                &cancel2,
+            )
+        },
+    )
     .await?;
     set_mode(&dir, 0o700)?;
 
