@@ -105,7 +105,7 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
             "two servers may be archiving into the same policy; give each cluster its own policy",
         ));
     }
-    let base = archive.latest_base.clone().map(|id| (id.clone(), id));
+    let base = archive.latest_base().map(|id| (id.clone(), id.clone()));
     let job = Job {
         source: Box::new(source),
         // WAL is archived while a base backup holds the set's lease (pg_basebackup waits

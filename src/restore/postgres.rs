@@ -204,8 +204,8 @@ fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Res
 /// The WAL files archived for one policy: completed `wal` records by file name.
 pub struct WalArchive {
     files: BTreeMap<String, BackupRecord>,
-    /// The newest completed base backup of the policy.
-    pub latest_base: Option<BackupId>,
+    /// The completed base backups of the policy, newest first.
+    bases: Vec<BackupRecord>,
 }
 
 impl WalArchive {
@@ -221,8 +221,8 @@ impl WalArchive {
             })
             .await?;
         let mut files = BTreeMap::new();
-        let mut latest_base = None;
-        // Newest first: keep the first record of a name, and the first base backup.
+        let mut bases = Vec::new();
+        // Newest first: keep the first record of a name.
         for r in records {
             match mode(&r) {
                 Some("wal") => {
@@ -232,13 +232,16 @@ impl WalArchive {
                         .to_owned();
                     files.entry(name).or_insert(r);
                 }
-                Some("physical") if latest_base.is_none() => {
-                    latest_base = Some(r.backup_id.clone());
-                }
+                Some("physical") => bases.push(r),
                 _ => {}
             }
         }
-        Ok(WalArchive { files, latest_base })
+        Ok(WalArchive { files, bases })
+    }
+
+    /// The newest completed base backup of the policy.
+    pub fn latest_base(&self) -> Option<&BackupId> {
+        self.bases.first().map(|r| &r.backup_id)
     }
 
     pub fn get(&self, name: &str) -> Option<&BackupRecord> {
@@ -410,20 +413,13 @@ pub async fn plan_physical(
     data_dir: &Path,
     port: u16,
 ) -> Result<PhysicalPlan> {
+    let archive = WalArchive::load(repo, policy).await?;
     let record = match base {
         Some(r) => r,
         None => {
-            let all = repo
-                .registry
-                .list(&ListQuery {
-                    environment: Some(repo.settings.environment.clone()),
-                    policy: Some(policy.clone()),
-                    status: Some(Status::Completed),
-                    before: None,
-                    limit: None,
-                })
-                .await?;
-            all.into_iter()
+            archive
+                .bases
+                .iter()
                 .filter(|r| r.backup_type == BackupType::Full && mode(r) == Some("physical"))
                 .find(|r| match &target {
                     RecoveryTarget::Latest => true,
@@ -440,6 +436,7 @@ pub async fn plan_physical(
                     ))
                     .hint("`drctl list` shows the base backups; take one with `drctl backup`")
                 })?
+                .clone()
         }
     };
     if mode(&record) != Some("physical") {
@@ -458,7 +455,6 @@ pub async fn plan_physical(
         }
     }
     let wal = wal_range(&record)?;
-    let archive = WalArchive::load(repo, policy).await?;
     let last_wal = archive.check(&record.backup_id, &wal, &target)?;
     super::check_target(data_dir, false)?;
     Ok(PhysicalPlan {
@@ -910,7 +906,7 @@ mod tests {
             .collect();
         WalArchive {
             files,
-            latest_base: None,
+            bases: Vec::new(),
         }
     }
 
