@@ -338,17 +338,19 @@ impl ObjectWriter for LocalWriter {
         let tmp = self.tmp.clone();
         let len = chunk.len() as u64;
         let (flushed, size) = (self.flushed, self.size + len);
+        // Bytes written since write-back was last started, if enough to start it again.
+        let writeback = (size - flushed >= WRITEBACK_EVERY).then_some(size - flushed);
         let file = blocking(move || {
             file.write_all(&chunk)
                 .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-            if size - flushed >= WRITEBACK_EVERY {
-                start_writeback(&file, flushed, size - flushed);
+            if let Some(len) = writeback {
+                start_writeback(&file, flushed, len);
             }
             Ok(file)
         })
         .await?;
         self.file = Some(file);
-        if size - self.flushed >= WRITEBACK_EVERY {
+        if writeback.is_some() {
             self.flushed = size;
         }
         self.size = size;
