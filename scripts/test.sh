@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite: installs the tools the tests shell out to (age, zstd, tar,
-# sqlite3), starts moto (the S3 emulator the S3 tests use, see scripts/moto.sh), then
+# Run the test suite: installs the tools the tests shell out to (scripts/install-deps.sh:
+# age, zstd, tar, sqlite3, PostgreSQL, MariaDB), starts moto (the S3, DynamoDB and KMS
+# emulator the AWS tests use, see scripts/moto.sh), then
 # `cargo test --locked`. Extra arguments go to cargo test, e.g.
 #   scripts/test.sh restore::           # only tests whose name matches
 #   scripts/test.sh -- --nocapture      # show test output
