@@ -854,15 +854,16 @@ impl Registry for DynamoDbRegistry {
                 Ok(Ok(lease_from_item(&item)?))
             }
             Err(e) if condition_failed(&e) => {
-                // The item that made the condition fail is the lease someone else holds.
+                // The item that made the condition fail is the lease someone else holds. An
+                // item caught half-created by a racing acquirer (an emulator that does not
+                // apply updates atomically) is read again; a really bad item fails that read.
                 let current = e
                     .as_service_error()
                     .and_then(|e| match e {
                         UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
                         _ => None,
                     })
-                    .map(lease_from_item)
-                    .transpose()?;
+                    .and_then(|item| lease_from_item(item).ok());
                 match current {
                     Some(lease) => Ok(Err(lease)),
                     None => match self.get_lease(name).await? {
