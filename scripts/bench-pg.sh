@@ -14,6 +14,9 @@
 #   BENCH_PG_SCALE   pgbench scale factor (default 50, about 750 MB)
 #   BENCH_PG_EVENTS  rows of the text-heavy `events` table (default 2500000, about 450 MB)
 #   BENCH_PG_PORT    port of the scratch cluster (default 55499)
+#   BENCH_RUNS       rounds (default 2); the best round of each operation counts. The
+#                    reference and drctl swap order every round, and each timed run starts
+#                    after a checkpoint with the WAL archive caught up.
 #   DRCTL_BIN        drctl binary to measure (default: build target/release/drctl)
 #   BENCH_PG_SMALL=1 allow a database under 1 GB (a quick check of the script itself)
 #
@@ -30,6 +33,7 @@ cores=$(nproc)
 scale=${BENCH_PG_SCALE:-50}
 events=${BENCH_PG_EVENTS:-2500000}
 port=${BENCH_PG_PORT:-55499}
+runs=${BENCH_RUNS:-2}
 
 mkdir -p "${BENCH_DIR:-bench-work/pg}"
 work=$(cd "${BENCH_DIR:-bench-work/pg}" && pwd)
@@ -218,39 +222,75 @@ as_pg "${pgbackrest[@]}" stanza-create >"$logs/pgbackrest-stanza.log" 2>&1
 sql "CHECKPOINT" postgres
 
 # ---------------------------------------------------------------------------
-# Physical full backups.
-log "drctl physical full backup"
-timed drctl-physical env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy physical
-log "pgBackRest full backup"
-timed pgbackrest-full "${pgbackrest[@]}" --type=full backup
+# Before each timed run: a checkpoint, and every finished WAL segment archived (the
+# archive_command is drctl's, so a backlog left by the previous run would load this one).
+settle() {
+    sql "CHECKPOINT" postgres
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [[ $(sql "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'" postgres) == 0 ]] && break
+        sleep 0.5
+    done
+    sync
+}
 
-# Logical dumps.
-log "pg_dump -Fc"
-rm -f "$work/bench.pgdump"
-timed pg-dump pg_dump -Fc -f "$work/bench.pgdump" -d "$url/bench"
-log "drctl logical backup"
-timed drctl-logical env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy logical
-
-# Logical restores into fresh databases.
-for db in restore_pgrestore restore_drctl; do
-    sql "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres
-done
-log "pg_restore -j $cores"
-sql "CREATE DATABASE restore_pgrestore" postgres
-timed pg-restore pg_restore -j "$cores" -d "$url/restore_pgrestore" "$work/bench.pgdump"
-log "drctl restore --to-database"
-timed drctl-restore env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" restore -q --policy logical \
-    --backup latest --to-database "$url/restore_drctl"
+# One timed operation of a round; the reference tools and drctl swap order every round.
+run_op() { # <op> <round>
+    local r=$2
+    case $1 in
+        drctl-physical)
+            timed "drctl-physical-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy physical ;;
+        pgbackrest-full)
+            timed "pgbackrest-full-$r" "${pgbackrest[@]}" --type=full backup ;;
+        pg-dump)
+            rm -f "$work/bench.pgdump"
+            timed "pg-dump-$r" pg_dump -Fc -f "$work/bench.pgdump" -d "$url/bench" ;;
+        drctl-logical)
+            timed "drctl-logical-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy logical ;;
+        pg-restore)
+            sql "DROP DATABASE IF EXISTS restore_pgrestore WITH (FORCE)" postgres
+            sql "CREATE DATABASE restore_pgrestore" postgres
+            settle
+            timed "pg-restore-$r" pg_restore -j "$cores" -d "$url/restore_pgrestore" "$work/bench.pgdump" ;;
+        drctl-restore)
+            sql "DROP DATABASE IF EXISTS restore_drctl WITH (FORCE)" postgres
+            settle
+            timed "drctl-restore-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" restore -q --policy logical \
+                --backup latest --to-database "$url/restore_drctl" ;;
+    esac
+}
 
 counts() { sql "SELECT (SELECT count(*) FROM pgbench_accounts) || '/' || (SELECT count(*) FROM events)" "$1"; }
 want=$(counts bench)
-for db in restore_pgrestore restore_drctl; do
-    got=$(counts "$db")
-    if [[ $got != "$want" ]]; then
-        echo "bench-pg: $db has $got rows (accounts/events), bench has $want" >&2
-        exit 1
-    fi
-    sql "DROP DATABASE $db WITH (FORCE)" postgres
+for ((r = 1; r <= runs; r++)); do
+    for pair in "drctl-physical pgbackrest-full" "pg-dump drctl-logical" "pg-restore drctl-restore"; do
+        read -r first second <<<"$pair"
+        ((r % 2 == 0)) && read -r second first <<<"$pair"
+        for op in "$first" "$second"; do
+            log "round $r of $runs: $op"
+            settle
+            run_op "$op" "$r"
+        done
+    done
+    for db in restore_pgrestore restore_drctl; do
+        got=$(counts "$db")
+        if [[ $got != "$want" ]]; then
+            echo "bench-pg: $db has $got rows (accounts/events), bench has $want" >&2
+            exit 1
+        fi
+        sql "DROP DATABASE $db WITH (FORCE)" postgres
+    done
+done
+
+# The best round of each operation counts.
+for op in drctl-physical pgbackrest-full pg-dump drctl-logical pg-restore drctl-restore; do
+    best=1
+    for ((r = 2; r <= runs; r++)); do
+        if awk -v a="$(seconds "$op-$r")" -v b="$(seconds "$op-$best")" 'BEGIN { exit !(a < b) }'; then
+            best=$r
+        fi
+    done
+    for f in log time; do cp "$logs/$op-$best.$f" "$logs/$op.$f"; done
 done
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use crate::format::manifest::{
 };
 use crate::format::{BackupId, Manifest, ObjectKey, ObjectName};
 use crate::pipeline::encode::Encoded;
-use crate::pipeline::{EncodeOptions, Encoder, CHANNEL_DEPTH};
+use crate::pipeline::{encode_depth, EncodeOptions, Encoder, ENCODE_CHUNK};
 use crate::registry::lease::{holder_id, LeaseGuard};
 use crate::registry::{BackupRecord, Location, Status};
 use crate::repo::Repo;
@@ -274,7 +274,7 @@ impl Upload {
         name: ObjectName,
         opts: &PutOptions,
     ) -> Result<(Upload, tokio::sync::mpsc::Sender<Bytes>)> {
-        let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
+        let (tx, rx) = tokio::sync::mpsc::channel(encode_depth(ENCODE_CHUNK));
         let writer = repo.store.put(&key, opts).await?;
         let pump = tokio::spawn(crate::pipeline::pump(writer, rx));
         Ok((Upload { name, key, pump }, tx))
@@ -331,7 +331,7 @@ async fn write_objects(
         workers: policy.compression.workers(),
         recipients: recipients.clone(),
         progress,
-        chunk_size: crate::store::CHUNK_SIZE,
+        chunk_size: ENCODE_CHUNK,
     };
     let index_recipients = recipients.clone();
     let thread_cancel = cancel.clone();

@@ -1,8 +1,9 @@
 //! Encoding: plain bytes in (through [`std::io::Write`]), encrypted chunks out to a channel.
 //!
-//! Threads: the caller's thread hashes the plain bytes and feeds zstd, which compresses on its
-//! own worker threads; a crypt thread encrypts the compressed stream with age and hashes the
-//! stored bytes. Both hand data on in 1 MiB chunks.
+//! Threads: a compress thread feeds zstd, which compresses on its own worker threads; a crypt
+//! thread encrypts the compressed stream with age. Plain and stored bytes are hashed on two
+//! more threads, so the hashes overlap the work of the stages they follow. Stages hand data
+//! on in chunks of `chunk_size` bytes, about 2 MiB of them in flight between two stages.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-use super::{Chunker, Digest, Hasher, CHANNEL_DEPTH};
+use super::{encode_depth, Chunker, Digest, HashThread};
 use crate::{Error, Result};
 
 pub struct EncodeOptions {
@@ -29,7 +30,7 @@ pub struct EncodeOptions {
 }
 
 /// Bytes of input per zstd worker job.
-const ZSTD_JOB_SIZE: u32 = 1 << 20;
+const ZSTD_JOB_SIZE: u32 = 2 << 20;
 
 type Compressed = Chunker<Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send>>;
 
@@ -53,14 +54,16 @@ impl Encoder {
     pub fn start(opts: EncodeOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<Encoder> {
         let recipients = opts.recipients.to_age()?;
         let chunk_size = opts.chunk_size;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CHANNEL_DEPTH);
+        let depth = encode_depth(chunk_size);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(depth);
+        let stored = HashThread::start("drctl-hash-stored", depth)?;
         let crypt = std::thread::Builder::new()
             .name("drctl-encrypt".into())
             .spawn(move || -> Result<Digest> {
-                let mut stored = Hasher::default();
                 let sink = Chunker::new(chunk_size, |chunk: Vec<u8>| {
+                    let chunk = Bytes::from(chunk);
                     stored.update(&chunk);
-                    out.blocking_send(Bytes::from(chunk))
+                    out.blocking_send(chunk)
                         .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
                 });
                 let encryptor = age::Encryptor::with_recipients(
@@ -78,7 +81,7 @@ impl Encoder {
                 let mut sink = writer.finish().map_err(|e| Error::io("encrypt", e))?;
                 sink.flush_chunk().map_err(|e| Error::io("encrypt", e))?;
                 drop(sink);
-                Ok(stored.finish())
+                stored.finish()
             })
             .map_err(|e| Error::failure(format!("cannot start encryption thread: {e}")))?;
         let send: Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send> = Box::new(move |chunk| {
@@ -98,14 +101,15 @@ impl Encoder {
             zstd.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_SIZE))
                 .map_err(|e| Error::io("zstd job size", e))?;
         }
-        // The compress thread hashes and feeds zstd, so the source keeps reading while zstd's
-        // workers are busy.
-        let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        // The compress thread feeds zstd, so the source keeps reading while zstd's workers are
+        // busy.
+        let (in_tx, in_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(depth - 1);
+        let plain = HashThread::start("drctl-hash-plain", depth)?;
         let compress = std::thread::Builder::new()
             .name("drctl-compress".into())
             .spawn(move || -> Result<Digest> {
-                let mut plain = Hasher::default();
                 for chunk in in_rx {
+                    let chunk = Bytes::from(chunk);
                     plain.update(&chunk);
                     zstd.write_all(&chunk)
                         .map_err(|e| Error::io("compress", e))?;
@@ -116,7 +120,7 @@ impl Encoder {
                     .map_err(|e| Error::io("compress", e))?;
                 // Dropping the chunker closes the channel, which ends the crypt thread's loop.
                 drop(compressed);
-                Ok(plain.finish())
+                plain.finish()
             })
             .map_err(|e| Error::failure(format!("cannot start compression thread: {e}")))?;
         let send_in: Box<dyn FnMut(Vec<u8>) -> io::Result<()> + Send> = Box::new(move |chunk| {

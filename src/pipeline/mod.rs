@@ -12,7 +12,6 @@ use std::io::{self, Read, Write};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::store::ObjectWriter;
 use crate::{Error, Result};
@@ -23,6 +22,19 @@ pub use encode::{EncodeOptions, Encoder};
 /// Chunks in flight between two stages.
 pub(crate) const CHANNEL_DEPTH: usize = 2;
 
+/// Size of the chunks a backup's data stream is handed on in. Small chunks, several in
+/// flight, keep every stage busy on few cores with little memory.
+pub const ENCODE_CHUNK: usize = 256 << 10;
+
+/// Bytes in flight between two encode stages: deep enough that a stage briefly descheduled
+/// on a busy machine does not stall the others.
+const ENCODE_IN_FLIGHT: usize = 2 << 20;
+
+/// Chunks in flight between two encode stages handing on chunks of `chunk` bytes.
+pub(crate) fn encode_depth(chunk: usize) -> usize {
+    (ENCODE_IN_FLIGHT / chunk.max(1)).clamp(CHANNEL_DEPTH, 8)
+}
+
 /// Size and SHA-256 of a byte stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
@@ -30,11 +42,21 @@ pub struct Digest {
     pub sha256: String,
 }
 
-/// Counts and hashes bytes as they pass.
-#[derive(Default, Clone)]
+/// Counts and hashes bytes as they pass. SHA-256 comes from aws-lc (already linked for TLS),
+/// whose SHA-NI code is faster than the pure-Rust implementation's.
+#[derive(Clone)]
 pub struct Hasher {
-    sha: Sha256,
+    sha: aws_lc_rs::digest::Context,
     size: u64,
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Hasher {
+            sha: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+            size: 0,
+        }
+    }
 }
 
 impl Hasher {
@@ -48,8 +70,44 @@ impl Hasher {
     pub fn finish(self) -> Digest {
         Digest {
             size: self.size,
-            sha256: hex::encode(self.sha.finalize()),
+            sha256: hex::encode(self.sha.finish()),
         }
+    }
+}
+
+/// Hashes chunks on a thread of its own, so hashing overlaps the stage that hands them on.
+pub(crate) struct HashThread {
+    tx: std::sync::mpsc::SyncSender<Bytes>,
+    thread: std::thread::JoinHandle<Digest>,
+}
+
+impl HashThread {
+    pub fn start(name: &str, depth: usize) -> Result<HashThread> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(depth);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut hasher = Hasher::default();
+                for chunk in rx {
+                    hasher.update(&chunk);
+                }
+                hasher.finish()
+            })
+            .map_err(|e| Error::failure(format!("cannot start hashing thread: {e}")))?;
+        Ok(HashThread { tx, thread })
+    }
+
+    /// Queues a chunk (a reference-counted clone, not a copy).
+    pub fn update(&self, chunk: &Bytes) {
+        // The thread only ends when `finish` drops the sender.
+        let _ = self.tx.send(chunk.clone());
+    }
+
+    pub fn finish(self) -> Result<Digest> {
+        drop(self.tx);
+        self.thread
+            .join()
+            .map_err(|_| Error::failure("hashing thread panicked"))
     }
 }
 

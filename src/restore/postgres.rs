@@ -8,7 +8,6 @@
 //! to be archived before anything is written.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -17,7 +16,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::{compare_rows, copy_cancellable, decode, RecoveryTarget, RowCheck, Selector, Target};
+use super::pgdump;
+use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, Target};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -130,17 +130,19 @@ pub async fn restore_logical(
         admin.close()?;
     }
     // pg_restore loads tables and builds indexes in parallel only from a file: decode the
-    // dump into a private temporary file (mode 0600, removed afterwards), then restore it.
+    // dump into a private temporary file (mode 0600, removed afterwards), with the data
+    // offsets a streamed dump lacks (see `pgdump`), then restore it.
     let file = TempFile(std::env::temp_dir().join(format!(
         "drctl-restore-{}-{}.pgdump",
         record.backup_id,
         std::process::id()
     )));
     let (path, cancel_thread) = (file.0.clone(), cancel.clone());
-    let ((), plain) = decode(repo, record.manifest()?, identities, move |reader| {
-        write_private(reader, &path, &cancel_thread)
+    let (written, plain) = decode(repo, record.manifest()?, identities, move |reader| {
+        pgdump::write_archive(reader, &create_private(&path)?, &cancel_thread)
     })
     .await?;
+    tracing::debug!(?written, "decoded the dump");
     let jobs = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -186,16 +188,15 @@ impl Drop for TempFile {
     }
 }
 
-/// Writes `reader` to a new file only the current user can read.
-fn write_private(mut reader: &mut dyn Read, path: &Path, cancel: &Cancel) -> Result<()> {
+/// Creates a new file only the current user can read.
+fn create_private(path: &Path) -> Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    copy_cancellable(&mut reader, &mut f, cancel)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))
 }
 
 // ---------------------------------------------------------------------------------------

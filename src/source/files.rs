@@ -15,7 +15,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::format::index::{EntryType, IndexEntry, RawPath};
-use crate::store::CHUNK_SIZE;
+use crate::pipeline::ENCODE_CHUNK;
 use crate::{Error, Result};
 
 pub struct FilesSource {
@@ -89,8 +89,9 @@ impl Source for FilesSource {
         index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats> {
-        // A large buffer lets `io::copy` read files straight into it in big blocks.
-        let mut builder = tar::Builder::new(BufWriter::with_capacity(CHUNK_SIZE, out));
+        // A buffer of a pipeline chunk lets `io::copy` read files straight into it in big
+        // blocks.
+        let mut builder = tar::Builder::new(BufWriter::with_capacity(ENCODE_CHUNK, out));
         let index = index.map(|w| BufWriter::with_capacity(64 * 1024, w));
         let mut walk = Walk {
             source: self,

@@ -29,7 +29,6 @@ use aws_sdk_s3::types::{
 use aws_sdk_s3::Client;
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
-use sha2::Digest;
 
 use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE};
 use crate::config::policy::LockMode;
@@ -278,7 +277,8 @@ where
 }
 
 fn sha256_b64(data: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data))
+    base64::engine::general_purpose::STANDARD
+        .encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
 }
 
 fn lock_mode(mode: LockMode) -> ObjectLockMode {

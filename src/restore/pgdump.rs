@@ -1,0 +1,650 @@
+//! pg_dump's custom archive format, rewritten on its way to disk so `pg_restore -j` reads it
+//! as fast as a dump pg_dump wrote to a file itself.
+//!
+//! pg_dump writes its table of contents (TOC) before the data. When its output is a regular
+//! file it seeks back at the end and writes every data block's offset into the TOC; drctl
+//! streams the dump through a pipe, so the offsets stay unset. Without them `pg_restore -j`
+//! cannot size its jobs (it loads the largest tables first only when it knows their sizes),
+//! and every worker finds its block by skipping through all the blocks before it. And
+//! uncompressed (`-Z0`), pg_dump writes every row as a chunk of its own, which pg_restore
+//! sends to the server as a message of its own.
+//!
+//! [`write_archive`] copies an archive to a file, joining each block's small chunks into
+//! chunks of up to [`JOINED_CHUNK`] bytes, then writes the data offsets into the TOC.
+//! The bytes pg_restore loads are unchanged: only where chunks start changes.
+//!
+//! The TOC layout follows PostgreSQL's `pg_backup_archiver.c` and `pg_backup_custom.c`
+//! (archive versions 1.12 to 1.16, PostgreSQL 9.0 to 18). An archive with another version,
+//! another format or compressed data is copied as it is.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use crate::cancel::Cancel;
+use crate::{Error, Result};
+
+/// Offset flags (`K_OFFSET_*` in pg_dump).
+const OFFSET_NOT_SET: u8 = 1;
+const OFFSET_SET: u8 = 2;
+const OFFSET_NO_DATA: u8 = 3;
+/// Data block types (`BLK_*`).
+const BLOCK_DATA: u8 = 1;
+const BLOCK_BLOBS: u8 = 3;
+/// The custom format's number (`archCustom`).
+const FORMAT_CUSTOM: u8 = 1;
+
+/// Chunks are joined up to this size.
+pub const JOINED_CHUNK: usize = 64 << 10;
+
+const fn version(major: u32, minor: u32) -> u32 {
+    (major << 16) | (minor << 8)
+}
+const OLDEST: u32 = version(1, 12);
+const NEWEST: u32 = version(1, 16);
+
+/// What [`write_archive`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Rewritten: this many data blocks, whose offsets are now in the TOC, and the chunks
+    /// before and after joining.
+    Rewritten {
+        blocks: usize,
+        chunks_in: u64,
+        chunks_out: u64,
+    },
+    /// Copied as it is, for this reason.
+    Copied(String),
+}
+
+/// Copies the archive `input` into `out` (a new, empty file), rewritten as the module
+/// describes. A read error or a damaged archive is an error; an archive this module does not
+/// rewrite is copied as it is.
+pub fn write_archive(input: &mut dyn Read, out: &File, cancel: &Cancel) -> Result<Written> {
+    let mut input = Input {
+        inner: BufReader::with_capacity(1 << 20, input),
+        taken: Some(Vec::new()),
+        ints: 4,
+        offsets: 8,
+    };
+    let mut writer = Output {
+        inner: BufWriter::with_capacity(1 << 20, out),
+        pos: 0,
+    };
+    let toc = match input.toc() {
+        Ok(toc) => toc,
+        Err(Problem::Format(why)) => {
+            writer.put(&input.taken.take().unwrap_or_default())?;
+            copy(&mut input.inner, &mut writer, cancel)?;
+            writer.finish()?;
+            return Ok(Written::Copied(why));
+        }
+        Err(Problem::Read(e)) => return Err(read_error(e)),
+    };
+    writer.put(&input.taken.take().unwrap_or_default())?;
+    let mut join = Joiner {
+        buf: Vec::with_capacity(JOINED_CHUNK),
+        chunks_in: 0,
+        chunks_out: 0,
+    };
+    let mut starts: Vec<(i64, u64)> = Vec::new();
+    loop {
+        cancel.check()?;
+        let start = writer.pos;
+        let Some(kind) = input.byte_or_end().map_err(|p| p.into_error(start))? else {
+            break;
+        };
+        let dump_id = input.int().map_err(|p| p.into_error(start))?;
+        writer.put(&[kind])?;
+        writer.int(dump_id, input.ints)?;
+        match kind {
+            BLOCK_DATA => join.block(&mut input, &mut writer, start)?,
+            BLOCK_BLOBS => loop {
+                let oid = input.int().map_err(|p| p.into_error(start))?;
+                writer.int(oid, input.ints)?;
+                if oid == 0 {
+                    break;
+                }
+                join.block(&mut input, &mut writer, start)?;
+            },
+            other => return Err(damaged(start, format!("unknown data block type {other}"))),
+        }
+        starts.push((dump_id, start));
+    }
+    writer.finish()?;
+
+    let mut patches = Vec::new();
+    for (dump_id, start) in &starts {
+        let slot = toc.get(dump_id).ok_or_else(|| {
+            damaged(
+                *start,
+                format!("data block of entry {dump_id}, which the TOC does not list"),
+            )
+        })?;
+        if slot.flag == OFFSET_NO_DATA {
+            return Err(damaged(
+                *start,
+                format!("data block of entry {dump_id}, which the TOC says has none"),
+            ));
+        }
+        let mut bytes = vec![OFFSET_SET];
+        let le = start.to_le_bytes();
+        bytes.extend((0..input.offsets).map(|i| le.get(i).copied().unwrap_or(0)));
+        if input.offsets < le.len() && le[input.offsets..].iter().any(|b| *b != 0) {
+            return Ok(Written::Copied("offsets wider than the archive's".into()));
+        }
+        patches.push((slot.at, bytes));
+    }
+    for (at, bytes) in &patches {
+        out.write_all_at(bytes, *at)
+            .map_err(|e| Error::io("write the dump's table of contents", e))?;
+    }
+    Ok(Written::Rewritten {
+        blocks: starts.len(),
+        chunks_in: join.chunks_in,
+        chunks_out: join.chunks_out,
+    })
+}
+
+fn read_error(e: io::Error) -> Error {
+    crate::pipeline::damaged("read the dump", e)
+}
+
+fn damaged(at: u64, why: String) -> Error {
+    Error::integrity(format!("PostgreSQL dump, data at byte {at}: {why}"))
+}
+
+fn copy(input: &mut impl Read, out: &mut Output<'_>, cancel: &Cancel) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        cancel.check()?;
+        let n = input.read(&mut buf).map_err(read_error)?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.put(&buf[..n])?;
+    }
+}
+
+/// Where a TOC entry's offset field is and what it holds.
+struct Slot {
+    at: u64,
+    flag: u8,
+}
+
+enum Problem {
+    Read(io::Error),
+    /// Not an archive this module rewrites (in the TOC), or a damaged one (in the data).
+    Format(String),
+}
+
+impl Problem {
+    fn into_error(self, at: u64) -> Error {
+        match self {
+            Problem::Read(e) => read_error(e),
+            Problem::Format(why) => damaged(at, why),
+        }
+    }
+}
+
+impl From<io::Error> for Problem {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Problem::Format("the archive ends early".into())
+        } else {
+            Problem::Read(e)
+        }
+    }
+}
+
+type Parsed<T> = std::result::Result<T, Problem>;
+
+fn unsupported<T>(why: impl Into<String>) -> Parsed<T> {
+    Err(Problem::Format(why.into()))
+}
+
+struct Input<'a> {
+    inner: BufReader<&'a mut dyn Read>,
+    /// The bytes read so far, while reading the header and TOC.
+    taken: Option<Vec<u8>>,
+    ints: usize,
+    offsets: usize,
+}
+
+impl Input<'_> {
+    fn exact(&mut self, buf: &mut [u8]) -> Parsed<()> {
+        self.inner.read_exact(buf)?;
+        if let Some(taken) = &mut self.taken {
+            taken.extend_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn byte(&mut self) -> Parsed<u8> {
+        let mut b = [0u8];
+        self.exact(&mut b)?;
+        Ok(b[0])
+    }
+
+    /// The next byte, or None at the end of the input.
+    fn byte_or_end(&mut self) -> Parsed<Option<u8>> {
+        let mut b = [0u8];
+        loop {
+            match self.inner.read(&mut b) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(b[0])),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// `ReadInt`: a sign byte, then `ints` bytes, least significant first.
+    fn int(&mut self) -> Parsed<i64> {
+        let mut buf = [0u8; 9];
+        let bytes = &mut buf[..=self.ints];
+        self.exact(bytes)?;
+        let mut value: i64 = 0;
+        for (i, b) in bytes[1..].iter().enumerate() {
+            value |= i64::from(*b) << (8 * i);
+        }
+        Ok(if bytes[0] != 0 { -value } else { value })
+    }
+
+    /// `ReadStr`: a length (negative for NULL), then the bytes; returns whether it was NULL.
+    fn skip_str(&mut self) -> Parsed<bool> {
+        let len = self.int()?;
+        if len < 0 {
+            return Ok(true);
+        }
+        let mut rest = usize::try_from(len).or_else(|_| unsupported("string too long"))?;
+        let mut buf = [0u8; 4096];
+        while rest > 0 {
+            let n = rest.min(buf.len());
+            self.exact(&mut buf[..n])?;
+            rest -= n;
+        }
+        Ok(false)
+    }
+
+    /// Reads the header and the TOC; returns each entry's offset slot by dump ID.
+    fn toc(&mut self) -> Parsed<HashMap<i64, Slot>> {
+        let mut magic = [0u8; 5];
+        self.exact(&mut magic)?;
+        if &magic != b"PGDMP" {
+            return unsupported("not a pg_dump custom-format archive");
+        }
+        let (major, minor, revision) = (self.byte()?, self.byte()?, self.byte()?);
+        let v = version(major.into(), minor.into());
+        if !(OLDEST..=NEWEST).contains(&v) {
+            return unsupported(format!("archive version {major}.{minor}.{revision}"));
+        }
+        self.ints = self.byte()?.into();
+        self.offsets = self.byte()?.into();
+        if !(1..=8).contains(&self.ints) || !(1..=16).contains(&self.offsets) {
+            return unsupported("unusual integer or offset size");
+        }
+        if self.byte()? != FORMAT_CUSTOM {
+            return unsupported("not the custom format");
+        }
+        let compressed = if v >= version(1, 15) {
+            self.byte()? != 0 // compression algorithm, 0 for none
+        } else {
+            self.int()? != 0 // zlib level
+        };
+        if compressed {
+            return unsupported("compressed data");
+        }
+        for _ in 0..7 {
+            self.int()?; // creation time
+        }
+        for _ in 0..3 {
+            self.skip_str()?; // database name, server and pg_dump versions
+        }
+
+        let count = self.int()?;
+        let mut slots = HashMap::new();
+        for _ in 0..count {
+            let dump_id = self.int()?;
+            if dump_id <= 0 {
+                return unsupported(format!("TOC entry ID {dump_id}"));
+            }
+            self.int()?; // had dumper
+            for _ in 0..4 {
+                self.skip_str()?; // table OID, OID, tag, description
+            }
+            self.int()?; // section
+            for _ in 0..5 {
+                self.skip_str()?; // definition, drop, copy, namespace, tablespace
+            }
+            if v >= version(1, 14) {
+                self.skip_str()?; // table access method
+            }
+            if v >= version(1, 16) {
+                self.int()?; // relkind
+            }
+            self.skip_str()?; // owner
+            self.skip_str()?; // "with oids"
+            while !self.skip_str()? {} // dependencies, ended by NULL
+            let at = self.taken.as_ref().map_or(0, |t| t.len() as u64);
+            let flag = self.byte()?;
+            if !matches!(flag, OFFSET_NOT_SET | OFFSET_SET | OFFSET_NO_DATA) {
+                return unsupported(format!("offset flag {flag} in TOC entry {dump_id}"));
+            }
+            for _ in 0..self.offsets {
+                self.byte()?;
+            }
+            if slots.insert(dump_id, Slot { at, flag }).is_some() {
+                return unsupported(format!("TOC entry {dump_id} listed twice"));
+            }
+        }
+        Ok(slots)
+    }
+}
+
+/// The output file and how much has been written to it.
+struct Output<'a> {
+    inner: BufWriter<&'a File>,
+    pos: u64,
+}
+
+impl Output<'_> {
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.inner
+            .write_all(bytes)
+            .map_err(|e| Error::io("write the dump", e))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// `WriteInt` with `ints` bytes.
+    fn int(&mut self, value: i64, ints: usize) -> Result<()> {
+        let mut buf = [0u8; 9];
+        buf[0] = u8::from(value < 0);
+        let le = value.unsigned_abs().to_le_bytes();
+        buf[1..=ints].copy_from_slice(&le[..ints]);
+        self.put(&buf[..=ints])
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.inner
+            .flush()
+            .map_err(|e| Error::io("write the dump", e))
+    }
+}
+
+/// Joins the chunks of one block's data.
+struct Joiner {
+    buf: Vec<u8>,
+    chunks_in: u64,
+    chunks_out: u64,
+}
+
+impl Joiner {
+    /// Copies length-prefixed chunks up to the zero length that ends them.
+    fn block(&mut self, input: &mut Input<'_>, out: &mut Output<'_>, start: u64) -> Result<()> {
+        loop {
+            let len = input.int().map_err(|p| p.into_error(start))?;
+            let len = match usize::try_from(len) {
+                Ok(0) => break,
+                Ok(len) => len,
+                Err(_) => return Err(damaged(start, format!("chunk length {len}"))),
+            };
+            self.chunks_in += 1;
+            if self.buf.len() + len > JOINED_CHUNK {
+                self.flush(out, input.ints)?;
+            }
+            let have = self.buf.len();
+            self.buf.resize(have + len, 0);
+            input
+                .exact(&mut self.buf[have..])
+                .map_err(|p| p.into_error(start))?;
+        }
+        self.flush(out, input.ints)?;
+        out.int(0, input.ints)
+    }
+
+    fn flush(&mut self, out: &mut Output<'_>, ints: usize) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        out.int(self.buf.len() as i64, ints)?;
+        out.put(&self.buf)?;
+        self.buf.clear();
+        self.chunks_out += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes pg_dump's integer and string encodings (4-byte ints, 8-byte offsets).
+    #[derive(Default)]
+    struct Archive(Vec<u8>);
+
+    impl Archive {
+        fn int(&mut self, v: i64) -> &mut Self {
+            self.0.push(u8::from(v < 0));
+            self.0
+                .extend_from_slice(&(v.unsigned_abs() as u32).to_le_bytes());
+            self
+        }
+        fn str(&mut self, s: Option<&str>) -> &mut Self {
+            match s {
+                None => self.int(-1),
+                Some(s) => {
+                    self.int(s.len() as i64);
+                    self.0.extend_from_slice(s.as_bytes());
+                    self
+                }
+            }
+        }
+        fn header(&mut self, compression: i64) -> &mut Self {
+            self.0.extend_from_slice(b"PGDMP\x01\x0e\x00\x04\x08\x01");
+            self.int(compression);
+            for v in [1, 2, 3, 4, 5, 126, 0] {
+                self.int(v);
+            }
+            self.str(Some("db")).str(Some("15.1")).str(Some("15.1"))
+        }
+        fn entry(&mut self, id: i64, flag: u8) -> &mut Self {
+            self.int(id).int(1);
+            for s in ["0", "0", "t", "TABLE DATA"] {
+                self.str(Some(s));
+            }
+            self.int(3);
+            for s in ["", "", "COPY t FROM stdin;\n", "public", ""] {
+                self.str(Some(s));
+            }
+            self.str(Some("heap"))
+                .str(Some("postgres"))
+                .str(Some("false"))
+                .str(Some("7"))
+                .str(None);
+            self.0.push(flag);
+            self.0.extend_from_slice(&[0; 8]);
+            self
+        }
+        fn chunks(&mut self, chunks: &[&[u8]]) -> &mut Self {
+            for c in chunks {
+                self.int(c.len() as i64);
+                self.0.extend_from_slice(c);
+            }
+            self.int(0)
+        }
+        fn data(&mut self, id: i64, chunks: &[&[u8]]) -> &mut Self {
+            self.0.push(BLOCK_DATA);
+            self.int(id).chunks(chunks)
+        }
+        fn blobs(&mut self, id: i64, blobs: &[(i64, &[&[u8]])]) -> &mut Self {
+            self.0.push(BLOCK_BLOBS);
+            self.int(id);
+            for (oid, chunks) in blobs {
+                self.int(*oid).chunks(chunks);
+            }
+            self.int(0)
+        }
+    }
+
+    fn rewrite(input: &[u8]) -> (Result<Written>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.pgdump");
+        let file = File::create_new(&path).unwrap();
+        let written = write_archive(&mut &input[..], &file, &Cancel::new());
+        (written, std::fs::read(&path).unwrap())
+    }
+
+    /// Reads a rewritten archive back: each entry's offset flag, and each block's data (the
+    /// chunks' bytes joined, per large object for blobs) found at its offset.
+    fn read_back(archive: &[u8]) -> Vec<(i64, u8, Vec<Vec<u8>>, usize)> {
+        let mut cursor = archive;
+        let mut input = Input {
+            inner: BufReader::new(&mut cursor as &mut dyn Read),
+            taken: Some(Vec::new()),
+            ints: 4,
+            offsets: 8,
+        };
+        let slots = input.toc().ok().unwrap();
+        let mut entries: Vec<_> = slots.into_iter().collect();
+        entries.sort_by_key(|(id, _)| *id);
+        let int = |at: &mut usize| {
+            let v = u32::from_le_bytes(archive[*at + 1..*at + 5].try_into().unwrap()) as i64;
+            *at += 5;
+            v
+        };
+        let chunks = |at: &mut usize, count: &mut usize| {
+            let mut data = Vec::new();
+            loop {
+                let len = int(at) as usize;
+                if len == 0 {
+                    return data;
+                }
+                *count += 1;
+                data.extend_from_slice(&archive[*at..*at + len]);
+                *at += len;
+            }
+        };
+        let mut out = Vec::new();
+        for (id, slot) in entries {
+            let flag = archive[slot.at as usize];
+            let mut parts = Vec::new();
+            let mut count = 0;
+            if flag == OFFSET_SET {
+                let offset = u64::from_le_bytes(
+                    archive[slot.at as usize + 1..slot.at as usize + 9]
+                        .try_into()
+                        .unwrap(),
+                );
+                let mut at = offset as usize;
+                let kind = archive[at];
+                at += 1;
+                assert_eq!(
+                    int(&mut at),
+                    id,
+                    "the offset of entry {id} points at its block"
+                );
+                if kind == BLOCK_DATA {
+                    parts.push(chunks(&mut at, &mut count));
+                } else {
+                    while int(&mut at) != 0 {
+                        parts.push(chunks(&mut at, &mut count));
+                    }
+                }
+            }
+            out.push((id, flag, parts, count));
+        }
+        out
+    }
+
+    #[test]
+    fn joins_chunks_and_records_the_offset_of_every_block() {
+        let rows: Vec<Vec<u8>> = (0..5000)
+            .map(|i| format!("{i}\trow {i}\n").into_bytes())
+            .collect();
+        let rows: Vec<&[u8]> = rows.iter().map(|r| r.as_slice()).collect();
+        let big = vec![b'x'; JOINED_CHUNK + 10];
+        let mut a = Archive::default();
+        a.header(0);
+        a.int(4)
+            .entry(1, OFFSET_NOT_SET)
+            .entry(2, OFFSET_NO_DATA)
+            .entry(3, OFFSET_NOT_SET)
+            .entry(4, OFFSET_NOT_SET);
+        a.data(1, &rows)
+            .data(3, &[b"a\n", &big, b"b\n"])
+            .blobs(4, &[(16384, &[b"lo", b"one"]), (16385, &[b"two"])]);
+        let (written, out) = rewrite(&a.0);
+        assert!(
+            matches!(
+                written.unwrap(),
+                Written::Rewritten {
+                    blocks: 3,
+                    chunks_in: 5006,
+                    ..
+                }
+            ),
+            "three blocks"
+        );
+        let back = read_back(&out);
+        assert_eq!(back[0].0, 1);
+        assert_eq!(back[0].1, OFFSET_SET);
+        assert_eq!(back[0].2, vec![rows.concat()]);
+        assert!(back[0].3 < 5, "5000 rows joined into {} chunks", back[0].3);
+        assert_eq!((back[1].1, back[1].2.len()), (OFFSET_NO_DATA, 0));
+        assert_eq!(back[2].2, vec![[&b"a\n"[..], &big, b"b\n"].concat()]);
+        assert!(
+            back[2].3 <= 3,
+            "a chunk larger than the join size stays whole"
+        );
+        assert_eq!(back[3].2, vec![b"loone".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn copies_archives_it_does_not_rewrite_as_they_are() {
+        let mut compressed = Archive::default();
+        compressed.header(6).int(1).entry(1, OFFSET_NOT_SET);
+        compressed.data(1, &[b"\x78\x9c compressed"]);
+        let mut newer = Archive::default();
+        newer.header(0).int(1).entry(1, OFFSET_NOT_SET);
+        newer.0[6] = 99;
+        let cases = [
+            ("plain SQL", b"--\n-- PostgreSQL database dump\n".to_vec()),
+            ("compressed data", compressed.0),
+            ("a newer archive version", newer.0),
+        ];
+        for (what, input) in cases {
+            let (written, out) = rewrite(&input);
+            assert!(
+                matches!(written, Ok(Written::Copied(_))),
+                "{what}: {written:?}"
+            );
+            assert_eq!(out, input, "{what}");
+        }
+    }
+
+    #[test]
+    fn damaged_data_is_an_error() {
+        let mut truncated = Archive::default();
+        truncated.header(0).int(1).entry(1, OFFSET_NOT_SET);
+        truncated.data(1, &[b"row\n"]);
+        truncated.0.truncate(truncated.0.len() - 3);
+        let mut unknown = Archive::default();
+        unknown.header(0).int(1).entry(1, OFFSET_NOT_SET);
+        unknown.data(9, &[b"row\n"]);
+        let mut kind = Archive::default();
+        kind.header(0).int(1).entry(1, OFFSET_NOT_SET);
+        kind.0.push(7);
+        for (what, input) in [
+            ("truncated data", truncated.0),
+            ("a block for an unknown entry", unknown.0),
+            ("an unknown block type", kind.0),
+        ] {
+            let (written, _) = rewrite(&input);
+            let err = written.expect_err(what);
+            assert_eq!(err.kind(), crate::ErrorKind::Integrity, "{what}: {err}");
+        }
+    }
+}
