@@ -2,13 +2,16 @@
 //! sizes and checksums compared against the manifest when the stream ends.
 //!
 //! Threads: a decrypt thread reads the stored bytes, hashes them and decrypts with age; a
-//! decompress thread runs zstd and hashes the plain bytes; the caller's thread consumes them.
+//! decompress thread runs zstd; a hashing thread hashes the plain bytes while the caller's
+//! thread consumes them.
 
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::{damaged, ChannelReader, Digest, HashReader, Hasher, CHANNEL_DEPTH};
+use bytes::Bytes;
+
+use super::{damaged, ChannelReader, Digest, HashThread, Hasher, CHANNEL_DEPTH};
 use crate::crypto::Identities;
 use crate::format::manifest::ObjectInfo;
 use crate::store::CHUNK_SIZE;
@@ -61,28 +64,28 @@ impl Decoder {
             age::DecryptError::NoMatchingKeys => identities.wrong_key(&what, recipients),
             other => header_error(&what, other),
         })?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(CHANNEL_DEPTH);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Bytes>>(CHANNEL_DEPTH);
         let thread_what = what.clone();
         let decrypt = std::thread::Builder::new()
             .name("drctl-decrypt".into())
             .spawn(move || -> Result<Digest> {
-                pump_chunks(&mut reader, &tx, &thread_what)?;
+                pump_chunks(&mut reader, &tx, None, &thread_what)?;
                 drop(reader);
                 let digest = std::mem::take(&mut *hasher.lock().expect("hasher lock")).finish();
                 Ok(digest)
             })
             .map_err(|e| Error::failure(format!("cannot start decryption thread: {e}")))?;
-        let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(CHANNEL_DEPTH);
+        let (plain_tx, plain_rx) = std::sync::mpsc::sync_channel::<Result<Bytes>>(CHANNEL_DEPTH);
         let thread_what = what.clone();
+        let hasher = HashThread::start("drctl-hash-plain", CHANNEL_DEPTH)?;
         let decompress = std::thread::Builder::new()
             .name("drctl-decompress".into())
             .spawn(move || -> Result<Digest> {
                 let input = io::BufReader::with_capacity(CHUNK_SIZE, ChannelReader::new(rx));
-                let zstd = zstd::stream::read::Decoder::with_buffer(input)
+                let mut zstd = zstd::stream::read::Decoder::with_buffer(input)
                     .map_err(|e| Error::io("zstd", e))?;
-                let mut plain = HashReader::new(zstd);
-                pump_chunks(&mut plain, &plain_tx, &thread_what)?;
-                Ok(plain.hasher.finish())
+                pump_chunks(&mut zstd, &plain_tx, Some(&hasher), &thread_what)?;
+                hasher.finish()
             })
             .map_err(|e| Error::failure(format!("cannot start decompression thread: {e}")))?;
         Ok(Decoder {
@@ -135,7 +138,8 @@ impl Decoder {
 /// consumer fails too) and returned.
 fn pump_chunks(
     reader: &mut impl Read,
-    tx: &std::sync::mpsc::SyncSender<Result<Vec<u8>>>,
+    tx: &std::sync::mpsc::SyncSender<Result<Bytes>>,
+    hasher: Option<&HashThread>,
     what: &str,
 ) -> Result<()> {
     loop {
@@ -152,7 +156,11 @@ fn pump_chunks(
             return Ok(());
         }
         buf.truncate(filled);
-        if tx.send(Ok(buf)).is_err() {
+        let chunk = Bytes::from(buf);
+        if let Some(hasher) = hasher {
+            hasher.update(&chunk);
+        }
+        if tx.send(Ok(chunk)).is_err() {
             return Err(Error::failure(format!("{what}: reader stopped")));
         }
     }

@@ -195,36 +195,30 @@ impl<F: FnMut(Vec<u8>) -> io::Result<()>> Write for Chunker<F> {
 
 /// Reads chunks from a channel fed by another thread; an `Err` item fails the read.
 pub(crate) struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>,
-    current: Vec<u8>,
-    pos: usize,
+    rx: std::sync::mpsc::Receiver<Result<Bytes>>,
+    current: Bytes,
 }
 
 impl ChannelReader {
-    pub fn new(rx: std::sync::mpsc::Receiver<Result<Vec<u8>>>) -> Self {
+    pub fn new(rx: std::sync::mpsc::Receiver<Result<Bytes>>) -> Self {
         ChannelReader {
             rx,
-            current: Vec::new(),
-            pos: 0,
+            current: Bytes::new(),
         }
     }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
+        while self.current.is_empty() {
             match self.rx.recv() {
-                Ok(Ok(chunk)) => {
-                    self.current = chunk;
-                    self.pos = 0;
-                }
+                Ok(Ok(chunk)) => self.current = chunk,
                 Ok(Err(e)) => return Err(e.into_io()),
                 Err(_) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
     }
 }

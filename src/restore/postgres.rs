@@ -27,7 +27,8 @@ use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
-    format_lsn, parse_lsn, parse_segment, row_counts, segment_name, Conn, Session, WalRange,
+    format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, Conn, Session,
+    WalRange,
 };
 use crate::{Error, Result};
 
@@ -71,9 +72,13 @@ fn sql_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Checks the target database: it may be missing (it will be created) or empty; a non-empty
-/// one needs `overwrite`.
-pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseTarget> {
+/// Checks the target database: it may be missing (then created if `create`) or empty; a
+/// non-empty one needs `overwrite`.
+pub fn check_database_target(
+    target: &Conn,
+    overwrite: bool,
+    create: bool,
+) -> Result<DatabaseTarget> {
     let database = target.database().ok_or_else(|| {
         Error::invalid("the target URL names no database; use postgres://user@host:port/database")
     })?;
@@ -82,6 +87,9 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         sql_literal(&database)
     ))? != "0";
+    if !exists && create {
+        admin.query(&format!("CREATE DATABASE {}", sql_ident(&database)))?;
+    }
     admin.close()?;
     let relations = if exists {
         let mut s = Session::open(target)?;
@@ -123,12 +131,7 @@ pub async fn restore_logical(
             record.backup_id
         )));
     }
-    let state = check_database_target(target, overwrite)?;
-    if !state.exists {
-        let mut admin = Session::open(&target.with_database("postgres")?)?;
-        admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
-        admin.close()?;
-    }
+    let state = check_database_target(target, overwrite, true)?;
     // pg_restore loads tables and builds indexes in parallel only from a file: decode the
     // dump into a private temporary file (mode 0600, removed afterwards), with the data
     // offsets a streamed dump lacks (see `pgdump`), then restore it.
@@ -143,12 +146,14 @@ pub async fn restore_logical(
     })
     .await?;
     tracing::debug!(?written, "decoded the dump");
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .to_string();
     let mut cmd = target.command("pg_restore");
-    cmd.args(["--exit-on-error", "-j", &jobs, "-d", &target.url]);
+    cmd.args([
+        "--exit-on-error",
+        "-j",
+        &jobs().to_string(),
+        "-d",
+        &target.url,
+    ]);
     if state.relations > 0 {
         cmd.args(["--clean", "--if-exists"]);
     }
@@ -166,9 +171,7 @@ pub async fn restore_logical(
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
     drop(file);
 
-    let mut session = Session::open(target)?;
-    let tables = row_counts(&mut session)?;
-    session.close()?;
+    let tables = row_counts_parallel(target, jobs())?;
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
         database: state.database,
@@ -177,6 +180,11 @@ pub async fn restore_logical(
         tables,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Parallel jobs for pg_restore and the row counts: one per core.
+fn jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A file removed when dropped.
@@ -641,9 +649,8 @@ pub async fn restore_physical(
     )?;
     s.close()?;
     for db in names {
-        let mut s = Session::open(&local(&db)?)?;
-        databases.insert(db, row_counts(&mut s)?);
-        s.close()?;
+        let counts = row_counts_parallel(&local(&db)?, jobs())?;
+        databases.insert(db, counts);
     }
     Ok(PhysicalReport {
         base_backup: plan.base_backup.clone(),
@@ -787,7 +794,7 @@ pub async fn plan(
                 )));
             }
             let conn = Conn::new(url, None, None)?;
-            let database = check_database_target(&conn, *overwrite)?;
+            let database = check_database_target(&conn, *overwrite, false)?;
             Ok((
                 record.clone(),
                 Some(PgPlan::Logical {

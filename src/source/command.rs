@@ -73,6 +73,7 @@ pub fn stream_stdout(mut cmd: Command, out: &mut dyn Write, cancel: &Cancel) -> 
     let mut child = spawn(&mut cmd, Stdio::null(), Stdio::piped())?;
     let stderr_thread = collect_stderr(&mut child);
     let mut stdout = child.stdout.take().expect("piped");
+    enlarge_pipe(&stdout);
     let mut buf = vec![0u8; CHUNK_SIZE];
     let mut bytes = 0u64;
     let copied: Result<()> = loop {
@@ -102,6 +103,14 @@ pub fn stream_stdout(mut cmd: Command, out: &mut dyn Write, cancel: &Cancel) -> 
     copied?;
     check_status(&program, status, &stderr)?;
     Ok(Streamed { bytes, stderr })
+}
+
+/// Grows a pipe from the default 64 KiB to 1 MiB (the default limit for unprivileged
+/// users), so a tool streaming a dump writes ahead in large pieces instead of waking the
+/// reader every 64 KiB. Left as it is where the kernel refuses.
+fn enlarge_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ only resizes the pipe behind a descriptor the caller owns.
+    unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
 /// Starts `cmd` with the given stdin and stdout and a piped stderr.

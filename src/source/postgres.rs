@@ -205,11 +205,63 @@ pub fn tables(session: &mut Session) -> Result<Vec<String>> {
 pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
     let mut counts = BTreeMap::new();
     for table in tables(session)? {
-        let n = session.value(&format!("SELECT count(*) FROM {table}"))?;
-        let n = n
-            .parse()
-            .map_err(|_| Error::failure(format!("psql: bad row count {n:?} for {table}")))?;
+        let n = count_rows(session, &table)?;
         counts.insert(table, n);
+    }
+    Ok(counts)
+}
+
+fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
+    let n = session.value(&format!("SELECT count(*) FROM {table}"))?;
+    n.parse()
+        .map_err(|_| Error::failure(format!("psql: bad row count {n:?} for {table}")))
+}
+
+/// Exact row counts of every ordinary table of a database nothing else writes to (a restored
+/// one), counted over `jobs` connections, largest tables first.
+pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, u64>> {
+    let mut first = Session::open(conn)?;
+    let mut queue = first.query(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
+         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages, 1",
+    )?;
+    let jobs = jobs.clamp(1, queue.len().max(1));
+    let queue = std::sync::Mutex::new(std::mem::take(&mut queue));
+    let work = |session: &mut Session| -> Result<Vec<(String, u64)>> {
+        let mut done = Vec::new();
+        // Popped from the end: the largest first.
+        while let Some(table) = queue.lock().expect("queue lock").pop() {
+            let n = count_rows(session, &table)?;
+            done.push((table, n));
+        }
+        Ok(done)
+    };
+    let results: Vec<Result<Vec<(String, u64)>>> = std::thread::scope(|scope| {
+        let others: Vec<_> = (1..jobs)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut session = Session::open(conn)?;
+                    let done = work(&mut session)?;
+                    session.close()?;
+                    Ok(done)
+                })
+            })
+            .collect();
+        let mut results = vec![work(&mut first).and_then(|done| {
+            first.close()?;
+            Ok(done)
+        })];
+        results.extend(others.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::failure("row count thread panicked")))
+        }));
+        results
+    });
+    let mut counts = BTreeMap::new();
+    for result in results {
+        counts.extend(result?);
     }
     Ok(counts)
 }
