@@ -368,20 +368,61 @@ pub async fn decode<T: Send + 'static>(
         &manifest.backup_id,
         &data.object_name()?,
     );
-    let stream = open_object(&repo.store, &key, &manifest.backup_id).await?;
-    let what = format!("backup {} object {key}", manifest.backup_id);
-    let recipients = manifest.encryption.recipients.clone();
+    let object = Object {
+        key,
+        backup_id: manifest.backup_id.clone(),
+        info: data,
+        recipients: manifest.encryption.recipients.clone(),
+    };
+    decode_object(repo, object, identities, None, sink).await
+}
+
+/// One stored object to decode, and what its manifest says of it.
+pub(crate) struct Object {
+    key: ObjectKey,
+    backup_id: BackupId,
+    info: ObjectInfo,
+    recipients: Vec<String>,
+}
+
+/// Decodes an object on a blocking thread, handing the plain bytes (counted into `progress`)
+/// to `sink`; then reads what the sink left and checks sizes and checksums.
+pub(crate) async fn decode_object<T: Send + 'static>(
+    repo: &Repo,
+    object: Object,
+    identities: Arc<Identities>,
+    progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+) -> Result<(T, Digest)> {
+    let stream = open_object(&repo.store, &object.key, &object.backup_id).await?;
+    let what = format!("backup {} object {}", object.backup_id, object.key);
     tokio::task::spawn_blocking(move || {
-        let mut decoder = Decoder::open(stream, &identities, data, &recipients, what)?;
-        match sink(&mut decoder) {
-            Ok(t) => Ok((t, decoder.finish()?)),
-            // Damaged stored bytes explain a failing consumer; report the root cause.
-            Err(e) if e.kind() != ErrorKind::Integrity => Err(decoder.finish().err().unwrap_or(e)),
-            Err(e) => Err(e),
+        let decoder = Decoder::open(stream, &identities, object.info, &object.recipients, what)?;
+        let mut reader = ProgressReader {
+            inner: decoder,
+            progress,
+        };
+        match sink(&mut reader) {
+            Ok(t) => Ok((t, reader.inner.finish()?)),
+            // Refused input is reported as such; otherwise damaged stored bytes explain a
+            // failing consumer, so report the root cause.
+            Err(e) if matches!(e.kind(), ErrorKind::Integrity | ErrorKind::InvalidInput) => Err(e),
+            Err(e) => Err(reader.inner.finish().err().unwrap_or(e)),
         }
     })
     .await
     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
+}
+
+impl RestorePlan {
+    pub(crate) fn object(&self) -> Object {
+        Object {
+            key: self.key.clone(),
+            backup_id: self.backup_id.clone(),
+            info: self.data.clone(),
+            recipients: self.recipients.clone(),
+        }
+    }
 }
 
 pub async fn execute(
@@ -411,14 +452,7 @@ pub async fn execute(
             seconds: started.elapsed().as_secs_f64(),
         });
     }
-    let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
-    let what = format!("backup {} object {}", plan.backup_id, plan.key);
-    let (data, recipients, target, unpack) = (
-        plan.data.clone(),
-        plan.recipients.clone(),
-        plan.target.clone(),
-        plan.unpack,
-    );
+    let (target, unpack) = (plan.target.clone(), plan.unpack);
     let file_name = plan
         .key
         .as_str()
@@ -429,22 +463,21 @@ pub async fn execute(
         .to_owned();
     let cancel = cancel.clone();
     let (plan_id, kind) = (plan.backup_id.clone(), plan.source_kind.clone());
-    let report = tokio::task::spawn_blocking(
-        move || -> Result<(Digest, Option<ExtractStats>, Option<PathBuf>)> {
-            let decoder = Decoder::open(stream, &identities, data, &recipients, what.clone())?;
-            let mut reader = ProgressReader {
-                inner: decoder,
-                progress,
-            };
+    let ((extracted, written_to), plain) = decode_object(
+        repo,
+        plan.object(),
+        identities,
+        progress,
+        move |reader| -> Result<(Option<ExtractStats>, Option<PathBuf>)> {
             match target {
                 Target::Database { .. } => Err(not_a_database(&plan_id, &kind)),
                 Target::Stdout => {
                     let stdout = std::io::stdout();
                     let mut out =
                         std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, stdout.lock());
-                    copy_cancellable(&mut reader, &mut out, &cancel)?;
+                    copy_cancellable(reader, &mut out, &cancel)?;
                     out.flush().map_err(|e| Error::io("write to stdout", e))?;
-                    Ok((reader.inner.finish()?, None, None))
+                    Ok((None, None))
                 }
                 Target::Dir {
                     path,
@@ -455,43 +488,32 @@ pub async fn execute(
                         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
                     if unpack {
                         let opts = ExtractOptions { allow_special };
-                        let stats = match extract::extract(&mut reader, &path, &opts, &cancel) {
-                            Ok(s) => s,
-                            // A damaged stream explains an archive error; report the root cause.
-                            Err(e)
-                                if e.kind() != crate::ErrorKind::Integrity
-                                    && e.kind() != crate::ErrorKind::InvalidInput =>
-                            {
-                                return Err(reader.inner.finish().err().unwrap_or(e))
-                            }
-                            Err(e) => return Err(e),
-                        };
-                        Ok((reader.inner.finish()?, Some(stats), None))
+                        let stats = extract::extract(reader, &path, &opts, &cancel)?;
+                        Ok((Some(stats), None))
                     } else {
                         let file = path.join(&file_name);
                         let f = std::fs::File::create(&file)
                             .map_err(|e| Error::io(format!("create {}", file.display()), e))?;
                         let mut out =
                             std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, f);
-                        copy_cancellable(&mut reader, &mut out, &cancel)?;
+                        copy_cancellable(reader, &mut out, &cancel)?;
                         let f = out.into_inner().map_err(|e| {
                             Error::io(format!("write {}", file.display()), e.into_error())
                         })?;
                         f.sync_all()
                             .map_err(|e| Error::io(format!("fsync {}", file.display()), e))?;
-                        Ok((reader.inner.finish()?, None, Some(file)))
+                        Ok((None, Some(file)))
                     }
                 }
             }
         },
     )
-    .await
-    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))??;
+    .await?;
     Ok(RestoreReport {
         backup_id: plan.backup_id.clone(),
-        plain: report.0,
-        extracted: report.1,
-        written_to: report.2,
+        plain,
+        extracted,
+        written_to,
         postgres: None,
         chain: Vec::new(),
         rows: None,
@@ -500,7 +522,7 @@ pub async fn execute(
 }
 
 fn copy_cancellable(
-    reader: &mut impl std::io::Read,
+    reader: &mut dyn std::io::Read,
     out: &mut impl Write,
     cancel: &Cancel,
 ) -> Result<()> {

@@ -6,12 +6,9 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{
-    compare_rows, copy_cancellable, open_object, ProgressReader, RestorePlan, RestoreReport, Target,
-};
+use super::{compare_rows, copy_cancellable, decode_object, RestorePlan, RestoreReport, Target};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
-use crate::pipeline::Decoder;
 use crate::repo::Repo;
 use crate::source::sqlite::{open, row_counts};
 use crate::{Error, Result};
@@ -55,22 +52,15 @@ pub async fn execute(
         _ => std::path::PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-    let stream = open_object(&repo.store, &plan.key, &plan.backup_id).await?;
-    let what = format!("backup {} object {}", plan.backup_id, plan.key);
-    let (data, recipients, cancel2) = (plan.data.clone(), plan.recipients.clone(), cancel.clone());
-    let (file, plain) = tokio::task::spawn_blocking(move || {
-        let decoder = Decoder::open(stream, &identities, data, &recipients, what)?;
-        let mut reader = ProgressReader {
-            inner: decoder,
-            progress,
-        };
+    let cancel = cancel.clone();
+    let (file, plain) = decode_object(repo, plan.object(), identities, progress, move |reader| {
         let file = tempfile::Builder::new()
             .prefix(".drctl-restore-")
             .suffix(".sqlite")
             .tempfile_in(&dir)
             .map_err(|e| Error::io(format!("create a temporary file in {}", dir.display()), e))?;
         let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, file);
-        copy_cancellable(&mut reader, &mut out, &cancel2)?;
+        copy_cancellable(reader, &mut out, &cancel)?;
         out.flush()
             .map_err(|e| Error::io("write the restored database", e))?;
         let file = out
@@ -79,10 +69,9 @@ pub async fn execute(
         file.as_file()
             .sync_all()
             .map_err(|e| Error::io("fsync the restored database", e))?;
-        Ok::<_, Error>((file, reader.inner.finish()?))
+        Ok(file)
     })
-    .await
-    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))??;
+    .await?;
 
     let mut conn = open(file.path(), true).await?;
     let problems: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check(20)")
