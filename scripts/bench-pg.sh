@@ -234,6 +234,18 @@ settle() {
     sync
 }
 
+# Checks a restored database's row counts, then drops it (before autovacuum, which would
+# otherwise process the new tables during the next timed run).
+check_and_drop() { # <database>
+    local got
+    got=$(counts "$1")
+    if [[ $got != "$want" ]]; then
+        echo "bench-pg: $1 has $got rows (accounts/events), bench has $want" >&2
+        exit 1
+    fi
+    sql "DROP DATABASE $1 WITH (FORCE)" postgres
+}
+
 # One timed operation of a round; the reference tools and drctl swap order every round.
 run_op() { # <op> <round>
     local r=$2
@@ -248,20 +260,22 @@ run_op() { # <op> <round>
         drctl-logical)
             timed "drctl-logical-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy logical ;;
         pg-restore)
-            sql "DROP DATABASE IF EXISTS restore_pgrestore WITH (FORCE)" postgres
             sql "CREATE DATABASE restore_pgrestore" postgres
             settle
-            timed "pg-restore-$r" pg_restore -j "$cores" -d "$url/restore_pgrestore" "$work/bench.pgdump" ;;
+            timed "pg-restore-$r" pg_restore -j "$cores" -d "$url/restore_pgrestore" "$work/bench.pgdump"
+            check_and_drop restore_pgrestore ;;
         drctl-restore)
-            sql "DROP DATABASE IF EXISTS restore_drctl WITH (FORCE)" postgres
-            settle
             timed "drctl-restore-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" restore -q --policy logical \
-                --backup latest --to-database "$url/restore_drctl" ;;
+                --backup latest --to-database "$url/restore_drctl"
+            check_and_drop restore_drctl ;;
     esac
 }
 
 counts() { sql "SELECT (SELECT count(*) FROM pgbench_accounts) || '/' || (SELECT count(*) FROM events)" "$1"; }
 want=$(counts bench)
+for db in restore_pgrestore restore_drctl; do
+    sql "DROP DATABASE IF EXISTS $db WITH (FORCE)" postgres
+done
 for ((r = 1; r <= runs; r++)); do
     for pair in "drctl-physical pgbackrest-full" "pg-dump drctl-logical" "pg-restore drctl-restore"; do
         read -r first second <<<"$pair"
@@ -271,14 +285,6 @@ for ((r = 1; r <= runs; r++)); do
             settle
             run_op "$op" "$r"
         done
-    done
-    for db in restore_pgrestore restore_drctl; do
-        got=$(counts "$db")
-        if [[ $got != "$want" ]]; then
-            echo "bench-pg: $db has $got rows (accounts/events), bench has $want" >&2
-            exit 1
-        fi
-        sql "DROP DATABASE $db WITH (FORCE)" postgres
     done
 done
 
