@@ -36,7 +36,7 @@ const BLOCK_BLOBS: u8 = 3;
 const FORMAT_CUSTOM: u8 = 1;
 
 /// Chunks are joined up to this size.
-pub const JOINED_CHUNK: usize = 64 << 10;
+pub const JOINED_CHUNK: usize = 256 << 10;
 
 const fn version(major: u32, minor: u32) -> u32 {
     (major << 16) | (minor << 8)
