@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 
 use crate::cancel::Cancel;
@@ -221,6 +221,24 @@ impl Input<'_> {
         Ok(())
     }
 
+    /// Appends the next `len` bytes to `buf`, straight from the read buffer.
+    fn append(&mut self, buf: &mut Vec<u8>, mut len: usize) -> Parsed<()> {
+        while len > 0 {
+            let available = self.inner.fill_buf()?;
+            if available.is_empty() {
+                return unsupported("the archive ends early");
+            }
+            let n = available.len().min(len);
+            buf.extend_from_slice(&available[..n]);
+            if let Some(taken) = &mut self.taken {
+                taken.extend_from_slice(&available[..n]);
+            }
+            self.inner.consume(n);
+            len -= n;
+        }
+        Ok(())
+    }
+
     fn byte(&mut self) -> Parsed<u8> {
         let mut b = [0u8];
         self.exact(&mut b)?;
@@ -395,10 +413,8 @@ impl Joiner {
             if self.buf.len() + len > JOINED_CHUNK {
                 self.flush(out, input.ints)?;
             }
-            let have = self.buf.len();
-            self.buf.resize(have + len, 0);
             input
-                .exact(&mut self.buf[have..])
+                .append(&mut self.buf, len)
                 .map_err(|p| p.into_error(start))?;
         }
         self.flush(out, input.ints)?;

@@ -169,9 +169,11 @@ pub async fn restore_logical(
     .await
     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
-    drop(file);
-
-    let tables = row_counts_parallel(target, jobs())?;
+    // Freeing the file's page cache takes a while for a large dump: let it overlap the counts.
+    let remove = std::thread::spawn(move || drop(file));
+    let tables = row_counts_parallel(target, jobs());
+    let _ = remove.join();
+    let tables = tables?;
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
         database: state.database,
