@@ -128,12 +128,11 @@ pub fn write_archive(input: &mut dyn Read, out: &File, cancel: &Cancel) -> Resul
                 format!("data block of entry {dump_id}, which the TOC says has none"),
             ));
         }
+        // The flag, then the offset least significant byte first, padded to the archive's
+        // offset size (at least 8 bytes, checked with the header).
         let mut bytes = vec![OFFSET_SET];
-        let le = start.to_le_bytes();
-        bytes.extend((0..input.offsets).map(|i| le.get(i).copied().unwrap_or(0)));
-        if input.offsets < le.len() && le[input.offsets..].iter().any(|b| *b != 0) {
-            return Ok(Written::Copied("offsets wider than the archive's".into()));
-        }
+        bytes.extend_from_slice(&start.to_le_bytes());
+        bytes.resize(1 + input.offsets, 0);
         patches.push((slot.at, bytes));
     }
     for (at, bytes) in &patches {
@@ -300,7 +299,8 @@ impl Input<'_> {
         }
         self.ints = self.byte()?.into();
         self.offsets = self.byte()?.into();
-        if !(1..=8).contains(&self.ints) || !(1..=16).contains(&self.offsets) {
+        // Offsets narrower than 64 bits (a 32-bit pg_dump) could not hold every position.
+        if !(1..=8).contains(&self.ints) || !(8..=16).contains(&self.offsets) {
             return unsupported("unusual integer or offset size");
         }
         if self.byte()? != FORMAT_CUSTOM {

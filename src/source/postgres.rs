@@ -191,13 +191,13 @@ impl Session {
     }
 }
 
-/// The ordinary tables of the session's database (no system schemas), quoted.
+/// The ordinary tables of the session's database (no system schemas), quoted, largest first.
 pub fn tables(session: &mut Session) -> Result<Vec<String>> {
     session.query(
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
-         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1",
+         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages DESC, 1",
     )
 }
 
@@ -221,18 +221,12 @@ fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
 /// one), counted over `jobs` connections, largest tables first.
 pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, u64>> {
     let mut first = Session::open(conn)?;
-    let mut queue = first.query(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
-         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages, 1",
-    )?;
+    let queue = std::collections::VecDeque::from(tables(&mut first)?);
     let jobs = jobs.clamp(1, queue.len().max(1));
-    let queue = std::sync::Mutex::new(std::mem::take(&mut queue));
+    let queue = std::sync::Mutex::new(queue);
     let work = |session: &mut Session| -> Result<Vec<(String, u64)>> {
         let mut done = Vec::new();
-        // Popped from the end: the largest first.
-        while let Some(table) = queue.lock().expect("queue lock").pop() {
+        while let Some(table) = queue.lock().expect("queue lock").pop_front() {
             let n = count_rows(session, &table)?;
             done.push((table, n));
         }
