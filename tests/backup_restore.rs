@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{assert_same_tree, restored, Sandbox};
+use common::{assert_same_tree, output_ok, restored, Sandbox};
 
 fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -190,15 +190,9 @@ fn command_output_round_trips_through_stdout_and_stock_tools() {
     let object = sb.backup_dir("dump", &id).join("data.bin.zst.age");
     assert!(object.is_file());
 
-    let out = sb
-        .cmd(&["restore", "--policy", "dump", "--backup", &id, "--stdout"])
-        .stdout(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        sb.cmd(&["restore", "--policy", "dump", "--backup", &id, "--stdout"])
+            .stdout(Stdio::piped()),
     );
     assert!(out.stdout == data, "restored stream differs");
 

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Run, Sandbox};
+use common::{output_ok, Run, Sandbox};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -152,15 +152,7 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     );
 
     // The raw dump is available too, for pg_restore by hand.
-    let raw = sb
-        .cmd(&["restore", "--policy", "pg", "--backup", &id, "--stdout"])
-        .output()
-        .unwrap();
-    assert!(
-        raw.status.success(),
-        "{}",
-        String::from_utf8_lossy(&raw.stderr)
-    );
+    let raw = output_ok(&mut sb.cmd(&["restore", "--policy", "pg", "--backup", &id, "--stdout"]));
     assert_eq!(&raw.stdout[..5], b"PGDMP");
 
     // Rows written after the backup are not in it.
@@ -205,11 +197,7 @@ fn a_streamed_dump_is_rewritten_for_pg_restore_without_changing_what_it_restores
     fill(&db.url());
     psql(&db.url(), "SELECT lo_from_bytea(0, 'a large object')");
     // Through a pipe, as drctl runs it: pg_dump cannot go back to write the offsets.
-    let dump = Command::new("pg_dump")
-        .args(["-Fc", "-Z0", "-d", &db.url()])
-        .output()
-        .unwrap();
-    assert!(dump.status.success());
+    let dump = output_ok(Command::new("pg_dump").args(["-Fc", "-Z0", "-d", &db.url()]));
     let dir = tempfile::tempdir().unwrap();
     let (piped, rewritten) = (dir.path().join("piped"), dir.path().join("rewritten"));
     std::fs::write(&piped, &dump.stdout).unwrap();
@@ -232,16 +220,7 @@ fn a_streamed_dump_is_rewritten_for_pg_restore_without_changing_what_it_restores
     // pg_restore reads both into the same script, data included (but for the random key of
     // psql's \restrict lines).
     let script = |path: &Path| {
-        let out = Command::new("pg_restore")
-            .args(["-f", "-"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = output_ok(Command::new("pg_restore").args(["-f", "-"]).arg(path));
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -617,16 +596,11 @@ impl Cluster {
             assert!(ok.success());
         }
         let data = sb.path().join("data");
-        let out = as_server_user(&mut Command::new(server_bin("initdb")))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
+        output_ok(
+            as_server_user(&mut Command::new(server_bin("initdb")))
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "-A", "trust", "--no-sync"]),
         );
         let conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
@@ -652,18 +626,13 @@ impl Cluster {
     }
 
     fn pg_ctl_start(&mut self, data: &Path) {
-        let out = as_server_user(&mut Command::new(server_bin("pg_ctl")))
-            .arg("-D")
-            .arg(data)
-            .arg("-l")
-            .arg(data.join("server.log"))
-            .args(["-w", "start"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+        output_ok(
+            as_server_user(&mut Command::new(server_bin("pg_ctl")))
+                .arg("-D")
+                .arg(data)
+                .arg("-l")
+                .arg(data.join("server.log"))
+                .args(["-w", "start"]),
         );
         self.servers.0.push(data.to_path_buf());
     }
@@ -934,15 +903,10 @@ fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
     assert!(names.len() >= 2, "{names:?}");
     let (gap, gap_id) = &names[0];
     let db = c.sb.path().join("registry.db");
-    let out = Command::new("sqlite3")
-        .arg(&db)
-        .arg(format!("DELETE FROM backups WHERE backup_id = '{gap_id}'"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        Command::new("sqlite3")
+            .arg(&db)
+            .arg(format!("DELETE FROM backups WHERE backup_id = '{gap_id}'")),
     );
 
     let run = c.drctl(&["verify", &base]);

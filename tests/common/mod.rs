@@ -59,6 +59,21 @@ impl From<Output> for Run {
     }
 }
 
+/// Runs a command to its end and asserts it succeeded, showing its stderr otherwise; returns
+/// its output as bytes (for binary streams, where `Run` would not do).
+pub fn output_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd.get_program(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_drctl")
 }
