@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
-use super::{damaged, ChannelReader, Digest, HashThread, Hasher, CHANNEL_DEPTH};
+use super::{damaged, BufferPool, ChannelReader, Digest, HashThread, Hasher, CHANNEL_DEPTH};
 use crate::crypto::Identities;
 use crate::format::manifest::ObjectInfo;
 use crate::store::CHUNK_SIZE;
@@ -142,21 +142,17 @@ fn pump_chunks(
     hasher: Option<&HashThread>,
     what: &str,
 ) -> Result<()> {
+    let pool = BufferPool::new(CHUNK_SIZE);
     loop {
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let filled = match super::read_full(reader, &mut buf) {
-            Ok(n) => n,
+        let chunk = match pool.read_chunk(reader) {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 let err = damaged(what, e);
                 let _ = tx.send(Err(Error::new(err.kind(), err.message().to_owned())));
                 return Err(err);
             }
         };
-        if filled == 0 {
-            return Ok(());
-        }
-        buf.truncate(filled);
-        let chunk = Bytes::from(buf);
         if let Some(hasher) = hasher {
             hasher.update(&chunk);
         }
@@ -177,5 +173,15 @@ fn header_error(what: &str, e: age::DecryptError) -> Error {
 impl Read for Decoder {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.plain.read(buf)
+    }
+}
+
+impl io::BufRead for Decoder {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.plain.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.plain.consume(n)
     }
 }

@@ -8,7 +8,7 @@
 pub mod decode;
 pub mod encode;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,85 @@ pub fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// Reusable chunk buffers for a stage that reads into fixed-size buffers and hands them on
+/// as [`Bytes`]. A buffer comes back to the pool when the last `Bytes` made from it is
+/// dropped, so the stage neither zero-fills nor faults in fresh memory for every chunk (on
+/// a restore that was a tenth of the decompression thread's time).
+#[derive(Clone)]
+pub(crate) struct BufferPool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    size: usize,
+}
+
+/// Buffers a pool keeps; more in use at once are allocated and freed as usual.
+const POOL_KEEP: usize = 8;
+
+impl BufferPool {
+    pub fn new(size: usize) -> Self {
+        BufferPool {
+            free: Default::default(),
+            size,
+        }
+    }
+
+    /// A buffer of the pool's size, holding whatever its last use left in it.
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .expect("pool lock")
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.size])
+    }
+
+    /// The first `len` bytes of `buf` (taken from this pool) as `Bytes`.
+    pub fn freeze(&self, buf: Vec<u8>, len: usize) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self.clone(),
+        })
+    }
+
+    /// Reads from `reader` until a buffer is full or the input ends; `None` at the end.
+    pub fn read_chunk(&self, reader: &mut impl Read) -> io::Result<Option<Bytes>> {
+        let mut buf = self.take();
+        let filled = read_full(reader, &mut buf);
+        match filled {
+            Ok(0) => {
+                self.give_back(buf);
+                Ok(None)
+            }
+            Ok(n) => Ok(Some(self.freeze(buf, n))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().expect("pool lock");
+        if free.len() < POOL_KEEP && buf.len() == self.size {
+            free.push(buf);
+        }
+    }
+}
+
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
 /// Collects written bytes into chunks of `chunk` bytes and hands each full chunk to `send`.
 pub(crate) struct Chunker<F: FnMut(Vec<u8>) -> io::Result<()>> {
     buf: Vec<u8>,
@@ -210,16 +289,29 @@ impl ChannelReader {
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Reading through `BufRead` hands out the chunks themselves, without a copy.
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() {
             match self.rx.recv() {
                 Ok(Ok(chunk)) => self.current = chunk,
                 Ok(Err(e)) => return Err(e.into_io()),
-                Err(_) => return Ok(0),
+                Err(_) => break,
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, n: usize) {
+        bytes::Buf::advance(&mut self.current, n);
     }
 }
 
@@ -249,4 +341,62 @@ pub(crate) fn damaged(what: &str, e: io::Error) -> Error {
         "{what}: {e}; the object is truncated or has been modified"
     ))
     .hint("run `drctl verify` on the backup; restore from another backup or a replica")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooled_chunks_keep_their_bytes_until_dropped_and_then_come_back() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let pool = BufferPool::new(4096);
+        let mut input = &data[..];
+        let first = pool.read_chunk(&mut input).unwrap().unwrap();
+        let mut rest = Vec::new();
+        while let Some(chunk) = pool.read_chunk(&mut input).unwrap() {
+            // Every chunk after the first is dropped here, so its buffer is reused.
+            rest.extend_from_slice(&chunk);
+        }
+        assert_eq!(
+            &first[..],
+            &data[..4096],
+            "a live chunk is never overwritten"
+        );
+        assert_eq!(rest, &data[4096..]);
+        assert_eq!(pool.free.lock().unwrap().len(), 1);
+        let slice = first.slice(10..20);
+        drop(first);
+        assert_eq!(
+            pool.free.lock().unwrap().len(),
+            1,
+            "a slice keeps the buffer"
+        );
+        assert_eq!(&slice[..], &data[10..20]);
+        drop(slice);
+        assert_eq!(pool.free.lock().unwrap().len(), 2);
+        assert!(pool.read_chunk(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn channel_reader_hands_out_chunks_and_their_error() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        tx.send(Ok(Bytes::from_static(b"abc"))).unwrap();
+        tx.send(Ok(Bytes::from_static(b"defg"))).unwrap();
+        tx.send(Err(Error::integrity("damaged"))).unwrap();
+        let mut reader = ChannelReader::new(rx);
+        assert_eq!(reader.fill_buf().unwrap(), b"abc");
+        reader.consume(2);
+        let mut buf = [0u8; 8];
+        assert_eq!(reader.read(&mut buf).unwrap(), 1);
+        assert_eq!(&buf[..1], b"c");
+        assert_eq!(reader.fill_buf().unwrap(), b"defg");
+        reader.consume(4);
+        let err = reader.fill_buf().unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+        drop(tx);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Bytes>>(1);
+        drop(tx);
+        assert!(ChannelReader::new(rx).fill_buf().unwrap().is_empty());
+    }
 }

@@ -8,7 +8,7 @@ pub mod pgdump;
 pub mod postgres;
 pub mod sqlite;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -359,7 +359,7 @@ pub async fn decode<T: Send + 'static>(
     repo: &Repo,
     manifest: &Manifest,
     identities: Arc<Identities>,
-    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+    sink: impl FnOnce(&mut dyn BufRead) -> Result<T> + Send + 'static,
 ) -> Result<(T, Digest)> {
     let data = manifest.data()?.clone();
     let key = ObjectKey::object(
@@ -392,7 +392,7 @@ pub(crate) async fn decode_object<T: Send + 'static>(
     object: Object,
     identities: Arc<Identities>,
     progress: Option<Arc<std::sync::atomic::AtomicU64>>,
-    sink: impl FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
+    sink: impl FnOnce(&mut dyn BufRead) -> Result<T> + Send + 'static,
 ) -> Result<(T, Digest)> {
     let stream = open_object(&repo.store, &object.key, &object.backup_id).await?;
     let what = format!("backup {} object {}", object.backup_id, object.key);
@@ -541,17 +541,34 @@ fn copy_cancellable(
 }
 
 /// Counts bytes read, for progress output.
-pub struct ProgressReader<R> {
-    pub inner: R,
-    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+struct ProgressReader<R> {
+    inner: R,
+    progress: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<R: std::io::Read> std::io::Read for ProgressReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.count(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for ProgressReader<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+        self.count(n);
+    }
+}
+
+impl<R> ProgressReader<R> {
+    fn count(&self, n: usize) {
         if let Some(p) = &self.progress {
             p.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(n)
     }
 }

@@ -9,7 +9,7 @@
 //! Connection details come from the URL, the password from MYSQL_PWD in the environment.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -279,7 +279,7 @@ pub async fn execute(
         let (c, sink_cancel) = (conn.clone(), cancel.clone());
         let digest = if manifest.parent_id.is_none() {
             // `mariadb` stops at the first failing statement.
-            let sink = move |dump: &mut dyn Read| feed(client(&c), dump, &sink_cancel);
+            let sink = move |dump: &mut dyn BufRead| feed(client(&c), dump, &sink_cancel);
             decode(repo, manifest, identities.clone(), sink)
                 .await
                 .map_err(context)?
@@ -287,7 +287,7 @@ pub async fn execute(
         } else {
             let binlogs = Binlogs::from_stats(&manifest.source.stats).map_err(context)?;
             // Unpack and check the whole incremental before replaying any of it.
-            let sink = move |tar: &mut dyn Read| {
+            let sink = move |tar: &mut dyn BufRead| {
                 let dir = binlogs.unpack(tar, &sink_cancel)?;
                 Ok((binlogs, dir))
             };

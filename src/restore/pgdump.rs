@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 
 use crate::cancel::Cancel;
@@ -61,15 +61,16 @@ pub enum Written {
 /// Copies the archive `input` into `out` (a new, empty file), rewritten as the module
 /// describes. A read error or a damaged archive is an error; an archive this module does not
 /// rewrite is copied as it is.
-pub fn write_archive(input: &mut dyn Read, out: &File, cancel: &Cancel) -> Result<Written> {
+pub fn write_archive(input: &mut dyn BufRead, out: &File, cancel: &Cancel) -> Result<Written> {
     let mut input = Input {
-        inner: BufReader::with_capacity(1 << 20, input),
+        inner: input,
         taken: Some(Vec::new()),
         ints: 4,
         offsets: 8,
     };
     let mut writer = Output {
-        inner: BufWriter::with_capacity(1 << 20, out),
+        // Smaller than a joined chunk, so those go to the file without a copy.
+        inner: BufWriter::with_capacity(JOINED_CHUNK / 4, out),
         pos: 0,
     };
     let toc = match input.toc() {
@@ -204,7 +205,7 @@ fn unsupported<T>(why: impl Into<String>) -> Parsed<T> {
 }
 
 struct Input<'a> {
-    inner: BufReader<&'a mut dyn Read>,
+    inner: &'a mut dyn BufRead,
     /// The bytes read so far, while reading the header and TOC.
     taken: Option<Vec<u8>>,
     ints: usize,
@@ -213,7 +214,14 @@ struct Input<'a> {
 
 impl Input<'_> {
     fn exact(&mut self, buf: &mut [u8]) -> Parsed<()> {
-        self.inner.read_exact(buf)?;
+        // Most reads (a chunk's length) lie within the reader's current chunk.
+        let available = self.inner.fill_buf()?;
+        if available.len() >= buf.len() {
+            buf.copy_from_slice(&available[..buf.len()]);
+            self.inner.consume(buf.len());
+        } else {
+            self.inner.read_exact(buf)?;
+        }
         if let Some(taken) = &mut self.taken {
             taken.extend_from_slice(buf);
         }
@@ -518,7 +526,7 @@ mod tests {
     fn read_back(archive: &[u8]) -> Vec<(i64, u8, Vec<Vec<u8>>, usize)> {
         let mut cursor = archive;
         let mut input = Input {
-            inner: BufReader::new(&mut cursor as &mut dyn Read),
+            inner: &mut cursor,
             taken: Some(Vec::new()),
             ints: 4,
             offsets: 8,

@@ -72,13 +72,9 @@ fn sql_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Checks the target database: it may be missing (then created if `create`) or empty; a
+/// Checks the target database before anything is written: it may be missing or empty; a
 /// non-empty one needs `overwrite`.
-pub fn check_database_target(
-    target: &Conn,
-    overwrite: bool,
-    create: bool,
-) -> Result<DatabaseTarget> {
+pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseTarget> {
     let database = target.database().ok_or_else(|| {
         Error::invalid("the target URL names no database; use postgres://user@host:port/database")
     })?;
@@ -87,9 +83,6 @@ pub fn check_database_target(
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         sql_literal(&database)
     ))? != "0";
-    if !exists && create {
-        admin.query(&format!("CREATE DATABASE {}", sql_ident(&database)))?;
-    }
     admin.close()?;
     let relations = if exists {
         let mut s = Session::open(target)?;
@@ -115,37 +108,55 @@ pub fn check_database_target(
     })
 }
 
-/// Restores a logical backup into the database `target` names.
-pub async fn restore_logical(
+/// Creates the database a checked target found missing.
+fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
+    if state.exists {
+        return Ok(());
+    }
+    let mut admin = Session::open(&target.with_database("postgres")?)?;
+    admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
+    admin.close()
+}
+
+/// Restores a logical backup into the database `target` names, checked by
+/// [`check_database_target`].
+async fn restore_logical(
     repo: &Repo,
     record: &BackupRecord,
     target: &Conn,
-    overwrite: bool,
+    state: &DatabaseTarget,
     identities: Arc<Identities>,
     cancel: &Cancel,
 ) -> Result<LogicalReport> {
     let started = std::time::Instant::now();
-    if mode(record) != Some("logical") {
-        return Err(Error::invalid(format!(
-            "backup {} is not a logical PostgreSQL backup",
-            record.backup_id
-        )));
-    }
-    let state = check_database_target(target, overwrite, true)?;
     // pg_restore loads tables and builds indexes in parallel only from a file: decode the
     // dump into a private temporary file (mode 0600, removed afterwards), with the data
-    // offsets a streamed dump lacks (see `pgdump`), then restore it.
+    // offsets a streamed dump lacks (see `pgdump`), then restore it. A missing database is
+    // created meanwhile.
     let file = TempFile(std::env::temp_dir().join(format!(
         "drctl-restore-{}-{}.pgdump",
         record.backup_id,
         std::process::id()
     )));
+    let create = {
+        let (target, state) = (target.clone(), state.clone());
+        tokio::task::spawn_blocking(move || create_database(&target, &state))
+    };
     let (path, cancel_thread) = (file.0.clone(), cancel.clone());
-    let (written, plain) = decode(repo, record.manifest()?, identities, move |reader| {
+    let decoded = decode(repo, record.manifest()?, identities, move |reader| {
         pgdump::write_archive(reader, &create_private(&path)?, &cancel_thread)
     })
-    .await?;
-    tracing::debug!(?written, "decoded the dump");
+    .await;
+    let created = create
+        .await
+        .map_err(|e| Error::failure(format!("database creation thread failed: {e}")))?;
+    let (written, plain) = decoded?;
+    created?;
+    tracing::info!(
+        ?written,
+        seconds = started.elapsed().as_secs_f64(),
+        "decoded the dump"
+    );
     let mut cmd = target.command("pg_restore");
     cmd.args([
         "--exit-on-error",
@@ -169,14 +180,19 @@ pub async fn restore_logical(
     .await
     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "pg_restore finished"
+    );
     // Freeing the file's page cache takes a while for a large dump: let it overlap the counts.
     let remove = std::thread::spawn(move || drop(file));
     let tables = row_counts_parallel(target, jobs());
     let _ = remove.join();
     let tables = tables?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "rows counted");
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
-        database: state.database,
+        database: state.database.clone(),
         created: !state.exists,
         plain,
         tables,
@@ -725,8 +741,6 @@ pub enum PgPlan {
         #[serde(skip)]
         conn: Conn,
         #[serde(skip)]
-        overwrite: bool,
-        #[serde(skip)]
         record: BackupRecord,
     },
     Physical(PhysicalPlan),
@@ -796,13 +810,12 @@ pub async fn plan(
                 )));
             }
             let conn = Conn::new(url, None, None)?;
-            let database = check_database_target(&conn, *overwrite, false)?;
+            let database = check_database_target(&conn, *overwrite)?;
             Ok((
                 record.clone(),
                 Some(PgPlan::Logical {
                     database,
                     conn,
-                    overwrite: *overwrite,
                     record,
                 }),
             ))
@@ -852,13 +865,11 @@ pub async fn execute(
 ) -> Result<(PgReport, Option<RowCheck>)> {
     match plan {
         PgPlan::Logical {
+            database,
             conn,
-            overwrite,
             record,
-            ..
         } => {
-            let report =
-                restore_logical(repo, record, conn, *overwrite, identities, cancel).await?;
+            let report = restore_logical(repo, record, conn, database, identities, cancel).await?;
             let rows = compare_rows(
                 &record.backup_id,
                 &record.manifest()?.source.stats,

@@ -138,20 +138,17 @@ impl ObjectStore for LocalStore {
             Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
         };
         let (tx, stream) = ByteStream::channel(key.clone());
+        let pool = crate::pipeline::BufferPool::new(CHUNK_SIZE);
         tokio::task::spawn_blocking(move || loop {
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let filled = match crate::pipeline::read_full(&mut file, &mut buf) {
-                Ok(n) => n,
+            let chunk = match pool.read_chunk(&mut file) {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(Error::io(format!("read {}", path.display()), e)));
                     return;
                 }
             };
-            if filled == 0 {
-                return;
-            }
-            buf.truncate(filled);
-            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+            if tx.blocking_send(Ok(chunk)).is_err() {
                 return;
             }
         });
