@@ -151,7 +151,7 @@ pub fn extract(
     // directories can still be filled and their mtimes are not changed by their children.
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let mut real_dirs = RealDirs::default();
-    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+    let mut buf = vec![0u8; crate::store::FILE_WRITE];
     let entries = archive
         .entries()
         .map_err(|e| Error::io("read archive", e))?;

@@ -474,7 +474,7 @@ pub async fn execute(
                 Target::Stdout => {
                     let stdout = std::io::stdout();
                     let mut out =
-                        std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, stdout.lock());
+                        std::io::BufWriter::with_capacity(crate::store::FILE_WRITE, stdout.lock());
                     copy_cancellable(reader, &mut out, &cancel)?;
                     out.flush().map_err(|e| Error::io("write to stdout", e))?;
                     Ok((None, None))
@@ -495,7 +495,7 @@ pub async fn execute(
                         let f = std::fs::File::create(&file)
                             .map_err(|e| Error::io(format!("create {}", file.display()), e))?;
                         let mut out =
-                            std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, f);
+                            std::io::BufWriter::with_capacity(crate::store::FILE_WRITE, f);
                         copy_cancellable(reader, &mut out, &cancel)?;
                         let f = out.into_inner().map_err(|e| {
                             Error::io(format!("write {}", file.display()), e.into_error())
@@ -521,22 +521,20 @@ pub async fn execute(
     })
 }
 
-fn copy_cancellable(
-    reader: &mut dyn std::io::Read,
-    out: &mut impl Write,
-    cancel: &Cancel,
-) -> Result<()> {
-    let mut buf = vec![0u8; crate::store::CHUNK_SIZE];
+/// Copies the decoded chunks to `out` in writes of at most [`crate::store::FILE_WRITE`].
+fn copy_cancellable(reader: &mut dyn BufRead, out: &mut impl Write, cancel: &Cancel) -> Result<()> {
     loop {
         cancel.check()?;
-        let n = reader
-            .read(&mut buf)
+        let chunk = reader
+            .fill_buf()
             .map_err(|e| crate::pipeline::damaged("restore", e))?;
-        if n == 0 {
+        if chunk.is_empty() {
             return Ok(());
         }
-        out.write_all(&buf[..n])
+        let n = chunk.len().min(crate::store::FILE_WRITE);
+        out.write_all(&chunk[..n])
             .map_err(|e| Error::io("write restored data", e))?;
+        reader.consume(n);
     }
 }
 

@@ -404,12 +404,12 @@ fn client(conn: &Conn) -> Command {
 
 /// Copies `input` to the standard input of `cmd`. A failed command explains a failed write,
 /// a damaged input explains the command's death.
-fn feed(mut cmd: Command, mut input: &mut dyn Read, cancel: &Cancel) -> Result<()> {
+fn feed(mut cmd: Command, input: &mut dyn BufRead, cancel: &Cancel) -> Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
     let stderr = collect_stderr(&mut child);
     let mut stdin = child.stdin.take().expect("piped");
-    let copied = copy_cancellable(&mut input, &mut stdin, cancel);
+    let copied = copy_cancellable(input, &mut stdin, cancel);
     drop(stdin);
     if copied.is_err() {
         let _ = child.kill();

@@ -156,7 +156,7 @@ fn damaged(at: u64, why: String) -> Error {
 }
 
 fn copy(input: &mut impl Read, out: &mut Output<'_>, cancel: &Cancel) -> Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; crate::store::FILE_WRITE];
     loop {
         cancel.check()?;
         let n = input.read(&mut buf).map_err(read_error)?;

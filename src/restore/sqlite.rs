@@ -59,7 +59,7 @@ pub async fn execute(
             .suffix(".sqlite")
             .tempfile_in(&dir)
             .map_err(|e| Error::io(format!("create a temporary file in {}", dir.display()), e))?;
-        let mut out = std::io::BufWriter::with_capacity(crate::store::CHUNK_SIZE, file);
+        let mut out = std::io::BufWriter::with_capacity(crate::store::FILE_WRITE, file);
         copy_cancellable(reader, &mut out, &cancel)?;
         out.flush()
             .map_err(|e| Error::io("write the restored database", e))?;

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rand::Rng;
 
-use super::{ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE};
+use super::{
+    ByteStream, Leftover, ObjectMeta, ObjectStore, ObjectWriter, PutOptions, CHUNK_SIZE, FILE_WRITE,
+};
 use crate::format::ObjectKey;
 use crate::{Error, Result};
 
@@ -338,8 +340,10 @@ impl ObjectWriter for LocalWriter {
         // Bytes written since write-back was last started, if enough to start it again.
         let writeback = (size - flushed >= WRITEBACK_EVERY).then_some(size - flushed);
         let file = blocking(move || {
-            file.write_all(&chunk)
-                .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            for piece in chunk.chunks(FILE_WRITE) {
+                file.write_all(piece)
+                    .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            }
             if let Some(len) = writeback {
                 start_writeback(&file, flushed, len);
             }

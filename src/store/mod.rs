@@ -20,6 +20,12 @@ use crate::{Error, Result};
 /// Size of the chunks handed between pipeline stages and to stores.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
+/// The largest single `write` drctl makes to a file. On Linux 6.x a write of 1 MiB or more
+/// into the page cache costs several times the system time of smaller ones (measured on
+/// 6.18: 1.1–1.5 s per GiB against 0.2–0.25 s for 256–768 KiB writes), so files are
+/// written in pieces of at most this size.
+pub const FILE_WRITE: usize = 512 << 10;
+
 /// Metadata of a stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
