@@ -175,7 +175,7 @@ impl BufferPool {
     }
 
     /// A buffer of the pool's size, holding whatever its last use left in it.
-    pub fn take(&self) -> Vec<u8> {
+    fn take(&self) -> Vec<u8> {
         self.free
             .lock()
             .expect("pool lock")
@@ -184,7 +184,7 @@ impl BufferPool {
     }
 
     /// The first `len` bytes of `buf` (taken from this pool) as `Bytes`.
-    pub fn freeze(&self, buf: Vec<u8>, len: usize) -> Bytes {
+    fn freeze(&self, buf: Vec<u8>, len: usize) -> Bytes {
         Bytes::from_owner(Pooled {
             buf,
             len,
@@ -208,7 +208,7 @@ impl BufferPool {
 
     fn give_back(&self, buf: Vec<u8>) {
         let mut free = self.free.lock().expect("pool lock");
-        if free.len() < POOL_KEEP && buf.len() == self.size {
+        if free.len() < POOL_KEEP {
             free.push(buf);
         }
     }

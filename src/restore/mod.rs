@@ -492,14 +492,9 @@ pub async fn execute(
                         Ok((Some(stats), None))
                     } else {
                         let file = path.join(&file_name);
-                        let f = std::fs::File::create(&file)
+                        let mut f = std::fs::File::create(&file)
                             .map_err(|e| Error::io(format!("create {}", file.display()), e))?;
-                        let mut out =
-                            std::io::BufWriter::with_capacity(crate::store::FILE_WRITE, f);
-                        copy_cancellable(reader, &mut out, &cancel)?;
-                        let f = out.into_inner().map_err(|e| {
-                            Error::io(format!("write {}", file.display()), e.into_error())
-                        })?;
+                        copy_cancellable(reader, &mut f, &cancel)?;
                         f.sync_all()
                             .map_err(|e| Error::io(format!("fsync {}", file.display()), e))?;
                         Ok((None, Some(file)))
@@ -521,7 +516,8 @@ pub async fn execute(
     })
 }
 
-/// Copies the decoded chunks to `out` in writes of at most [`crate::store::FILE_WRITE`].
+/// Copies the decoded chunks (large already) to `out`, unbuffered, in writes of at most
+/// [`crate::store::FILE_WRITE`].
 fn copy_cancellable(reader: &mut dyn BufRead, out: &mut impl Write, cancel: &Cancel) -> Result<()> {
     loop {
         cancel.check()?;

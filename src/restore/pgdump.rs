@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 
 use crate::cancel::Cancel;
@@ -77,7 +77,7 @@ pub fn write_archive(input: &mut dyn BufRead, out: &File, cancel: &Cancel) -> Re
         Ok(toc) => toc,
         Err(Problem::Format(why)) => {
             writer.put(&input.taken.take().unwrap_or_default())?;
-            copy(&mut input.inner, &mut writer, cancel)?;
+            super::copy_cancellable(input.inner, &mut writer.inner, cancel)?;
             writer.finish()?;
             return Ok(Written::Copied(why));
         }
@@ -153,18 +153,6 @@ fn read_error(e: io::Error) -> Error {
 
 fn damaged(at: u64, why: String) -> Error {
     Error::integrity(format!("PostgreSQL dump, data at byte {at}: {why}"))
-}
-
-fn copy(input: &mut impl Read, out: &mut Output<'_>, cancel: &Cancel) -> Result<()> {
-    let mut buf = vec![0u8; crate::store::FILE_WRITE];
-    loop {
-        cancel.check()?;
-        let n = input.read(&mut buf).map_err(read_error)?;
-        if n == 0 {
-            return Ok(());
-        }
-        out.put(&buf[..n])?;
-    }
 }
 
 /// Where a TOC entry's offset field is and what it holds.

@@ -2,7 +2,6 @@
 //! a temporary name, checked with `PRAGMA integrity_check` and against the row counts recorded
 //! at backup time, and only then renamed into place. A failed check leaves the target as it was.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -54,18 +53,12 @@ pub async fn execute(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let cancel = cancel.clone();
     let (file, plain) = decode_object(repo, plan.object(), identities, progress, move |reader| {
-        let file = tempfile::Builder::new()
+        let mut file = tempfile::Builder::new()
             .prefix(".drctl-restore-")
             .suffix(".sqlite")
             .tempfile_in(&dir)
             .map_err(|e| Error::io(format!("create a temporary file in {}", dir.display()), e))?;
-        let mut out = std::io::BufWriter::with_capacity(crate::store::FILE_WRITE, file);
-        copy_cancellable(reader, &mut out, &cancel)?;
-        out.flush()
-            .map_err(|e| Error::io("write the restored database", e))?;
-        let file = out
-            .into_inner()
-            .map_err(|e| Error::io("write the restored database", e.into_error()))?;
+        copy_cancellable(reader, &mut file, &cancel)?;
         file.as_file()
             .sync_all()
             .map_err(|e| Error::io("fsync the restored database", e))?;
