@@ -655,23 +655,7 @@ impl Cluster {
 
     /// Switches to a new WAL segment and waits until the old one is archived.
     fn switch_wal(&self) {
-        let wal = psql(&self.url(), "SELECT pg_walfile_name(pg_switch_wal())");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let archived = psql(
-                &self.url(),
-                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
-            );
-            if archived.as_str() >= wal.as_str() {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "WAL {wal} was not archived; server log: {}",
-                std::fs::read_to_string(self.data.join("server.log")).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        switch_wal(&self.url(), &self.data.join("server.log"));
     }
 
     /// Restores into a new data directory; returns the run and the restored server's URL.
@@ -700,6 +684,28 @@ impl Cluster {
             run,
             format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         )
+    }
+}
+
+/// Switches the server at `url` to a new WAL segment and waits until the old one is
+/// archived; `log` is its server log, shown on failure.
+fn switch_wal(url: &str, log: &Path) {
+    let wal = psql(url, "SELECT pg_walfile_name(pg_switch_wal())");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let archived = psql(
+            url,
+            "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+        );
+        if archived.as_str() >= wal.as_str() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WAL {wal} was not archived; server log: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
@@ -794,6 +800,58 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
         run.stderr
     );
     assert!(!early.exists());
+}
+
+#[test]
+fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
+    let mut c = Cluster::start();
+    psql(&c.url(), "CREATE TABLE t (id int PRIMARY KEY)");
+    psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 100)");
+    c.drctl(&["backup", "--policy", "pgphys"]).ok();
+    psql(&c.url(), "INSERT INTO t SELECT generate_series(101, 200)");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Lost in the incident: the restore stops before these.
+    psql(&c.url(), "INSERT INTO t SELECT generate_series(201, 300)");
+    c.switch_wal();
+
+    // Fail over: the restored server becomes the primary on timeline 2 and archives it.
+    let (run, primary) = c.restore("primary2", &["--until", &noted, "--archive"]);
+    run.ok();
+    assert_eq!(ids(&primary), "200 rows, 1..200");
+    assert_eq!(psql(&primary, "SHOW archive_mode"), "on");
+    assert_eq!(
+        psql(&primary, "SELECT timeline_id FROM pg_control_checkpoint()"),
+        "2"
+    );
+    psql(&primary, "INSERT INTO t SELECT generate_series(1001, 1100)");
+    switch_wal(&primary, &c.sb.path().join("primary2/drctl-restore.log"));
+
+    // The archive now holds timeline 2's history; a restore from the same base backup
+    // follows it: timeline 1 up to the branch, then timeline 2.
+    let (run, _) = c.restore("after", &["--dry-run"]);
+    let plan = run.ok().json();
+    assert_eq!(
+        plan[0]["postgres"]["timelines"],
+        serde_json::json!([1, 2]),
+        "{plan:?}"
+    );
+    assert!(
+        plan[0]["postgres"]["last_wal"]
+            .as_str()
+            .unwrap()
+            .starts_with("00000002"),
+        "{plan:?}"
+    );
+    c.drctl(&["verify", "--all"]).ok();
+    let (run, url) = c.restore("after", &[]);
+    run.ok();
+    assert_eq!(ids(&url), "300 rows, 1..1100");
+    assert_eq!(
+        psql(&url, "SELECT count(*) FROM t WHERE id BETWEEN 201 AND 300"),
+        "0"
+    );
 }
 
 #[test]

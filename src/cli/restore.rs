@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::{human_bytes, Ctx};
 use crate::format::Name;
-use crate::restore::{RecoveryTarget, RestoreRequest, Selector, Target};
+use crate::restore::{RecoveryTarget, RestoreRequest, Selector, ServerOptions, Target};
 use crate::{Error, Result};
 
 /// Restore a backup into a directory, a database, or to standard output.
@@ -14,14 +14,20 @@ use crate::{Error, Result};
 /// in --target, or to standard output with --stdout. Database backups load into the database
 /// --to-database names, to their latest state or to a point in time (--until, --lsn); a
 /// SQLite backup is written to the database file --target names. Row counts recorded at
-/// backup time are compared with the restored database. Checksums of stored and plain bytes are checked against the manifest; a mismatch fails the
-/// restore (exit 4).
+/// backup time are compared with the restored database. Checksums of stored and plain bytes
+/// are checked against the manifest; a mismatch fails the restore (exit 4).
+///
+/// A PostgreSQL physical backup is unpacked into a new data directory (--target) and the
+/// server started on --port replays archived WAL to the end, --until or --lsn, following
+/// the newest timeline in the archive as PostgreSQL does. Every WAL file it needs is
+/// checked to be archived first; --dry-run shows the segments and timelines.
 ///
 /// Examples:
 ///   drctl restore --policy app-files --backup latest --target /srv/restore --dry-run
 ///   drctl restore --policy app-db --backup 20260101T030000Z-0badc0de --stdout | pg_restore -d app
 ///   drctl restore --policy mariadb --backup latest --until 2026-11-22T09:30:00Z --to-database mysql://root@127.0.0.1:3306/shop_restored
 ///   drctl restore --policy sqlite --backup latest --target /srv/restore/app.db
+///   drctl restore --policy pg-cluster --backup latest --target /srv/pg/restored --port 5433 --archive
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("sink").required(true).args(["target", "stdout", "to_database"]))]
 pub struct Args {
@@ -53,6 +59,12 @@ pub struct Args {
     /// Port on which to start a restored database server (PostgreSQL physical restores).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Let the restored PostgreSQL server archive its WAL into the policy (`drctl wal push`),
+    /// for a server that replaces the source as primary: it archives its new timeline's
+    /// history and WAL, and later restores follow that timeline. Without it, the restored
+    /// server archives nothing (right for a rehearsal or a copy).
+    #[arg(long, requires = "port")]
+    pub archive: bool,
     /// Print what would be restored and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -114,7 +126,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             selector,
             target,
             recovery,
-            port: args.port,
+            server: ServerOptions {
+                port: args.port,
+                archive: args.archive,
+            },
         },
     )
     .await?;

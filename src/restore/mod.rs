@@ -78,8 +78,17 @@ pub struct RestoreRequest {
     pub selector: Selector,
     pub target: Target,
     pub recovery: RecoveryTarget,
-    /// Port for a database server the restore starts (PostgreSQL physical restores).
+    pub server: ServerOptions,
+}
+
+/// The database server a restore starts (PostgreSQL physical restores).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// The port it listens on.
     pub port: Option<u16>,
+    /// It archives its WAL into the policy, continuing the archive on its new timeline
+    /// (for a server that replaces the source); otherwise it archives nothing.
+    pub archive: bool,
 }
 
 /// What a restore will do; printed by `--dry-run`.
@@ -152,11 +161,12 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         selector,
         target,
         recovery,
-        port,
+        server,
     } = request;
     let mut record = select(repo, &policy, &selector).await?;
     let postgres = if record.source_kind == "postgres" {
-        let (base, pg) = postgres::plan(repo, record, &selector, &target, &recovery, port).await?;
+        let (base, pg) =
+            postgres::plan(repo, record, &selector, &target, &recovery, &server).await?;
         record = base;
         pg
     } else {
@@ -220,7 +230,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         recipients: manifest.encryption.recipients.clone(),
         target,
         recovery,
-        port,
+        port: server.port,
         unpack,
         postgres,
         mysql,

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
 use super::pgdump;
-use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, Target};
+use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, ServerOptions, Target};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -28,7 +28,7 @@ use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
     format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, Conn, Session,
-    WalRange,
+    TimelineSwitch, WalRange,
 };
 use crate::{Error, Result};
 
@@ -233,6 +233,16 @@ pub struct WalArchive {
     files: BTreeMap<String, BackupRecord>,
     /// The completed base backups of the policy, newest first.
     bases: Vec<BackupRecord>,
+    /// Archived timeline history files by timeline: their switch points, from the
+    /// manifest (`None` if it records none).
+    histories: BTreeMap<u32, Option<Vec<TimelineSwitch>>>,
+}
+
+/// A timeline recovery follows, from the segment where it begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Leg {
+    timeline: u32,
+    first_segment: u64,
 }
 
 impl WalArchive {
@@ -263,7 +273,23 @@ impl WalArchive {
                 _ => {}
             }
         }
-        Ok(WalArchive { files, bases })
+        let histories = files
+            .iter()
+            .filter_map(|(name, r)| {
+                let tli = u32::from_str_radix(name.strip_suffix(".history")?, 16).ok()?;
+                let switches = r
+                    .manifest
+                    .as_ref()
+                    .and_then(|m| m.source.stats.get("history"))
+                    .and_then(|h| serde_json::from_value(h.clone()).ok());
+                Some((tli, switches))
+            })
+            .collect();
+        Ok(WalArchive {
+            files,
+            bases,
+            histories,
+        })
     }
 
     /// The newest completed base backup of the policy.
@@ -275,34 +301,102 @@ impl WalArchive {
         self.files.get(name)
     }
 
-    /// Segment numbers archived on `timeline`, with the time each was archived.
-    fn segments(&self, timeline: u32, segment_size: u64) -> BTreeMap<u64, DateTime<Utc>> {
+    /// The switch points of timeline `tli`'s archived history file, if there is one.
+    fn history(&self, tli: u32) -> Result<Option<&[TimelineSwitch]>> {
+        match self.histories.get(&tli) {
+            None => Ok(None),
+            Some(Some(h)) => Ok(Some(h)),
+            Some(None) => Err(Error::integrity(format!(
+                "the manifest of archived timeline history {tli:08X}.history records no switch points"
+            ))),
+        }
+    }
+
+    /// The timelines recovery from `range` follows, as PostgreSQL's
+    /// `recovery_target_timeline = 'latest'` picks them: the newest timeline whose history
+    /// files are archived one after another from the base backup's, which must be an
+    /// ancestor of it that the base backup started on before it ended.
+    fn legs(&self, range: &WalRange) -> Result<Vec<Leg>> {
+        let size = range.segment_size;
+        let base = Leg {
+            timeline: range.timeline,
+            first_segment: 0,
+        };
+        let mut newest = None;
+        let mut probe = range.timeline;
+        while let Some(h) = self.history(probe + 1)? {
+            probe += 1;
+            newest = Some((probe, h));
+        }
+        let Some((target, history)) = newest else {
+            return Ok(vec![base]);
+        };
+        let not_child = |why: String| {
+            Error::integrity(format!(
+                "the archive's newest timeline {target} does not continue the base backup's timeline {}: {why}",
+                range.timeline
+            ))
+            .hint("restore from a base backup taken on that timeline (`drctl list` shows each one's WAL range)")
+        };
+        let from = history
+            .iter()
+            .position(|s| s.timeline == range.timeline)
+            .ok_or_else(|| {
+                not_child(format!(
+                    "its history does not include timeline {}",
+                    range.timeline
+                ))
+            })?;
+        let start = parse_lsn(&range.start_lsn).unwrap_or(0);
+        let switch = parse_lsn(&history[from].switchpoint).unwrap_or(0);
+        if switch < start {
+            return Err(not_child(format!(
+                "timeline {} ended at {} , before the base backup started at {}",
+                range.timeline, history[from].switchpoint, range.start_lsn
+            )));
+        }
+        let mut legs = vec![base];
+        for (i, s) in history.iter().enumerate().skip(from) {
+            let child = history.get(i + 1).map_or(target, |next| next.timeline);
+            legs.push(Leg {
+                timeline: child,
+                first_segment: parse_lsn(&s.switchpoint).unwrap_or(0) / size,
+            });
+        }
+        Ok(legs)
+    }
+
+    /// Segment numbers recovery reads along `legs`, each from the newest timeline that has
+    /// begun by then, with the time each was archived.
+    fn segments(&self, legs: &[Leg], segment_size: u64) -> BTreeMap<u64, DateTime<Utc>> {
         self.files
             .iter()
             .filter_map(|(name, r)| {
                 let (tli, segno) = parse_segment(name, segment_size)?;
-                (tli == timeline).then_some((segno, r.started_at))
+                (leg_of(legs, segno).timeline == tli).then_some((segno, r.started_at))
             })
             .collect()
     }
 
     /// Checks that every segment recovery from `range` to `target` reads is archived, and
-    /// returns the last one. Finds missing segments and gaps before anything is written.
+    /// returns the last one with the timelines recovery follows. Finds missing segments and
+    /// gaps before anything is written.
     pub fn check(
         &self,
         base: &BackupId,
         range: &WalRange,
         target: &RecoveryTarget,
-    ) -> Result<String> {
+    ) -> Result<(String, Vec<u32>)> {
         let size = range.segment_size;
-        let tli = range.timeline;
-        let segments = self.segments(tli, size);
+        let legs = self.legs(range)?;
+        let segments = self.segments(&legs, size);
+        let name = |s: u64| segment_name(leg_of(&legs, s).timeline, s, size);
         let seg = |name: &str| parse_segment(name, size).map(|(_, s)| s).unwrap_or(0);
         let (start, stop) = (seg(&range.start_wal), seg(&range.stop_wal));
         let missing = |s: u64, why: &str| {
             Error::integrity(format!(
                 "WAL segment {} is not archived; base backup {base} {why}",
-                segment_name(tli, s, size)
+                name(s)
             ))
             .hint("`drctl verify` lists the WAL the backups need; choose an earlier --until/--lsn or another base backup")
         };
@@ -323,7 +417,7 @@ impl WalArchive {
                         end + 1,
                         &format!(
                             "cannot reach the latest point: segment {} and later are archived after this gap",
-                            segment_name(tli, after, size)
+                            name(after)
                         ),
                     ));
                 }
@@ -365,8 +459,23 @@ impl WalArchive {
                 }
             }
         };
-        Ok(segment_name(tli, last, size))
+        // The timelines up to the last segment read.
+        let timelines = legs
+            .iter()
+            .filter(|l| l.first_segment <= last)
+            .map(|l| l.timeline)
+            .collect();
+        Ok((name(last), timelines))
     }
+}
+
+/// The leg recovery reads segment `segno` from: the newest that has begun.
+fn leg_of(legs: &[Leg], segno: u64) -> Leg {
+    legs.iter()
+        .rev()
+        .find(|l| l.first_segment <= segno)
+        .copied()
+        .unwrap_or(legs[0])
 }
 
 /// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename).
@@ -411,6 +520,10 @@ pub struct PhysicalPlan {
     pub target: RecoveryTarget,
     /// The last WAL segment recovery reads.
     pub last_wal: String,
+    /// The timelines recovery follows to reach it, the base backup's first.
+    pub timelines: Vec<u32>,
+    /// Whether the restored server archives its WAL into the policy.
+    pub archive: bool,
     pub data_dir: PathBuf,
     pub port: u16,
     #[serde(skip)]
@@ -438,8 +551,11 @@ pub async fn plan_physical(
     base: Option<BackupRecord>,
     target: RecoveryTarget,
     data_dir: &Path,
-    port: u16,
+    server: &ServerOptions,
 ) -> Result<PhysicalPlan> {
+    let port = server.port.ok_or_else(|| {
+        Error::invalid("a physical PostgreSQL restore starts a server: give it a free --port")
+    })?;
     let archive = WalArchive::load(repo, policy).await?;
     let record = match base {
         Some(r) => r,
@@ -482,13 +598,15 @@ pub async fn plan_physical(
         }
     }
     let wal = wal_range(&record)?;
-    let last_wal = archive.check(&record.backup_id, &wal, &target)?;
+    let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target)?;
     super::check_target(data_dir, false)?;
     Ok(PhysicalPlan {
         base_backup: record.backup_id.clone(),
         wal,
         target,
         last_wal,
+        timelines,
+        archive: server.archive,
         data_dir: data_dir.to_path_buf(),
         port,
         record,
@@ -578,14 +696,30 @@ pub async fn restore_physical(
         Some(f) => format!(" --identity {}", absolute(f)?),
         None => String::new(),
     };
-    let restore_command = format!(
-        "{} -q --config {}{identity} wal fetch --policy {} %f %p",
+    let drctl = format!(
+        "{} -q --config {}",
         sh_quote(&exe.to_string_lossy()),
-        absolute(&repo.settings.file)?,
+        absolute(&repo.settings.file)?
+    );
+    let restore_command = format!(
+        "{drctl}{identity} wal fetch --policy {} %f %p",
         plan.record.policy
     );
+    // Archiving into the policy pushes the new timeline's history file when recovery
+    // ends, then its WAL; later restores follow that timeline.
+    let archive = if plan.archive {
+        format!(
+            "archive_mode = on\narchive_command = {}\n",
+            conf_quote(&format!(
+                "{drctl} wal push --policy {} %p",
+                plan.record.policy
+            ))
+        )
+    } else {
+        "archive_mode = off\n".to_owned()
+    };
     let mut settings = format!(
-        "\n# drctl restore of base backup {}\nrestore_command = {}\narchive_mode = off\n\
+        "\n# drctl restore of base backup {}\nrestore_command = {}\n{archive}\
          port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n",
         plan.base_backup,
         conf_quote(&restore_command),
@@ -769,9 +903,22 @@ impl PgPlan {
                     RecoveryTarget::Time(t) => t.to_rfc3339(),
                     RecoveryTarget::Lsn(l) => format!("LSN {l}"),
                 };
+                let timelines = p
+                    .timelines
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>();
                 format!(
-                    "replay WAL {} to {} (timeline {}) up to {to}, then start the server on port {}",
-                    p.wal.start_wal, p.last_wal, p.wal.timeline, p.port
+                    "replay WAL {} to {} (timeline {}) up to {to}, then start the server on port {}{}",
+                    p.wal.start_wal,
+                    p.last_wal,
+                    timelines.join(" → "),
+                    p.port,
+                    if p.archive {
+                        " archiving its WAL into the policy"
+                    } else {
+                        ""
+                    }
                 )
             }
         }
@@ -798,7 +945,7 @@ pub async fn plan(
     selector: &Selector,
     target: &Target,
     recovery: &RecoveryTarget,
-    port: Option<u16>,
+    server: &ServerOptions,
 ) -> Result<(BackupRecord, Option<PgPlan>)> {
     let id = record.backup_id.clone();
     let policy = record.policy.clone();
@@ -828,19 +975,16 @@ pub async fn plan(
         }
         // The base backup's tar, without WAL.
         (Some("physical"), Target::Stdout)
-            if recovery == &RecoveryTarget::Latest && port.is_none() =>
+            if recovery == &RecoveryTarget::Latest && server.port.is_none() =>
         {
             Ok((record, None))
         }
         (Some("physical" | "wal"), Target::Dir { path, .. }) => {
-            let port = port.ok_or_else(|| {
-                Error::invalid("a physical PostgreSQL restore starts a server: give it a free --port")
-            })?;
             let base = match selector {
                 Selector::Latest => None,
                 Selector::Id(_) => Some(record),
             };
-            let plan = plan_physical(repo, &policy, base, recovery.clone(), path, port).await?;
+            let plan = plan_physical(repo, &policy, base, recovery.clone(), path, server).await?;
             Ok((plan.record.clone(), Some(PgPlan::Physical(plan))))
         }
         (Some("physical" | "wal"), _) => Err(Error::invalid(format!(
@@ -928,6 +1072,14 @@ mod tests {
         WalArchive {
             files,
             bases: Vec::new(),
+            histories: BTreeMap::new(),
+        }
+    }
+
+    fn switch(timeline: u32, at: &str) -> TimelineSwitch {
+        TimelineSwitch {
+            timeline,
+            switchpoint: at.into(),
         }
     }
 
@@ -949,7 +1101,7 @@ mod tests {
         let a = archive(&["000000010000000000000002", "000000010000000000000003"]);
         assert_eq!(
             a.check(&id, &range(), &latest).unwrap(),
-            "000000010000000000000003"
+            ("000000010000000000000003".into(), vec![1])
         );
 
         let e = archive(&["000000010000000000000003"])
@@ -977,7 +1129,8 @@ mod tests {
         // A target before the gap is still reachable.
         assert_eq!(
             gap.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
-                .unwrap(),
+                .unwrap()
+                .0,
             "000000010000000000000003"
         );
         assert!(gap
@@ -985,12 +1138,80 @@ mod tests {
             .is_err());
         let t = DateTime::from_timestamp(1_005, 0).unwrap();
         assert_eq!(
-            gap.check(&id, &range(), &RecoveryTarget::Time(t)).unwrap(),
+            gap.check(&id, &range(), &RecoveryTarget::Time(t))
+                .unwrap()
+                .0,
             "000000010000000000000003"
         );
         let after_all = DateTime::from_timestamp(5_000, 0).unwrap();
         assert!(gap
             .check(&id, &range(), &RecoveryTarget::Time(after_all))
             .is_err());
+    }
+
+    #[test]
+    fn wal_check_follows_the_newest_archived_timeline() {
+        let id = BackupId::parse("20260101T000000Z-0badc0de").unwrap();
+        let latest = RecoveryTarget::Latest;
+        // Timeline 2 branched from 1 in segment 4; timeline 1 went on to segment 5 (after
+        // the branch, so not read).
+        let mut a = archive(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004.partial",
+            "000000010000000000000005",
+            "00000002.history",
+            "000000020000000000000004",
+            "000000020000000000000005",
+        ]);
+        a.histories.insert(2, Some(vec![switch(1, "0/4000100")]));
+        assert_eq!(
+            a.check(&id, &range(), &latest).unwrap(),
+            ("000000020000000000000005".into(), vec![1, 2])
+        );
+        // Before the branch, recovery reads timeline 1 only.
+        assert_eq!(
+            a.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
+                .unwrap(),
+            ("000000010000000000000003".into(), vec![1])
+        );
+
+        // The new timeline's first segment is missing: timeline 1's copy does not stand in.
+        a.files.remove("000000020000000000000004");
+        let e = a.check(&id, &range(), &latest).unwrap_err();
+        assert!(
+            e.message()
+                .contains("000000020000000000000004 is not archived"),
+            "{}",
+            e.message()
+        );
+
+        // Timeline 3 branched from 2; history files are followed one after another.
+        let mut b = archive(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000020000000000000004",
+            "000000020000000000000005",
+            "000000030000000000000005",
+            "000000030000000000000006",
+        ]);
+        b.histories.insert(2, Some(vec![switch(1, "0/4000100")]));
+        b.histories.insert(
+            3,
+            Some(vec![switch(1, "0/4000100"), switch(2, "0/5000200")]),
+        );
+        assert_eq!(
+            b.check(&id, &range(), &latest).unwrap(),
+            ("000000030000000000000006".into(), vec![1, 2, 3])
+        );
+
+        // A timeline that left timeline 1 before the base backup started cannot be reached.
+        let mut c = archive(&["000000010000000000000002", "000000020000000000000002"]);
+        c.histories.insert(2, Some(vec![switch(1, "0/1000000")]));
+        let e = c.check(&id, &range(), &latest).unwrap_err();
+        assert!(e.message().contains("does not continue"), "{}", e.message());
+        // Nor a history without its switch points.
+        c.histories.insert(2, None);
+        assert!(c.check(&id, &range(), &latest).is_err());
     }
 }

@@ -597,11 +597,65 @@ impl Source for WalSource {
         _index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats> {
-        let bytes = super::copy_file(&self.path, out, cancel)?;
         let mut stats = Stats::new();
+        if self.name.ends_with(".history") {
+            // Small: read whole, so the switch points can go into the manifest, where a
+            // restore plan finds them without decrypting anything.
+            let text = std::fs::read(&self.path)
+                .map_err(|e| Error::io(format!("read {}", self.path.display()), e))?;
+            let history = parse_history(&String::from_utf8_lossy(&text))
+                .map_err(|e| e.context(format!("timeline history file {}", self.path.display())))?;
+            out.write_all(&text).map_err(|e| Error::io("write", e))?;
+            stats.insert("bytes".into(), text.len().into());
+            stats.insert("history".into(), serde_json::to_value(history)?);
+            return Ok(stats);
+        }
+        let bytes = super::copy_file(&self.path, out, cancel)?;
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)
     }
+}
+
+/// One line of a timeline history file: `timeline` ended at `switchpoint`, where its child
+/// timeline begins.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimelineSwitch {
+    pub timeline: u32,
+    pub switchpoint: String,
+}
+
+/// Parses a timeline history file (`<parent timeline>\t<switch LSN>\t<reason>` per line;
+/// blank lines and `#` comments skipped), oldest ancestor first.
+pub fn parse_history(text: &str) -> Result<Vec<TimelineSwitch>> {
+    let mut out: Vec<TimelineSwitch> = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(tli), Some(lsn)) = (fields.next(), fields.next()) else {
+            return Err(Error::invalid(format!("bad line {line:?}")));
+        };
+        let timeline = tli
+            .parse::<u32>()
+            .map_err(|_| Error::invalid(format!("bad timeline {tli:?} in line {line:?}")))?;
+        let at = parse_lsn(lsn)
+            .ok_or_else(|| Error::invalid(format!("bad LSN {lsn:?} in line {line:?}")))?;
+        if let Some(prev) = out.last() {
+            if timeline <= prev.timeline || Some(at) < parse_lsn(&prev.switchpoint) {
+                return Err(Error::invalid(format!(
+                    "line {line:?} does not follow timeline {}",
+                    prev.timeline
+                )));
+            }
+        }
+        out.push(TimelineSwitch {
+            timeline,
+            switchpoint: format_lsn(at),
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -650,6 +704,29 @@ mod tests {
         assert_eq!(r.stop_wal, "000000010000000000000002");
         assert_eq!((r.timeline, r.stop_lsn.as_str()), (1, "0/3000000"));
         assert!(WalRange::from_manifest("{}", 16 << 20).is_err());
+    }
+
+    #[test]
+    fn timeline_history_files_parse_oldest_first() {
+        let text = "1\t0/5000028\tbefore 2026-11-30 10:00:00+00\n\n# note\n2\t0/70000A0\tno recovery target specified\n";
+        let h = parse_history(text).unwrap();
+        assert_eq!(
+            h,
+            vec![
+                TimelineSwitch {
+                    timeline: 1,
+                    switchpoint: "0/5000028".into()
+                },
+                TimelineSwitch {
+                    timeline: 2,
+                    switchpoint: "0/70000A0".into()
+                },
+            ]
+        );
+        assert!(parse_history("").unwrap().is_empty());
+        for bad in ["1 nonsense", "x\t0/1", "2\t0/5\n1\t0/6", "1\t0/6\n2\t0/5"] {
+            assert!(parse_history(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
