@@ -2,7 +2,9 @@
 # Benchmark drctl's PostgreSQL backups against the tools they replace, on the same cluster in
 # the same run:
 #   physical full   drctl backup (pg_basebackup | zstd -3 | age)  vs  pgBackRest full backup
-#                   (zstd level 3, process-max = cores, AES-256 repository encryption)
+#                   (zstd level 3, process-max = cores, AES-256 repository encryption); each
+#                   ends once the WAL its backup needs is in its own archive (the server's
+#                   archive_command is `pgbackrest archive-push` during pgBackRest's runs)
 #   logical dump    drctl backup (pg_dump -Fc -Z0 | zstd -3 | age, plus row counts)  vs
 #                   pg_dump -Fc to a file
 #   logical restore drctl restore --to-database  vs  pg_restore -j <cores> from that file
@@ -192,8 +194,15 @@ source:
   url: $url/bench
 YAML
 as_pg env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" init >"$logs/drctl-init.log"
-sql "ALTER SYSTEM SET archive_command = '$drctl -q --config $home/drctl.yaml wal push --policy physical %p'" postgres
-sql "SELECT pg_reload_conf()" postgres >/dev/null
+# The server archives into drctl, except during pgBackRest's backups, which (like drctl's)
+# end only once the WAL they need is in their own archive.
+drctl_archive="$drctl -q --config $home/drctl.yaml wal push --policy physical %p"
+pgbackrest_archive="pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p"
+archive_to() { # <archive_command>
+    sql "ALTER SYSTEM SET archive_command = '$1'" postgres
+    sql "SELECT pg_reload_conf()" postgres >/dev/null
+}
+archive_to "$drctl_archive"
 
 as_pg tee "$work/pgbackrest.conf" >/dev/null <<CONF
 [global]
@@ -205,7 +214,6 @@ compress-type=zst
 compress-level=3
 process-max=$cores
 start-fast=y
-archive-check=n
 log-path=$work/pgbackrest
 lock-path=$work/pgbackrest
 log-level-console=warn
@@ -253,7 +261,10 @@ run_op() { # <op> <round>
         drctl-physical)
             timed "drctl-physical-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" --json backup -q --policy physical ;;
         pgbackrest-full)
-            timed "pgbackrest-full-$r" "${pgbackrest[@]}" --type=full backup ;;
+            archive_to "$pgbackrest_archive"
+            timed "pgbackrest-full-$r" "${pgbackrest[@]}" --type=full backup
+            settle
+            archive_to "$drctl_archive" ;;
         pg-dump)
             rm -f "$work/bench.pgdump"
             timed "pg-dump-$r" pg_dump -Fc -f "$work/bench.pgdump" -d "$url/bench" ;;

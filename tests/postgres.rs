@@ -942,30 +942,51 @@ fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
         c.switch_wal();
     }
     c.drctl(&["verify", &base]).ok();
-    // Forget one segment after the base backup's own range.
-    let stop = c.drctl(&["--json", "show", &base]).ok().json()[0]["manifest"]["source"]["stats"]
-        ["wal"]["stop_wal"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let wal = c.drctl(&["--json", "show", &base]).ok().json()[0]["manifest"]["source"]["stats"]
+        ["wal"]
+        .clone();
+    let (start, stop) = (
+        wal["start_wal"].as_str().unwrap().to_owned(),
+        wal["stop_wal"].as_str().unwrap().to_owned(),
+    );
+    let db = c.sb.path().join("registry.db");
+    let forget = |id: &str| {
+        output_ok(
+            Command::new("sqlite3")
+                .arg(&db)
+                .arg(format!("DELETE FROM backups WHERE backup_id = '{id}'")),
+        );
+    };
     let list = c.drctl(&["--json", "list", "--limit", "1000"]).ok().json();
+    let archived = |r: &serde_json::Value| {
+        r["manifest"]["source"]["descriptor"]["wal"]
+            .as_str()
+            .filter(|n| n.len() == 24)
+            .map(|n| (n.to_owned(), r["backup_id"].as_str().unwrap().to_owned()))
+    };
+
+    // The base backup carries the WAL of its own range: it restores without the archive's.
+    assert_eq!(wal["included"], true, "{wal}");
+    for (name, id) in list.iter().filter_map(archived) {
+        if name >= start && name <= stop {
+            forget(&id);
+        }
+    }
+    c.drctl(&["verify", &base]).ok();
+    let (run, url) = c.restore("own-wal", &[]);
+    run.ok();
+    assert_eq!(psql(&url, "SELECT count(*) FROM t"), "3000");
+
+    // Forget one segment after the base backup's own range.
     let mut names: Vec<(String, String)> = list
         .iter()
-        .filter_map(|r| {
-            let name = r["manifest"]["source"]["descriptor"]["wal"].as_str()?;
-            (name.len() == 24 && name > stop.as_str())
-                .then(|| (name.to_owned(), r["backup_id"].as_str().unwrap().to_owned()))
-        })
+        .filter_map(archived)
+        .filter(|(name, _)| *name > stop)
         .collect();
     names.sort();
     assert!(names.len() >= 2, "{names:?}");
     let (gap, gap_id) = &names[0];
-    let db = c.sb.path().join("registry.db");
-    output_ok(
-        Command::new("sqlite3")
-            .arg(&db)
-            .arg(format!("DELETE FROM backups WHERE backup_id = '{gap_id}'")),
-    );
+    forget(gap_id);
 
     let run = c.drctl(&["verify", &base]);
     assert_ne!(run.code, 0);

@@ -400,9 +400,12 @@ impl WalArchive {
             ))
             .hint("`drctl verify` lists the WAL the backups need; choose an earlier --until/--lsn or another base backup")
         };
-        for s in start..=stop {
-            if !segments.contains_key(&s) {
-                return Err(missing(s, "needs it to become consistent"));
+        // A base backup without its own WAL needs the archive's to become consistent.
+        if !range.included {
+            for s in start..=stop {
+                if !segments.contains_key(&s) {
+                    return Err(missing(s, "needs it to become consistent"));
+                }
             }
         }
         // Archived segments form one run from `start`; the first hole ends it.
@@ -1091,6 +1094,7 @@ mod tests {
             start_wal: "000000010000000000000002".into(),
             stop_wal: "000000010000000000000002".into(),
             segment_size: 16 << 20,
+            included: false,
         }
     }
 
@@ -1104,6 +1108,18 @@ mod tests {
             ("000000010000000000000003".into(), vec![1])
         );
 
+        // A base backup that carries its own WAL needs only what follows it.
+        let included = WalRange {
+            included: true,
+            ..range()
+        };
+        assert_eq!(
+            archive(&["000000010000000000000003"])
+                .check(&id, &included, &latest)
+                .unwrap()
+                .0,
+            "000000010000000000000003"
+        );
         let e = archive(&["000000010000000000000003"])
             .check(&id, &range(), &latest)
             .unwrap_err();

@@ -322,7 +322,6 @@ impl PostgresSource {
             "SELECT setting::bigint * (CASE unit WHEN 'MB' THEN 1048576 ELSE 1 END) \
              FROM pg_settings WHERE name = 'wal_segment_size'",
         )?;
-        session.close()?;
         if archive_mode == "off" {
             return Err(Error::invalid(
                 "archive_mode is off: a physical backup without archived WAL cannot be restored",
@@ -332,13 +331,29 @@ impl PostgresSource {
         let segment_size: u64 = segment_size
             .parse()
             .map_err(|_| Error::failure(format!("bad wal_segment_size {segment_size:?}")))?;
+        // The base backup carries the WAL from its start to its end (`-X fetch`), so it is
+        // consistent on its own and the server does not wait for that WAL to be archived. A
+        // temporary replication slot keeps the server from recycling it meanwhile; it goes
+        // with the session, even if drctl dies.
+        let slot = format!("drctl_basebackup_{}", std::process::id());
+        session
+            .query(&format!(
+                "SELECT 1 FROM pg_create_physical_replication_slot('{slot}', true, true)"
+            ))
+            .map_err(|e| {
+                e.context("reserve the base backup's WAL with a temporary replication slot")
+                    .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
+            })?;
         let mut cmd = self.conn.command("pg_basebackup");
-        cmd.args(["-D", "-", "-Ft", "-X", "none", "-c", "fast"])
+        cmd.args(["-D", "-", "-Ft", "-X", "fetch", "-c", "fast"])
             .args(["-d", &self.conn.url]);
         // The backup manifest pg_basebackup appends to the archive names the WAL range.
         let mut tap = TarTap::new(out, "backup_manifest");
         let streamed = stream_stdout(cmd, &mut tap, cancel)?;
-        let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
+        session.close()?;
+        let mut range =
+            WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
+        range.included = true;
         // Consistent from the stop LSN on, which pg_basebackup has just reached.
         self.point_in_time = Some(PointInTime {
             timestamp: Some(chrono::Utc::now()),
@@ -396,6 +411,9 @@ pub struct WalRange {
     pub start_wal: String,
     pub stop_wal: String,
     pub segment_size: u64,
+    /// The base backup holds segments `start_wal` to `stop_wal` itself (in `pg_wal/`).
+    #[serde(default)]
+    pub included: bool,
 }
 
 impl WalRange {
@@ -425,6 +443,7 @@ impl WalRange {
             start_wal: segment_name(timeline, start / segment_size, segment_size),
             stop_wal: segment_name(timeline, stop_segment, segment_size),
             segment_size,
+            included: false,
         })
     }
 }
