@@ -262,6 +262,82 @@ fn manifest(sandbox: &Sandbox, id: &str) -> serde_json::Value {
 }
 
 #[test]
+fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
+    let server = Server::start();
+    seed(&server, "busy");
+    server.sql(
+        Some("busy"),
+        "INSERT INTO items SELECT seq, CONCAT('bulk-', seq), RANDOM_BYTES(200), seq / 3 \
+         FROM seq_10000_to_150000",
+    );
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "busy", "busy");
+    // A writer commits one row at a time into a dumped table for the whole backup.
+    server.sql(
+        Some("busy"),
+        "DELIMITER //\nCREATE PROCEDURE fill() BEGIN DECLARE i INT DEFAULT 1; \
+         WHILE i <= 10000000 DO INSERT INTO empty_one VALUES (i); SET i = i + 1; END WHILE; \
+         END//",
+    );
+    let mut writer = server
+        .client(Some("busy"))
+        .args(["-e", "CALL fill()"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let written = || {
+        server
+            .sql(Some("busy"), "SELECT COUNT(*) FROM empty_one")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    while written() < 100 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = written();
+    let run = sandbox.run(&["--json", "backup", "--policy", "busy"]);
+    let after = written();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    // The dump and the snapshot its counts and checksums come from hold the same rows: the
+    // backup checks that itself and fails otherwise.
+    let m = &run.ok().json()[0];
+    let dumped = m["source"]["stats"]["tables"]["empty_one"]
+        .as_u64()
+        .unwrap();
+    assert!(after > before, "the writer stalled: {before} then {after}");
+    assert!(
+        (before..=after).contains(&dumped),
+        "{before} <= {dumped} <= {after}"
+    );
+    assert!(
+        m["source"]["stats"]["checksums"]["empty_one"].is_u64(),
+        "{m}"
+    );
+
+    let id = m["backup_id"].as_str().unwrap();
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "busy",
+            "--backup",
+            id,
+            "--to-database",
+            &server.url("root", "busy_copy"),
+        ])
+        .ok();
+    assert_eq!(
+        server
+            .sql(Some("busy_copy"), "SELECT COUNT(*) FROM empty_one")
+            .trim(),
+        dumped.to_string()
+    );
+}
+
+#[test]
 fn mysql_full_backup_round_trip_checks_row_counts_and_keeps_the_password_out() {
     let server = Server::start();
     seed(&server, "shop");
@@ -304,6 +380,10 @@ fn mysql_full_backup_round_trip_checks_row_counts_and_keeps_the_password_out() {
         "{m}"
     );
     assert_eq!(m["source"]["descriptor"]["user"], "app");
+    // Checksums from a snapshot aligned with the dump's.
+    assert!(stats["checksums"]["items"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(stats["checksums"].as_object().unwrap().len(), 2, "{m}");
+    assert!(stats["server_version"].is_string(), "{m}");
     for entry in walk(sandbox.path()) {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(
@@ -333,6 +413,48 @@ fn mysql_full_backup_round_trip_checks_row_counts_and_keeps_the_password_out() {
     assert_eq!(report["rows"]["tables"], 2, "{report}");
     assert_eq!(report["rows"]["rows"], 3000);
     assert_eq!(contents(&server, "shop"), contents(&server, "shop_copy"));
+
+    // The restored tables' checksums are compared with the dump's.
+    tampered_checksum_fails_the_restore(&server, &sandbox, "shop", &id, "items", "shop_tampered");
+}
+
+/// Sets checksum `table` of backup `id` to 1 in the registry, then restores it into database
+/// `target` (with `--overwrite`) and expects the restore to fail on that checksum (exit 4).
+fn tampered_checksum_fails_the_restore(
+    server: &Server,
+    sandbox: &Sandbox,
+    policy: &str,
+    id: &str,
+    table: &str,
+    target: &str,
+) {
+    let out = Command::new("sqlite3")
+        .arg(sandbox.path().join("registry.db"))
+        .arg(format!(
+            "UPDATE backups SET manifest = \
+             json_set(manifest, '$.source.stats.checksums.{table}', 1) WHERE backup_id = '{id}'"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            policy,
+            "--backup",
+            id,
+            "--to-database",
+            &server.url("root", target),
+            "--overwrite",
+        ])
+        .code(4);
+    assert!(
+        run.stderr
+            .contains(&format!("table {table}: checksum 1 at backup")),
+        "{}",
+        run.stderr
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -503,33 +625,7 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
 
     // A checksum that does not match the restored table fails the restore (exit 4).
-    let registry = sandbox.path().join("registry.db");
-    let out = Command::new("sqlite3")
-        .arg(&registry)
-        .arg(format!(
-            "UPDATE backups SET manifest = json_set(manifest, '$.source.stats.checksums.t', 1) \
-             WHERE backup_id = '{first}'"
-        ))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let run = sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            &first,
-            "--to-database",
-            &server.url("root", "first"),
-            "--overwrite",
-        ])
-        .code(4);
-    assert!(
-        run.stderr.contains("table t: checksum 1 at backup"),
-        "{}",
-        run.stderr
-    );
+    tampered_checksum_fails_the_restore(&server, &sandbox, "app", &first, "t", "first");
 
     // A time before a chain's full backup cannot be reached from it.
     let early = [

@@ -27,8 +27,8 @@ use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
-    format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, Conn, Session,
-    TimelineSwitch, WalRange,
+    format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, Conn, TimelineSwitch,
+    WalRange,
 };
 use crate::{Error, Result};
 
@@ -78,14 +78,14 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
     let database = target.database().ok_or_else(|| {
         Error::invalid("the target URL names no database; use postgres://user@host:port/database")
     })?;
-    let mut admin = Session::open(&target.with_database("postgres")?)?;
+    let mut admin = target.with_database("postgres")?.session()?;
     let exists = admin.value(&format!(
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         sql_literal(&database)
     ))? != "0";
     admin.close()?;
     let relations = if exists {
-        let mut s = Session::open(target)?;
+        let mut s = target.session()?;
         let n = s.value(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'",
@@ -113,7 +113,7 @@ fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
     if state.exists {
         return Ok(());
     }
-    let mut admin = Session::open(&target.with_database("postgres")?)?;
+    let mut admin = target.with_database("postgres")?.session()?;
     admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
     admin.close()
 }
@@ -777,7 +777,8 @@ pub async fn restore_physical(
     // Recovery is over when the server has promoted.
     loop {
         cancel.check()?;
-        let done = Session::open(&local("postgres")?)
+        let done = local("postgres")?
+            .session()
             .and_then(|mut s| {
                 let v = s.value("SELECT pg_is_in_recovery()");
                 s.close()?;
@@ -798,7 +799,7 @@ pub async fn restore_physical(
     }
 
     let mut databases = BTreeMap::new();
-    let mut s = Session::open(&local("postgres")?)?;
+    let mut s = local("postgres")?.session()?;
     let names = s.query(
         "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
     )?;

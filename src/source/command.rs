@@ -2,9 +2,9 @@
 //! the backup with the command's stderr in the error.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
 use super::{Source, Stats};
@@ -168,4 +168,111 @@ pub fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(
     Err(Error::failure(format!(
         "command `{program}` {how}; stderr: {detail}"
     )))
+}
+
+/// A SQL client (`psql`, `mariadb`) on a pipe, for statements that must share one session:
+/// a transaction's snapshot, a lock, a temporary replication slot. Dropping it closes the
+/// client's input, which ends the session.
+pub struct SqlSession {
+    program: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    stderr: Option<JoinHandle<String>>,
+    /// The client statement that prints [`END_MARK`] on a line of its own.
+    end: String,
+}
+
+const END_MARK: &str = "__drctl_end_of_result__";
+
+impl SqlSession {
+    /// Starts `cmd`, a client that reads statements on stdin and prints each result's rows
+    /// one per line; `end` gives its statement that prints a marker line.
+    pub fn start(
+        mut cmd: Command,
+        program: &'static str,
+        end: impl Fn(&str) -> String,
+    ) -> Result<SqlSession> {
+        let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::piped())?;
+        let stderr = Some(collect_stderr(&mut child));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(SqlSession {
+            program,
+            child,
+            stdin,
+            stdout,
+            stderr,
+            end: end(END_MARK),
+        })
+    }
+
+    /// Runs one statement; returns its result rows, one line each.
+    pub fn query(&mut self, sql: &str) -> Result<Vec<String>> {
+        let sent = self.stdin.as_mut().map(|stdin| {
+            stdin
+                .write_all(format!("{sql};\n{}\n", self.end).as_bytes())
+                .and_then(|_| stdin.flush())
+        });
+        if !matches!(sent, Some(Ok(()))) {
+            return Err(self.failed());
+        }
+        let mut rows = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(self.failed()),
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches('\n');
+            if line == END_MARK {
+                return Ok(rows);
+            }
+            rows.push(line.to_owned());
+        }
+    }
+
+    /// Runs a query that returns one value.
+    pub fn value(&mut self, sql: &str) -> Result<String> {
+        let rows = self.query(sql)?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| Error::failure(format!("{}: no result for {sql:?}", self.program)))
+    }
+
+    /// Ends the session; fails if the client did.
+    pub fn close(mut self) -> Result<()> {
+        drop(self.stdin.take());
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("wait for {}", self.program), e))?;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        check_status(self.program, status, &stderr)
+    }
+
+    fn failed(&mut self) -> Error {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let status = self.child.wait();
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        match status {
+            Ok(status) if !status.success() && !stderr.is_empty() => {
+                check_status(self.program, status, &stderr).unwrap_err()
+            }
+            _ => Error::failure(format!(
+                "{} session ended unexpectedly; stderr: {}",
+                self.program,
+                if stderr.is_empty() { "(none)" } else { &stderr }
+            )),
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! MariaDB/MySQL. A full backup streams `mariadb-dump --single-transaction` of one database
 //! and records, from the dump itself, the binary log position it is consistent with and the
-//! row count of every table. An incremental backup is a tar of the raw binary log files from
+//! row count of every table, checked against a snapshot of the same moment in which the
+//! tables' checksums are taken (see [`TwinSnapshot`]). An incremental backup is a tar of the raw binary log files from
 //! the previous backup's position to a new one, taken in a consistent snapshot in which the
 //! row counts are recorded too.
 //!
@@ -15,7 +16,7 @@ use std::process::Command;
 
 use chrono::Utc;
 
-use super::command::{check_status, stream_stdout};
+use super::command::{check_status, stream_stdout, SqlSession};
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::format::manifest::PointInTime;
@@ -155,6 +156,14 @@ impl Conn {
             .lines()
             .map(|l| l.split('\t').map(str::to_owned).collect())
             .collect())
+    }
+
+    /// A `mariadb` session in the database, for statements that share a transaction.
+    pub fn session(&self) -> Result<SqlSession> {
+        let mut cmd = self.command("mariadb");
+        cmd.args(["--batch", "--skip-column-names", "--unbuffered"])
+            .arg(format!("--database={}", self.database));
+        SqlSession::start(cmd, "mariadb", |mark| format!("SELECT '{mark}';"))
     }
 
     /// Whether the server writes binary logs.
@@ -332,6 +341,7 @@ impl MysqlSource {
     fn full_dump(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
         let binlog = self.conn.binlog_enabled()?;
         let started = Utc::now();
+        let mut twin = TwinSnapshot::open(&self.conn)?;
         let mut cmd = self.conn.command("mariadb-dump");
         cmd.args([
             "--single-transaction",
@@ -344,10 +354,20 @@ impl MysqlSource {
         }
         cmd.arg("--").arg(&self.conn.database);
         let mut scan = DumpScanner::new(out);
-        let streamed = stream_stdout(cmd, &mut scan, cancel)?;
+        let streamed = match &mut twin {
+            Some(twin) => stream_stdout(cmd, &mut twin.releasing(&mut scan), cancel)?,
+            None => stream_stdout(cmd, &mut scan, cancel)?,
+        };
         let mut stats = Stats::new();
         stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("tables".into(), serde_json::to_value(&scan.tables)?);
+        if let Some(twin) = twin {
+            let (version, checksums) = twin.check(&scan)?;
+            stats.insert("checksums".into(), serde_json::to_value(&checksums)?);
+            if let Some(v) = version {
+                stats.insert("server_version".into(), v.into());
+            }
+        }
         let position = match (binlog, scan.binlog) {
             (true, Some(pos)) => Some(pos.to_string()),
             (true, None) => {
@@ -549,6 +569,164 @@ impl Source for MysqlSource {
     }
     fn point_in_time(&self) -> Option<PointInTime> {
         self.point_in_time.clone()
+    }
+}
+
+/// A session whose snapshot is the dump's: it opens its transaction while
+/// `BACKUP STAGE BLOCK_COMMIT` holds commits off, and releases them once `mariadb-dump` has
+/// opened its own (its output has reached the first table). Row counts and `CHECKSUM TABLE`
+/// taken in it then describe exactly the dumped data, without blocking readers or waiting
+/// for long queries as `FLUSH TABLES WITH READ LOCK` would.
+struct TwinSnapshot {
+    /// The session holding commits off, until released. (`BACKUP STAGE END` commits its
+    /// session's transaction, so the snapshot needs a session of its own.)
+    lock: Option<SqlSession>,
+    session: SqlSession,
+    database: String,
+    /// The binary log position of the snapshot (empty without binary logging).
+    position: String,
+    tables: Vec<String>,
+}
+
+impl TwinSnapshot {
+    /// `None` where the server offers no backup stages (MySQL, MariaDB before 10.4) or the
+    /// user lacks the RELOAD privilege: the dump then goes ahead with row counts only.
+    fn open(conn: &Conn) -> Result<Option<TwinSnapshot>> {
+        let mut lock = conn.session()?;
+        if let Err(e) = lock.query("BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT") {
+            tracing::warn!(
+                error = %e,
+                "no table checksums for this dump: the server offers no BACKUP STAGE to align a snapshot with the dump's (MariaDB 10.4 or later, RELOAD privilege)"
+            );
+            return Ok(None);
+        }
+        let mut session = conn.session()?;
+        let rows = session.query(
+            "START TRANSACTION WITH CONSISTENT SNAPSHOT; \
+             SHOW STATUS LIKE 'binlog_snapshot_%'; \
+             SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
+        )?;
+        let mut file = String::new();
+        let mut pos = String::new();
+        let mut tables = Vec::new();
+        for row in rows {
+            match row.split_once('\t') {
+                Some(("Binlog_snapshot_file", v)) => file = v.to_owned(),
+                Some(("Binlog_snapshot_position", v)) => pos = v.to_owned(),
+                _ => tables.push(row),
+            }
+        }
+        let position = if file.is_empty() {
+            String::new()
+        } else {
+            format!("{file}:{pos}")
+        };
+        Ok(Some(TwinSnapshot {
+            lock: Some(lock),
+            session,
+            database: conn.database.clone(),
+            position,
+            tables,
+        }))
+    }
+
+    /// Lets commits go on; the snapshot stays.
+    fn release(&mut self) -> Result<()> {
+        if let Some(mut lock) = self.lock.take() {
+            lock.query("BACKUP STAGE END")?;
+            lock.close()?;
+        }
+        Ok(())
+    }
+
+    /// A writer that passes the dump to `scan` and releases commits once the dump has
+    /// reached its first table, by which time its transaction is open.
+    fn releasing<'s, 'o>(&'s mut self, scan: &'s mut DumpScanner<'o>) -> Releasing<'s, 'o> {
+        Releasing { twin: self, scan }
+    }
+
+    /// Counts and checksums every table in the snapshot, checks that the dump holds the
+    /// same rows and binary log position, and returns the server version and checksums.
+    fn check(mut self, scan: &DumpScanner) -> Result<(Option<String>, BTreeMap<String, u64>)> {
+        self.release()?;
+        let mut sql: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| format!("SELECT 'count', COUNT(*) FROM {}", quote_ident(t)))
+            .collect();
+        sql.extend(checksum_sql(&self.tables));
+        sql.push("COMMIT".into());
+        let rows: Vec<Vec<String>> = self
+            .session
+            .query(&sql.join("; "))?
+            .iter()
+            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .collect();
+        self.session.close()?;
+        let counts: Vec<&String> = rows
+            .iter()
+            .filter(|r| r[0] == "count")
+            .filter_map(|r| r.get(1))
+            .collect();
+        let mut snapshot = BTreeMap::new();
+        for (t, c) in self.tables.iter().zip(counts) {
+            snapshot.insert(t.clone(), parse_count(t, c)?);
+        }
+        let differences: Vec<String> = snapshot
+            .keys()
+            .chain(scan.tables.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|t| snapshot.get(*t) != scan.tables.get(*t))
+            .map(|t| {
+                let n = |m: &BTreeMap<String, u64>| m.get(t).map_or("none".into(), u64::to_string);
+                format!(
+                    "table {t}: {} rows in the snapshot, {} in the dump",
+                    n(&snapshot),
+                    n(&scan.tables)
+                )
+            })
+            .collect();
+        if !differences.is_empty() {
+            return Err(Error::integrity(format!(
+                "the dump does not hold its snapshot's rows: {}",
+                differences.join("; ")
+            )));
+        }
+        let dumped = scan
+            .binlog
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if self.position != dumped {
+            return Err(Error::integrity(format!(
+                "the dump's binary log position {dumped:?} differs from its snapshot's {:?}",
+                self.position
+            )));
+        }
+        Ok(parse_checksums(&self.database, &rows))
+    }
+}
+
+/// See [`TwinSnapshot::releasing`].
+struct Releasing<'s, 'o> {
+    twin: &'s mut TwinSnapshot,
+    scan: &'s mut DumpScanner<'o>,
+}
+
+impl Write for Releasing<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.scan.write(buf)?;
+        if self.twin.lock.is_some() && !self.scan.tables.is_empty() {
+            self.twin
+                .release()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.scan.flush()
     }
 }
 

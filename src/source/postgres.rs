@@ -7,12 +7,12 @@
 //! handed to the client tools in `PGPASSWORD`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::thread::JoinHandle;
+use std::process::Command;
 
-use super::command::{check_status, collect_stderr, spawn, stream_stdout};
+use super::command::stream_stdout;
+pub use super::command::SqlSession as Session;
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
@@ -83,23 +83,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// A `psql` session on a pipe, for queries that must share one transaction.
-pub struct Session {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-const END_MARK: &str = "__drctl_end_of_result__";
-
-impl Session {
-    pub fn open(conn: &Conn) -> Result<Session> {
-        let mut cmd = conn.command("psql");
+impl Conn {
+    /// A `psql` session on this connection.
+    pub fn session(&self) -> Result<Session> {
+        let mut cmd = self.command("psql");
         cmd.args([
             "-X",
             "-A",
@@ -108,87 +95,14 @@ impl Session {
             "-v",
             "ON_ERROR_STOP=1",
             "-d",
-            &conn.url,
+            &self.url,
         ]);
-        let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::piped())?;
-        let stderr = Some(collect_stderr(&mut child));
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        Ok(Session {
-            child,
-            stdin,
-            stdout,
-            stderr,
-        })
+        Session::start(cmd, "psql", |mark| format!("\\echo {mark}"))
     }
+}
 
-    /// Runs one statement; returns its result rows (columns joined by `|`).
-    pub fn query(&mut self, sql: &str) -> Result<Vec<String>> {
-        let sent = self.stdin.as_mut().map(|stdin| {
-            stdin
-                .write_all(format!("{sql};\n\\echo {END_MARK}\n").as_bytes())
-                .and_then(|_| stdin.flush())
-        });
-        if !matches!(sent, Some(Ok(()))) {
-            return Err(self.failed());
-        }
-        let mut rows = Vec::new();
-        loop {
-            let mut line = String::new();
-            match self.stdout.read_line(&mut line) {
-                Ok(0) | Err(_) => return Err(self.failed()),
-                Ok(_) => {}
-            }
-            let line = line.trim_end_matches('\n');
-            if line == END_MARK {
-                return Ok(rows);
-            }
-            rows.push(line.to_owned());
-        }
-    }
-
-    /// Runs a query that returns one value.
-    pub fn value(&mut self, sql: &str) -> Result<String> {
-        let rows = self.query(sql)?;
-        rows.into_iter()
-            .next()
-            .ok_or_else(|| Error::failure(format!("psql: no result for {sql:?}")))
-    }
-
-    /// Ends the session; fails if psql did.
-    pub fn close(mut self) -> Result<()> {
-        drop(self.stdin.take());
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| Error::io("wait for psql", e))?;
-        let stderr = self
-            .stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        check_status("psql", status, &stderr)
-    }
-
-    fn failed(&mut self) -> Error {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let status = self.child.wait();
-        let stderr = self
-            .stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        match status {
-            Ok(status) if !status.success() && !stderr.is_empty() => {
-                check_status("psql", status, &stderr).unwrap_err()
-            }
-            _ => Error::failure(format!(
-                "psql session ended unexpectedly; stderr: {}",
-                if stderr.is_empty() { "(none)" } else { &stderr }
-            )),
-        }
-    }
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// The ordinary tables of the session's database (no system schemas), quoted, largest first.
@@ -220,7 +134,7 @@ fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
 /// Exact row counts of every ordinary table of a database nothing else writes to (a restored
 /// one), counted over `jobs` connections, largest tables first.
 pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, u64>> {
-    let mut first = Session::open(conn)?;
+    let mut first = conn.session()?;
     let queue = std::collections::VecDeque::from(tables(&mut first)?);
     let jobs = jobs.clamp(1, queue.len().max(1));
     let queue = std::sync::Mutex::new(queue);
@@ -236,7 +150,7 @@ pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, 
         let others: Vec<_> = (1..jobs)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut session = Session::open(conn)?;
+                    let mut session = conn.session()?;
                     let done = work(&mut session)?;
                     session.close()?;
                     Ok(done)
@@ -276,7 +190,7 @@ impl PostgresSource {
     }
 
     fn logical(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
-        let mut session = Session::open(&self.conn)?;
+        let mut session = self.conn.session()?;
         session.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
         let snapshot = session.value("SELECT pg_export_snapshot()")?;
         // The snapshot's moment: its transaction's start time and the WAL position.
@@ -316,7 +230,7 @@ impl PostgresSource {
     }
 
     fn physical(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
-        let mut session = Session::open(&self.conn)?;
+        let mut session = self.conn.session()?;
         let archive_mode = session.value("SELECT current_setting('archive_mode')")?;
         let segment_size = session.value(
             "SELECT setting::bigint * (CASE unit WHEN 'MB' THEN 1048576 ELSE 1 END) \
