@@ -308,14 +308,15 @@ impl WalArchive {
             Some(Some(h)) => Ok(Some(h)),
             Some(None) => Err(Error::integrity(format!(
                 "the manifest of archived timeline history {tli:08X}.history records no switch points"
-            ))),
+            ))
+            .hint("it was archived by a drctl that did not record them; restore from a base backup taken on the newest timeline")),
         }
     }
 
     /// The timelines recovery from `range` follows, as PostgreSQL's
     /// `recovery_target_timeline = 'latest'` picks them: the newest timeline whose history
     /// files are archived one after another from the base backup's, which must be an
-    /// ancestor of it that the base backup started on before it ended.
+    /// ancestor of it that lasted past the base backup's end.
     fn legs(&self, range: &WalRange) -> Result<Vec<Leg>> {
         let size = range.segment_size;
         let base = Leg {
@@ -347,12 +348,13 @@ impl WalArchive {
                     range.timeline
                 ))
             })?;
-        let start = parse_lsn(&range.start_lsn).unwrap_or(0);
+        // Recovery must reach the base backup's end on its own timeline.
+        let stop = parse_lsn(&range.stop_lsn).unwrap_or(u64::MAX);
         let switch = parse_lsn(&history[from].switchpoint).unwrap_or(0);
-        if switch < start {
+        if switch < stop {
             return Err(not_child(format!(
-                "timeline {} ended at {} , before the base backup started at {}",
-                range.timeline, history[from].switchpoint, range.start_lsn
+                "timeline {} ended at {}, before the base backup ended at {}",
+                range.timeline, history[from].switchpoint, range.stop_lsn
             )));
         }
         let mut legs = vec![base];
@@ -462,6 +464,11 @@ impl WalArchive {
                 }
             }
         };
+        // Past its end, recovery reads the stop segment from the archive: the base backup's
+        // copy ends at the backup's end (on a standby, mid-segment).
+        if range.included && last > stop && !segments.contains_key(&stop) {
+            return Err(missing(stop, "needs it to go past its own end"));
+        }
         // The timelines up to the last segment read.
         let timelines = legs
             .iter()
@@ -1109,27 +1116,46 @@ mod tests {
             ("000000010000000000000003".into(), vec![1])
         );
 
-        // A base backup that carries its own WAL needs only what follows it.
+        // A base backup that carries its own WAL needs the archive's from its stop segment
+        // on, and only to go past its end.
         let included = WalRange {
             included: true,
+            start_lsn: "0/1000028".into(),
+            start_wal: "000000010000000000000001".into(),
             ..range()
         };
+        let own = archive(&["000000010000000000000002", "000000010000000000000003"]);
         assert_eq!(
-            archive(&["000000010000000000000003"])
-                .check(&id, &included, &latest)
-                .unwrap()
-                .0,
+            own.check(&id, &included, &latest).unwrap().0,
             "000000010000000000000003"
         );
-        let e = archive(&["000000010000000000000003"])
-            .check(&id, &range(), &latest)
-            .unwrap_err();
-        assert!(
-            e.message()
-                .contains("000000010000000000000002 is not archived"),
-            "{}",
-            e.message()
+        assert!(own
+            .check(
+                &id,
+                &WalRange {
+                    included: false,
+                    ..included.clone()
+                },
+                &latest
+            )
+            .is_err());
+        assert_eq!(
+            archive(&[]).check(&id, &included, &latest).unwrap().0,
+            "000000010000000000000002"
         );
+        // Past its end (or, without its own WAL, to become consistent) recovery needs the
+        // archived stop segment.
+        for r in [&included, &range()] {
+            let e = archive(&["000000010000000000000003"])
+                .check(&id, r, &latest)
+                .unwrap_err();
+            assert!(
+                e.message()
+                    .contains("000000010000000000000002 is not archived"),
+                "{}",
+                e.message()
+            );
+        }
 
         let gap = archive(&[
             "000000010000000000000002",
@@ -1222,11 +1248,16 @@ mod tests {
             ("000000030000000000000006".into(), vec![1, 2, 3])
         );
 
-        // A timeline that left timeline 1 before the base backup started cannot be reached.
+        // A timeline that left timeline 1 before the base backup ended cannot be reached:
+        // recovery must reach the backup's end on its own timeline.
         let mut c = archive(&["000000010000000000000002", "000000020000000000000002"]);
-        c.histories.insert(2, Some(vec![switch(1, "0/1000000")]));
-        let e = c.check(&id, &range(), &latest).unwrap_err();
-        assert!(e.message().contains("does not continue"), "{}", e.message());
+        for before_end in ["0/1000000", "0/2000050"] {
+            c.histories.insert(2, Some(vec![switch(1, before_end)]));
+            let e = c.check(&id, &range(), &latest).unwrap_err();
+            assert!(e.message().contains("does not continue"), "{}", e.message());
+        }
+        c.histories.insert(2, Some(vec![switch(1, "0/2000100")]));
+        assert_eq!(c.check(&id, &range(), &latest).unwrap().1, vec![1, 2]);
         // Nor a history without its switch points.
         c.histories.insert(2, None);
         assert!(c.check(&id, &range(), &latest).is_err());

@@ -161,7 +161,7 @@ impl Conn {
     /// A `mariadb` session in the database, for statements that share a transaction.
     pub fn session(&self) -> Result<SqlSession> {
         let mut cmd = self.command("mariadb");
-        cmd.args(["--batch", "--skip-column-names", "--unbuffered"])
+        cmd.args(["--batch", "--raw", "--skip-column-names", "--unbuffered"])
             .arg(format!("--database={}", self.database));
         SqlSession::start(cmd, "mariadb", |mark| format!("SELECT '{mark}';"))
     }
@@ -173,7 +173,7 @@ impl Conn {
     }
 
     /// `CHECKSUM TABLE` of `tables`, with the server version the checksums depend on.
-    pub fn checksums(&self, tables: &[String]) -> Result<(Option<String>, BTreeMap<String, u64>)> {
+    pub fn checksums(&self, tables: &[String]) -> Result<Checksums> {
         let rows = self.query(Some(&self.database), &checksum_sql(tables).join(";"))?;
         Ok(parse_checksums(&self.database, &rows))
     }
@@ -182,8 +182,8 @@ impl Conn {
     pub fn row_counts(&self) -> Result<BTreeMap<String, u64>> {
         let tables = self.query(
             Some(&self.database),
-            "SELECT table_name FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() \
+             AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED') ORDER BY 1",
         )?;
         if tables.is_empty() {
             return Ok(BTreeMap::new());
@@ -212,10 +212,10 @@ fn checksum_sql(tables: &[String]) -> Vec<String> {
     sql
 }
 
-fn parse_checksums(
-    database: &str,
-    rows: &[Vec<String>],
-) -> (Option<String>, BTreeMap<String, u64>) {
+/// `CHECKSUM TABLE` values by table, with the server version they depend on.
+pub type Checksums = (Option<String>, BTreeMap<String, u64>);
+
+fn parse_checksums(database: &str, rows: &[Vec<String>]) -> Checksums {
     let prefix = format!("{database}.");
     let mut version = None;
     let mut sums = BTreeMap::new();
@@ -361,8 +361,7 @@ impl MysqlSource {
         let mut stats = Stats::new();
         stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("tables".into(), serde_json::to_value(&scan.tables)?);
-        if let Some(twin) = twin {
-            let (version, checksums) = twin.check(&scan)?;
+        if let Some((version, checksums)) = twin.map(|t| t.check(&scan)).transpose()?.flatten() {
             stats.insert("checksums".into(), serde_json::to_value(&checksums)?);
             if let Some(v) = version {
                 stats.insert("server_version".into(), v.into());
@@ -415,10 +414,13 @@ impl MysqlSource {
         }
         // Close the current log, then, in one consistent snapshot, note the position it
         // corresponds to and count rows: the range ends exactly where the counts were taken.
+        // Checksums of InnoDB base tables only: others are not read in the snapshot, or
+        // (system-versioned) hold history a restore does not.
         let tables = self.conn.query(
             Some(&self.conn.database),
-            "SELECT table_name FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
+            "SELECT table_name, table_type = 'BASE TABLE' AND engine = 'InnoDB' \
+             FROM information_schema.tables WHERE table_schema = DATABASE() \
+             AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED') ORDER BY 1",
         )?;
         let mut sql = vec![
             "FLUSH BINARY LOGS".to_owned(),
@@ -432,7 +434,11 @@ impl MysqlSource {
                 quote_ident(&t[0])
             ));
         }
-        let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
+        let names: Vec<String> = tables
+            .iter()
+            .filter(|t| t.get(1).map(String::as_str) == Some("1"))
+            .map(|t| t[0].clone())
+            .collect();
         sql.extend(checksum_sql(&names));
         sql.push("COMMIT".into());
         let rows = self.conn.query(Some(&self.conn.database), &sql.join(";"))?;
@@ -573,83 +579,112 @@ impl Source for MysqlSource {
 }
 
 /// A session whose snapshot is the dump's: it opens its transaction while
-/// `BACKUP STAGE BLOCK_COMMIT` holds commits off, and releases them once `mariadb-dump` has
+/// `BACKUP STAGE BLOCK_COMMIT` holds commits off, and commits go on once `mariadb-dump` has
 /// opened its own (its output has reached the first table). Row counts and `CHECKSUM TABLE`
-/// taken in it then describe exactly the dumped data, without blocking readers or waiting
-/// for long queries as `FLUSH TABLES WITH READ LOCK` would.
+/// of the InnoDB tables taken in it then describe exactly the dumped data, without blocking
+/// readers or waiting for long queries as `FLUSH TABLES WITH READ LOCK` would. Other tables
+/// (non-transactional engines, system-versioned tables) are dumped outside any snapshot, or
+/// with history the dump leaves out, so they keep the dump's row counts only.
 struct TwinSnapshot {
-    /// The session holding commits off, until released. (`BACKUP STAGE END` commits its
-    /// session's transaction, so the snapshot needs a session of its own.)
-    lock: Option<SqlSession>,
     session: SqlSession,
     database: String,
     /// The binary log position of the snapshot (empty without binary logging).
     position: String,
+    /// The InnoDB base tables.
     tables: Vec<String>,
+    /// Tells the thread holding commits off to let them go.
+    release: Option<std::sync::mpsc::Sender<()>>,
+    /// That thread: whether it let commits go on its own, after [`HOLD_LIMIT`].
+    holder: std::thread::JoinHandle<Result<bool>>,
 }
 
+/// The longest commits are held off, and the longest `BACKUP STAGE` waits for running DDL.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl TwinSnapshot {
-    /// `None` where the server offers no backup stages (MySQL, MariaDB before 10.4) or the
-    /// user lacks the RELOAD privilege: the dump then goes ahead with row counts only.
+    /// `None` where the server offers no backup stages (MySQL, MariaDB before 10.4), the
+    /// user lacks the RELOAD privilege or DDL holds the stage up: the dump then goes ahead
+    /// with row counts only.
     fn open(conn: &Conn) -> Result<Option<TwinSnapshot>> {
         let mut lock = conn.session()?;
-        if let Err(e) = lock.query("BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT") {
+        if let Err(e) = lock.query(&format!(
+            "SET SESSION lock_wait_timeout = {}; BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT",
+            HOLD_LIMIT.as_secs()
+        )) {
             tracing::warn!(
                 error = %e,
-                "no table checksums for this dump: the server offers no BACKUP STAGE to align a snapshot with the dump's (MariaDB 10.4 or later, RELOAD privilege)"
+                "no table checksums for this dump: no BACKUP STAGE to align a snapshot with the dump's (it needs MariaDB 10.4 or later, the RELOAD privilege and no long-running DDL)"
             );
             return Ok(None);
         }
+        // `BACKUP STAGE END` commits its session's transaction: the snapshot gets its own.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || -> Result<bool> {
+            let late = released.recv_timeout(HOLD_LIMIT).is_err();
+            lock.query("BACKUP STAGE END")?;
+            lock.close()?;
+            Ok(late)
+        });
         let mut session = conn.session()?;
-        let rows = session.query(
-            "START TRANSACTION WITH CONSISTENT SNAPSHOT; \
-             SHOW STATUS LIKE 'binlog_snapshot_%'; \
-             SELECT table_name FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' ORDER BY 1",
-        )?;
+        session.query("START TRANSACTION WITH CONSISTENT SNAPSHOT")?;
         let mut file = String::new();
         let mut pos = String::new();
-        let mut tables = Vec::new();
-        for row in rows {
+        for row in session.query("SHOW STATUS LIKE 'binlog_snapshot_%'")? {
             match row.split_once('\t') {
                 Some(("Binlog_snapshot_file", v)) => file = v.to_owned(),
                 Some(("Binlog_snapshot_position", v)) => pos = v.to_owned(),
-                _ => tables.push(row),
+                _ => {}
             }
         }
+        let tables = session.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() \
+             AND table_type = 'BASE TABLE' AND engine = 'InnoDB' ORDER BY 1",
+        )?;
         let position = if file.is_empty() {
             String::new()
         } else {
             format!("{file}:{pos}")
         };
         Ok(Some(TwinSnapshot {
-            lock: Some(lock),
             session,
             database: conn.database.clone(),
             position,
             tables,
+            release: Some(release),
+            holder,
         }))
     }
 
     /// Lets commits go on; the snapshot stays.
-    fn release(&mut self) -> Result<()> {
-        if let Some(mut lock) = self.lock.take() {
-            lock.query("BACKUP STAGE END")?;
-            lock.close()?;
+    fn release(&mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(());
         }
-        Ok(())
     }
 
-    /// A writer that passes the dump to `scan` and releases commits once the dump has
+    /// A writer that passes the dump to `scan` and lets commits go once the dump has
     /// reached its first table, by which time its transaction is open.
     fn releasing<'s, 'o>(&'s mut self, scan: &'s mut DumpScanner<'o>) -> Releasing<'s, 'o> {
         Releasing { twin: self, scan }
     }
 
-    /// Counts and checksums every table in the snapshot, checks that the dump holds the
-    /// same rows and binary log position, and returns the server version and checksums.
-    fn check(mut self, scan: &DumpScanner) -> Result<(Option<String>, BTreeMap<String, u64>)> {
-        self.release()?;
+    /// Counts and checksums the InnoDB tables in the snapshot, checks that the dump holds
+    /// the same rows and binary log position, and returns the server version and
+    /// checksums; `None` if commits had to be let go before the dump's snapshot was sure
+    /// to be open.
+    fn check(mut self, scan: &DumpScanner) -> Result<Option<Checksums>> {
+        self.release();
+        let late = self
+            .holder
+            .join()
+            .map_err(|_| Error::failure("the BACKUP STAGE thread panicked"))??;
+        if late {
+            tracing::warn!(
+                "no table checksums for this dump: mariadb-dump did not reach its first table within {} s, so commits were let go before its snapshot was sure to be open",
+                HOLD_LIMIT.as_secs()
+            );
+            return Ok(None);
+        }
         let mut sql: Vec<String> = self
             .tables
             .iter()
@@ -669,25 +704,16 @@ impl TwinSnapshot {
             .filter(|r| r[0] == "count")
             .filter_map(|r| r.get(1))
             .collect();
-        let mut snapshot = BTreeMap::new();
+        let mut differences = Vec::new();
         for (t, c) in self.tables.iter().zip(counts) {
-            snapshot.insert(t.clone(), parse_count(t, c)?);
+            let snapshot = parse_count(t, c)?;
+            if scan.tables.get(t) != Some(&snapshot) {
+                differences.push(format!(
+                    "table {t}: {snapshot} rows in the snapshot, {} in the dump",
+                    scan.tables.get(t).map_or("none".into(), u64::to_string)
+                ));
+            }
         }
-        let differences: Vec<String> = snapshot
-            .keys()
-            .chain(scan.tables.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter(|t| snapshot.get(*t) != scan.tables.get(*t))
-            .map(|t| {
-                let n = |m: &BTreeMap<String, u64>| m.get(t).map_or("none".into(), u64::to_string);
-                format!(
-                    "table {t}: {} rows in the snapshot, {} in the dump",
-                    n(&snapshot),
-                    n(&scan.tables)
-                )
-            })
-            .collect();
         if !differences.is_empty() {
             return Err(Error::integrity(format!(
                 "the dump does not hold its snapshot's rows: {}",
@@ -705,7 +731,7 @@ impl TwinSnapshot {
                 self.position
             )));
         }
-        Ok(parse_checksums(&self.database, &rows))
+        Ok(Some(parse_checksums(&self.database, &rows)))
     }
 }
 
@@ -718,10 +744,8 @@ struct Releasing<'s, 'o> {
 impl Write for Releasing<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.scan.write(buf)?;
-        if self.twin.lock.is_some() && !self.scan.tables.is_empty() {
-            self.twin
-                .release()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if !self.scan.tables.is_empty() {
+            self.twin.release();
         }
         Ok(n)
     }

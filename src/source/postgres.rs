@@ -249,6 +249,12 @@ impl PostgresSource {
         // consistent on its own and the server does not wait for that WAL to be archived. A
         // temporary replication slot keeps the server from recycling it meanwhile; it goes
         // with the session, even if drctl dies.
+        // The session idles while pg_basebackup runs: no idle timeout may end it (nor the
+        // slot with it).
+        session.query(
+            "SELECT set_config(name, '0', false) FROM pg_settings \
+             WHERE name = 'idle_session_timeout'",
+        )?;
         let slot = format!("drctl_basebackup_{}", std::process::id());
         session
             .query(&format!(
@@ -264,7 +270,10 @@ impl PostgresSource {
         // The backup manifest pg_basebackup appends to the archive names the WAL range.
         let mut tap = TarTap::new(out, "backup_manifest");
         let streamed = stream_stdout(cmd, &mut tap, cancel)?;
-        session.close()?;
+        // pg_basebackup has read all the WAL it needed; the slot is no longer needed.
+        if let Err(e) = session.close() {
+            tracing::warn!(error = %e, "the session that held the base backup's replication slot failed");
+        }
         let mut range =
             WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
         range.included = true;
