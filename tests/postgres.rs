@@ -852,6 +852,19 @@ fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
         psql(&url, "SELECT count(*) FROM t WHERE id BETWEEN 201 AND 300"),
         "0"
     );
+
+    // `--timeline current` stays on timeline 1: the old primary's rows, lost in the
+    // failover, come back.
+    let (run, _) = c.restore("old-primary", &["--timeline", "current", "--dry-run"]);
+    let plan = run.ok().json();
+    assert_eq!(
+        plan[0]["postgres"]["timelines"],
+        serde_json::json!([1]),
+        "{plan:?}"
+    );
+    let (run, url) = c.restore("old-primary", &["--timeline", "current"]);
+    run.ok();
+    assert_eq!(ids(&url), "300 rows, 1..300");
 }
 
 #[test]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use super::{human_bytes, Ctx};
 use crate::format::Name;
+use crate::restore::postgres::Timeline;
 use crate::restore::{RecoveryTarget, RestoreRequest, Selector, ServerOptions, Target};
 use crate::{Error, Result};
 
@@ -65,6 +66,16 @@ pub struct Args {
     /// server archives nothing (right for a rehearsal or a copy).
     #[arg(long, requires = "port")]
     pub archive: bool,
+    /// The timeline a PostgreSQL physical restore follows: `latest` (the newest archived
+    /// timeline that continues the base backup's, as PostgreSQL does), `current` (the base
+    /// backup's own, e.g. the old primary's after a failover) or a timeline number.
+    #[arg(
+        long,
+        value_name = "latest|current|N",
+        default_value = "latest",
+        requires = "port"
+    )]
+    pub timeline: String,
     /// Print what would be restored and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -129,6 +140,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             server: ServerOptions {
                 port: args.port,
                 archive: args.archive,
+                timeline: Timeline::parse(&args.timeline)?,
             },
         },
     )

@@ -89,6 +89,8 @@ pub struct ServerOptions {
     /// It archives its WAL into the policy, continuing the archive on its new timeline
     /// (for a server that replaces the source); otherwise it archives nothing.
     pub archive: bool,
+    /// The timeline its recovery follows.
+    pub timeline: postgres::Timeline,
 }
 
 /// What a restore will do; printed by `--dry-run`.

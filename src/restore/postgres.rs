@@ -238,6 +238,39 @@ pub struct WalArchive {
     histories: BTreeMap<u32, Option<Vec<TimelineSwitch>>>,
 }
 
+/// Which timeline recovery follows (PostgreSQL's `recovery_target_timeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Timeline {
+    /// The newest in the archive that continues the base backup's.
+    #[default]
+    Latest,
+    /// The base backup's own, ignoring later timelines.
+    Current,
+    /// This one, which must continue the base backup's.
+    #[serde(untagged)]
+    Id(u32),
+}
+
+impl Timeline {
+    pub fn parse(s: &str) -> Result<Timeline> {
+        match s {
+            "latest" => Ok(Timeline::Latest),
+            "current" => Ok(Timeline::Current),
+            n => n
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Timeline::Id)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "--timeline {s:?} is not `latest`, `current` or a timeline number"
+                    ))
+                }),
+        }
+    }
+}
+
 /// A timeline recovery follows, from the segment where it begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Leg {
@@ -317,27 +350,38 @@ impl WalArchive {
     /// `recovery_target_timeline = 'latest'` picks them: the newest timeline whose history
     /// files are archived one after another from the base backup's, which must be an
     /// ancestor of it that lasted past the base backup's end.
-    fn legs(&self, range: &WalRange) -> Result<Vec<Leg>> {
+    fn legs(&self, range: &WalRange, timeline: Timeline) -> Result<Vec<Leg>> {
         let size = range.segment_size;
         let base = Leg {
             timeline: range.timeline,
             first_segment: 0,
         };
-        let mut newest = None;
-        let mut probe = range.timeline;
-        while let Some(h) = self.history(probe + 1)? {
-            probe += 1;
-            newest = Some((probe, h));
-        }
-        let Some((target, history)) = newest else {
-            return Ok(vec![base]);
+        let target = match timeline {
+            Timeline::Latest => {
+                let mut probe = range.timeline;
+                while self.history(probe + 1)?.is_some() {
+                    probe += 1;
+                }
+                probe
+            }
+            Timeline::Current => range.timeline,
+            Timeline::Id(n) => n,
         };
+        if target == range.timeline {
+            return Ok(vec![base]);
+        }
+        let history = self.history(target)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "timeline {target} has no history file ({target:08X}.history) in the archive"
+            ))
+            .hint("`--timeline latest` follows the newest archived timeline; `--timeline current` stays on the base backup's")
+        })?;
         let not_child = |why: String| {
             Error::integrity(format!(
-                "the archive's newest timeline {target} does not continue the base backup's timeline {}: {why}",
+                "timeline {target} does not continue the base backup's timeline {}: {why}",
                 range.timeline
             ))
-            .hint("restore from a base backup taken on that timeline (`drctl list` shows each one's WAL range)")
+            .hint("restore from a base backup taken on that timeline (`drctl list` shows each one's WAL range), or pass --timeline current to stay on the base backup's")
         };
         let from = history
             .iter()
@@ -388,9 +432,10 @@ impl WalArchive {
         base: &BackupId,
         range: &WalRange,
         target: &RecoveryTarget,
+        timeline: Timeline,
     ) -> Result<(String, Vec<u32>)> {
         let size = range.segment_size;
-        let legs = self.legs(range)?;
+        let legs = self.legs(range, timeline)?;
         let segments = self.segments(&legs, size);
         let name = |s: u64| segment_name(leg_of(&legs, s).timeline, s, size);
         let seg = |name: &str| parse_segment(name, size).map(|(_, s)| s).unwrap_or(0);
@@ -532,6 +577,7 @@ pub struct PhysicalPlan {
     pub last_wal: String,
     /// The timelines recovery follows to reach it, the base backup's first.
     pub timelines: Vec<u32>,
+    pub timeline: Timeline,
     /// Whether the restored server archives its WAL into the policy.
     pub archive: bool,
     pub data_dir: PathBuf,
@@ -608,7 +654,7 @@ pub async fn plan_physical(
         }
     }
     let wal = wal_range(&record)?;
-    let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target)?;
+    let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target, server.timeline)?;
     super::check_target(data_dir, false)?;
     Ok(PhysicalPlan {
         base_backup: record.backup_id.clone(),
@@ -616,6 +662,7 @@ pub async fn plan_physical(
         target,
         last_wal,
         timelines,
+        timeline: server.timeline,
         archive: server.archive,
         data_dir: data_dir.to_path_buf(),
         port,
@@ -735,6 +782,11 @@ pub async fn restore_physical(
         conf_quote(&restore_command),
         plan.port
     );
+    match plan.timeline {
+        Timeline::Latest => {}
+        Timeline::Current => settings += "recovery_target_timeline = 'current'\n",
+        Timeline::Id(n) => settings += &format!("recovery_target_timeline = '{n}'\n"),
+    }
     match &plan.target {
         RecoveryTarget::Latest => {}
         RecoveryTarget::Time(t) => {
@@ -1048,7 +1100,12 @@ pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
     let wal = wal_range(record)?;
     let archive = WalArchive::load(repo, &record.policy).await?;
     archive
-        .check(&record.backup_id, &wal, &RecoveryTarget::Latest)
+        .check(
+            &record.backup_id,
+            &wal,
+            &RecoveryTarget::Latest,
+            Timeline::Latest,
+        )
         .map(|_| ())
 }
 
@@ -1112,7 +1169,7 @@ mod tests {
         let latest = RecoveryTarget::Latest;
         let a = archive(&["000000010000000000000002", "000000010000000000000003"]);
         assert_eq!(
-            a.check(&id, &range(), &latest).unwrap(),
+            a.check(&id, &range(), &latest, Timeline::Latest).unwrap(),
             ("000000010000000000000003".into(), vec![1])
         );
 
@@ -1126,7 +1183,9 @@ mod tests {
         };
         let own = archive(&["000000010000000000000002", "000000010000000000000003"]);
         assert_eq!(
-            own.check(&id, &included, &latest).unwrap().0,
+            own.check(&id, &included, &latest, Timeline::Latest)
+                .unwrap()
+                .0,
             "000000010000000000000003"
         );
         assert!(own
@@ -1136,18 +1195,22 @@ mod tests {
                     included: false,
                     ..included.clone()
                 },
-                &latest
+                &latest,
+                Timeline::Latest
             )
             .is_err());
         assert_eq!(
-            archive(&[]).check(&id, &included, &latest).unwrap().0,
+            archive(&[])
+                .check(&id, &included, &latest, Timeline::Latest)
+                .unwrap()
+                .0,
             "000000010000000000000002"
         );
         // Past its end (or, without its own WAL, to become consistent) recovery needs the
         // archived stop segment.
         for r in [&included, &range()] {
             let e = archive(&["000000010000000000000003"])
-                .check(&id, r, &latest)
+                .check(&id, r, &latest, Timeline::Latest)
                 .unwrap_err();
             assert!(
                 e.message()
@@ -1162,7 +1225,9 @@ mod tests {
             "000000010000000000000003",
             "000000010000000000000005",
         ]);
-        let e = gap.check(&id, &range(), &latest).unwrap_err();
+        let e = gap
+            .check(&id, &range(), &latest, Timeline::Latest)
+            .unwrap_err();
         assert!(
             e.message()
                 .contains("000000010000000000000004 is not archived"),
@@ -1171,24 +1236,39 @@ mod tests {
         );
         // A target before the gap is still reachable.
         assert_eq!(
-            gap.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
-                .unwrap()
-                .0,
+            gap.check(
+                &id,
+                &range(),
+                &RecoveryTarget::Lsn("0/3000100".into()),
+                Timeline::Latest
+            )
+            .unwrap()
+            .0,
             "000000010000000000000003"
         );
         assert!(gap
-            .check(&id, &range(), &RecoveryTarget::Lsn("0/5000100".into()))
+            .check(
+                &id,
+                &range(),
+                &RecoveryTarget::Lsn("0/5000100".into()),
+                Timeline::Latest
+            )
             .is_err());
         let t = DateTime::from_timestamp(1_005, 0).unwrap();
         assert_eq!(
-            gap.check(&id, &range(), &RecoveryTarget::Time(t))
+            gap.check(&id, &range(), &RecoveryTarget::Time(t), Timeline::Latest)
                 .unwrap()
                 .0,
             "000000010000000000000003"
         );
         let after_all = DateTime::from_timestamp(5_000, 0).unwrap();
         assert!(gap
-            .check(&id, &range(), &RecoveryTarget::Time(after_all))
+            .check(
+                &id,
+                &range(),
+                &RecoveryTarget::Time(after_all),
+                Timeline::Latest
+            )
             .is_err());
     }
 
@@ -1209,25 +1289,62 @@ mod tests {
         ]);
         a.histories.insert(2, Some(vec![switch(1, "0/4000100")]));
         assert_eq!(
-            a.check(&id, &range(), &latest).unwrap(),
+            a.check(&id, &range(), &latest, Timeline::Latest).unwrap(),
             ("000000020000000000000005".into(), vec![1, 2])
         );
         // Before the branch, recovery reads timeline 1 only.
         assert_eq!(
-            a.check(&id, &range(), &RecoveryTarget::Lsn("0/3000100".into()))
-                .unwrap(),
+            a.check(
+                &id,
+                &range(),
+                &RecoveryTarget::Lsn("0/3000100".into()),
+                Timeline::Latest
+            )
+            .unwrap(),
             ("000000010000000000000003".into(), vec![1])
         );
 
         // The new timeline's first segment is missing: timeline 1's copy does not stand in.
         a.files.remove("000000020000000000000004");
-        let e = a.check(&id, &range(), &latest).unwrap_err();
+        let e = a
+            .check(&id, &range(), &latest, Timeline::Latest)
+            .unwrap_err();
         assert!(
             e.message()
                 .contains("000000020000000000000004 is not archived"),
             "{}",
             e.message()
         );
+
+        // `--timeline current` stays on the base backup's timeline (the old primary's, which
+        // went on after the branch); a number picks that timeline.
+        let mut old = archive(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000020000000000000004",
+        ]);
+        old.histories.insert(2, Some(vec![switch(1, "0/4000100")]));
+        assert_eq!(
+            old.check(&id, &range(), &latest, Timeline::Current)
+                .unwrap(),
+            ("000000010000000000000005".into(), vec![1])
+        );
+        assert_eq!(
+            old.check(&id, &range(), &latest, Timeline::Id(2)).unwrap(),
+            ("000000020000000000000004".into(), vec![1, 2])
+        );
+        let e = old
+            .check(&id, &range(), &latest, Timeline::Id(3))
+            .unwrap_err();
+        assert!(e.message().contains("00000003.history"), "{}", e.message());
+        assert_eq!(Timeline::parse("latest").unwrap(), Timeline::Latest);
+        assert_eq!(Timeline::parse("current").unwrap(), Timeline::Current);
+        assert_eq!(Timeline::parse("2").unwrap(), Timeline::Id(2));
+        for bad in ["0", "-1", "two", ""] {
+            assert!(Timeline::parse(bad).is_err(), "{bad}");
+        }
 
         // Timeline 3 branched from 2; history files are followed one after another.
         let mut b = archive(&[
@@ -1244,7 +1361,7 @@ mod tests {
             Some(vec![switch(1, "0/4000100"), switch(2, "0/5000200")]),
         );
         assert_eq!(
-            b.check(&id, &range(), &latest).unwrap(),
+            b.check(&id, &range(), &latest, Timeline::Latest).unwrap(),
             ("000000030000000000000006".into(), vec![1, 2, 3])
         );
 
@@ -1253,13 +1370,18 @@ mod tests {
         let mut c = archive(&["000000010000000000000002", "000000020000000000000002"]);
         for before_end in ["0/1000000", "0/2000050"] {
             c.histories.insert(2, Some(vec![switch(1, before_end)]));
-            let e = c.check(&id, &range(), &latest).unwrap_err();
+            let e = c
+                .check(&id, &range(), &latest, Timeline::Latest)
+                .unwrap_err();
             assert!(e.message().contains("does not continue"), "{}", e.message());
         }
         c.histories.insert(2, Some(vec![switch(1, "0/2000100")]));
-        assert_eq!(c.check(&id, &range(), &latest).unwrap().1, vec![1, 2]);
+        assert_eq!(
+            c.check(&id, &range(), &latest, Timeline::Latest).unwrap().1,
+            vec![1, 2]
+        );
         // Nor a history without its switch points.
         c.histories.insert(2, None);
-        assert!(c.check(&id, &range(), &latest).is_err());
+        assert!(c.check(&id, &range(), &latest, Timeline::Latest).is_err());
     }
 }
