@@ -17,10 +17,9 @@ pub enum Command {
     /// registry (created if missing); backups it already has are left as they are, and
     /// incomplete directories are reported and skipped. Contents are not read: run
     /// `drctl verify --all --deep` afterwards to check them.
-    ///
-    /// Examples:
-    ///   drctl registry rebuild --dry-run
-    ///   drctl --config dr.yaml registry rebuild --from s3://backups-dr/drctl?region=us-west-2
+    #[command(after_help = "Examples:
+  drctl registry rebuild --dry-run
+  drctl --config dr.yaml registry rebuild --from s3://backups-dr/drctl?region=us-west-2")]
     Rebuild {
         /// Repository to read (default: the configured repository).
         #[arg(long, value_name = "URL")]

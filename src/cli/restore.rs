@@ -22,14 +22,8 @@ use crate::{Error, Result};
 /// server started on --port replays archived WAL to the end, --until or --lsn, following
 /// the newest timeline in the archive as PostgreSQL does. Every WAL file it needs is
 /// checked to be archived first; --dry-run shows the segments and timelines.
-///
-/// Examples:
-///   drctl restore --policy app-files --backup latest --target /srv/restore --dry-run
-///   drctl restore --policy app-db --backup 20260101T030000Z-0badc0de --stdout | pg_restore -d app
-///   drctl restore --policy mariadb --backup latest --until 2026-11-22T09:30:00Z --to-database mysql://root@127.0.0.1:3306/shop_restored
-///   drctl restore --policy sqlite --backup latest --target /srv/restore/app.db
-///   drctl restore --policy pg-cluster --backup latest --target /srv/pg/restored --port 5433 --archive
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 #[command(group = clap::ArgGroup::new("sink").required(true).args(["target", "stdout", "to_database"]))]
 pub struct Args {
     /// Policy the backup belongs to.
@@ -93,6 +87,14 @@ pub struct Args {
     #[arg(long, value_name = "REGION")]
     pub region: Option<String>,
 }
+
+const EXAMPLES: &str = "Examples:
+  drctl restore --policy app-files --backup latest --target /srv/restore --dry-run
+  drctl restore --policy app-db --backup 20260101T030000Z-0badc0de --stdout | pg_restore -d app
+  drctl restore --policy mariadb --backup latest --until 2026-11-22T09:30:00Z \\
+      --to-database mysql://root@127.0.0.1:3306/shop_restored
+  drctl restore --policy sqlite --backup latest --target /srv/restore/app.db
+  drctl restore --policy pg-cluster --backup latest --target /srv/pg/restored --port 5433 --archive";
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
     let policy = Name::parse(&args.policy)?;
