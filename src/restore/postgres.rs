@@ -346,10 +346,10 @@ impl WalArchive {
         }
     }
 
-    /// The timelines recovery from `range` follows, as PostgreSQL's
-    /// `recovery_target_timeline = 'latest'` picks them: the newest timeline whose history
-    /// files are archived one after another from the base backup's, which must be an
-    /// ancestor of it that lasted past the base backup's end.
+    /// The timelines recovery from `range` follows to `timeline`, as PostgreSQL's
+    /// `recovery_target_timeline` picks them (`latest`: the newest timeline whose history
+    /// files are archived one after another from the base backup's). The base backup's
+    /// timeline must be an ancestor of it that lasted past the base backup's end.
     fn legs(&self, range: &WalRange, timeline: Timeline) -> Result<Vec<Leg>> {
         let size = range.segment_size;
         let base = Leg {
@@ -577,6 +577,7 @@ pub struct PhysicalPlan {
     pub last_wal: String,
     /// The timelines recovery follows to reach it, the base backup's first.
     pub timelines: Vec<u32>,
+    /// The `--timeline` asked for.
     pub timeline: Timeline,
     /// Whether the restored server archives its WAL into the policy.
     pub archive: bool,
@@ -1144,6 +1145,16 @@ mod tests {
         }
     }
 
+    /// The plan was refused for WAL segment `segment`, missing from the archive.
+    fn assert_not_archived(checked: Result<(String, Vec<u32>)>, segment: &str) {
+        let e = checked.unwrap_err();
+        assert!(
+            e.message().contains(&format!("{segment} is not archived")),
+            "{}",
+            e.message()
+        );
+    }
+
     fn switch(timeline: u32, at: &str) -> TimelineSwitch {
         TimelineSwitch {
             timeline,
@@ -1209,14 +1220,9 @@ mod tests {
         // Past its end (or, without its own WAL, to become consistent) recovery needs the
         // archived stop segment.
         for r in [&included, &range()] {
-            let e = archive(&["000000010000000000000003"])
-                .check(&id, r, &latest, Timeline::Latest)
-                .unwrap_err();
-            assert!(
-                e.message()
-                    .contains("000000010000000000000002 is not archived"),
-                "{}",
-                e.message()
+            assert_not_archived(
+                archive(&["000000010000000000000003"]).check(&id, r, &latest, Timeline::Latest),
+                "000000010000000000000002",
             );
         }
 
@@ -1225,14 +1231,9 @@ mod tests {
             "000000010000000000000003",
             "000000010000000000000005",
         ]);
-        let e = gap
-            .check(&id, &range(), &latest, Timeline::Latest)
-            .unwrap_err();
-        assert!(
-            e.message()
-                .contains("000000010000000000000004 is not archived"),
-            "{}",
-            e.message()
+        assert_not_archived(
+            gap.check(&id, &range(), &latest, Timeline::Latest),
+            "000000010000000000000004",
         );
         // A target before the gap is still reachable.
         assert_eq!(
@@ -1306,14 +1307,9 @@ mod tests {
 
         // The new timeline's first segment is missing: timeline 1's copy does not stand in.
         a.files.remove("000000020000000000000004");
-        let e = a
-            .check(&id, &range(), &latest, Timeline::Latest)
-            .unwrap_err();
-        assert!(
-            e.message()
-                .contains("000000020000000000000004 is not archived"),
-            "{}",
-            e.message()
+        assert_not_archived(
+            a.check(&id, &range(), &latest, Timeline::Latest),
+            "000000020000000000000004",
         );
 
         // `--timeline current` stays on the base backup's timeline (the old primary's, which

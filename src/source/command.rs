@@ -174,7 +174,7 @@ pub fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(
 /// a transaction's snapshot, a lock, a temporary replication slot. Dropping it closes the
 /// client's input, which ends the session.
 pub struct SqlSession {
-    program: &'static str,
+    program: String,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -188,11 +188,8 @@ const END_MARK: &str = "__drctl_end_of_result__";
 impl SqlSession {
     /// Starts `cmd`, a client that reads statements on stdin and prints each result's rows
     /// one per line; `end` gives its statement that prints a marker line.
-    pub fn start(
-        mut cmd: Command,
-        program: &'static str,
-        end: impl Fn(&str) -> String,
-    ) -> Result<SqlSession> {
+    pub fn start(mut cmd: Command, end: impl Fn(&str) -> String) -> Result<SqlSession> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
         let mut child = spawn(&mut cmd, Stdio::piped(), Stdio::piped())?;
         let stderr = Some(collect_stderr(&mut child));
         let stdin = child.stdin.take();
@@ -252,7 +249,7 @@ impl SqlSession {
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default();
-        check_status(self.program, status, &stderr)
+        check_status(&self.program, status, &stderr)
     }
 
     fn failed(&mut self) -> Error {
@@ -266,7 +263,7 @@ impl SqlSession {
             .unwrap_or_default();
         match status {
             Ok(status) if !status.success() && !stderr.is_empty() => {
-                check_status(self.program, status, &stderr).unwrap_err()
+                check_status(&self.program, status, &stderr).unwrap_err()
             }
             _ => Error::failure(format!(
                 "{} session ended unexpectedly; stderr: {}",

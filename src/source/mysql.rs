@@ -1,9 +1,9 @@
 //! MariaDB/MySQL. A full backup streams `mariadb-dump --single-transaction` of one database
 //! and records, from the dump itself, the binary log position it is consistent with and the
 //! row count of every table, checked against a snapshot of the same moment in which the
-//! tables' checksums are taken (see [`TwinSnapshot`]). An incremental backup is a tar of the raw binary log files from
-//! the previous backup's position to a new one, taken in a consistent snapshot in which the
-//! row counts are recorded too.
+//! tables' checksums are taken (see [`TwinSnapshot`]). An incremental backup is a tar of the
+//! raw binary log files from the previous backup's position to a new one, taken in a
+//! consistent snapshot in which the row counts are recorded too.
 //!
 //! The password never appears on a command line, in the descriptor or in an error: the client
 //! tools get it in `MYSQL_PWD`.
@@ -154,7 +154,7 @@ impl Conn {
             .map_err(|e| e.context(format!("query {self}")))?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .map(columns)
             .collect())
     }
 
@@ -163,7 +163,7 @@ impl Conn {
         let mut cmd = self.command("mariadb");
         cmd.args(["--batch", "--raw", "--skip-column-names", "--unbuffered"])
             .arg(format!("--database={}", self.database));
-        SqlSession::start(cmd, "mariadb", |mark| format!("SELECT '{mark}';"))
+        SqlSession::start(cmd, |mark| format!("SELECT '{mark}';"))
     }
 
     /// Whether the server writes binary logs.
@@ -188,16 +188,9 @@ impl Conn {
         if tables.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let sql: Vec<String> = tables
-            .iter()
-            .map(|r| format!("SELECT COUNT(*) FROM {}", quote_ident(&r[0])))
-            .collect();
-        let counts = self.query(Some(&self.database), &sql.join(";"))?;
-        tables
-            .iter()
-            .zip(counts.iter())
-            .map(|(t, c)| Ok((t[0].clone(), parse_count(&t[0], &c[0])?)))
-            .collect()
+        let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
+        let rows = self.query(Some(&self.database), &count_sql(&names).join(";"))?;
+        parse_counts(&names, &rows)
     }
 }
 
@@ -236,6 +229,47 @@ fn parse_checksums(database: &str, rows: &[Vec<String>]) -> Checksums {
 fn parse_count(table: &str, s: &str) -> Result<u64> {
     s.parse()
         .map_err(|_| Error::failure(format!("bad row count {s:?} for table {table}")))
+}
+
+/// One line of `mariadb --batch` output, split into its columns.
+fn columns(line: &str) -> Vec<String> {
+    line.split('\t').map(str::to_owned).collect()
+}
+
+/// A statement per table returning a row `count <rows>`, for [`parse_counts`].
+fn count_sql(tables: &[String]) -> Vec<String> {
+    tables
+        .iter()
+        .map(|t| format!("SELECT 'count', COUNT(*) FROM {}", quote_ident(t)))
+        .collect()
+}
+
+/// The row counts of `tables` from the rows [`count_sql`]'s statements returned.
+fn parse_counts(tables: &[String], rows: &[Vec<String>]) -> Result<BTreeMap<String, u64>> {
+    let counts = rows
+        .iter()
+        .filter(|r| r[0] == "count")
+        .filter_map(|r| r.get(1));
+    tables
+        .iter()
+        .zip(counts)
+        .map(|(t, c)| Ok((t.clone(), parse_count(t, c)?)))
+        .collect()
+}
+
+/// The position `SHOW STATUS LIKE 'binlog_snapshot_%'` reported for the session's snapshot
+/// (none without binary logging).
+fn parse_binlog_snapshot(rows: &[Vec<String>]) -> Option<BinlogPos> {
+    let value = |name: &str| {
+        rows.iter()
+            .find(|r| r[0] == name)
+            .and_then(|r| r.get(1))
+            .filter(|v| !v.is_empty())
+    };
+    Some(BinlogPos {
+        file: value("Binlog_snapshot_file")?.clone(),
+        pos: value("Binlog_snapshot_position")?.parse().ok()?,
+    })
 }
 
 /// `name` as a backquoted identifier.
@@ -428,45 +462,28 @@ impl MysqlSource {
             "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
             "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
         ];
-        for t in &tables {
-            sql.push(format!(
-                "SELECT 'count', COUNT(*) FROM {}",
-                quote_ident(&t[0])
-            ));
-        }
-        let names: Vec<String> = tables
+        let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
+        sql.extend(count_sql(&names));
+        let checksummed: Vec<String> = tables
             .iter()
             .filter(|t| t.get(1).map(String::as_str) == Some("1"))
             .map(|t| t[0].clone())
             .collect();
-        sql.extend(checksum_sql(&names));
+        sql.extend(checksum_sql(&checksummed));
         sql.push("COMMIT".into());
         let rows = self.conn.query(Some(&self.conn.database), &sql.join(";"))?;
         let (version, checksums) = parse_checksums(&self.conn.database, &rows);
-        let mut file = None;
-        let mut pos = None;
-        let mut now = None;
-        let mut counts = Vec::new();
-        for row in &rows {
-            match (row[0].as_str(), row.get(1)) {
-                ("Binlog_snapshot_file", Some(v)) => file = Some(v.clone()),
-                ("Binlog_snapshot_position", Some(v)) => pos = v.parse::<u64>().ok(),
-                ("now", Some(v)) => now = chrono::DateTime::parse_from_rfc3339(v).ok(),
-                ("count", Some(v)) => counts.push(v.clone()),
-                _ => {}
-            }
-        }
-        let (Some(file), Some(pos), Some(now)) = (file, pos, now) else {
+        let now = rows
+            .iter()
+            .find(|r| r[0] == "now")
+            .and_then(|r| chrono::DateTime::parse_from_rfc3339(r.get(1)?).ok());
+        let (Some(end), Some(now)) = (parse_binlog_snapshot(&rows), now) else {
             return Err(Error::failure(format!(
                 "{} reported no binlog snapshot position (is this MariaDB?)",
                 self.conn
             )));
         };
-        let end = BinlogPos { file, pos };
-        let mut table_counts = BTreeMap::new();
-        for (t, c) in tables.iter().zip(&counts) {
-            table_counts.insert(t[0].clone(), parse_count(&t[0], c)?);
-        }
+        let table_counts = parse_counts(&names, &rows)?;
 
         let logs: Vec<String> = self
             .conn
@@ -588,8 +605,8 @@ impl Source for MysqlSource {
 struct TwinSnapshot {
     session: SqlSession,
     database: String,
-    /// The binary log position of the snapshot (empty without binary logging).
-    position: String,
+    /// The binary log position of the snapshot (none without binary logging).
+    position: Option<BinlogPos>,
     /// The InnoDB base tables.
     tables: Vec<String>,
     /// Tells the thread holding commits off to let them go.
@@ -627,28 +644,19 @@ impl TwinSnapshot {
         });
         let mut session = conn.session()?;
         session.query("START TRANSACTION WITH CONSISTENT SNAPSHOT")?;
-        let mut file = String::new();
-        let mut pos = String::new();
-        for row in session.query("SHOW STATUS LIKE 'binlog_snapshot_%'")? {
-            match row.split_once('\t') {
-                Some(("Binlog_snapshot_file", v)) => file = v.to_owned(),
-                Some(("Binlog_snapshot_position", v)) => pos = v.to_owned(),
-                _ => {}
-            }
-        }
+        let status: Vec<Vec<String>> = session
+            .query("SHOW STATUS LIKE 'binlog_snapshot_%'")?
+            .iter()
+            .map(|l| columns(l))
+            .collect();
         let tables = session.query(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() \
              AND table_type = 'BASE TABLE' AND engine = 'InnoDB' ORDER BY 1",
         )?;
-        let position = if file.is_empty() {
-            String::new()
-        } else {
-            format!("{file}:{pos}")
-        };
         Ok(Some(TwinSnapshot {
             session,
             database: conn.database.clone(),
-            position,
+            position: parse_binlog_snapshot(&status),
             tables,
             release: Some(release),
             holder,
@@ -685,32 +693,22 @@ impl TwinSnapshot {
             );
             return Ok(None);
         }
-        let mut sql: Vec<String> = self
-            .tables
-            .iter()
-            .map(|t| format!("SELECT 'count', COUNT(*) FROM {}", quote_ident(t)))
-            .collect();
+        let mut sql = count_sql(&self.tables);
         sql.extend(checksum_sql(&self.tables));
         sql.push("COMMIT".into());
         let rows: Vec<Vec<String>> = self
             .session
             .query(&sql.join("; "))?
             .iter()
-            .map(|l| l.split('\t').map(str::to_owned).collect())
+            .map(|l| columns(l))
             .collect();
         self.session.close()?;
-        let counts: Vec<&String> = rows
-            .iter()
-            .filter(|r| r[0] == "count")
-            .filter_map(|r| r.get(1))
-            .collect();
         let mut differences = Vec::new();
-        for (t, c) in self.tables.iter().zip(counts) {
-            let snapshot = parse_count(t, c)?;
-            if scan.tables.get(t) != Some(&snapshot) {
+        for (t, snapshot) in parse_counts(&self.tables, &rows)? {
+            if scan.tables.get(&t) != Some(&snapshot) {
                 differences.push(format!(
                     "table {t}: {snapshot} rows in the snapshot, {} in the dump",
-                    scan.tables.get(t).map_or("none".into(), u64::to_string)
+                    scan.tables.get(&t).map_or("none".into(), u64::to_string)
                 ));
             }
         }
@@ -720,15 +718,13 @@ impl TwinSnapshot {
                 differences.join("; ")
             )));
         }
-        let dumped = scan
-            .binlog
-            .as_ref()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        if self.position != dumped {
+        if self.position != scan.binlog {
+            let show =
+                |p: &Option<BinlogPos>| p.as_ref().map_or("none".into(), ToString::to_string);
             return Err(Error::integrity(format!(
-                "the dump's binary log position {dumped:?} differs from its snapshot's {:?}",
-                self.position
+                "the dump's binary log position ({}) differs from its snapshot's ({})",
+                show(&scan.binlog),
+                show(&self.position)
             )));
         }
         Ok(Some(parse_checksums(&self.database, &rows)))

@@ -97,7 +97,7 @@ impl Conn {
             "-d",
             &self.url,
         ]);
-        Session::start(cmd, "psql", |mark| format!("\\echo {mark}"))
+        Session::start(cmd, |mark| format!("\\echo {mark}"))
     }
 }
 
@@ -248,9 +248,8 @@ impl PostgresSource {
         // The base backup carries the WAL from its start to its end (`-X fetch`), so it is
         // consistent on its own and the server does not wait for that WAL to be archived. A
         // temporary replication slot keeps the server from recycling it meanwhile; it goes
-        // with the session, even if drctl dies.
-        // The session idles while pg_basebackup runs: no idle timeout may end it (nor the
-        // slot with it).
+        // with the session, even if drctl dies. The session idles while pg_basebackup runs,
+        // so no idle timeout may end it (nor the slot with it).
         session.query(
             "SELECT set_config(name, '0', false) FROM pg_settings \
              WHERE name = 'idle_session_timeout'",
