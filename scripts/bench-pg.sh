@@ -7,7 +7,8 @@
 #                   archive_command is `pgbackrest archive-push` during pgBackRest's runs)
 #   logical dump    drctl backup (pg_dump -Fc -Z0 | zstd -3 | age, plus row counts)  vs
 #                   pg_dump -Fc to a file
-#   logical restore drctl restore --to-database  vs  pg_restore -j <cores> from that file
+#   logical restore drctl restore --to-database  vs  pg_restore -j <cores> from that file,
+#                   each into an empty database created before the timed run
 #
 #   scripts/bench-pg.sh
 #
@@ -276,6 +277,8 @@ run_op() { # <op> <round>
             timed "pg-restore-$r" pg_restore -j "$cores" -d "$url/restore_pgrestore" "$work/bench.pgdump"
             check_and_drop restore_pgrestore ;;
         drctl-restore)
+            sql "CREATE DATABASE restore_drctl" postgres
+            settle
             timed "drctl-restore-$r" env DRCTL_CONFIG="$home/drctl.yaml" "$drctl" restore -q --policy logical \
                 --backup latest --to-database "$url/restore_drctl"
             check_and_drop restore_drctl ;;

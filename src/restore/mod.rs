@@ -4,6 +4,7 @@
 
 pub mod extract;
 pub mod mysql;
+pub mod pgcopy;
 pub mod pgdump;
 pub mod postgres;
 pub mod sqlite;

@@ -1,23 +1,24 @@
-//! pg_dump's custom archive format, rewritten on its way to disk so `pg_restore -j` reads it
-//! as fast as a dump pg_dump wrote to a file itself.
+//! pg_dump's custom archive format: its table of contents (TOC), and its data blocks read
+//! one after the other as they stream in.
 //!
-//! pg_dump writes its table of contents (TOC) before the data. When its output is a regular
-//! file it seeks back at the end and writes every data block's offset into the TOC; drctl
-//! streams the dump through a pipe, so the offsets stay unset. Without them `pg_restore -j`
-//! cannot size its jobs (it loads the largest tables first only when it knows their sizes),
-//! and every worker finds its block by skipping through all the blocks before it. And
-//! uncompressed (`-Z0`), pg_dump writes every row as a chunk of its own, which pg_restore
-//! sends to the server as a message of its own.
+//! pg_dump writes the TOC before the data. When its output is a regular file it seeks back
+//! at the end and writes every data block's offset into the TOC; drctl streams the dump
+//! through a pipe, so the offsets stay unset.
 //!
-//! [`write_archive`] copies an archive to a file, joining each block's small chunks into
-//! chunks of up to [`JOINED_CHUNK`] bytes, then writes the data offsets into the TOC.
-//! The bytes pg_restore loads are unchanged: only where chunks start changes.
+//! A restore reads the TOC with [`open`], then either streams the data blocks into the
+//! database itself ([`Archive::next_block`], [`Archive::next_chunk`]), or, for what it does
+//! not stream, writes the archive to a file for `pg_restore -j` ([`Archive::write_file`]).
+//! That file gets the data offsets, without which `pg_restore -j` cannot size its jobs and
+//! every worker finds its block by skipping through all the blocks before it; and each
+//! block's small chunks are joined into chunks of up to [`JOINED_CHUNK`] bytes (uncompressed,
+//! pg_dump writes every row as a chunk of its own, which pg_restore sends to the server as a
+//! message of its own). The bytes pg_restore loads are unchanged: only where chunks start
+//! changes.
 //!
-//! The TOC layout follows PostgreSQL's `pg_backup_archiver.c` and `pg_backup_custom.c`
-//! (archive versions 1.12 to 1.16, PostgreSQL 9.0 to 18). An archive with another version,
-//! another format or compressed data is copied as it is.
+//! The layout follows PostgreSQL's `pg_backup_archiver.c` and `pg_backup_custom.c` (archive
+//! versions 1.12 to 1.16, PostgreSQL 9.0 to 18). An archive with another version, another
+//! format or compressed data is written to the file as it is.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -30,7 +31,7 @@ const OFFSET_NOT_SET: u8 = 1;
 const OFFSET_SET: u8 = 2;
 const OFFSET_NO_DATA: u8 = 3;
 /// Data block types (`BLK_*`).
-const BLOCK_DATA: u8 = 1;
+pub const BLOCK_DATA: u8 = 1;
 const BLOCK_BLOBS: u8 = 3;
 /// The custom format's number (`archCustom`).
 const FORMAT_CUSTOM: u8 = 1;
@@ -44,7 +45,35 @@ const fn version(major: u32, minor: u32) -> u32 {
 const OLDEST: u32 = version(1, 12);
 const NEWEST: u32 = version(1, 16);
 
-/// What [`write_archive`] did.
+/// One TOC entry, as far as a restore needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub dump_id: i64,
+    /// What it is: `TABLE`, `TABLE DATA`, `INDEX`, `SEQUENCE SET`, `BLOBS`, ...
+    pub desc: String,
+    pub namespace: Option<String>,
+    pub tag: String,
+    /// The SQL that creates it, kept only for the entries that set up a session
+    /// (`ENCODING`, `STDSTRINGS`, `SEARCHPATH`).
+    pub definition: Option<String>,
+    /// For table data: the `COPY ... FROM stdin;` statement its rows are for.
+    pub copy: Option<String>,
+    /// Where the entry's offset field is in the archive, and the flag it holds.
+    slot_at: u64,
+    flag: u8,
+}
+
+impl Entry {
+    /// Whether the archive holds a data block for this entry.
+    pub fn has_data(&self) -> bool {
+        self.flag != OFFSET_NO_DATA
+    }
+}
+
+/// Entries whose definition a session restoring data runs first.
+pub const SESSION_SETUP: [&str; 3] = ["ENCODING", "STDSTRINGS", "SEARCHPATH"];
+
+/// What [`Archive::write_file`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
     /// Rewritten: this many data blocks, whose offsets are now in the TOC, and the chunks
@@ -58,112 +87,166 @@ pub enum Written {
     Copied(String),
 }
 
-/// Copies the archive `input` into `out` (a new, empty file), rewritten as the module
-/// describes. A read error or a damaged archive is an error; an archive this module does not
-/// rewrite is copied as it is.
-pub fn write_archive(input: &mut dyn BufRead, out: &File, cancel: &Cancel) -> Result<Written> {
+/// An archive whose header and TOC have been read.
+pub struct Archive<'a> {
+    input: Input<'a>,
+    /// The bytes of the header and the TOC.
+    head: Vec<u8>,
+    /// The TOC, or why this module does not read the archive's data.
+    toc: std::result::Result<Vec<Entry>, String>,
+}
+
+/// Reads an archive's header and TOC from `input`. A read error is an error; an archive this
+/// module does not read (another format or version, compressed data) is not, and says why.
+pub fn open(input: &mut dyn BufRead) -> Result<Archive<'_>> {
     let mut input = Input {
         inner: input,
         taken: Some(Vec::new()),
+        pos: 0,
         ints: 4,
         offsets: 8,
     };
-    let mut writer = Output {
-        // Smaller than a joined chunk, so those go to the file without a copy.
-        inner: BufWriter::with_capacity(JOINED_CHUNK / 4, out),
-        pos: 0,
-    };
     let toc = match input.toc() {
-        Ok(toc) => toc,
-        Err(Problem::Format(why)) => {
-            writer.put(&input.taken.take().unwrap_or_default())?;
-            super::copy_cancellable(input.inner, &mut writer.inner, cancel)?;
-            writer.finish()?;
-            return Ok(Written::Copied(why));
-        }
+        Ok(entries) => Ok(entries),
+        Err(Problem::Format(why)) => Err(why),
         Err(Problem::Read(e)) => return Err(read_error(e)),
     };
-    writer.put(&input.taken.take().unwrap_or_default())?;
-    let mut join = Joiner {
-        buf: Vec::with_capacity(JOINED_CHUNK),
-        chunks_in: 0,
-        chunks_out: 0,
-    };
-    let mut starts: Vec<(i64, u64)> = Vec::new();
-    loop {
-        cancel.check()?;
-        let start = writer.pos;
-        let Some(kind) = input.byte_or_end().map_err(|p| p.into_error(start))? else {
-            break;
-        };
-        let dump_id = input.int().map_err(|p| p.into_error(start))?;
-        writer.put(&[kind])?;
-        writer.int(dump_id, input.ints)?;
-        match kind {
-            BLOCK_DATA => join.block(&mut input, &mut writer, start)?,
-            BLOCK_BLOBS => loop {
-                let oid = input.int().map_err(|p| p.into_error(start))?;
-                writer.int(oid, input.ints)?;
-                if oid == 0 {
-                    break;
-                }
-                join.block(&mut input, &mut writer, start)?;
-            },
-            other => return Err(damaged(start, format!("unknown data block type {other}"))),
-        }
-        starts.push((dump_id, start));
-    }
-    writer.finish()?;
+    let head = input.taken.take().unwrap_or_default();
+    Ok(Archive { input, head, toc })
+}
 
-    let mut patches = Vec::new();
-    for (dump_id, start) in &starts {
-        let slot = toc.get(dump_id).ok_or_else(|| {
-            damaged(
-                *start,
-                format!("data block of entry {dump_id}, which the TOC does not list"),
-            )
-        })?;
-        if slot.flag == OFFSET_NO_DATA {
-            return Err(damaged(
-                *start,
-                format!("data block of entry {dump_id}, which the TOC says has none"),
-            ));
+impl Archive<'_> {
+    /// The TOC, or why the archive's data cannot be read here.
+    pub fn toc(&self) -> std::result::Result<&[Entry], &str> {
+        self.toc.as_deref().map_err(String::as_str)
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.input.pos
+    }
+
+    /// The header and TOC as read: on their own, an archive `pg_restore` can restore
+    /// everything but the data from.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The next data block's type and entry ID, or None at the end of the archive.
+    pub fn next_block(&mut self) -> Result<Option<(u8, i64)>> {
+        self.input.next_block()
+    }
+
+    /// Appends the current data block's next chunk to `buf`; false once the block ends.
+    pub fn next_chunk(&mut self, buf: &mut Vec<u8>) -> Result<bool> {
+        let (at, len) = self.input.chunk_len()?;
+        if len == 0 {
+            return Ok(false);
         }
-        // The flag, then the offset least significant byte first, padded to the archive's
-        // offset size (at least 8 bytes, checked with the header).
-        let mut bytes = vec![OFFSET_SET];
-        bytes.extend_from_slice(&start.to_le_bytes());
-        bytes.resize(1 + input.offsets, 0);
-        patches.push((slot.at, bytes));
+        self.input.append(buf, len).map_err(|p| p.into_error(at))?;
+        Ok(true)
     }
-    for (at, bytes) in &patches {
-        out.write_all_at(bytes, *at)
-            .map_err(|e| Error::io("write the dump's table of contents", e))?;
+
+    /// Writes the whole archive to `out` (a new, empty file), rewritten as the module
+    /// describes, or as it is if this module does not read it. A read error or damaged data
+    /// is an error.
+    pub fn write_file(self, out: &File, cancel: &Cancel) -> Result<Written> {
+        let Archive {
+            mut input,
+            head,
+            toc,
+        } = self;
+        let mut writer = Output {
+            // Smaller than a joined chunk, so those go to the file without a copy.
+            inner: BufWriter::with_capacity(JOINED_CHUNK / 4, out),
+            pos: 0,
+        };
+        writer.put(&head)?;
+        let entries = match toc {
+            Ok(entries) => entries,
+            Err(why) => {
+                super::copy_cancellable(input.inner, &mut writer.inner, cancel)?;
+                writer.finish()?;
+                return Ok(Written::Copied(why));
+            }
+        };
+        let ints = input.ints;
+        let mut join = Joiner {
+            buf: Vec::with_capacity(JOINED_CHUNK),
+            chunks_in: 0,
+            chunks_out: 0,
+        };
+        let mut starts: Vec<(i64, u64, u64)> = Vec::new();
+        while let Some((kind, dump_id)) = input.next_block()? {
+            cancel.check()?;
+            let (start, read_at) = (writer.pos, input.pos);
+            writer.put(&[kind])?;
+            writer.int(dump_id, ints)?;
+            if kind == BLOCK_DATA {
+                join.block(&mut input, &mut writer)?;
+            } else {
+                loop {
+                    let at = input.pos;
+                    let oid = input.int().map_err(|p| p.into_error(at))?;
+                    writer.int(oid, ints)?;
+                    if oid == 0 {
+                        break;
+                    }
+                    join.block(&mut input, &mut writer)?;
+                }
+            }
+            starts.push((dump_id, start, read_at));
+        }
+        writer.finish()?;
+
+        let mut patches = Vec::new();
+        for (dump_id, start, read_at) in &starts {
+            let entry = entries
+                .iter()
+                .find(|e| e.dump_id == *dump_id)
+                .ok_or_else(|| {
+                    damaged(
+                        *read_at,
+                        format!("data block of entry {dump_id}, which the TOC does not list"),
+                    )
+                })?;
+            if entry.flag == OFFSET_NO_DATA {
+                return Err(damaged(
+                    *read_at,
+                    format!("data block of entry {dump_id}, which the TOC says has none"),
+                ));
+            }
+            // The flag, then the offset least significant byte first, padded to the
+            // archive's offset size (at least 8 bytes, checked with the header).
+            let mut bytes = vec![OFFSET_SET];
+            bytes.extend_from_slice(&start.to_le_bytes());
+            bytes.resize(1 + input.offsets, 0);
+            patches.push((entry.slot_at, bytes));
+        }
+        for (at, bytes) in &patches {
+            out.write_all_at(bytes, *at)
+                .map_err(|e| Error::io("write the dump's table of contents", e))?;
+        }
+        Ok(Written::Rewritten {
+            blocks: starts.len(),
+            chunks_in: join.chunks_in,
+            chunks_out: join.chunks_out,
+        })
     }
-    Ok(Written::Rewritten {
-        blocks: starts.len(),
-        chunks_in: join.chunks_in,
-        chunks_out: join.chunks_out,
-    })
 }
 
 fn read_error(e: io::Error) -> Error {
     crate::pipeline::damaged("read the dump", e)
 }
 
-fn damaged(at: u64, why: String) -> Error {
+/// An archive damaged at byte `at` of the dump.
+pub fn damaged(at: u64, why: String) -> Error {
     Error::integrity(format!("PostgreSQL dump, data at byte {at}: {why}"))
-}
-
-/// Where a TOC entry's offset field is and what it holds.
-struct Slot {
-    at: u64,
-    flag: u8,
 }
 
 enum Problem {
     Read(io::Error),
-    /// Not an archive this module rewrites (in the TOC), or a damaged one (in the data).
+    /// Not an archive this module reads (in the TOC), or a damaged one (in the data).
     Format(String),
 }
 
@@ -196,6 +279,8 @@ struct Input<'a> {
     inner: &'a mut dyn BufRead,
     /// The bytes read so far, while reading the header and TOC.
     taken: Option<Vec<u8>>,
+    /// Bytes read so far.
+    pos: u64,
     ints: usize,
     offsets: usize,
 }
@@ -210,6 +295,7 @@ impl Input<'_> {
         } else {
             self.inner.read_exact(buf)?;
         }
+        self.pos += buf.len() as u64;
         if let Some(taken) = &mut self.taken {
             taken.extend_from_slice(buf);
         }
@@ -229,6 +315,7 @@ impl Input<'_> {
                 taken.extend_from_slice(&available[..n]);
             }
             self.inner.consume(n);
+            self.pos += n as u64;
             len -= n;
         }
         Ok(())
@@ -246,11 +333,35 @@ impl Input<'_> {
         loop {
             match self.inner.read(&mut b) {
                 Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(b[0])),
+                Ok(_) => {
+                    self.pos += 1;
+                    return Ok(Some(b[0]));
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The next data block's type and entry ID, or None at the end of the archive.
+    fn next_block(&mut self) -> Result<Option<(u8, i64)>> {
+        let start = self.pos;
+        let Some(kind) = self.byte_or_end().map_err(|p| p.into_error(start))? else {
+            return Ok(None);
+        };
+        if !matches!(kind, BLOCK_DATA | BLOCK_BLOBS) {
+            return Err(damaged(start, format!("unknown data block type {kind}")));
+        }
+        let dump_id = self.int().map_err(|p| p.into_error(start))?;
+        Ok(Some((kind, dump_id)))
+    }
+
+    /// Where the next chunk starts and its length (0 at the end of a block).
+    fn chunk_len(&mut self) -> Result<(u64, usize)> {
+        let at = self.pos;
+        let len = self.int().map_err(|p| p.into_error(at))?;
+        let len = usize::try_from(len).map_err(|_| damaged(at, format!("chunk length {len}")))?;
+        Ok((at, len))
     }
 
     /// `ReadInt`: a sign byte, then `ints` bytes, least significant first.
@@ -265,24 +376,30 @@ impl Input<'_> {
         Ok(if bytes[0] != 0 { -value } else { value })
     }
 
-    /// `ReadStr`: a length (negative for NULL), then the bytes; returns whether it was NULL.
-    fn skip_str(&mut self) -> Parsed<bool> {
+    /// `ReadStr`: a length (negative for NULL), then the bytes.
+    fn str(&mut self) -> Parsed<Option<Vec<u8>>> {
         let len = self.int()?;
         if len < 0 {
-            return Ok(true);
+            return Ok(None);
         }
-        let mut rest = usize::try_from(len).or_else(|_| unsupported("string too long"))?;
-        let mut buf = [0u8; 4096];
-        while rest > 0 {
-            let n = rest.min(buf.len());
-            self.exact(&mut buf[..n])?;
-            rest -= n;
-        }
-        Ok(false)
+        let len = usize::try_from(len).or_else(|_| unsupported("string too long"))?;
+        let mut buf = Vec::new();
+        self.append(&mut buf, len)?;
+        Ok(Some(buf))
     }
 
-    /// Reads the header and the TOC; returns each entry's offset slot by dump ID.
-    fn toc(&mut self) -> Parsed<HashMap<i64, Slot>> {
+    /// A string the TOC entry `dump_id` needs as text.
+    fn text(&mut self, dump_id: i64) -> Parsed<Option<String>> {
+        match self.str()? {
+            None => Ok(None),
+            Some(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .or_else(|_| unsupported(format!("TOC entry {dump_id} is not UTF-8"))),
+        }
+    }
+
+    /// Reads the header and the TOC.
+    fn toc(&mut self) -> Parsed<Vec<Entry>> {
         let mut magic = [0u8; 5];
         self.exact(&mut magic)?;
         if &magic != b"PGDMP" {
@@ -314,34 +431,37 @@ impl Input<'_> {
             self.int()?; // creation time
         }
         for _ in 0..3 {
-            self.skip_str()?; // database name, server and pg_dump versions
+            self.str()?; // database name, server and pg_dump versions
         }
 
         let count = self.int()?;
-        let mut slots = HashMap::new();
+        let mut entries: Vec<Entry> = Vec::new();
         for _ in 0..count {
             let dump_id = self.int()?;
             if dump_id <= 0 {
                 return unsupported(format!("TOC entry ID {dump_id}"));
             }
             self.int()?; // had dumper
-            for _ in 0..4 {
-                self.skip_str()?; // table OID, OID, tag, description
-            }
+            self.str()?; // table OID
+            self.str()?; // OID
+            let tag = self.text(dump_id)?.unwrap_or_default();
+            let desc = self.text(dump_id)?.unwrap_or_default();
             self.int()?; // section
-            for _ in 0..5 {
-                self.skip_str()?; // definition, drop, copy, namespace, tablespace
-            }
+            let definition = self.text(dump_id)?;
+            self.str()?; // drop statement
+            let copy = self.text(dump_id)?.filter(|c| !c.is_empty());
+            let namespace = self.text(dump_id)?;
+            self.str()?; // tablespace
             if v >= version(1, 14) {
-                self.skip_str()?; // table access method
+                self.str()?; // table access method
             }
             if v >= version(1, 16) {
                 self.int()?; // relkind
             }
-            self.skip_str()?; // owner
-            self.skip_str()?; // "with oids"
-            while !self.skip_str()? {} // dependencies, ended by NULL
-            let at = self.taken.as_ref().map_or(0, |t| t.len() as u64);
+            self.str()?; // owner
+            self.str()?; // "with oids"
+            while self.str()?.is_some() {} // dependencies, ended by NULL
+            let slot_at = self.pos;
             let flag = self.byte()?;
             if !matches!(flag, OFFSET_NOT_SET | OFFSET_SET | OFFSET_NO_DATA) {
                 return unsupported(format!("offset flag {flag} in TOC entry {dump_id}"));
@@ -349,11 +469,21 @@ impl Input<'_> {
             for _ in 0..self.offsets {
                 self.byte()?;
             }
-            if slots.insert(dump_id, Slot { at, flag }).is_some() {
+            if entries.iter().any(|e| e.dump_id == dump_id) {
                 return unsupported(format!("TOC entry {dump_id} listed twice"));
             }
+            entries.push(Entry {
+                dump_id,
+                definition: definition.filter(|_| SESSION_SETUP.contains(&desc.as_str())),
+                desc,
+                namespace,
+                tag,
+                copy,
+                slot_at,
+                flag,
+            });
         }
-        Ok(slots)
+        Ok(entries)
     }
 }
 
@@ -397,21 +527,19 @@ struct Joiner {
 
 impl Joiner {
     /// Copies length-prefixed chunks up to the zero length that ends them.
-    fn block(&mut self, input: &mut Input<'_>, out: &mut Output<'_>, start: u64) -> Result<()> {
+    fn block(&mut self, input: &mut Input<'_>, out: &mut Output<'_>) -> Result<()> {
         loop {
-            let len = input.int().map_err(|p| p.into_error(start))?;
-            let len = match usize::try_from(len) {
-                Ok(0) => break,
-                Ok(len) => len,
-                Err(_) => return Err(damaged(start, format!("chunk length {len}"))),
-            };
+            let (at, len) = input.chunk_len()?;
+            if len == 0 {
+                break;
+            }
             self.chunks_in += 1;
             if self.buf.len() + len > JOINED_CHUNK {
                 self.flush(out, input.ints)?;
             }
             input
                 .append(&mut self.buf, len)
-                .map_err(|p| p.into_error(start))?;
+                .map_err(|p| p.into_error(at))?;
         }
         self.flush(out, input.ints)?;
         out.int(0, input.ints)
@@ -505,7 +633,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.pgdump");
         let file = File::create_new(&path).unwrap();
-        let written = write_archive(&mut &input[..], &file, &Cancel::new());
+        let mut reader = input;
+        let written = open(&mut reader).and_then(|a| a.write_file(&file, &Cancel::new()));
         (written, std::fs::read(&path).unwrap())
     }
 
@@ -516,12 +645,12 @@ mod tests {
         let mut input = Input {
             inner: &mut cursor,
             taken: Some(Vec::new()),
+            pos: 0,
             ints: 4,
             offsets: 8,
         };
-        let slots = input.toc().ok().unwrap();
-        let mut entries: Vec<_> = slots.into_iter().collect();
-        entries.sort_by_key(|(id, _)| *id);
+        let mut entries = input.toc().ok().unwrap();
+        entries.sort_by_key(|e| e.dump_id);
         let int = |at: &mut usize| {
             let v = u32::from_le_bytes(archive[*at + 1..*at + 5].try_into().unwrap()) as i64;
             *at += 5;
@@ -540,13 +669,18 @@ mod tests {
             }
         };
         let mut out = Vec::new();
-        for (id, slot) in entries {
-            let flag = archive[slot.at as usize];
+        for Entry {
+            dump_id: id,
+            slot_at,
+            ..
+        } in entries
+        {
+            let flag = archive[slot_at as usize];
             let mut parts = Vec::new();
             let mut count = 0;
             if flag == OFFSET_SET {
                 let offset = u64::from_le_bytes(
-                    archive[slot.at as usize + 1..slot.at as usize + 9]
+                    archive[slot_at as usize + 1..slot_at as usize + 9]
                         .try_into()
                         .unwrap(),
                 );

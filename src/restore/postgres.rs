@@ -1,8 +1,8 @@
 //! PostgreSQL restores and the WAL archive.
 //!
-//! Logical: `pg_restore -j <cores>` into a database (created if missing; a non-empty one
-//! only with `overwrite`), stopping at the first error, then row counts compared with the
-//! manifest. Physical: a base backup unpacked into a new data directory, recovery
+//! Logical: the dump streamed into a database (created if missing; a non-empty one only with
+//! `overwrite`), the schema and what follows the data by `pg_restore`, the data by parallel
+//! `COPY`s, stopping at the first error; then row counts compared with the manifest. Physical: a base backup unpacked into a new data directory, recovery
 //! settings that fetch WAL through `drctl wal fetch`, the server started and recovered to the
 //! latest point, a time or an LSN, then checked. Every WAL segment recovery needs is checked
 //! to be archived before anything is written.
@@ -16,8 +16,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::extract::{self, ExtractOptions};
-use super::pgdump;
 use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, ServerOptions, Target};
+use super::{pgcopy, pgdump};
 use crate::cancel::Cancel;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
@@ -27,8 +27,8 @@ use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
-    format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, Conn, TimelineSwitch,
-    WalRange,
+    count_rows, format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, tables,
+    Conn, TimelineSwitch, WalRange,
 };
 use crate::{Error, Result};
 
@@ -118,8 +118,32 @@ fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
     admin.close()
 }
 
+/// What the decoding side of a logical restore did with the dump.
+enum Loaded {
+    /// Schema and table data restored from the stream; the file holds the dump's TOC for
+    /// the rest. Rows stored per table data entry.
+    Streamed {
+        entries: Vec<pgdump::Entry>,
+        rows: BTreeMap<i64, u64>,
+    },
+    /// The whole dump written to the file, for `pg_restore -j`.
+    File(pgdump::Written),
+}
+
 /// Restores a logical backup into the database `target` names, checked by
 /// [`check_database_target`].
+///
+/// Into a new or empty database the dump is streamed: `pg_restore` creates the schema from
+/// the dump's table of contents (TOC) as soon as it has arrived, then the table data goes
+/// straight from the stream into `COPY`s over one session per core (see `pgcopy`), and
+/// `pg_restore -j <cores>` builds the indexes and constraints (everything after the data)
+/// once the whole dump has checked out. Nothing but the TOC touches the local disk, and the
+/// rows each `COPY` stored are the restored row counts.
+///
+/// Over existing objects (`--overwrite`, which needs `pg_restore --clean`), or for a dump
+/// with large objects or one this module does not read, the dump is decoded into a private
+/// temporary file (mode 0600, removed afterwards) for `pg_restore -j`, then every table's
+/// rows are counted.
 async fn restore_logical(
     repo: &Repo,
     record: &BackupRecord,
@@ -129,67 +153,99 @@ async fn restore_logical(
     cancel: &Cancel,
 ) -> Result<LogicalReport> {
     let started = std::time::Instant::now();
-    // pg_restore loads tables and builds indexes in parallel only from a file: decode the
-    // dump into a private temporary file (mode 0600, removed afterwards), with the data
-    // offsets a streamed dump lacks (see `pgdump`), then restore it. A missing database is
-    // created meanwhile.
     let file = TempFile(std::env::temp_dir().join(format!(
         "drctl-restore-{}-{}.pgdump",
         record.backup_id,
         std::process::id()
     )));
+    // A missing database is created while the dump's first bytes arrive.
     let create = {
         let (target, state) = (target.clone(), state.clone());
-        tokio::task::spawn_blocking(move || create_database(&target, &state))
+        std::thread::spawn(move || create_database(&target, &state))
     };
-    let (path, cancel_thread) = (file.0.clone(), cancel.clone());
+    let (path, conn, cancel_thread) = (file.0.clone(), target.clone(), cancel.clone());
+    let overwrite = state.relations > 0;
     let decoded = decode(repo, record.manifest()?, identities, move |reader| {
-        pgdump::write_archive(reader, &create_private(&path)?, &cancel_thread)
+        let mut archive = pgdump::open(reader)?;
+        create
+            .join()
+            .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked")))?;
+        let out = create_private(&path)?;
+        let setup = match streamable(&archive, overwrite) {
+            Ok(setup) => setup,
+            Err(why) => {
+                tracing::info!(%why, "restoring through a file for pg_restore -j");
+                return Ok(Loaded::File(archive.write_file(&out, &cancel_thread)?));
+            }
+        };
+        std::io::Write::write_all(&mut &out, archive.head())
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        drop(out);
+        pg_restore(&conn, &["--section=pre-data"], &path)?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "schema restored");
+        let rows = pgcopy::load(&mut archive, &conn, jobs(), &setup, &cancel_thread)?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "table data loaded"
+        );
+        let entries = archive.toc().map(<[_]>::to_vec).unwrap_or_default();
+        Ok(Loaded::Streamed { entries, rows })
     })
     .await;
-    let created = create
-        .await
-        .map_err(|e| Error::failure(format!("database creation thread failed: {e}")))?;
-    let (written, plain) = decoded?;
-    created?;
-    tracing::info!(
-        ?written,
-        seconds = started.elapsed().as_secs_f64(),
-        "decoded the dump"
-    );
-    let mut cmd = target.command("pg_restore");
-    cmd.args([
-        "--exit-on-error",
-        "-j",
-        &jobs().to_string(),
-        "-d",
-        &target.url,
-    ]);
-    if state.relations > 0 {
-        cmd.args(["--clean", "--if-exists"]);
-    }
-    cmd.arg(&file.0);
-    tokio::task::spawn_blocking(move || {
-        let mut child = spawn(&mut cmd, Stdio::null(), Stdio::null())?;
-        let stderr = collect_stderr(&mut child);
-        let status = child
-            .wait()
-            .map_err(|e| Error::io("wait for `pg_restore`", e))?;
-        check_status("pg_restore", status, &stderr.join().unwrap_or_default())
+    let (loaded, plain) =
+        decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
+    let conn = target.clone();
+    let tables = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, u64>> {
+        let jobs = jobs().to_string();
+        let tables = match loaded {
+            Loaded::Streamed { entries, rows } => {
+                // Everything but the table data, of the sections after the schema.
+                let rest: Vec<i64> = entries
+                    .iter()
+                    .filter(|e| e.desc != "TABLE DATA")
+                    .map(|e| e.dump_id)
+                    .collect();
+                pg_restore_list(
+                    &conn,
+                    &["-j", &jobs, "--section=data", "--section=post-data"],
+                    &file.0,
+                    &rest,
+                )?;
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "indexes and constraints restored"
+                );
+                copied_rows(&conn, &entries, &rows)?
+            }
+            Loaded::File(written) => {
+                tracing::info!(
+                    ?written,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "decoded the dump"
+                );
+                let mut args = vec!["-j", &jobs];
+                if overwrite {
+                    args.extend(["--clean", "--if-exists"]);
+                }
+                pg_restore(&conn, &args, &file.0)?;
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "pg_restore finished"
+                );
+                // Freeing the file's page cache takes a while for a large dump: let it
+                // overlap the counts.
+                let remove = std::thread::spawn(move || drop(file));
+                let tables = row_counts_parallel(&conn, jobs.parse().unwrap_or(1));
+                let _ = remove.join();
+                tables?
+            }
+        };
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "rows counted");
+        Ok(tables)
     })
     .await
     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
     .map_err(|e| e.context(format!("restore into database {}", state.database)))?;
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        "pg_restore finished"
-    );
-    // Freeing the file's page cache takes a while for a large dump: let it overlap the counts.
-    let remove = std::thread::spawn(move || drop(file));
-    let tables = row_counts_parallel(target, jobs());
-    let _ = remove.join();
-    let tables = tables?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "rows counted");
     Ok(LogicalReport {
         backup_id: record.backup_id.clone(),
         database: state.database.clone(),
@@ -198,6 +254,111 @@ async fn restore_logical(
         tables,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether a dump can be streamed into the target: if so, the statements that set up a
+/// session for its data (as `pg_restore` sets up its own); if not, why.
+fn streamable(
+    archive: &pgdump::Archive<'_>,
+    overwrite: bool,
+) -> std::result::Result<String, String> {
+    if overwrite {
+        return Err("the target has objects, which pg_restore --clean drops first".into());
+    }
+    let entries = archive.toc().map_err(str::to_owned)?;
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.has_data() && (e.desc != "TABLE DATA" || e.copy.is_none()))
+    {
+        return Err(format!(
+            "the dump holds data that is not COPY rows ({})",
+            e.desc
+        ));
+    }
+    let mut setup = String::from(
+        "SET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\n",
+    );
+    for e in entries
+        .iter()
+        .filter(|e| pgdump::SESSION_SETUP.contains(&e.desc.as_str()))
+    {
+        setup.push_str(e.definition.as_deref().unwrap_or_default().trim_end());
+        setup.push('\n');
+    }
+    setup.push_str("SET row_security = off;");
+    Ok(setup)
+}
+
+/// The restored row counts of a streamed restore: what each table's `COPY`s stored, by the
+/// name the server quotes it with; tables the dump held no data for are counted.
+fn copied_rows(
+    conn: &Conn,
+    entries: &[pgdump::Entry],
+    rows: &BTreeMap<i64, u64>,
+) -> Result<BTreeMap<String, u64>> {
+    let mut session = conn.session()?;
+    let mut counts = BTreeMap::new();
+    let copied: Vec<(&pgdump::Entry, u64)> = entries
+        .iter()
+        .filter_map(|e| Some((e, *rows.get(&e.dump_id)?)))
+        .collect();
+    if !copied.is_empty() {
+        let values: Vec<String> = copied
+            .iter()
+            .map(|(e, _)| {
+                format!(
+                    "({}, {})",
+                    sql_literal(e.namespace.as_deref().unwrap_or_default()),
+                    sql_literal(&e.tag)
+                )
+            })
+            .collect();
+        let names = session.query(&format!(
+            "SELECT format('%I.%I', n, t) FROM (VALUES {}) v(n, t)",
+            values.join(", ")
+        ))?;
+        if names.len() != copied.len() {
+            return Err(Error::failure("psql: table names do not match the dump's"));
+        }
+        for (name, (_, n)) in names.into_iter().zip(&copied) {
+            *counts.entry(name).or_insert(0) += n;
+        }
+    }
+    for table in tables(&mut session)? {
+        if let std::collections::btree_map::Entry::Vacant(slot) = counts.entry(table) {
+            let n = count_rows(&mut session, slot.key())?;
+            slot.insert(n);
+        }
+    }
+    session.close()?;
+    Ok(counts)
+}
+
+/// Runs `pg_restore` on the entries `ids` of `file` only (`-L`, a private temporary list).
+fn pg_restore_list(conn: &Conn, args: &[&str], file: &Path, ids: &[i64]) -> Result<()> {
+    let list = TempFile(file.with_extension("list"));
+    let text: String = ids.iter().map(|id| format!("{id};\n")).collect();
+    let mut out = create_private(&list.0)?;
+    std::io::Write::write_all(&mut out, text.as_bytes())
+        .map_err(|e| Error::io(format!("write {}", list.0.display()), e))?;
+    let list_path = list.0.to_string_lossy().into_owned();
+    let args: Vec<&str> = args.iter().copied().chain(["-L", &list_path]).collect();
+    pg_restore(conn, &args, file)
+}
+
+/// Runs `pg_restore` on `file` into the target, stopping at the first error.
+fn pg_restore(target: &Conn, args: &[&str], file: &Path) -> Result<()> {
+    let mut cmd = target.command("pg_restore");
+    cmd.arg("--exit-on-error")
+        .args(args)
+        .args(["-d", &target.url])
+        .arg(file);
+    let mut child = spawn(&mut cmd, Stdio::null(), Stdio::null())?;
+    let stderr = collect_stderr(&mut child);
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("wait for `pg_restore`", e))?;
+    check_status("pg_restore", status, &stderr.join().unwrap_or_default())
 }
 
 /// Parallel jobs for pg_restore and the row counts: one per core.

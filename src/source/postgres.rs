@@ -63,6 +63,21 @@ impl Conn {
         })
     }
 
+    /// Options for an in-process connection (sqlx), as the client tools would connect.
+    pub fn connect_options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
+        use sqlx::ConnectOptions;
+        let mut options: sqlx::postgres::PgConnectOptions = self
+            .url
+            .parse()
+            .map_err(|e| Error::invalid(format!("invalid PostgreSQL URL: {e}")))?;
+        if let Some(p) = &self.password {
+            options = options.password(p);
+        }
+        Ok(options
+            .application_name("drctl restore")
+            .disable_statement_logging())
+    }
+
     /// A client tool command with the password in its environment.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
@@ -125,7 +140,7 @@ pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
     Ok(counts)
 }
 
-fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
+pub fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
     let n = session.value(&format!("SELECT count(*) FROM {table}"))?;
     n.parse()
         .map_err(|_| Error::failure(format!("psql: bad row count {n:?} for {table}")))
