@@ -45,36 +45,75 @@ struct Worker {
     open: bool,
 }
 
-/// Loads the data blocks of `archive` (whose TOC has been read and whose schema has been
-/// restored) into the database `conn` names, over `jobs` connections that each first run
-/// `setup`. Returns the rows stored per table data entry (by dump ID). Runs on a blocking
-/// thread of the Tokio runtime, whose tasks hold the connections.
-pub fn load(
-    archive: &mut Archive<'_>,
-    conn: &Conn,
-    jobs: usize,
-    setup: &str,
-    cancel: &Cancel,
-) -> Result<BTreeMap<i64, u64>> {
-    let statements: BTreeMap<i64, Arc<str>> = archive
-        .toc()
-        .map_err(|why| Error::failure(format!("the dump cannot be streamed: {why}")))?
-        .iter()
-        .filter_map(|e| Some((e.dump_id, Arc::from(e.copy.as_deref()?))))
-        .collect();
-    let runtime = tokio::runtime::Handle::current();
-    let options = conn.connect_options()?;
-    let mut workers: Vec<Worker> = (0..jobs.max(1))
-        .map(|_| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let handle = runtime.spawn(run(options.clone(), setup.to_owned(), rx));
-            Worker {
-                tx,
-                handle,
-                open: false,
-            }
+/// Connections ready to load table data.
+pub struct Loader {
+    runtime: tokio::runtime::Handle,
+    connections: Vec<PgConnection>,
+}
+
+impl Loader {
+    /// Opens `jobs` connections to the database `conn` names and runs `setup` on each. Runs
+    /// on a blocking thread of the Tokio runtime, whose tasks then hold the connections.
+    pub fn connect(conn: &Conn, jobs: usize, setup: &str) -> Result<Loader> {
+        let runtime = tokio::runtime::Handle::current();
+        let options = conn.connect_options()?;
+        let connections = (0..jobs.max(1))
+            .map(|_| {
+                runtime.block_on(async {
+                    let mut c = PgConnection::connect_with(&options)
+                        .await
+                        .map_err(|e| failure("connect", e))?;
+                    for statement in setup.lines() {
+                        sqlx::Executor::execute(&mut c, statement)
+                            .await
+                            .map_err(|e| failure("set up the session", e))?;
+                    }
+                    Ok(c)
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Loader {
+            runtime,
+            connections,
         })
-        .collect();
+    }
+
+    /// Loads the data blocks of `archive` (whose TOC has been read and whose schema has
+    /// been restored). Returns the rows stored per table data entry (by dump ID).
+    pub fn load(self, archive: &mut Archive<'_>, cancel: &Cancel) -> Result<BTreeMap<i64, u64>> {
+        let Loader {
+            runtime,
+            connections,
+        } = self;
+        let statements: BTreeMap<i64, Arc<str>> = archive
+            .toc()
+            .map_err(|why| Error::failure(format!("the dump cannot be streamed: {why}")))?
+            .iter()
+            .filter_map(|e| Some((e.dump_id, Arc::from(e.copy.as_deref()?))))
+            .collect();
+        let mut workers: Vec<Worker> = connections
+            .into_iter()
+            .map(|c| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                Worker {
+                    tx,
+                    handle: runtime.spawn(run(c, rx)),
+                    open: false,
+                }
+            })
+            .collect();
+        send_all(archive, &statements, &mut workers, cancel, &runtime)
+    }
+}
+
+/// Sends the table data to the workers, then collects what each stored.
+fn send_all(
+    archive: &mut Archive<'_>,
+    statements: &BTreeMap<i64, Arc<str>>,
+    workers: &mut Vec<Worker>,
+    cancel: &Cancel,
+    runtime: &tokio::runtime::Handle,
+) -> Result<BTreeMap<i64, u64>> {
     let mut counts = BTreeMap::new();
     let mut next = 0;
     let sent = (|| -> Result<Sent> {
@@ -103,7 +142,7 @@ pub fn load(
                 rest.extend_from_slice(&piece[end + 1..]);
                 piece.truncate(end + 1);
                 let rows = std::mem::replace(&mut piece, rest);
-                if !send(&mut workers, &mut next, dump_id, copy, rows) {
+                if !send(workers, &mut next, dump_id, copy, rows) {
                     return Ok(Sent::Gone);
                 }
             }
@@ -116,7 +155,7 @@ pub fn load(
                     ));
                 }
                 let rows = std::mem::replace(&mut piece, Vec::with_capacity(2 * PIECE));
-                if !send(&mut workers, &mut next, dump_id, copy, rows) {
+                if !send(workers, &mut next, dump_id, copy, rows) {
                     return Ok(Sent::Gone);
                 }
             }
@@ -131,7 +170,7 @@ pub fn load(
     })();
     // A closed queue ends its connection; one closed inside a COPY fails that COPY.
     let mut failed = None;
-    for w in workers {
+    for w in workers.drain(..) {
         drop(w.tx);
         match runtime.block_on(w.handle) {
             Ok(Ok(done)) => {
@@ -216,19 +255,7 @@ fn send(
 }
 
 /// One connection: runs the `COPY`s its queue asks for, and returns each one's stored rows.
-async fn run(
-    options: sqlx::postgres::PgConnectOptions,
-    setup: String,
-    mut rx: Receiver<Msg>,
-) -> Result<Vec<(i64, u64)>> {
-    let mut conn = PgConnection::connect_with(&options)
-        .await
-        .map_err(|e| failure("connect for COPY", e))?;
-    for statement in setup.lines() {
-        sqlx::Executor::execute(&mut conn, statement)
-            .await
-            .map_err(|e| failure("set up the COPY session", e))?;
-    }
+async fn run(mut conn: PgConnection, mut rx: Receiver<Msg>) -> Result<Vec<(i64, u64)>> {
     let mut done = Vec::new();
     while let Some(msg) = rx.recv().await {
         let Msg::Copy(dump_id, statement) = msg else {

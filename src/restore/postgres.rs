@@ -171,19 +171,30 @@ async fn restore_logical(
             .join()
             .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked")))?;
         let out = create_private(&path)?;
-        let setup = match streamable(&archive, overwrite) {
-            Ok(setup) => setup,
+        // Before anything is written, the connections that load the data: if they cannot
+        // be made, pg_restore's own may still be.
+        let loader = match streamable(&archive, overwrite) {
             Err(why) => {
                 tracing::info!(%why, "restoring through a file for pg_restore -j");
-                return Ok(Loaded::File(archive.write_file(&out, &cancel_thread)?));
+                None
             }
+            Ok(setup) => match pgcopy::Loader::connect(&conn, jobs(), &setup) {
+                Ok(loader) => Some(loader),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot connect to load the data; restoring through a file for pg_restore -j");
+                    None
+                }
+            },
+        };
+        let Some(loader) = loader else {
+            return Ok(Loaded::File(archive.write_file(&out, &cancel_thread)?));
         };
         std::io::Write::write_all(&mut &out, archive.head())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         drop(out);
         pg_restore(&conn, &["--section=pre-data"], &path)?;
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "schema restored");
-        let rows = pgcopy::load(&mut archive, &conn, jobs(), &setup, &cancel_thread)?;
+        let rows = loader.load(&mut archive, &cancel_thread)?;
         tracing::info!(
             seconds = started.elapsed().as_secs_f64(),
             "table data loaded"
