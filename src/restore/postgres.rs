@@ -301,7 +301,8 @@ fn streamable(
 }
 
 /// The restored row counts of a streamed restore: what each table's `COPY`s stored, by the
-/// name the server quotes it with; tables the dump held no data for are counted.
+/// name the server quotes it with; tables the dump held no data for, and tables with
+/// inheritance children, are counted.
 fn copied_rows(
     conn: &Conn,
     entries: &[pgdump::Entry],
@@ -335,10 +336,16 @@ fn copied_rows(
             *counts.entry(name).or_insert(0) += n;
         }
     }
+    // A table with inheritance children counts their rows too, as at backup time; its own
+    // COPY stored only its own.
+    let parents = session.query(
+        "SELECT DISTINCT format('%I.%I', n.nspname, c.relname) FROM pg_inherits i \
+         JOIN pg_class c ON c.oid = i.inhparent JOIN pg_namespace n ON n.oid = c.relnamespace",
+    )?;
     for table in tables(&mut session)? {
-        if let std::collections::btree_map::Entry::Vacant(slot) = counts.entry(table) {
-            let n = count_rows(&mut session, slot.key())?;
-            slot.insert(n);
+        if parents.contains(&table) || !counts.contains_key(&table) {
+            let n = count_rows(&mut session, &table)?;
+            counts.insert(table, n);
         }
     }
     session.close()?;
