@@ -277,7 +277,8 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
          CREATE TABLE events (at int); CREATE TABLE late_events (why text) INHERITS (events);\
          INSERT INTO events SELECT g FROM generate_series(1, 10) g;\
          INSERT INTO late_events SELECT g, 'late' FROM generate_series(1, 5) g;\
-         COMMENT ON TABLE items IS 'the catalogue';",
+         COMMENT ON TABLE items IS 'the catalogue';\
+         GRANT SELECT ON items TO PUBLIC;",
     );
     let sb = Sandbox::new();
     logical_policy(&sb, "pg", &source.url());
@@ -285,6 +286,7 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
     let target = Db::later("drctl_dst");
     let run = restore_to(&sb, &id, &target.url()).ok();
     let report = &run.json()[0]["postgres"];
+    assert_eq!(report["streamed"], true, "{report}");
     assert_eq!(report["tables"]["public.items"], 40003, "{report}");
     assert_eq!(report["tables"]["public.orders"], 3000);
     // A parent counts its children's rows, as at backup time.
@@ -302,6 +304,12 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
                    (SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_item') || ' ' || \
                    obj_description('items'::regclass, 'pg_class')";
     assert_eq!(psql(&target.url(), catalog), "1 1 1 the catalogue");
+    let grants = "SELECT relacl::text FROM pg_class WHERE relname = 'items'";
+    assert_eq!(psql(&target.url(), grants), psql(&source.url(), grants));
+    assert!(
+        psql(&target.url(), grants).contains("=r/"),
+        "granted to PUBLIC"
+    );
     // The sequence goes on where the source's does.
     assert_eq!(
         psql(&target.url(), "SELECT nextval('items_id_seq')"),
@@ -318,7 +326,8 @@ fn a_dump_with_large_objects_is_restored_through_pg_restore() {
     logical_policy(&sb, "pg", &source.url());
     sb.backup("pg");
     let target = Db::later("drctl_dst");
-    restore_to(&sb, "latest", &target.url()).ok();
+    let run = restore_to(&sb, "latest", &target.url()).ok();
+    assert_eq!(run.json()[0]["postgres"]["streamed"], false);
     assert_eq!(
         psql(
             &target.url(),

@@ -417,9 +417,16 @@ pub(crate) async fn decode_object<T: Send + 'static>(
         };
         match sink(&mut reader) {
             Ok(t) => Ok((t, reader.inner.finish()?)),
-            // Refused input is reported as such; otherwise damaged stored bytes explain a
-            // failing consumer, so report the root cause.
-            Err(e) if matches!(e.kind(), ErrorKind::Integrity | ErrorKind::InvalidInput) => Err(e),
+            // Refused input is reported as such, and a cancel at once; otherwise damaged
+            // stored bytes explain a failing consumer, so report the root cause.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Integrity | ErrorKind::InvalidInput | ErrorKind::Cancelled
+                ) =>
+            {
+                Err(e)
+            }
             Err(e) => Err(reader.inner.finish().err().unwrap_or(e)),
         }
     })

@@ -51,6 +51,9 @@ pub struct Entry {
     pub dump_id: i64,
     /// What it is: `TABLE`, `TABLE DATA`, `INDEX`, `SEQUENCE SET`, `BLOBS`, ...
     pub desc: String,
+    /// The section `pg_restore` counts it in: its own, or for an entry without one (a
+    /// comment, a grant), that of the entry before it.
+    pub section: Section,
     pub namespace: Option<String>,
     pub tag: String,
     /// The SQL that creates it, kept only for the entries that set up a session
@@ -63,7 +66,20 @@ pub struct Entry {
     flag: u8,
 }
 
+/// TOC sections (`teSection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    PreData,
+    Data,
+    PostData,
+}
+
 impl Entry {
+    /// Whether `pg_restore` applies it in its last pass, after everything else.
+    pub fn is_grant(&self) -> bool {
+        matches!(self.desc.as_str(), "ACL" | "DEFAULT ACL" | "ACL LANGUAGE")
+    }
+
     /// Whether the archive holds a data block for this entry.
     pub fn has_data(&self) -> bool {
         self.flag != OFFSET_NO_DATA
@@ -446,7 +462,12 @@ impl Input<'_> {
             self.str()?; // OID
             let tag = self.text(dump_id)?.unwrap_or_default();
             let desc = self.text(dump_id)?.unwrap_or_default();
-            self.int()?; // section
+            let section = match self.int()? {
+                2 => Section::PreData,
+                3 => Section::Data,
+                4 => Section::PostData,
+                _ => entries.last().map_or(Section::PreData, |e| e.section),
+            };
             let definition = self.text(dump_id)?;
             self.str()?; // drop statement
             let copy = self.text(dump_id)?.filter(|c| !c.is_empty());
@@ -476,6 +497,7 @@ impl Input<'_> {
                 dump_id,
                 definition: definition.filter(|_| SESSION_SETUP.contains(&desc.as_str())),
                 desc,
+                section,
                 namespace,
                 tag,
                 copy,

@@ -50,6 +50,9 @@ pub struct LogicalReport {
     pub database: String,
     pub created: bool,
     pub plain: Digest,
+    /// Whether the dump was streamed into the database (or went through a file for
+    /// `pg_restore -j`).
+    pub streamed: bool,
     /// Row counts in the restored database.
     pub tables: BTreeMap<String, u64>,
     pub seconds: f64,
@@ -192,36 +195,42 @@ async fn restore_logical(
         std::io::Write::write_all(&mut &out, archive.head())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         drop(out);
-        pg_restore(&conn, &["--section=pre-data"], &path)?;
+        // The schema, but not the grants: pg_restore applies those last, after the data,
+        // so that the restoring role may load tables the dump makes read-only to it.
+        let entries = archive.toc().map(<[_]>::to_vec).unwrap_or_default();
+        let schema: Vec<i64> = entries
+            .iter()
+            .filter(|e| e.section == pgdump::Section::PreData && !e.is_grant())
+            .map(|e| e.dump_id)
+            .collect();
+        pg_restore_list(&conn, &[], &path, &schema)?;
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "schema restored");
         let rows = loader.load(&mut archive, &cancel_thread)?;
         tracing::info!(
             seconds = started.elapsed().as_secs_f64(),
             "table data loaded"
         );
-        let entries = archive.toc().map(<[_]>::to_vec).unwrap_or_default();
         Ok(Loaded::Streamed { entries, rows })
     })
     .await;
     let (loaded, plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
     let conn = target.clone();
+    let streamed = matches!(loaded, Loaded::Streamed { .. });
     let tables = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, u64>> {
         let jobs = jobs().to_string();
         let tables = match loaded {
             Loaded::Streamed { entries, rows } => {
-                // Everything but the table data, of the sections after the schema.
+                // The rest: grants, and what follows the table data.
                 let rest: Vec<i64> = entries
                     .iter()
-                    .filter(|e| e.desc != "TABLE DATA")
+                    .filter(|e| match e.section {
+                        pgdump::Section::PreData => e.is_grant(),
+                        _ => e.desc != "TABLE DATA",
+                    })
                     .map(|e| e.dump_id)
                     .collect();
-                pg_restore_list(
-                    &conn,
-                    &["-j", &jobs, "--section=data", "--section=post-data"],
-                    &file.0,
-                    &rest,
-                )?;
+                pg_restore_list(&conn, &["-j", &jobs], &file.0, &rest)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "indexes and constraints restored"
@@ -262,6 +271,7 @@ async fn restore_logical(
         database: state.database.clone(),
         created: !state.exists,
         plain,
+        streamed,
         tables,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -286,18 +296,38 @@ fn streamable(
             e.desc
         ));
     }
-    let mut setup = String::from(
-        "SET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\n",
-    );
-    for e in entries
-        .iter()
-        .filter(|e| pgdump::SESSION_SETUP.contains(&e.desc.as_str()))
-    {
-        setup.push_str(e.definition.as_deref().unwrap_or_default().trim_end());
-        setup.push('\n');
+    let definition = |desc: &str| {
+        entries
+            .iter()
+            .find(|e| e.desc == desc)
+            .and_then(|e| e.definition.as_deref())
+            .map(str::trim_end)
+    };
+    // The client library reads the server's messages as UTF-8.
+    match definition("ENCODING") {
+        Some(set) if set.contains("'UTF8'") => {}
+        _ => return Err("the dump's encoding is not UTF8".into()),
     }
-    setup.push_str("SET row_security = off;");
-    Ok(setup)
+    // Dumps from before pg_dump set the search path name every table with its schema.
+    if definition("SEARCHPATH").is_none() {
+        return Err("the dump does not set its search path".into());
+    }
+    // As pg_restore sets up its sessions; the timeouts the server may lack are set only
+    // where it has them.
+    let mut setup: Vec<String> = [
+        "SET statement_timeout = 0",
+        "SET lock_timeout = 0",
+        "SET idle_in_transaction_session_timeout = 0",
+        "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ('idle_session_timeout', 'transaction_timeout')",
+        "SET xmloption = content",
+        "SET row_security = off",
+    ]
+    .map(String::from)
+    .to_vec();
+    for desc in pgdump::SESSION_SETUP {
+        setup.extend(definition(desc).map(String::from));
+    }
+    Ok(setup.join("\n"))
 }
 
 /// The restored row counts of a streamed restore: what each table's `COPY`s stored, by the
