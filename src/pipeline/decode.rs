@@ -97,6 +97,16 @@ impl Decoder {
         })
     }
 
+    /// After the consumer failed: looks up to `limit` bytes further for damaged stored
+    /// bytes that would explain its failure, and if the stream ends within them, checks it
+    /// as [`Decoder::finish`] does. Returns that problem, if any.
+    pub fn abandon(mut self, limit: u64) -> Option<Error> {
+        match io::copy(&mut (&mut self.plain).take(limit), &mut io::sink()) {
+            Ok(n) if n == limit => None,
+            _ => self.finish().err(),
+        }
+    }
+
     /// Reads the rest of the stream and checks sizes and checksums of both sides.
     pub fn finish(self) -> Result<Digest> {
         let Decoder {

@@ -398,6 +398,11 @@ pub(crate) struct Object {
     recipients: Vec<String>,
 }
 
+/// How far past a consumer's failure the stream is read for damage that explains it: a
+/// failure on good data (a database error, a full disk) is reported without reading the
+/// whole backup.
+const LOOK_AHEAD: u64 = 64 << 20;
+
 /// Decodes an object on a blocking thread, handing the plain bytes (counted into `progress`)
 /// to `sink`; then reads what the sink left and checks sizes and checksums.
 pub(crate) async fn decode_object<T: Send + 'static>(
@@ -418,7 +423,7 @@ pub(crate) async fn decode_object<T: Send + 'static>(
         match sink(&mut reader) {
             Ok(t) => Ok((t, reader.inner.finish()?)),
             // Refused input is reported as such, and a cancel at once; otherwise damaged
-            // stored bytes explain a failing consumer, so report the root cause.
+            // stored bytes just past the failure would explain it, so report that cause.
             Err(e)
                 if matches!(
                     e.kind(),
@@ -427,7 +432,7 @@ pub(crate) async fn decode_object<T: Send + 'static>(
             {
                 Err(e)
             }
-            Err(e) => Err(reader.inner.finish().err().unwrap_or(e)),
+            Err(e) => Err(reader.inner.abandon(LOOK_AHEAD).unwrap_or(e)),
         }
     })
     .await
