@@ -19,6 +19,7 @@
 //! versions 1.12 to 1.16, PostgreSQL 9.0 to 18). An archive with another version, another
 //! format or compressed data is written to the file as it is.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufRead, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -215,17 +216,15 @@ impl Archive<'_> {
         }
         writer.finish()?;
 
+        let by_id: HashMap<i64, &Entry> = entries.iter().map(|e| (e.dump_id, e)).collect();
         let mut patches = Vec::new();
         for (dump_id, start, read_at) in &starts {
-            let entry = entries
-                .iter()
-                .find(|e| e.dump_id == *dump_id)
-                .ok_or_else(|| {
-                    damaged(
-                        *read_at,
-                        format!("data block of entry {dump_id}, which the TOC does not list"),
-                    )
-                })?;
+            let entry = by_id.get(dump_id).ok_or_else(|| {
+                damaged(
+                    *read_at,
+                    format!("data block of entry {dump_id}, which the TOC does not list"),
+                )
+            })?;
             if entry.flag == OFFSET_NO_DATA {
                 return Err(damaged(
                     *read_at,
@@ -404,14 +403,12 @@ impl Input<'_> {
         Ok(Some(buf))
     }
 
-    /// A string the TOC entry `dump_id` needs as text.
-    fn text(&mut self, dump_id: i64) -> Parsed<Option<String>> {
-        match self.str()? {
-            None => Ok(None),
-            Some(bytes) => String::from_utf8(bytes)
-                .map(Some)
-                .or_else(|_| unsupported(format!("TOC entry {dump_id} is not UTF-8"))),
-        }
+    /// `ReadStr` as text. Only a dump in UTF8 is streamed, where every string is valid
+    /// UTF-8; in another encoding, what is not is replaced, and the text goes unused.
+    fn text(&mut self) -> Parsed<Option<String>> {
+        Ok(self
+            .str()?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }
 
     /// Reads the header and the TOC.
@@ -452,6 +449,7 @@ impl Input<'_> {
 
         let count = self.int()?;
         let mut entries: Vec<Entry> = Vec::new();
+        let mut seen = HashSet::new();
         for _ in 0..count {
             let dump_id = self.int()?;
             if dump_id <= 0 {
@@ -460,18 +458,18 @@ impl Input<'_> {
             self.int()?; // had dumper
             self.str()?; // table OID
             self.str()?; // OID
-            let tag = self.text(dump_id)?.unwrap_or_default();
-            let desc = self.text(dump_id)?.unwrap_or_default();
+            let tag = self.text()?.unwrap_or_default();
+            let desc = self.text()?.unwrap_or_default();
             let section = match self.int()? {
                 2 => Section::PreData,
                 3 => Section::Data,
                 4 => Section::PostData,
                 _ => entries.last().map_or(Section::PreData, |e| e.section),
             };
-            let definition = self.text(dump_id)?;
+            let definition = self.str()?;
             self.str()?; // drop statement
-            let copy = self.text(dump_id)?.filter(|c| !c.is_empty());
-            let namespace = self.text(dump_id)?;
+            let copy = self.text()?.filter(|c| !c.is_empty());
+            let namespace = self.text()?;
             self.str()?; // tablespace
             if v >= version(1, 14) {
                 self.str()?; // table access method
@@ -490,12 +488,14 @@ impl Input<'_> {
             for _ in 0..self.offsets {
                 self.byte()?;
             }
-            if entries.iter().any(|e| e.dump_id == dump_id) {
+            if !seen.insert(dump_id) {
                 return unsupported(format!("TOC entry {dump_id} listed twice"));
             }
             entries.push(Entry {
                 dump_id,
-                definition: definition.filter(|_| SESSION_SETUP.contains(&desc.as_str())),
+                definition: definition
+                    .filter(|_| SESSION_SETUP.contains(&desc.as_str()))
+                    .map(|d| String::from_utf8_lossy(&d).into_owned()),
                 desc,
                 section,
                 namespace,
