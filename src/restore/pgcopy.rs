@@ -52,9 +52,10 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Opens `jobs` connections to the database `conn` names and runs `setup` on each. Runs
-    /// on a blocking thread of the Tokio runtime, whose tasks then hold the connections.
-    pub fn connect(conn: &Conn, jobs: usize, setup: &str) -> Result<Loader> {
+    /// Opens `jobs` connections to the database `conn` names and runs the `setup`
+    /// statements on each. Runs on a blocking thread of the Tokio runtime, whose tasks then
+    /// hold the connections.
+    pub fn connect(conn: &Conn, jobs: usize, setup: &[String]) -> Result<Loader> {
         let runtime = tokio::runtime::Handle::current();
         let options = conn.connect_options()?;
         let connections = (0..jobs.max(1))
@@ -63,8 +64,8 @@ impl Loader {
                     let mut c = PgConnection::connect_with(&options)
                         .await
                         .map_err(|e| failure("connect", e))?;
-                    for statement in setup.lines() {
-                        sqlx::Executor::execute(&mut c, statement)
+                    for statement in setup {
+                        sqlx::Executor::execute(&mut c, statement.as_str())
                             .await
                             .map_err(|e| failure("set up the session", e))?;
                     }
@@ -91,7 +92,7 @@ impl Loader {
             .iter()
             .filter_map(|e| Some((e.dump_id, Arc::from(e.copy.as_deref()?))))
             .collect();
-        let mut workers: Vec<Worker> = connections
+        let workers: Vec<Worker> = connections
             .into_iter()
             .map(|c| {
                 let (tx, rx) = mpsc::channel(QUEUE);
@@ -102,7 +103,7 @@ impl Loader {
                 }
             })
             .collect();
-        send_all(archive, &statements, &mut workers, cancel, &runtime)
+        send_all(archive, &statements, workers, cancel, &runtime)
     }
 }
 
@@ -110,7 +111,7 @@ impl Loader {
 fn send_all(
     archive: &mut Archive<'_>,
     statements: &BTreeMap<i64, Arc<str>>,
-    workers: &mut Vec<Worker>,
+    mut workers: Vec<Worker>,
     cancel: &Cancel,
     runtime: &tokio::runtime::Handle,
 ) -> Result<BTreeMap<i64, u64>> {
@@ -142,7 +143,7 @@ fn send_all(
                 rest.extend_from_slice(&piece[end + 1..]);
                 piece.truncate(end + 1);
                 let rows = std::mem::replace(&mut piece, rest);
-                if !send(workers, &mut next, dump_id, copy, rows) {
+                if !send(&mut workers, &mut next, dump_id, copy, rows) {
                     return Ok(Sent::Gone);
                 }
             }
@@ -155,7 +156,7 @@ fn send_all(
                     ));
                 }
                 let rows = std::mem::replace(&mut piece, Vec::with_capacity(2 * PIECE));
-                if !send(workers, &mut next, dump_id, copy, rows) {
+                if !send(&mut workers, &mut next, dump_id, copy, rows) {
                     return Ok(Sent::Gone);
                 }
             }
@@ -170,7 +171,7 @@ fn send_all(
     })();
     // A closed queue ends its connection; one closed inside a COPY fails that COPY.
     let mut failed = None;
-    for w in workers.drain(..) {
+    for w in workers {
         drop(w.tx);
         match runtime.block_on(w.handle) {
             Ok(Ok(done)) => {
@@ -206,7 +207,7 @@ fn strip_marker(rows: &mut Vec<u8>) {
 /// How sending the data ended.
 enum Sent {
     All,
-    /// A session stopped taking rows.
+    /// A connection stopped taking rows.
     Gone,
 }
 

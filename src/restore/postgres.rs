@@ -2,9 +2,10 @@
 //!
 //! Logical: the dump streamed into a database (created if missing; a non-empty one only with
 //! `overwrite`), the schema and what follows the data by `pg_restore`, the data by parallel
-//! `COPY`s, stopping at the first error; then row counts compared with the manifest. Physical: a base backup unpacked into a new data directory, recovery
-//! settings that fetch WAL through `drctl wal fetch`, the server started and recovered to the
-//! latest point, a time or an LSN, then checked. Every WAL segment recovery needs is checked
+//! `COPY`s, stopping at the first error; then row counts compared with the manifest.
+//! Physical: a base backup unpacked into a new data directory, recovery settings that fetch
+//! WAL through `drctl wal fetch`, the server started and recovered to the latest point, a
+//! time or an LSN, then checked. Every WAL segment recovery needs is checked
 //! to be archived before anything is written.
 
 use std::collections::BTreeMap;
@@ -282,7 +283,7 @@ async fn restore_logical(
 fn streamable(
     archive: &pgdump::Archive<'_>,
     overwrite: bool,
-) -> std::result::Result<String, String> {
+) -> std::result::Result<Vec<String>, String> {
     if overwrite {
         return Err("the target has objects, which pg_restore --clean drops first".into());
     }
@@ -327,7 +328,7 @@ fn streamable(
     for desc in pgdump::SESSION_SETUP {
         setup.extend(definition(desc).map(String::from));
     }
-    Ok(setup.join("\n"))
+    Ok(setup)
 }
 
 /// The restored row counts of a streamed restore: what each table's `COPY`s stored, by the
