@@ -195,3 +195,108 @@ impl io::BufRead for Decoder {
         self.plain.consume(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::crypto::{generate_identity, Recipients};
+    use crate::format::manifest::ObjectRole;
+    use crate::pipeline::encode::{EncodeOptions, Encoder};
+    use crate::ErrorKind;
+
+    const MIB: usize = 1 << 20;
+
+    /// `size` bytes that do not compress, encoded; the stored bytes and what the manifest
+    /// would say of them.
+    fn encoded(size: usize, identity: &std::path::Path) -> (Vec<u8>, ObjectInfo) {
+        let public = generate_identity(identity).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let collect = std::thread::spawn(move || {
+            let mut stored = Vec::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                stored.extend_from_slice(&chunk);
+            }
+            stored
+        });
+        let opts = EncodeOptions {
+            level: 1,
+            workers: 0,
+            recipients: Recipients::x25519(vec![public]),
+            progress: None,
+            chunk_size: MIB,
+        };
+        let mut encoder = Encoder::start(opts, tx).unwrap();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let plain: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        encoder.write_all(&plain).unwrap();
+        let digests = encoder.finish().unwrap();
+        let stored = collect.join().unwrap();
+        let info = ObjectInfo {
+            role: ObjectRole::Data,
+            name: "data.zst.age".into(),
+            plain_size: digests.plain.size,
+            plain_sha256: digests.plain.sha256,
+            stored_size: digests.stored.size,
+            stored_sha256: digests.stored.sha256,
+        };
+        (stored, info)
+    }
+
+    /// Opens `stored`, reads its first MiB as a failing consumer would, then abandons it.
+    fn abandon_after_one_mib(
+        stored: &[u8],
+        info: &ObjectInfo,
+        identity: &std::path::Path,
+        limit: usize,
+    ) -> Option<Error> {
+        let identities = Identities::load(identity).unwrap();
+        let mut decoder = Decoder::open(
+            io::Cursor::new(stored.to_vec()),
+            &identities,
+            info.clone(),
+            &[],
+            "test object".into(),
+        )
+        .unwrap();
+        let mut first = vec![0u8; MIB];
+        decoder.plain.read_exact(&mut first).unwrap();
+        decoder.abandon(limit as u64)
+    }
+
+    #[test]
+    fn an_abandoned_stream_is_checked_only_as_far_as_the_look_ahead() {
+        let dir = std::env::temp_dir().join(format!("drctl-decode-test-{}", std::process::id()));
+        let identity = dir.join("identity.txt");
+        let _ = std::fs::remove_dir_all(&dir);
+        let (stored, info) = encoded(6 * MIB, &identity);
+
+        // An intact stream that ends within the look-ahead is checked in full: fine as it
+        // is, and refused when the manifest disagrees.
+        assert!(abandon_after_one_mib(&stored, &info, &identity, 16 * MIB).is_none());
+        let mut wrong = info.clone();
+        wrong.plain_sha256 = "0".repeat(64);
+        let err = abandon_after_one_mib(&stored, &wrong, &identity, 16 * MIB)
+            .expect("a checksum mismatch within the look-ahead is reported");
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+
+        // Damage about 4.5 MiB past the failure: reported with a look-ahead that reaches it,
+        // not looked for with one that stops short.
+        let mut damaged = stored.clone();
+        let at = damaged.len() - MIB / 2;
+        damaged[at] ^= 0x55;
+        let err = abandon_after_one_mib(&damaged, &info, &identity, 16 * MIB)
+            .expect("damage within the look-ahead is reported");
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(abandon_after_one_mib(&damaged, &info, &identity, 2 * MIB).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
