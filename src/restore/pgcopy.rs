@@ -128,10 +128,7 @@ fn send_all(
                 ));
             };
             counts.insert(dump_id, 0);
-            while archive.next_chunk(&mut piece)? {
-                if piece.len() < PIECE {
-                    continue;
-                }
+            while archive.next_chunks(&mut piece, PIECE)? {
                 cancel.check()?;
                 // Whole rows go; the rest starts the next piece. The last bytes wait for
                 // the end of the block, which may be pg_dump's end-of-data marker.

@@ -6,7 +6,7 @@
 //! through a pipe, so the offsets stay unset.
 //!
 //! A restore reads the TOC with [`open`], then either streams the data blocks into the
-//! database itself ([`Archive::next_block`], [`Archive::next_chunk`]), or, for what it does
+//! database itself ([`Archive::next_block`], [`Archive::next_chunks`]), or, for what it does
 //! not stream, writes the archive to a file for `pg_restore -j` ([`Archive::write_file`]).
 //! That file gets the data offsets, without which `pg_restore -j` cannot size its jobs and
 //! every worker finds its block by skipping through all the blocks before it; and each
@@ -154,14 +154,26 @@ impl Archive<'_> {
         self.input.next_block()
     }
 
-    /// Appends the current data block's next chunk to `buf`; false once the block ends.
-    pub fn next_chunk(&mut self, buf: &mut Vec<u8>) -> Result<bool> {
-        let (at, len) = self.input.chunk_len()?;
-        if len == 0 {
-            return Ok(false);
+    /// Appends the current data block's next chunks to `buf`, at least one and then more
+    /// until it holds at least `limit` bytes; false once the block has ended (after
+    /// appending the chunks before its end).
+    pub fn next_chunks(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<bool> {
+        let limit = limit.max(buf.len() + 1);
+        loop {
+            // pg_dump writes a chunk per row: those whole in the read buffer are taken
+            // from it directly, the rest through the general path.
+            if self.input.taken.is_none() && self.input.buffered_chunks(buf, limit)? {
+                return Ok(false);
+            }
+            if buf.len() >= limit {
+                return Ok(true);
+            }
+            let (at, len) = self.input.chunk_len()?;
+            if len == 0 {
+                return Ok(false);
+            }
+            self.input.append(buf, len).map_err(|p| p.into_error(at))?;
         }
-        self.input.append(buf, len).map_err(|p| p.into_error(at))?;
-        Ok(true)
     }
 
     /// Writes the whole archive to `out` (a new, empty file), rewritten as the module
@@ -334,6 +346,40 @@ impl Input<'_> {
             len -= n;
         }
         Ok(())
+    }
+
+    /// Appends the chunks lying whole in the read buffer to `buf`, while it holds less
+    /// than `limit` bytes; true if it reached the block's end.
+    fn buffered_chunks(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<bool> {
+        let header = 1 + self.ints;
+        let available = self.inner.fill_buf().map_err(read_error)?;
+        let mut used = 0;
+        let mut ended = false;
+        while buf.len() < limit && available.len() - used >= header {
+            let h = &available[used..used + header];
+            let mut len: u64 = 0;
+            for (i, b) in h[1..].iter().enumerate() {
+                len |= u64::from(*b) << (8 * i);
+            }
+            if h[0] != 0 && len != 0 {
+                // A negative length: let the general path report it.
+                break;
+            }
+            let Ok(len) = usize::try_from(len) else { break };
+            if len == 0 {
+                used += header;
+                ended = true;
+                break;
+            }
+            if available.len() - used - header < len {
+                break;
+            }
+            buf.extend_from_slice(&available[used + header..used + header + len]);
+            used += header + len;
+        }
+        self.inner.consume(used);
+        self.pos += used as u64;
+        Ok(ended)
     }
 
     fn byte(&mut self) -> Parsed<u8> {
@@ -768,6 +814,61 @@ mod tests {
             "a chunk larger than the join size stays whole"
         );
         assert_eq!(back[3].2, vec![b"loone".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn data_chunks_are_read_whole_whatever_the_read_buffer_holds() {
+        let rows: Vec<Vec<u8>> = (0..3000)
+            .map(|i| format!("{i}\trow {i}\n").into_bytes())
+            .collect();
+        let mut chunks: Vec<&[u8]> = rows.iter().map(|r| r.as_slice()).collect();
+        let big = vec![b'x'; 5000];
+        chunks.insert(1000, &big);
+        let mut a = Archive::default();
+        a.header(0).int(1).entry(1, OFFSET_NOT_SET);
+        a.data(1, &chunks);
+        let mut truncated = a.0.clone();
+        truncated.truncate(truncated.len() - 7);
+        // Buffers smaller than a chunk's header, than a row, than the big row, and larger
+        // than the whole archive.
+        for capacity in [3, 37, 4096, 1 << 20] {
+            let mut reader = io::BufReader::with_capacity(capacity, &a.0[..]);
+            let mut archive = open(&mut reader).unwrap();
+            assert_eq!(archive.next_block().unwrap(), Some((BLOCK_DATA, 1)));
+            let (mut got, mut buf) = (Vec::new(), Vec::new());
+            while archive.next_chunks(&mut buf, 1000).unwrap() {
+                assert!(
+                    buf.len() >= 1000,
+                    "capacity {capacity}: {} bytes",
+                    buf.len()
+                );
+                got.append(&mut buf);
+            }
+            got.append(&mut buf);
+            assert_eq!(got, chunks.concat(), "capacity {capacity}");
+            assert_eq!(archive.next_block().unwrap(), None);
+
+            // A buffer already past the limit still takes a chunk: a long row grows.
+            let mut reader = io::BufReader::with_capacity(capacity, &a.0[..]);
+            let mut archive = open(&mut reader).unwrap();
+            archive.next_block().unwrap();
+            let mut buf = vec![b'.'; 2000];
+            assert!(archive.next_chunks(&mut buf, 1000).unwrap());
+            assert_eq!(&buf[2000..], chunks[0], "capacity {capacity}");
+
+            let mut reader = io::BufReader::with_capacity(capacity, &truncated[..]);
+            let mut archive = open(&mut reader).unwrap();
+            archive.next_block().unwrap();
+            let mut buf = Vec::new();
+            let err = loop {
+                match archive.next_chunks(&mut buf, 1000) {
+                    Ok(true) => buf.clear(),
+                    Ok(false) => panic!("capacity {capacity}: a truncated block ended"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.kind(), crate::ErrorKind::Integrity, "{err}");
+        }
     }
 
     #[test]
