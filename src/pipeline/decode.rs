@@ -228,15 +228,8 @@ mod tests {
             chunk_size: MIB,
         };
         let mut encoder = Encoder::start(opts, tx).unwrap();
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let plain: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut plain = vec![0u8; size];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut plain);
         encoder.write_all(&plain).unwrap();
         let digests = encoder.finish().unwrap();
         let stored = collect.join().unwrap();
@@ -274,9 +267,8 @@ mod tests {
 
     #[test]
     fn an_abandoned_stream_is_checked_only_as_far_as_the_look_ahead() {
-        let dir = std::env::temp_dir().join(format!("drctl-decode-test-{}", std::process::id()));
-        let identity = dir.join("identity.txt");
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = tempfile::tempdir().unwrap();
+        let identity = dir.path().join("identity.txt");
         let (stored, info) = encoded(6 * MIB, &identity);
 
         // An intact stream that ends within the look-ahead is checked in full: fine as it
@@ -297,6 +289,5 @@ mod tests {
             .expect("damage within the look-ahead is reported");
         assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
         assert!(abandon_after_one_mib(&damaged, &info, &identity, 2 * MIB).is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

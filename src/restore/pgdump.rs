@@ -162,7 +162,7 @@ impl Archive<'_> {
         loop {
             // pg_dump writes a chunk per row: those whole in the read buffer are taken
             // from it directly, the rest through the general path.
-            if self.input.taken.is_none() && self.input.buffered_chunks(buf, limit)? {
+            if self.input.buffered_chunks(buf, limit)? {
                 return Ok(false);
             }
             if buf.len() >= limit {
@@ -266,6 +266,20 @@ fn read_error(e: io::Error) -> Error {
     crate::pipeline::damaged("read the dump", e)
 }
 
+/// A `ReadInt` value from its bytes: a sign byte, then the value, least significant byte
+/// first.
+fn decode_int(bytes: &[u8]) -> i64 {
+    let mut value: i64 = 0;
+    for (i, b) in bytes[1..].iter().enumerate() {
+        value |= i64::from(*b) << (8 * i);
+    }
+    if bytes[0] != 0 {
+        -value
+    } else {
+        value
+    }
+}
+
 /// An archive damaged at byte `at` of the dump.
 pub fn damaged(at: u64, why: String) -> Error {
     Error::integrity(format!("PostgreSQL dump, data at byte {at}: {why}"))
@@ -349,23 +363,19 @@ impl Input<'_> {
     }
 
     /// Appends the chunks lying whole in the read buffer to `buf`, while it holds less
-    /// than `limit` bytes; true if it reached the block's end.
+    /// than `limit` bytes; true if it reached the block's end. Only after the TOC, whose
+    /// bytes are the only ones recorded.
     fn buffered_chunks(&mut self, buf: &mut Vec<u8>, limit: usize) -> Result<bool> {
+        debug_assert!(self.taken.is_none(), "data read while recording the TOC");
         let header = 1 + self.ints;
         let available = self.inner.fill_buf().map_err(read_error)?;
         let mut used = 0;
         let mut ended = false;
         while buf.len() < limit && available.len() - used >= header {
-            let h = &available[used..used + header];
-            let mut len: u64 = 0;
-            for (i, b) in h[1..].iter().enumerate() {
-                len |= u64::from(*b) << (8 * i);
-            }
-            if h[0] != 0 && len != 0 {
-                // A negative length: let the general path report it.
+            // A negative length is left to the general path, which reports it.
+            let Ok(len) = usize::try_from(decode_int(&available[used..used + header])) else {
                 break;
-            }
-            let Ok(len) = usize::try_from(len) else { break };
+            };
             if len == 0 {
                 used += header;
                 ended = true;
@@ -430,11 +440,7 @@ impl Input<'_> {
         let mut buf = [0u8; 9];
         let bytes = &mut buf[..=self.ints];
         self.exact(bytes)?;
-        let mut value: i64 = 0;
-        for (i, b) in bytes[1..].iter().enumerate() {
-            value |= i64::from(*b) << (8 * i);
-        }
-        Ok(if bytes[0] != 0 { -value } else { value })
+        Ok(decode_int(bytes))
     }
 
     /// `ReadStr`: a length (negative for NULL), then the bytes.
