@@ -154,25 +154,28 @@ fn sqlite_backup_while_a_writer_inserts_restores_a_consistent_database() {
     assert_eq!(left, vec![std::ffi::OsString::from("copy.db")]);
 }
 
+/// A backup of a new 50-row database by the policy `plain`; its ID.
+fn plain_backup(sandbox: &Sandbox) -> String {
+    let db = sandbox.path().join("plain.db");
+    runtime().block_on(create(&db, 50, false));
+    policy(sandbox, "plain", &db);
+    sandbox.backup("plain")
+}
+
+fn restore_args<'a>(id: &'a str, target: &'a Path) -> Vec<&'a str> {
+    let target = target.to_str().unwrap();
+    vec![
+        "restore", "--policy", "plain", "--backup", id, "--target", target,
+    ]
+}
+
 #[test]
 fn sqlite_restore_refuses_an_existing_file_unless_overwrite() {
     let sandbox = Sandbox::new();
-    let db = sandbox.path().join("plain.db");
-    runtime().block_on(create(&db, 50, false));
-    policy(&sandbox, "plain", &db);
-    let id = sandbox.backup("plain");
-
+    let id = plain_backup(&sandbox);
     let target = sandbox.path().join("existing.db");
     std::fs::write(&target, b"precious").unwrap();
-    let args = [
-        "restore",
-        "--policy",
-        "plain",
-        "--backup",
-        &id,
-        "--target",
-        target.to_str().unwrap(),
-    ];
+    let args = restore_args(&id, &target);
     let run = sandbox.run(&args).code(2);
     assert!(run.stderr.contains("exists"), "{}", run.stderr);
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
@@ -190,10 +193,68 @@ fn sqlite_restore_refuses_an_existing_file_unless_overwrite() {
         .code(2);
     assert!(run.stderr.contains("is a directory"), "{}", run.stderr);
 
-    let mut args = args.to_vec();
+    let mut args = args.clone();
     args.push("--overwrite");
     sandbox.run(&args).ok();
     assert_eq!(runtime().block_on(counts(&target)), (50, 50));
+}
+
+/// Adds `rows` to the WAL-mode database at `path` and leaves them in its WAL, as a writer that
+/// crashed does (a clean close would checkpoint the WAL and remove it).
+async fn leave_wal(path: &Path, rows: usize) {
+    let wal = Path::new(&format!("{}-wal", path.display())).to_path_buf();
+    let mut c = connect(path, false, true).await;
+    sqlx::query("PRAGMA wal_autocheckpoint = 0")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    for _ in 0..rows {
+        insert(&mut c).await;
+    }
+    let kept = std::fs::read(&wal).unwrap();
+    c.close().await.unwrap();
+    std::fs::write(&wal, kept).unwrap();
+}
+
+/// `--overwrite` refuses a database that another process has open, and leaves it as it is. A
+/// database whose WAL a crashed writer left behind is replaced with its WAL, which SQLite would
+/// otherwise apply to the restored copy.
+#[test]
+fn sqlite_overwrite_refuses_a_database_in_use_and_drops_the_replaced_wal() {
+    let sandbox = Sandbox::new();
+    let rt = runtime();
+    let id = plain_backup(&sandbox);
+    let target = sandbox.path().join("live.db");
+    rt.block_on(create(&target, 10, true));
+    let mut args = restore_args(&id, &target);
+    args.push("--overwrite");
+    // This process, in a read transaction, holds a lock on the database.
+    rt.block_on(async {
+        let mut c = connect(&target, false, false).await;
+        let mut tx = c.begin().await.unwrap();
+        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let run = sandbox.run(&args).code(2);
+        assert!(run.stderr.contains("is in use"), "{}", run.stderr);
+        let pid = format!("process {}", std::process::id());
+        assert!(run.stderr.contains(&pid), "{}", run.stderr);
+        tx.rollback().await.unwrap();
+    });
+    assert_eq!(rt.block_on(counts(&target)), (10, 10));
+
+    rt.block_on(leave_wal(&target, 30));
+    let wal = sandbox.path().join("live.db-wal");
+    // A copy of the database with its WAL shows the WAL's rows.
+    let probe = sandbox.path().join("probe.db");
+    std::fs::copy(&target, &probe).unwrap();
+    std::fs::copy(&wal, sandbox.path().join("probe.db-wal")).unwrap();
+    assert_eq!(rt.block_on(counts(&probe)), (40, 40));
+
+    sandbox.run(&args).ok();
+    assert_eq!(rt.block_on(counts(&target)), (50, 50));
+    assert!(!wal.exists(), "the replaced database's WAL is removed");
 }
 
 #[test]

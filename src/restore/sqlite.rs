@@ -1,8 +1,14 @@
 //! Restores a SQLite backup to a database file: the copy is written next to the target under
 //! a temporary name, checked with `PRAGMA integrity_check` and against the row counts recorded
 //! at backup time, and only then renamed into place. A failed check leaves the target as it was.
+//!
+//! A database replaced with `--overwrite` must not be open in another process, and its old
+//! WAL, rollback journal and shared-memory files are removed before the rename: SQLite applies
+//! a WAL or hot journal it finds next to a database file to that file, whichever database the
+//! journal came from.
 
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{compare_rows, copy_cancellable, decode_object, RestorePlan, RestoreReport, Target};
@@ -31,6 +37,66 @@ pub fn check_target(path: &Path, overwrite: bool) -> Result<()> {
     }
 }
 
+/// The files SQLite keeps beside a database: its WAL, rollback journal and WAL index.
+const SIDE_FILES: [&str; 3] = ["-wal", "-journal", "-shm"];
+
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Makes way for a restored copy at `path`: refuses while another process holds a SQLite
+/// lock on the database, then removes its side files, which would otherwise be applied to
+/// the copy (they belong to the database being replaced, or to a writer that crashed).
+fn release_target(path: &Path) -> Result<()> {
+    if let Some(pid) = lock_holder(path)? {
+        return Err(Error::invalid(format!(
+            "restore target {} is in use: process {pid} holds a lock on it",
+            path.display()
+        ))
+        .hint("stop the applications that use the database, then run the restore again"));
+    }
+    for suffix in SIDE_FILES {
+        let side = side_file(path, suffix);
+        match std::fs::remove_file(&side) {
+            Ok(()) => {
+                tracing::info!(file = %side.display(), "removed the replaced database's file")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", side.display()), e)),
+        }
+    }
+    Ok(())
+}
+
+/// The process holding one of SQLite's locks on the database at `path`, if any. SQLite locks
+/// the 512 bytes from its pending byte (1 GiB) with POSIX record locks: a connection in a
+/// transaction, and every connection to a WAL-mode database, holds at least a shared lock.
+fn lock_holder(path: &Path) -> Result<Option<libc::pid_t>> {
+    const PENDING_BYTE: libc::off_t = 0x4000_0000;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+    };
+    // SAFETY: flock is plain data; F_GETLK only fills it in for a descriptor we own.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = PENDING_BYTE;
+    lock.l_len = 512;
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) } == -1 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::io(
+            format!("test the locks on {}", path.display()),
+            e,
+        ));
+    }
+    Ok((lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid))
+}
+
 pub async fn execute(
     repo: &Repo,
     plan: &RestorePlan,
@@ -46,10 +112,11 @@ pub async fn execute(
         return Err(Error::invalid("a SQLite restore needs --target FILE"));
     };
     check_target(path, *overwrite)?;
-    let dir = match path.parent() {
+    let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
+        _ => PathBuf::from("."),
     };
+    let dir = parent.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let cancel = cancel.clone();
     let (file, plain) = decode_object(repo, plan.object(), identities, progress, move |reader| {
@@ -86,12 +153,20 @@ pub async fn execute(
         &actual,
         &path.display().to_string(),
     )?;
-    file.persist(path).map_err(|e| {
+    let persisted = if *overwrite {
+        release_target(path)?;
+        file.persist(path)
+    } else {
+        // A file that appeared at the target since the check is not replaced.
+        file.persist_noclobber(path)
+    };
+    persisted.map_err(|e| {
         Error::io(
             format!("rename the restored database to {}", path.display()),
             e.error,
         )
     })?;
+    crate::store::local::sync_dir(&parent)?;
     Ok(RestoreReport {
         backup_id: plan.backup_id.clone(),
         plain,

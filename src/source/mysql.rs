@@ -864,7 +864,8 @@ impl<'a> DumpScanner<'a> {
                 return;
             }
         }
-        if let Some(table) = backquoted_after(&line, b"CREATE TABLE ") {
+        if let Some(table) = backquoted_after(&line, b"CREATE TABLE ").filter(|_| !self.in_routine)
+        {
             self.tables.entry(table).or_default();
         } else if let Some(rest) = line.strip_prefix(b"-- CHANGE MASTER TO ") {
             self.binlog = parse_change_master(&String::from_utf8_lossy(rest));
@@ -946,7 +947,8 @@ mod tests {
             INSERT INTO `we``ird` VALUES (1);\n\
             INSERT INTO `we``ird` (`x`, `gen(1)`) VALUES (2,DEFAULT),(3,DEFAULT);\n\
             -- not INSERT INTO `t` VALUES (9);\n\
-            DELIMITER ;;\nCREATE PROCEDURE p() BEGIN\nINSERT INTO `t` VALUES (10);\nEND ;;\nDELIMITER ;\n";
+            DELIMITER ;;\nCREATE PROCEDURE p() BEGIN\nINSERT INTO `t` VALUES (10);\n\
+            CREATE TABLE `scratch` (`x` int);\nEND ;;\nDELIMITER ;\n";
         for split in [0, 1, 50, 100, 130, 150, 170, 200, dump.len()] {
             let (tables, binlog) = scan(dump, split);
             assert_eq!(tables["t"], 5, "split at {split}");
