@@ -193,7 +193,7 @@ fn sqlite_restore_refuses_an_existing_file_unless_overwrite() {
         .code(2);
     assert!(run.stderr.contains("is a directory"), "{}", run.stderr);
 
-    let mut args = args.clone();
+    let mut args = args;
     args.push("--overwrite");
     sandbox.run(&args).ok();
     assert_eq!(runtime().block_on(counts(&target)), (50, 50));

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::command::{check_status, stream_stdout, SqlSession};
 use super::{Source, Stats};
@@ -374,7 +374,6 @@ impl MysqlSource {
 
     fn full_dump(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
         let binlog = self.conn.binlog_enabled()?;
-        let started = Utc::now();
         let mut twin = TwinSnapshot::open(&self.conn)?;
         let mut cmd = self.conn.command("mariadb-dump");
         cmd.args([
@@ -413,8 +412,10 @@ impl MysqlSource {
         if let Some(pos) = &position {
             stats.insert("binlog_end".into(), pos.clone().into());
         }
+        // Taken once the dump's snapshot was (not before it starts): a restore to an earlier
+        // time is refused instead of given rows committed after that time.
         self.point_in_time = Some(PointInTime {
-            timestamp: Some(started),
+            timestamp: Some(scan.snapshot_by.unwrap_or_else(Utc::now)),
             lsn: None,
             binlog: position,
         });
@@ -762,6 +763,9 @@ struct DumpScanner<'a> {
     values: Option<Values>,
     /// Inside a `DELIMITER ;;` block (routine and trigger bodies), whose INSERTs are not data.
     in_routine: bool,
+    /// When the binary log position or the first table came through: the dump's snapshot
+    /// had been taken by then.
+    snapshot_by: Option<DateTime<Utc>>,
 }
 
 /// Inside the values of `INSERT INTO table VALUES (...),(...);`.
@@ -786,6 +790,7 @@ impl<'a> DumpScanner<'a> {
             line: Vec::new(),
             values: None,
             in_routine: false,
+            snapshot_by: None,
         }
     }
 
@@ -867,8 +872,10 @@ impl<'a> DumpScanner<'a> {
         if let Some(table) = backquoted_after(&line, b"CREATE TABLE ").filter(|_| !self.in_routine)
         {
             self.tables.entry(table).or_default();
+            self.snapshot_by.get_or_insert_with(Utc::now);
         } else if let Some(rest) = line.strip_prefix(b"-- CHANGE MASTER TO ") {
             self.binlog = parse_change_master(&String::from_utf8_lossy(rest));
+            self.snapshot_by.get_or_insert_with(Utc::now);
         }
         self.line = line;
         self.line.clear();
@@ -934,6 +941,26 @@ mod tests {
         let (tables, binlog) = (s.tables, s.binlog);
         assert_eq!(sink, dump.as_bytes());
         (tables, binlog)
+    }
+
+    #[test]
+    fn dump_scanner_notes_when_the_snapshot_had_been_taken() {
+        let mut sink = Vec::new();
+        let mut s = DumpScanner::new(&mut sink);
+        s.write_all(b"-- MariaDB dump 10.19\n/*!40101 SET NAMES utf8mb4 */;\n")
+            .unwrap();
+        assert!(s.snapshot_by.is_none());
+        let before = Utc::now();
+        s.write_all(b"-- CHANGE MASTER TO MASTER_LOG_FILE='binlog.000003', MASTER_LOG_POS=379;\n")
+            .unwrap();
+        let noted = s.snapshot_by.expect("noted at the binary log position");
+        assert!(noted >= before);
+        s.write_all(b"CREATE TABLE `t` (`x` int);\n").unwrap();
+        assert_eq!(
+            s.snapshot_by,
+            Some(noted),
+            "the first line that shows it counts"
+        );
     }
 
     #[test]
