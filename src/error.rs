@@ -61,6 +61,8 @@ pub struct Error {
     message: String,
     hint: Option<String>,
     retryable: bool,
+    /// An exit code other than the kind's, for a caller with its own convention.
+    exit_code: Option<i32>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -71,6 +73,7 @@ impl Error {
             kind,
             message: message.into(),
             hint: None,
+            exit_code: None,
             retryable: false,
         }
     }
@@ -118,6 +121,15 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
+    /// Exits with `code` instead of the kind's.
+    pub fn with_exit_code(mut self, code: i32) -> Self {
+        self.exit_code = Some(code);
+        self
+    }
+    /// The process exit code: the kind's unless set.
+    pub fn exit_code(&self) -> i32 {
+        self.exit_code.unwrap_or_else(|| self.kind.exit_code())
+    }
 
     /// Wraps an I/O error with what was being done. `Interrupted` by our own cancellation maps
     /// to `Cancelled`.
@@ -128,6 +140,7 @@ impl Error {
                 message: format!("{what}: {}", inner.message),
                 hint: inner.hint.clone(),
                 retryable: inner.retryable,
+                exit_code: inner.exit_code,
             };
         }
         Error::failure(format!("{what}: {err}"))

@@ -58,7 +58,7 @@ fn main() {
                 "message": e.message(),
                 "hint": e.guidance(),
                 "retryable": e.is_retryable(),
-                "exit_code": e.kind().exit_code(),
+                "exit_code": e.exit_code(),
             });
             println!("{}", json_line("error", &v));
         }
@@ -66,6 +66,6 @@ fn main() {
         if let Some(h) = e.guidance() {
             eprintln!("drctl: hint: {h}");
         }
-        std::process::exit(e.kind().exit_code());
+        std::process::exit(e.exit_code());
     }
 }

@@ -12,6 +12,8 @@ pub struct Repo {
     pub settings: Settings,
     pub store: Arc<dyn ObjectStore>,
     pub registry: Arc<dyn Registry>,
+    /// The region of drctl.yaml's `regions:` this was opened for; `None` for the primary.
+    pub region: Option<String>,
 }
 
 impl Repo {
@@ -23,6 +25,7 @@ impl Repo {
             settings,
             store,
             registry,
+            region: None,
         })
     }
 
@@ -52,6 +55,7 @@ impl Repo {
             store: crate::store::open(&r.repository).await?,
             registry: crate::registry::open(&r.registry).await?,
             settings,
+            region: Some(region.to_owned()),
         };
         repo.store.check().await?;
         repo.registry.check().await?;

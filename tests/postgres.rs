@@ -1044,6 +1044,24 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
         copy.to_str().unwrap(),
     ])
     .code(10);
+    // Any other failure stops recovery (exit 126) instead of ending it there: a region
+    // drctl.yaml does not name, a damaged object. Nothing is left at %p.
+    let fresh = dir.join("fresh");
+    let fetch = |extra: &[&str]| {
+        let mut args = vec!["wal", "fetch", "--policy", "pgphys"];
+        args.extend(extra);
+        args.extend([name.as_str(), fresh.to_str().unwrap()]);
+        c.drctl(&args).code(126)
+    };
+    let run = fetch(&["--region", "nowhere"]);
+    assert!(run.stderr.contains("no region"), "{}", run.stderr);
+    let object = c.sb.backup_dir("pgphys", id).join("data.wal.zst.age");
+    let mut stored = std::fs::read(&object).unwrap();
+    let near_end = stored.len() - 100;
+    stored[near_end] ^= 1;
+    std::fs::write(&object, &stored).unwrap();
+    fetch(&[]);
+    assert!(!fresh.exists());
 }
 
 #[test]

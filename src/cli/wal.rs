@@ -43,12 +43,18 @@ pub struct PushArgs {
 /// Write an archived WAL file to a path (restore_command, `%f %p`).
 ///
 /// Exits 10 when the file is not archived, which tells PostgreSQL that recovery has reached
-/// the end of the archive.
+/// the end of the archive. Any other failure (the archive unreachable, a damaged object, no
+/// key, a bad config) exits 126, which makes PostgreSQL stop recovery with an error instead
+/// of ending it early at the last WAL it got.
 #[derive(Debug, clap::Args)]
 pub struct FetchArgs {
     /// Policy (postgres, mode physical).
     #[arg(long, short)]
     pub policy: String,
+    /// Read this region's registry and replica bucket (drctl.yaml `regions:`), as
+    /// `drctl restore --region` does; `drctl restore` passes its own.
+    #[arg(long)]
+    pub region: Option<String>,
     /// The WAL file name (PostgreSQL's %f).
     pub name: String,
     /// Where to write it (PostgreSQL's %p).
@@ -127,16 +133,39 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wal fetch`'s exit code for every failure but a file that is not archived: PostgreSQL
+/// takes an exit status above 125 from restore_command as fatal and stops recovery.
+pub const ABORT_RECOVERY: i32 = 126;
+
 async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
-    let repo = ctx.repo().await?;
-    let policy = Name::parse(&args.policy)?;
-    let identities = ctx.identities(&repo.settings)?;
-    let archive = WalArchive::load(&repo, &policy).await?;
-    fetch_wal(&repo, &archive, &policy, &args.name, &args.path, identities).await?;
-    ctx.emit(
-        "wal_fetch",
-        &serde_json::json!({ "wal": args.name }),
-        String::new,
-    );
-    Ok(())
+    let fetched: Result<bool> = async {
+        let repo = match &args.region {
+            Some(region) => crate::repo::Repo::open_region(ctx.settings()?, region).await?,
+            None => ctx.repo().await?,
+        };
+        let policy = Name::parse(&args.policy)?;
+        let identities = ctx.identities(&repo.settings)?;
+        let archive = WalArchive::load(&repo, &policy).await?;
+        if archive.get(&args.name).is_none() {
+            return Ok(false);
+        }
+        fetch_wal(&repo, &archive, &policy, &args.name, &args.path, identities).await?;
+        Ok(true)
+    }
+    .await;
+    match fetched {
+        Ok(true) => {
+            ctx.emit(
+                "wal_fetch",
+                &serde_json::json!({ "wal": args.name }),
+                String::new,
+            );
+            Ok(())
+        }
+        Ok(false) => Err(Error::not_found(format!(
+            "WAL file {} is not in the archive of policy {}",
+            args.name, args.policy
+        ))),
+        Err(e) => Err(e.with_exit_code(ABORT_RECOVERY)),
+    }
 }

@@ -758,20 +758,28 @@ pub async fn fetch_wal(
         ))
     })?;
     let tmp = dest.with_extension("drctl-tmp");
-    let (tmp2, dest2) = (tmp.clone(), dest.to_path_buf());
+    let tmp2 = tmp.clone();
+    // The file is renamed into place only once the whole object has checked out (sizes and
+    // checksums, which `decode` compares after the copy).
     let written = decode(repo, record.manifest()?, identities, move |reader| {
         let what = || format!("write {}", tmp2.display());
         let mut f = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
         std::io::copy(reader, &mut f).map_err(|e| crate::pipeline::damaged("restore", e))?;
-        f.sync_all().map_err(|e| Error::io(what(), e))?;
-        std::fs::rename(&tmp2, &dest2)
-            .map_err(|e| Error::io(format!("rename to {}", dest2.display()), e))
+        f.sync_all().map_err(|e| Error::io(what(), e))
     })
-    .await;
+    .await
+    .and_then(|_| {
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+        match dest.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => crate::store::local::sync_dir(dir),
+            _ => Ok(()),
+        }
+    });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map(|_| ())
+    written
 }
 
 // ---------------------------------------------------------------------------------------
@@ -969,8 +977,13 @@ pub async fn restore_physical(
         sh_quote(&exe.to_string_lossy()),
         absolute(&repo.settings.file)?
     );
+    // A restore from a DR region fetches its WAL from that region too.
+    let region = match &repo.region {
+        Some(r) => format!(" --region {}", sh_quote(r)),
+        None => String::new(),
+    };
     let restore_command = format!(
-        "{drctl}{identity} wal fetch --policy {} %f %p",
+        "{drctl}{identity} wal fetch{region} --policy {} %f %p",
         plan.record.policy
     );
     // Archiving into the policy pushes the new timeline's history file when recovery
