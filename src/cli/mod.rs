@@ -114,6 +114,14 @@ impl Ctx {
         Repo::open(self.settings()?).await
     }
 
+    /// The repository of `region` (drctl.yaml `regions:`), or the primary one.
+    pub async fn repo_in(&self, region: Option<&str>) -> Result<Repo> {
+        match region {
+            Some(region) => Repo::open_region(self.settings()?, region).await,
+            None => self.repo().await,
+        }
+    }
+
     /// The identities for decryption: --identity, else identity-file (skipped when missing
     /// and KMS is configured), then KMS.
     pub fn identities(&self, settings: &Settings) -> Result<Arc<Identities>> {

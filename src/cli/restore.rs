@@ -128,10 +128,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         (None, Some(lsn)) => RecoveryTarget::Lsn(parse_lsn(lsn)?),
         (None, None) => RecoveryTarget::Latest,
     };
-    let repo = match &args.region {
-        Some(region) => crate::repo::Repo::open_region(ctx.settings()?, region).await?,
-        None => ctx.repo().await?,
-    };
+    let repo = ctx.repo_in(args.region.as_deref()).await?;
     let plan = crate::restore::plan(
         &repo,
         RestoreRequest {

@@ -139,18 +139,11 @@ pub const ABORT_RECOVERY: i32 = 126;
 
 async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
     let fetched: Result<bool> = async {
-        let repo = match &args.region {
-            Some(region) => crate::repo::Repo::open_region(ctx.settings()?, region).await?,
-            None => ctx.repo().await?,
-        };
+        let repo = ctx.repo_in(args.region.as_deref()).await?;
         let policy = Name::parse(&args.policy)?;
         let identities = ctx.identities(&repo.settings)?;
         let archive = WalArchive::load(&repo, &policy).await?;
-        if archive.get(&args.name).is_none() {
-            return Ok(false);
-        }
-        fetch_wal(&repo, &archive, &policy, &args.name, &args.path, identities).await?;
-        Ok(true)
+        fetch_wal(&repo, &archive, &args.name, &args.path, identities).await
     }
     .await;
     match fetched {

@@ -743,20 +743,18 @@ fn leg_of(legs: &[Leg], segno: u64) -> Leg {
         .unwrap_or(legs[0])
 }
 
-/// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename).
+/// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename);
+/// false, with nothing written, if it is not archived.
 pub async fn fetch_wal(
     repo: &Repo,
     archive: &WalArchive,
-    policy: &Name,
     name: &str,
     dest: &Path,
     identities: Arc<Identities>,
-) -> Result<()> {
-    let record = archive.get(name).ok_or_else(|| {
-        Error::not_found(format!(
-            "WAL file {name} is not in the archive of policy {policy}"
-        ))
-    })?;
+) -> Result<bool> {
+    let Some(record) = archive.get(name) else {
+        return Ok(false);
+    };
     let tmp = dest.with_extension("drctl-tmp");
     let tmp2 = tmp.clone();
     // The file is renamed into place only once the whole object has checked out (sizes and
@@ -771,15 +769,12 @@ pub async fn fetch_wal(
     .and_then(|_| {
         std::fs::rename(&tmp, dest)
             .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-        match dest.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => crate::store::local::sync_dir(dir),
-            _ => Ok(()),
-        }
+        crate::store::local::sync_parent(dest)
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written
+    written.map(|()| true)
 }
 
 // ---------------------------------------------------------------------------------------

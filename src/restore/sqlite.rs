@@ -112,11 +112,10 @@ pub async fn execute(
         return Err(Error::invalid("a SQLite restore needs --target FILE"));
     };
     check_target(path, *overwrite)?;
-    let parent = match path.parent() {
+    let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let dir = parent.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     let cancel = cancel.clone();
     let (file, plain) = decode_object(repo, plan.object(), identities, progress, move |reader| {
@@ -166,7 +165,7 @@ pub async fn execute(
             e.error,
         )
     })?;
-    crate::store::local::sync_dir(&parent)?;
+    crate::store::local::sync_parent(path)?;
     Ok(RestoreReport {
         backup_id: plan.backup_id.clone(),
         plain,

@@ -39,10 +39,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::failure(format!("store task failed: {e}")))?
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
+}
+
+/// Fsyncs the directory holding `path` (after a rename into it).
+pub(crate) fn sync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 fn meta_of(key: ObjectKey, m: &std::fs::Metadata) -> ObjectMeta {
