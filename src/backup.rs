@@ -31,10 +31,9 @@ pub struct BackupOptions {
     pub progress: Option<Arc<AtomicU64>>,
 }
 
-/// What one backup takes: its source, the lease that serialises it, and where it sits in a chain.
+/// What one backup takes: its source and where it sits in a chain.
 pub struct Job {
     pub source: Box<dyn crate::source::Source>,
-    pub lease: String,
     pub backup_type: BackupType,
     /// The backup this one builds on, and the full backup its chain starts from.
     pub parent: Option<(BackupId, BackupId)>,
@@ -49,7 +48,6 @@ pub async fn run(
 ) -> Result<Manifest> {
     let job = Job {
         source: crate::source::open(policy)?,
-        lease: repo.set_lease_name(&policy.name),
         backup_type: BackupType::Full,
         parent: None,
     };
@@ -72,43 +70,58 @@ pub async fn run_incremental(
     let source = crate::source::open_incremental(policy, parent)?;
     let job = Job {
         source,
-        lease: repo.set_lease_name(&policy.name),
         backup_type: BackupType::Incremental,
         parent: parent.map(|p| (p.backup_id.clone(), p.chain_base_id.clone())),
     };
     run_job(repo, policy, job, opts, cancel).await
 }
 
-/// Runs one backup of `policy` from the job's source.
-pub async fn run_job(
+/// Runs one backup of `policy` from the job's source, under the lease of the policy's set.
+async fn run_job(
     repo: &Repo,
     policy: &Policy,
     job: Job,
     opts: BackupOptions,
     cancel: &Cancel,
 ) -> Result<Manifest> {
-    let recipients = crate::crypto::Recipients::from_settings(&repo.settings)?;
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
-        &job.lease,
+        &repo.set_lease_name(&policy.name),
         repo.lease_ttl(),
         opts.wait,
         cancel,
     )
     .await?;
-    let mut result = run_locked(repo, policy, job, recipients, opts.progress, cancel, &lease).await;
-    if let (Ok(manifest), false) = (&result, policy.replicas.is_empty()) {
-        // Still under the lease: retention cannot remove the backup while it is copied.
-        if let Err(e) = crate::replicate::run(repo, policy, manifest, cancel).await {
-            result = Err(e);
-        }
-    }
+    let result = run_leased(repo, policy, job, opts.progress, cancel, &lease).await;
+    release(lease, result).await
+}
+
+/// Runs one backup of `policy` from the job's source while the caller holds `lease`, then
+/// copies it to the policy's replicas.
+pub async fn run_leased(
+    repo: &Repo,
+    policy: &Policy,
+    job: Job,
+    progress: Option<Arc<AtomicU64>>,
+    cancel: &Cancel,
+    lease: &LeaseGuard,
+) -> Result<Manifest> {
+    let recipients = crate::crypto::Recipients::from_settings(&repo.settings)?;
+    let manifest = run_locked(repo, policy, job, recipients, progress, cancel, lease).await?;
+    // Still under the lease: retention cannot remove the backup while it is copied.
+    crate::replicate::run(repo, policy, &manifest, &[], cancel).await?;
+    Ok(manifest)
+}
+
+/// Releases `lease` once the job it guarded has ended with `result`; a lease that cannot be
+/// released expires on its own, so only the job's own result counts.
+pub async fn release<T>(lease: LeaseGuard, result: Result<T>) -> Result<T> {
     let released = lease.release().await;
-    let manifest = result?;
+    let value = result?;
     if let Err(e) = released {
         tracing::warn!(error = %e, "could not release the lease; it expires on its own");
     }
-    Ok(manifest)
+    Ok(value)
 }
 
 async fn run_locked(

@@ -99,7 +99,7 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
             .or_insert_with(|| (r.policy.clone(), Vec::new()));
         statuses.insert(r.backup_id.clone(), r);
     }
-    let mut live_sets = BTreeMap::new();
+    let mut live_leases = BTreeMap::new();
     let mut items = Vec::new();
     for (id, (policy, objects)) in by_backup {
         let (reason, record) = match statuses.get(&id) {
@@ -109,20 +109,26 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
                 Status::Failed => (Reason::Failed, true),
                 Status::Deleting => (Reason::Deleting, true),
                 Status::Running => {
+                    // A backup runs under its set's lease, a WAL push under the
+                    // policy's WAL lease: either held by a live process may be its own.
                     if !holder_is_dead(&r.holder) {
-                        let lease_name = repo.set_lease_name(&policy);
-                        let held = match live_sets.get(&lease_name) {
-                            Some(h) => *h,
-                            None => {
-                                let h = repo
-                                    .registry
-                                    .get_lease(&lease_name)
-                                    .await?
-                                    .is_some_and(|l| !holder_is_dead(&l.holder));
-                                live_sets.insert(lease_name, h);
-                                h
-                            }
-                        };
+                        let mut held = false;
+                        for lease_name in
+                            [repo.set_lease_name(&policy), repo.wal_lease_name(&policy)]
+                        {
+                            held |= match live_leases.get(&lease_name) {
+                                Some(h) => *h,
+                                None => {
+                                    let h = repo
+                                        .registry
+                                        .get_lease(&lease_name)
+                                        .await?
+                                        .is_some_and(|l| !holder_is_dead(&l.holder));
+                                    live_leases.insert(lease_name, h);
+                                    h
+                                }
+                            };
+                        }
                         if held {
                             continue;
                         }

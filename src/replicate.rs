@@ -32,14 +32,21 @@ struct Expected {
     sha256: String,
 }
 
-/// Copies a completed backup to every replica of its policy. Returns the new locations.
+/// Copies a completed backup to every replica of its policy that is not among its
+/// `recorded` locations already, and records it in every replica region's registry (again,
+/// for a region whose copy is recorded: a run that failed between the two has left it
+/// out). Returns the new locations.
 pub async fn run(
     repo: &Repo,
     policy: &Policy,
     manifest: &Manifest,
+    recorded: &[Location],
     cancel: &Cancel,
 ) -> Result<Vec<Location>> {
     let id = &manifest.backup_id;
+    if policy.replicas.is_empty() {
+        return Ok(Vec::new());
+    }
     let key =
         |name: &ObjectName| ObjectKey::object(&manifest.environment, &manifest.policy, id, name);
     let mut objects = Vec::new();
@@ -65,6 +72,11 @@ pub async fn run(
     };
     let mut locations = Vec::new();
     for replica in &policy.replicas {
+        let store = replica.repository.to_string();
+        if recorded.iter().any(|l| l.store == store) {
+            mirror_record(repo, &replica.region, manifest).await?;
+            continue;
+        }
         let location = copy_to(repo, replica, &objects, &opts, cancel)
             .await
             .map_err(|e| {

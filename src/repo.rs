@@ -78,4 +78,11 @@ impl Repo {
     pub fn set_lease_name(&self, policy: &crate::format::Name) -> String {
         format!("set/{}/{}", self.settings.environment, policy)
     }
+
+    /// The lease `drctl wal push` holds for a policy's WAL archive. WAL is archived while a
+    /// base backup holds the set's lease (pg_basebackup waits for it), so pushes serialise
+    /// on a lease of their own.
+    pub fn wal_lease_name(&self, policy: &crate::format::Name) -> String {
+        format!("wal/{}/{}", self.settings.environment, policy)
+    }
 }

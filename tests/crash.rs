@@ -179,3 +179,46 @@ fn kill_at_any_point_never_leaves_a_completed_record_for_a_partial_backup() {
     let id = sb.backup("tree");
     sb.run(&["verify", &id, "--deep"]).ok();
 }
+
+#[test]
+fn gc_leaves_a_wal_push_in_flight_alone() {
+    let sb = Sandbox::new();
+    sb.policy(
+        "pgwal",
+        "name: pgwal\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://postgres@127.0.0.1:5432/postgres\n",
+    );
+    // A WAL file that the push reads only once this test writes it.
+    let dir = sb.path().join("pg_wal");
+    std::fs::create_dir(&dir).unwrap();
+    let wal = dir.join("000000010000000000000001");
+    let fifo = std::ffi::CString::new(wal.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let push = sb
+        .cmd(&[
+            "--json",
+            "wal",
+            "push",
+            "--policy",
+            "pgwal",
+            wal.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the push to start", || running(&sb).len() == 1);
+
+    // The push holds the policy's WAL lease, not its set's: gc must not take it for abandoned.
+    let plan = sb.run(&["--json", "gc", "--dry-run"]).ok().json();
+    assert_eq!(plan[0]["items"].as_array().unwrap().len(), 0, "{plan:?}");
+    sb.run(&["gc"]).ok();
+    assert_eq!(running(&sb).len(), 1);
+
+    std::fs::write(&wal, vec![7u8; 8192]).unwrap();
+    let pushed: common::Run = push.wait_with_output().unwrap().into();
+    let pushed = pushed.ok();
+    assert_eq!(pushed.json()[0]["already_archived"], false);
+    let records = sb.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["status"], "completed");
+}

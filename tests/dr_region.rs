@@ -76,12 +76,7 @@ fn restore_in_the_dr_region_needs_nothing_from_the_primary_region() {
         record["manifest"]["encryption"]["kms_keys"],
         serde_json::json!([key])
     );
-    let regions: Vec<&str> = record["locations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["region"].as_str().unwrap())
-        .collect();
+    let regions = Sandbox::location_regions(record);
     assert_eq!(regions, ["us-east-1", "us-west-2"], "{record}");
 
     // The primary region goes dark: its S3, DynamoDB and KMS endpoints are dead. The age

@@ -35,12 +35,7 @@ fn replica_backup_then_restore_in_the_dr_region(primary: &str) {
     );
     let id = sb.backup("tree");
     let record = &sb.run(&["--json", "show", &id]).ok().json()[0];
-    let regions: Vec<&str> = record["locations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["region"].as_str().unwrap())
-        .collect();
+    let regions = Sandbox::location_regions(record);
     assert_eq!(regions.len(), 2, "{record}");
     assert_eq!(regions[1], "us-west-2", "{record}");
     assert!(
@@ -137,4 +132,107 @@ fn replica_settings_are_validated() {
     ] {
         assert!(out.contains(expected), "{expected}\n{out}");
     }
+}
+
+/// A WAL push whose copy to the DR region failed is retried by PostgreSQL: the retry finds
+/// the file archived, and copies and records it where it is missing.
+#[test]
+fn a_retried_wal_push_copies_the_file_where_the_failed_push_did_not() {
+    let replica_bucket = moto::bucket("walcopy");
+    let replica = moto::url(&replica_bucket, "copies", "us-west-2", "");
+    let sb = Sandbox::with_settings(&format!(
+        "regions:\n  us-west-2:\n    registry: sqlite://dr/registry.db\n    repository: {replica}\n"
+    ));
+    sb.policy(
+        "pgwal",
+        &format!(
+            "name: pgwal\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://postgres@127.0.0.1:5432/postgres\n\
+             replicas:\n  - region: us-west-2\n    repository: {replica}\n"
+        ),
+    );
+    // The replica bucket goes away.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s3 = moto::client("us-west-2");
+    rt.block_on(async {
+        let listed = s3
+            .list_objects_v2()
+            .bucket(&replica_bucket)
+            .send()
+            .await
+            .unwrap();
+        for o in listed.contents() {
+            s3.delete_object()
+                .bucket(&replica_bucket)
+                .key(o.key().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+        s3.delete_bucket()
+            .bucket(&replica_bucket)
+            .send()
+            .await
+            .unwrap();
+    });
+    let dir = sb.path().join("pg_wal");
+    std::fs::create_dir(&dir).unwrap();
+    let wal = dir.join("000000010000000000000001");
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&wal, &bytes).unwrap();
+    let push = || {
+        sb.run(&[
+            "--json",
+            "wal",
+            "push",
+            "--policy",
+            "pgwal",
+            wal.to_str().unwrap(),
+        ])
+    };
+    let failed = push();
+    assert_ne!(failed.code, 0, "{}", failed.stdout);
+    assert!(
+        failed.stderr.contains("copy to us-west-2 failed"),
+        "{}",
+        failed.stderr
+    );
+    let records = sb.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0]["locations"].as_array().unwrap().len(),
+        1,
+        "{records:?}"
+    );
+
+    // Back again: PostgreSQL's retry copies the archived file and records the copy in both
+    // registries.
+    sb.run(&["init"]).ok();
+    let retried = push().ok();
+    assert_eq!(
+        retried.json()[0]["already_archived"],
+        true,
+        "{}",
+        retried.stdout
+    );
+    let id = records[0]["backup_id"].as_str().unwrap();
+    assert_eq!(retried.json()[0]["backup_id"], id);
+    let record = &sb.run(&["--json", "show", id]).ok().json()[0];
+    let regions = Sandbox::location_regions(record);
+    assert_eq!(regions, ["local", "us-west-2"], "{record}");
+    let copy = sb.path().join("copy");
+    sb.run(&[
+        "wal",
+        "fetch",
+        "--region",
+        "us-west-2",
+        "--policy",
+        "pgwal",
+        "000000010000000000000001",
+        copy.to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+    // Nothing more to copy: a third push changes nothing.
+    push().ok();
+    assert_eq!(sb.records().len(), 1);
 }

@@ -1,15 +1,16 @@
 //! `drctl wal`: PostgreSQL's archive_command and restore_command.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::Ctx;
-use crate::backup::{BackupOptions, Job};
+use crate::backup::Job;
 use crate::config::policy::PostgresMode;
 use crate::config::{Policy, SourceConfig};
 use crate::format::manifest::BackupType;
-use crate::format::Name;
+use crate::format::{BackupId, Name};
 use crate::pipeline::HashReader;
+use crate::registry::lease::LeaseGuard;
+use crate::repo::Repo;
 use crate::restore::postgres::{fetch_wal, WalArchive};
 use crate::source::postgres::WalSource;
 use crate::{Error, Result};
@@ -87,22 +88,62 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     check_policy(&policy)?;
     let source = WalSource::new(args.path.clone())?;
     let name = source.name().to_owned();
-    let archive = WalArchive::load(&repo, &policy.name).await?;
-    if let Some(existing) = archive.get(&name) {
-        let file = std::fs::File::open(&args.path)
-            .map_err(|e| Error::io(format!("read WAL file {}", args.path.display()), e))?;
-        let digest = HashReader::new(file)
-            .drain()
-            .map_err(|e| Error::io(format!("read WAL file {}", args.path.display()), e))?;
-        let stored = existing.manifest()?.data()?;
-        if digest.sha256 == stored.plain_sha256 && digest.size == stored.plain_size {
-            ctx.emit(
-                "wal_push",
-                &serde_json::json!({ "wal": name, "backup_id": existing.backup_id, "already_archived": true }),
-                || format!("WAL file {name} is already archived as backup {}", existing.backup_id),
-            );
-            return Ok(());
-        }
+    // Under the lease, so that two pushes of one name cannot both find it missing.
+    let lease = LeaseGuard::acquire(
+        repo.registry.clone(),
+        &repo.wal_lease_name(&policy.name),
+        repo.lease_ttl(),
+        Some(repo.lease_ttl()),
+        &ctx.cancel,
+    )
+    .await?;
+    let pushed = push_leased(ctx, &repo, &policy, source, &lease).await;
+    let (backup_id, already_archived) = crate::backup::release(lease, pushed).await?;
+    ctx.emit(
+        "wal_push",
+        &serde_json::json!({ "wal": name, "backup_id": backup_id, "already_archived": already_archived }),
+        || {
+            if already_archived {
+                format!("WAL file {name} is already archived as backup {backup_id}")
+            } else {
+                format!("WAL file {name} archived as backup {backup_id}")
+            }
+        },
+    );
+    Ok(())
+}
+
+/// Archives the file `source` reads unless it is archived already; either way, copies it
+/// to the replicas it is missing from (an earlier push may have stored it and then failed
+/// to copy it). Returns its backup ID and whether it was archived already.
+async fn push_leased(
+    ctx: &Ctx,
+    repo: &Repo,
+    policy: &Policy,
+    source: WalSource,
+    lease: &LeaseGuard,
+) -> Result<(BackupId, bool)> {
+    let name = source.name().to_owned();
+    let archive = WalArchive::load(repo, &policy.name).await?;
+    let Some(existing) = archive.get(&name) else {
+        let job = Job {
+            source: Box::new(source),
+            backup_type: BackupType::Incremental,
+            parent: archive.latest_base().map(|id| (id.clone(), id.clone())),
+        };
+        let manifest =
+            crate::backup::run_leased(repo, policy, job, None, &ctx.cancel, lease).await?;
+        return Ok((manifest.backup_id, false));
+    };
+    let path = source.path();
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("read WAL file {}", path.display()), e))?;
+    let digest = HashReader::new(file)
+        .drain()
+        .map_err(|e| Error::io(format!("read WAL file {}", path.display()), e))?;
+    let manifest = existing.manifest()?;
+    let stored = manifest.data()?;
+    if digest.sha256 != stored.plain_sha256 || digest.size != stored.plain_size {
         return Err(Error::integrity(format!(
             "WAL file {name} is already archived (backup {}) with different contents",
             existing.backup_id
@@ -111,26 +152,8 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
             "two servers may be archiving into the same policy; give each cluster its own policy",
         ));
     }
-    let base = archive.latest_base().map(|id| (id.clone(), id.clone()));
-    let job = Job {
-        source: Box::new(source),
-        // WAL is archived while a base backup holds the set's lease (pg_basebackup waits
-        // for it), so pushes serialise on a lease of their own.
-        lease: format!("wal/{}/{}", repo.settings.environment, policy.name),
-        backup_type: BackupType::Incremental,
-        parent: base,
-    };
-    let opts = BackupOptions {
-        wait: Some(Duration::from_secs(repo.settings.lease_ttl_seconds)),
-        progress: None,
-    };
-    let manifest = crate::backup::run_job(&repo, &policy, job, opts, &ctx.cancel).await?;
-    ctx.emit(
-        "wal_push",
-        &serde_json::json!({ "wal": name, "backup_id": manifest.backup_id, "already_archived": false }),
-        || format!("WAL file {name} archived as backup {}", manifest.backup_id),
-    );
-    Ok(())
+    crate::replicate::run(repo, policy, manifest, &existing.locations, &ctx.cancel).await?;
+    Ok((existing.backup_id.clone(), true))
 }
 
 /// `wal fetch`'s exit code for every failure but a file that is not archived: PostgreSQL

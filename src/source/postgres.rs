@@ -535,6 +535,10 @@ impl WalSource {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 impl Source for WalSource {

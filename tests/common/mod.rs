@@ -184,6 +184,16 @@ impl Sandbox {
     }
 
     /// Records of the environment, newest first, as JSON.
+    /// The regions of a backup's recorded copies, in the order they were recorded.
+    pub fn location_regions(record: &serde_json::Value) -> Vec<String> {
+        record["locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["region"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub fn records(&self) -> Vec<serde_json::Value> {
         self.run(&["--json", "list", "--limit", "1000"]).ok().json()
     }
