@@ -669,7 +669,7 @@ fn mysql_restore_refuses_a_non_empty_target_without_overwrite() {
     seed(&server, "shop");
     let sandbox = Sandbox::new();
     server.policy(&sandbox, "shop", "shop");
-    sandbox.backup("shop");
+    let id = sandbox.backup("shop");
     server.sql(
         None,
         "CREATE DATABASE busy; CREATE TABLE busy.keep (x INT); INSERT INTO busy.keep VALUES (7)",
@@ -690,8 +690,8 @@ fn mysql_restore_refuses_a_non_empty_target_without_overwrite() {
     assert!(run.stderr.contains("--overwrite"), "{}", run.stderr);
     assert_eq!(server.sql(Some("busy"), "SELECT x FROM keep"), "7\n");
 
-    sandbox
-        .run(&[
+    let overwrite = || {
+        sandbox.run(&[
             "restore",
             "--policy",
             "shop",
@@ -701,7 +701,30 @@ fn mysql_restore_refuses_a_non_empty_target_without_overwrite() {
             &target,
             "--overwrite",
         ])
-        .ok();
+    };
+    // A backup damaged near its end: refused before the database is dropped.
+    let data = std::fs::read_dir(sandbox.backup_dir("shop", &id))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("data.")
+        })
+        .unwrap();
+    let good = std::fs::read(&data).unwrap();
+    let mut bad = good.clone();
+    let near_end = bad.len() - 40;
+    bad[near_end] ^= 1;
+    std::fs::write(&data, &bad).unwrap();
+    let run = overwrite().code(4);
+    assert!(run.stderr.contains("has been modified"), "{}", run.stderr);
+    assert_eq!(server.sql(Some("busy"), "SELECT x FROM keep"), "7\n");
+    std::fs::write(&data, &good).unwrap();
+
+    overwrite().ok();
     assert_eq!(contents(&server, "shop"), contents(&server, "busy"));
     assert_eq!(
         server.sql(

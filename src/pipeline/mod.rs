@@ -331,11 +331,15 @@ pub async fn pump(
     Ok(writer)
 }
 
-/// Maps an I/O error from a decode stage: our own errors keep their kind, anything else from
-/// age or zstd means the stored bytes are damaged.
+/// Maps an I/O error from a decode stage: our own errors pass through as they are, anything
+/// else from age or zstd means the stored bytes are damaged.
 pub(crate) fn damaged(what: &str, e: io::Error) -> Error {
+    // An earlier stage's error names the object and its cause already.
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-        return Error::io(what, e);
+        return *e
+            .into_inner()
+            .and_then(|inner| inner.downcast::<Error>().ok())
+            .expect("checked above");
     }
     Error::integrity(format!(
         "{what}: {e}; the object is truncated or has been modified"

@@ -9,7 +9,7 @@
 //! Connection details come from the URL, the password from MYSQL_PWD in the environment.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -262,10 +262,6 @@ pub async fn execute(
 ) -> Result<RestoreReport> {
     let started = std::time::Instant::now();
     let (conn, until) = (my.conn.clone(), my.until);
-    let c = conn.clone();
-    let overwrite = my.overwrite;
-    blocking(move || prepare(&c, overwrite)).await?;
-
     let source_db = my.manifests[0]
         .source
         .descriptor
@@ -273,34 +269,61 @@ pub async fn execute(
         .and_then(|v| v.as_str())
         .map(str::to_owned)
         .ok_or_else(|| Error::integrity("the full backup's manifest names no database"))?;
-    let mut plain = None;
-    for manifest in &my.manifests {
-        let context = |e: Error| e.context(format!("restore of backup {}", manifest.backup_id));
-        let (c, sink_cancel) = (conn.clone(), cancel.clone());
-        let digest = if manifest.parent_id.is_none() {
-            // `mariadb` stops at the first failing statement.
-            let sink = move |dump: &mut dyn BufRead| feed(client(&c), dump, &sink_cancel);
-            decode(repo, manifest, identities.clone(), sink)
-                .await
-                .map_err(context)?
-                .1
-        } else {
-            let binlogs = Binlogs::from_stats(&manifest.source.stats).map_err(context)?;
-            // Unpack and check the whole incremental before replaying any of it.
-            let sink = move |tar: &mut dyn BufRead| {
-                let dir = binlogs.unpack(tar, &sink_cancel)?;
-                Ok((binlogs, dir))
-            };
-            let ((binlogs, dir), digest) = decode(repo, manifest, identities.clone(), sink)
-                .await
-                .map_err(context)?;
-            let (source_db, cancel) = (source_db.clone(), cancel.clone());
-            blocking(move || binlogs.replay(dir.path(), &c, &source_db, until, &cancel))
-                .await
-                .map_err(context)?;
-            digest
+
+    // Every incremental's binary logs are unpacked and checked before the target is touched.
+    let mut incrementals = Vec::new();
+    for manifest in &my.manifests[1..] {
+        let binlogs = Binlogs::from_stats(&manifest.source.stats).map_err(context(manifest))?;
+        let sink_cancel = cancel.clone();
+        let sink = move |tar: &mut dyn BufRead| {
+            let dir = binlogs.unpack(tar, &sink_cancel)?;
+            Ok((binlogs, dir))
         };
-        plain.get_or_insert(digest);
+        let (unpacked, _) = decode(repo, manifest, identities.clone(), sink)
+            .await
+            .map_err(context(manifest))?;
+        incrementals.push((manifest, unpacked));
+    }
+
+    // The full dump: `mariadb` stops at the first failing statement. A database that is to
+    // be replaced is dropped only once the whole dump has been read and checked, into an
+    // unnamed temporary file; a new or empty one gets the dump as it arrives.
+    let full = &my.manifests[0];
+    let (c, sink_cancel) = (conn.clone(), cancel.clone());
+    let plain = if my.overwrite {
+        let sink = move |dump: &mut dyn BufRead| {
+            let mut file = tempfile::tempfile()
+                .map_err(|e| Error::io("create a temporary file for the dump", e))?;
+            copy_cancellable(dump, &mut file, &sink_cancel)?;
+            Ok(file)
+        };
+        let (mut file, plain) = decode(repo, full, identities.clone(), sink)
+            .await
+            .map_err(context(full))?;
+        let cancel = cancel.clone();
+        blocking(move || {
+            prepare(&c, true)?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| Error::io("read the temporary dump file", e))?;
+            feed(client(&c), &mut BufReader::new(file), &cancel)
+        })
+        .await
+        .map_err(context(full))?;
+        plain
+    } else {
+        let target = c.clone();
+        blocking(move || prepare(&target, false)).await?;
+        let sink = move |dump: &mut dyn BufRead| feed(client(&c), dump, &sink_cancel);
+        decode(repo, full, identities, sink)
+            .await
+            .map_err(context(full))?
+            .1
+    };
+    for (manifest, (binlogs, dir)) in incrementals {
+        let (c, source_db, cancel) = (conn.clone(), source_db.clone(), cancel.clone());
+        blocking(move || binlogs.replay(dir.path(), &c, &source_db, until, &cancel))
+            .await
+            .map_err(context(manifest))?;
     }
 
     let last = my.manifests.last().expect("a chain has a full backup");
@@ -320,7 +343,7 @@ pub async fn execute(
     };
     Ok(RestoreReport {
         backup_id: plan.backup_id.clone(),
-        plain: plain.expect("the chain has a full backup"),
+        plain,
         extracted: None,
         written_to: None,
         chain: my.chain.clone(),
@@ -328,6 +351,11 @@ pub async fn execute(
         postgres: None,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Names the backup a failure belongs to.
+fn context(m: &Manifest) -> impl Fn(Error) -> Error + '_ {
+    move |e| e.context(format!("restore of backup {}", m.backup_id))
 }
 
 /// Compares the `CHECKSUM TABLE` values an incremental recorded in its snapshot with the
