@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{output_ok, Run, Sandbox};
+use common::{moto, output_ok, Run, Sandbox};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -675,12 +675,17 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let sb = Sandbox::new();
+        Self::start_with("", "")
+    }
+
+    /// With `settings` added to drctl.yaml and `policy` to the policy file.
+    fn start_with(settings: &str, policy: &str) -> Cluster {
+        let sb = Sandbox::with_settings(settings);
         let drctl = sb.path().join("drctl-bin");
         std::fs::copy(common::bin(), &drctl).unwrap();
         sb.policy(
             "pgphys",
-            "name: pgphys\nsource:\n  kind: postgres\n  mode: physical\n  url: PLACEHOLDER\n",
+            &format!("name: pgphys\nsource:\n  kind: postgres\n  mode: physical\n  url: PLACEHOLDER\n{policy}"),
         );
         let port = free_port();
         let policy = sb.path().join("policies/pgphys.yaml");
@@ -753,6 +758,28 @@ impl Cluster {
             .output()
             .unwrap()
             .into()
+    }
+
+    /// Table `t` gets rows 1..100, a base backup, rows 101..200, then (after the time
+    /// returned, a second later) rows 201..300, which a restore to that time leaves out;
+    /// their WAL is archived.
+    fn incident(&self) -> String {
+        psql(&self.url(), "CREATE TABLE t (id int PRIMARY KEY)");
+        psql(&self.url(), "INSERT INTO t SELECT generate_series(1, 100)");
+        self.drctl(&["backup", "--policy", "pgphys"]).ok();
+        psql(
+            &self.url(),
+            "INSERT INTO t SELECT generate_series(101, 200)",
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        psql(
+            &self.url(),
+            "INSERT INTO t SELECT generate_series(201, 300)",
+        );
+        self.switch_wal();
+        noted
     }
 
     /// Switches to a new WAL segment and waits until the old one is archived.
@@ -904,19 +931,60 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     assert!(!early.exists());
 }
 
+/// The primary region is gone: a restore in the DR region fetches the WAL it replays from
+/// there, and the restored server archives its new timeline there, where the next restore
+/// follows it.
+#[test]
+fn a_physical_restore_in_the_dr_region_fetches_and_archives_its_wal_there() {
+    moto::env();
+    let replica = moto::url(&moto::bucket("pgdr"), "copies", "us-west-2", "");
+    let mut c = Cluster::start_with(
+        &format!(
+            "regions:\n  us-west-2:\n    registry: sqlite://dr/registry.db\n    repository: {replica}\n"
+        ),
+        &format!("replicas:\n  - region: us-west-2\n    repository: {replica}\n"),
+    );
+    let noted = c.incident();
+
+    // The primary region's repository and registry are gone.
+    let config = c.sb.path().join("drctl.yaml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("repository: file://repo", "repository: file://gone")
+        .replace("sqlite://registry.db", "sqlite://gone.db");
+    std::fs::write(&config, text).unwrap();
+    std::fs::remove_file(c.sb.path().join("registry.db")).unwrap();
+    std::fs::remove_dir_all(c.sb.path().join("repo")).unwrap();
+    assert_ne!(c.drctl(&["list"]).code, 0, "the primary region is unusable");
+
+    let dr = ["--region", "us-west-2"];
+    let (run, primary) = c.restore(
+        "in-dr",
+        &[&dr[..], &["--until", &noted, "--archive"]].concat(),
+    );
+    run.ok();
+    assert_eq!(ids(&primary), "200 rows, 1..200");
+    let archive_command = psql(&primary, "SHOW archive_command");
+    assert!(
+        archive_command.contains("wal push --region 'us-west-2'"),
+        "{archive_command}"
+    );
+    psql(&primary, "INSERT INTO t SELECT generate_series(1001, 1100)");
+    switch_wal(&primary, &c.sb.path().join("in-dr/drctl-restore.log"));
+
+    let (run, url) = c.restore("in-dr-after", &dr);
+    let report = run.ok().json();
+    assert_eq!(ids(&url), "300 rows, 1..1100", "{report:?}");
+    assert_eq!(
+        psql(&url, "SELECT timeline_id FROM pg_control_checkpoint()"),
+        "3"
+    );
+}
+
 #[test]
 fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
     let mut c = Cluster::start();
-    psql(&c.url(), "CREATE TABLE t (id int PRIMARY KEY)");
-    psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 100)");
-    c.drctl(&["backup", "--policy", "pgphys"]).ok();
-    psql(&c.url(), "INSERT INTO t SELECT generate_series(101, 200)");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    // Lost in the incident: the restore stops before these.
-    psql(&c.url(), "INSERT INTO t SELECT generate_series(201, 300)");
-    c.switch_wal();
+    let noted = c.incident();
 
     // Fail over: the restored server becomes the primary on timeline 2 and archives it.
     let (run, primary) = c.restore("primary2", &["--until", &noted, "--archive"]);

@@ -30,13 +30,19 @@ pub enum Command {
 ///
 /// Each file becomes an incremental backup of the policy whose parent is the newest base
 /// backup. Pushing a file that is already archived with the same contents succeeds without
-/// storing it again; the same name with different contents fails (exit 4), so PostgreSQL
-/// keeps the file and retries instead of losing it.
+/// storing it again (after copying it to any replica it is missing from); the same name with
+/// different contents fails (exit 4), so PostgreSQL keeps the file and retries instead of
+/// losing it.
 #[derive(Debug, clap::Args)]
 pub struct PushArgs {
     /// Policy (postgres, mode physical).
     #[arg(long, short)]
     pub policy: String,
+    /// Archive into this region's registry and replica bucket (drctl.yaml `regions:`), for a
+    /// server restored there while the primary region is down; `drctl restore --region R
+    /// --archive` passes it. Such a push is not copied to the policy's replicas.
+    #[arg(long)]
+    pub region: Option<String>,
     /// The WAL file (PostgreSQL's %p).
     pub path: PathBuf,
 }
@@ -83,9 +89,15 @@ fn check_policy(policy: &Policy) -> Result<()> {
 }
 
 async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
-    let repo = ctx.repo().await?;
-    let policy = Policy::load(&repo.settings, &args.policy)?;
+    let repo = ctx.repo_in(args.region.as_deref()).await?;
+    let mut policy = Policy::load(&repo.settings, &args.policy)?;
     check_policy(&policy)?;
+    if args.region.is_some() {
+        // As the copies in that region are: no replicas of their own, and encrypted at rest
+        // with the bucket's default key (SSE-KMS keys are regional).
+        policy.replicas.clear();
+        policy.storage.sse_kms_key_id = None;
+    }
     let source = WalSource::new(args.path.clone())?;
     let name = source.name().to_owned();
     // Under the lease, so that two pushes of one name cannot both find it missing.

@@ -29,7 +29,7 @@ use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
     count_rows, format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, tables,
-    Conn, TimelineSwitch, WalRange,
+    Conn, Session, TimelineSwitch, WalRange,
 };
 use crate::{Error, Result};
 
@@ -982,12 +982,13 @@ pub async fn restore_physical(
         plan.record.policy
     );
     // Archiving into the policy pushes the new timeline's history file when recovery
-    // ends, then its WAL; later restores follow that timeline.
+    // ends, then its WAL; later restores follow that timeline. A server restored in a DR
+    // region archives into that region.
     let archive = if plan.archive {
         format!(
             "archive_mode = on\narchive_command = {}\n",
             conf_quote(&format!(
-                "{drctl} wal push --policy {} %p",
+                "{drctl} wal push{region} --policy {} %p",
                 plan.record.policy
             ))
         )
@@ -1076,8 +1077,17 @@ pub async fn restore_physical(
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 
-    let mut databases = BTreeMap::new();
     let mut s = local("postgres")?.session()?;
+    if plan.target == RecoveryTarget::Latest {
+        check_replayed(&mut s, plan).map_err(|e| {
+            e.hint(format!(
+                "the server runs on port {}; its log: {}",
+                plan.port,
+                log.display()
+            ))
+        })?;
+    }
+    let mut databases = BTreeMap::new();
     let names = s.query(
         "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1",
     )?;
@@ -1094,6 +1104,24 @@ pub async fn restore_physical(
         databases,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Recovery to the latest point must have replayed into the last WAL segment the plan
+/// found archived; ending before it would leave archived transactions out.
+fn check_replayed(s: &mut Session, plan: &PhysicalPlan) -> Result<()> {
+    let (_, segno) = parse_segment(&plan.last_wal, plan.wal.segment_size)
+        .ok_or_else(|| Error::failure(format!("{} is not a WAL segment name", plan.last_wal)))?;
+    let last_segment = segno * plan.wal.segment_size;
+    let replayed = s.value("SELECT pg_last_wal_replay_lsn()")?;
+    match parse_lsn(&replayed) {
+        Some(lsn) if lsn >= last_segment => Ok(()),
+        _ => Err(Error::integrity(format!(
+            "recovery ended at LSN {replayed:?}, before WAL segment {} (from LSN {}), the last \
+             one archived: the restored server lacks transactions the archive holds",
+            plan.last_wal,
+            format_lsn(last_segment)
+        ))),
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
