@@ -256,6 +256,19 @@ fn insert(server: &Server, db: &str, range: std::ops::RangeInclusive<u32>) {
     }
 }
 
+/// Database `app` with rows 1..5 in table `t`, a policy for it and its full backup (the ID).
+fn app_with_a_full_backup(server: &Server) -> (Sandbox, String) {
+    server.sql(
+        None,
+        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20))",
+    );
+    insert(server, "app", 1..=5);
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "app", "app");
+    let full = sandbox.backup("app");
+    (sandbox, full)
+}
+
 fn manifest(sandbox: &Sandbox, id: &str) -> serde_json::Value {
     let run = sandbox.run(&["--json", "show", id]).ok();
     run.json()[0]["manifest"].clone()
@@ -486,14 +499,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     let server = Server::start();
-    server.sql(
-        None,
-        "CREATE DATABASE app; CREATE TABLE app.t (id INT PRIMARY KEY, v VARCHAR(20))",
-    );
-    insert(&server, "app", 1..=5);
-    let sandbox = Sandbox::new();
-    server.policy(&sandbox, "app", "app");
-    let full = sandbox.backup("app");
+    let (sandbox, full) = app_with_a_full_backup(&server);
 
     insert(&server, "app", 6..=10);
     let run = sandbox
@@ -660,6 +666,51 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         run.stderr.contains("no completed full backup"),
         "{}",
         run.stderr
+    );
+}
+
+#[test]
+fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() {
+    let server = Server::start();
+    let (sandbox, _) = app_with_a_full_backup(&server);
+    // With `app` as the default database, a statement that names it anyway.
+    server.sql(Some("app"), "CREATE TABLE app.extra (x INT)");
+    insert(&server, "app", 6..=10);
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+
+    let restore = |db: &str| {
+        sandbox.run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", db),
+        ])
+    };
+    let run = restore("app_copy").code(2);
+    assert!(
+        run.stderr.contains("names database app itself")
+            && run.stderr.contains("CREATE TABLE app.extra"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        server.sql(None, "SHOW DATABASES LIKE 'app_copy'"),
+        "",
+        "refused before the target is touched"
+    );
+    // Into a database of the same name (on another server; here, the source dropped) the
+    // statement replays as it was logged.
+    server.sql(None, "DROP DATABASE app");
+    restore("app").ok();
+    assert_eq!(ids(&server, "app"), (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        server.sql(None, "SHOW TABLES FROM app LIKE 'extra'"),
+        "extra\n"
     );
 }
 

@@ -279,10 +279,18 @@ pub async fn execute(
             let dir = binlogs.unpack(tar, &sink_cancel)?;
             Ok((binlogs, dir))
         };
-        let (unpacked, _) = decode(repo, manifest, identities.clone(), sink)
+        let ((binlogs, dir), _) = decode(repo, manifest, identities.clone(), sink)
             .await
             .map_err(context(manifest))?;
-        incrementals.push((manifest, unpacked));
+        if source_db != conn.database {
+            let command = binlogs.command(dir.path(), &conn, &source_db, until);
+            let (source_db, target_db, cancel) =
+                (source_db.clone(), conn.database.clone(), cancel.clone());
+            blocking(move || refuse_qualified(command, &source_db, &target_db, &cancel))
+                .await
+                .map_err(context(manifest))?;
+        }
+        incrementals.push((manifest, binlogs, dir));
     }
 
     // The full dump: `mariadb` stops at the first failing statement. A database that is to
@@ -319,9 +327,10 @@ pub async fn execute(
             .map_err(context(full))?
             .1
     };
-    for (manifest, (binlogs, dir)) in incrementals {
-        let (c, source_db, cancel) = (conn.clone(), source_db.clone(), cancel.clone());
-        blocking(move || binlogs.replay(dir.path(), &c, &source_db, until, &cancel))
+    for (manifest, binlogs, dir) in incrementals {
+        let command = binlogs.command(dir.path(), &conn, &source_db, until);
+        let (c, cancel) = (conn.clone(), cancel.clone());
+        blocking(move || pipe(command, client(&c), &cancel))
             .await
             .map_err(context(manifest))?;
     }
@@ -501,23 +510,21 @@ impl Binlogs {
         Ok(dir)
     }
 
-    /// Replays the binary logs unpacked in `dir` into the target database, up to `until` if
-    /// given.
-    fn replay(
+    /// The `mariadb-binlog` command that turns the binary logs unpacked in `dir` into the
+    /// statements to replay into the target database, up to `until` if given.
+    fn command(
         &self,
         dir: &std::path::Path,
         conn: &Conn,
         source_db: &str,
         until: Option<DateTime<Utc>>,
-        cancel: &Cancel,
-    ) -> Result<()> {
-        let (start, end, files) = (&self.start, &self.end, &self.files);
+    ) -> Command {
         let mut binlog = Command::new("mariadb-binlog");
         // --stop-datetime is read in the local time zone of mariadb-binlog.
         binlog
             .env("TZ", "UTC")
-            .arg(format!("--start-position={}", start.pos))
-            .arg(format!("--stop-position={}", end.pos))
+            .arg(format!("--start-position={}", self.start.pos))
+            .arg(format!("--stop-position={}", self.end.pos))
             // Row events are filtered by the name they were logged with, then renamed.
             .arg(format!("--database={source_db}"));
         if source_db != conn.database {
@@ -532,9 +539,75 @@ impl Binlogs {
                 stop.format("%Y-%m-%d %H:%M:%S")
             ));
         }
-        binlog.args(files.iter().map(|f| dir.join(f)));
-        pipe(binlog, client(conn), cancel)
+        binlog.args(self.files.iter().map(|f| dir.join(f)));
+        binlog
     }
+}
+
+/// `--rewrite-db` renames the database of row events and the default database of
+/// statements, but not a database a statement names itself (`ALTER TABLE shop.orders`):
+/// replayed into another database on the same server, such a statement would change the
+/// source database. Reads what `binlog` would replay and refuses if a statement names
+/// `source_db`; runs before the target is touched.
+fn refuse_qualified(
+    mut binlog: Command,
+    source_db: &str,
+    target_db: &str,
+    cancel: &Cancel,
+) -> Result<()> {
+    let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
+    let stderr = collect_stderr(&mut child);
+    let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut found = None;
+    for line in out.split(b'\n') {
+        cancel.check()?;
+        let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
+        let line = String::from_utf8_lossy(&line);
+        // Comments (event headers) and row events (base64, which has no dots) name nothing.
+        if !line.starts_with('#') && names_database(&line, source_db) {
+            found = Some(line.chars().take(200).collect::<String>());
+            break;
+        }
+    }
+    if found.is_some() {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
+    if let Some(statement) = found {
+        return Err(Error::invalid(format!(
+            "the binary logs hold a statement that names database {source_db} itself; \
+             replayed into {target_db} it would change {source_db}: {statement}"
+        ))
+        .hint(format!(
+            "restore into a database named {source_db} on another server, or restore the full \
+             backup alone (--backup with its ID)"
+        )));
+    }
+    check_status("mariadb-binlog", status, &stderr.join().unwrap_or_default())
+}
+
+/// Whether SQL text `line` qualifies a name with database `db` (`db.t` or `` `db`.t ``,
+/// any case), outside what is plainly another identifier.
+fn names_database(line: &str, db: &str) -> bool {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+    let (lower, db) = (line.to_lowercase(), db.to_lowercase());
+    for quoted in [format!("`{db}`"), db.clone()] {
+        let mut from = 0;
+        while let Some(i) = lower[from..].find(&quoted) {
+            let (start, end) = (from + i, from + i + quoted.len());
+            from = start + 1;
+            let before = lower[..start].chars().next_back();
+            if quoted == db && before.is_some_and(|c| is_ident(c) || c == '`') {
+                continue;
+            }
+            if lower[end..].trim_start().starts_with('.') {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// `a | b`: both must succeed; `b`'s failure is reported first (it explains `a`'s broken pipe).
@@ -570,4 +643,31 @@ fn pipe(mut a: Command, mut b: Command, cancel: &Cancel) -> Result<()> {
     check_status(&b_name, second_status, &second_err)?;
     check_status(&a_name, first_status, &first_err)?;
     cancel.check()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_database;
+
+    #[test]
+    fn statements_that_name_a_database_are_found() {
+        for line in [
+            "ALTER TABLE shop.orders ADD COLUMN x INT",
+            "create table `shop`.`t` (id int)",
+            "DROP TABLE Shop . t",
+            "INSERT INTO t SELECT * FROM shop.orders",
+        ] {
+            assert!(names_database(line, "shop"), "{line}");
+        }
+        for line in [
+            "ALTER TABLE orders ADD COLUMN x INT",
+            "use `shop_copy`/*!*/;",
+            "ALTER TABLE myshop.t ADD x INT",
+            "ALTER TABLE `my shop`.t ADD x INT",
+            "SET @@session.sql_mode=1411383296/*!*/;",
+            "ALTER TABLE shop_orders.t ADD x INT",
+        ] {
+            assert!(!names_database(line, "shop"), "{line}");
+        }
+    }
 }
