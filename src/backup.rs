@@ -398,24 +398,25 @@ async fn write_objects(
             Err(e) => upload_error = upload_error.or(Some(e)),
         }
     }
-    let failure = match (&produced, upload_error) {
-        (_, Some(e)) => Some(e),
-        (Err(e), None) => Some(Error::new(e.kind(), e.message().to_owned())),
-        (Ok(_), None) => None,
+    let produced = match upload_error {
+        Some(e) => Err(e),
+        None => produced,
     };
-    if let Some(e) = failure {
-        for (_, w) in writers {
-            let _ = w.abort().await;
+    let (stats, point_in_time, data, index) = match produced {
+        Ok(produced) => produced,
+        Err(e) => {
+            for (_, w) in writers {
+                let _ = w.abort().await;
+            }
+            return Err(
+                if cancel.is_cancelled() && e.kind() != ErrorKind::Cancelled {
+                    Error::cancelled()
+                } else {
+                    e
+                },
+            );
         }
-        return Err(
-            if cancel.is_cancelled() && e.kind() != ErrorKind::Cancelled {
-                Error::cancelled()
-            } else {
-                e
-            },
-        );
-    }
-    let (stats, point_in_time, data, index) = produced.expect("checked above");
+    };
     let mut objects = Vec::new();
     for (name, writer) in writers {
         let (role, encoded) = match &name {

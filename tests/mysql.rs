@@ -670,6 +670,47 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
 }
 
 #[test]
+fn mysql_incremental_refuses_binary_logs_that_were_reset_since_its_parent() {
+    let server = Server::start();
+    let (sandbox, full) = app_with_a_full_backup(&server);
+    let m = manifest(&sandbox, &full);
+    let identity = m["source"]["stats"]["binlog_end_identity"]
+        .as_str()
+        .unwrap();
+    assert!(identity.contains("server id"), "{m}");
+    // The log the full backup ends in is recreated under the same name.
+    let file = m["point_in_time"]["binlog"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    server.sql(None, "RESET MASTER");
+    insert(&server, "app", 6..=10);
+    assert!(
+        server.sql(None, "SHOW BINARY LOGS").contains(file),
+        "the name is back"
+    );
+    let run = sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .code(1);
+    assert!(
+        run.stderr.contains(&format!("binary log {file}"))
+            && run.stderr.contains("RESET MASTER")
+            && run.stderr.contains("take a full backup"),
+        "{}",
+        run.stderr
+    );
+    // A new full backup starts a chain that incrementals follow again.
+    sandbox.backup("app");
+    insert(&server, "app", 11..=12);
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+}
+
+#[test]
 fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() {
     let server = Server::start();
     let (sandbox, _) = app_with_a_full_backup(&server);

@@ -134,6 +134,24 @@ impl Conn {
         cmd
     }
 
+    /// What tells a binary log file apart from another of the same name (RESET MASTER and a
+    /// failover to another server reuse names): when it was created, to the second, and by
+    /// which server, from the header of its first event.
+    pub fn binlog_identity(&self, file: &str, cancel: &Cancel) -> Result<String> {
+        let mut cmd = self.command("mariadb-binlog");
+        // Event times print in the tool's local time zone; only the first event is read.
+        cmd.env("TZ", "UTC")
+            .args(["--read-from-remote-server", "--stop-position=5", "--"])
+            .arg(file);
+        let mut out = Vec::new();
+        stream_stdout(cmd, &mut out, cancel)?;
+        parse_binlog_identity(&String::from_utf8_lossy(&out)).ok_or_else(|| {
+            Error::failure(format!(
+                "mariadb-binlog printed no format description event for binary log {file}"
+            ))
+        })
+    }
+
     /// Runs SQL with the `mariadb` client (in `database` if given) and returns the rows,
     /// columns split on tabs.
     pub fn query(&self, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
@@ -277,6 +295,16 @@ pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
+/// The time and server of a binary log's format description event, from `mariadb-binlog`'s
+/// header line `#261201  3:07:36 server id 1  end_log_pos 256 ... Start: binlog v 4, ...`.
+fn parse_binlog_identity(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('#') && l.contains("Start: binlog"))?;
+    let head = &line[1..line.find(" end_log_pos")?];
+    Some(head.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 /// A position in the server's binary logs: `binlog.000012:4711`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BinlogPos {
@@ -328,6 +356,8 @@ enum Mode {
     Incremental {
         from: BinlogPos,
         parent: String,
+        /// The identity of `from`'s file when the parent was taken, if it recorded one.
+        identity: Option<String>,
     },
 }
 
@@ -367,6 +397,12 @@ impl MysqlSource {
             mode: Mode::Incremental {
                 from: BinlogPos::parse(from)?,
                 parent: parent.backup_id.to_string(),
+                identity: parent
+                    .source
+                    .stats
+                    .get("binlog_end_identity")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned),
             },
             point_in_time: None,
         })
@@ -401,7 +437,7 @@ impl MysqlSource {
             }
         }
         let position = match (binlog, scan.binlog) {
-            (true, Some(pos)) => Some(pos.to_string()),
+            (true, Some(pos)) => Some(pos),
             (true, None) => {
                 return Err(Error::failure(
                     "mariadb-dump --master-data printed no binary log position",
@@ -410,14 +446,18 @@ impl MysqlSource {
             (false, _) => None,
         };
         if let Some(pos) = &position {
-            stats.insert("binlog_end".into(), pos.clone().into());
+            stats.insert("binlog_end".into(), pos.to_string().into());
+            stats.insert(
+                "binlog_end_identity".into(),
+                self.conn.binlog_identity(&pos.file, cancel)?.into(),
+            );
         }
         // Taken once the dump's snapshot was (not before it starts): a restore to an earlier
         // time is refused instead of given rows committed after that time.
         self.point_in_time = Some(PointInTime {
             timestamp: Some(scan.snapshot_by.unwrap_or_else(Utc::now)),
             lsn: None,
-            binlog: position,
+            binlog: position.map(|p| p.to_string()),
         });
         Ok(stats)
     }
@@ -426,6 +466,7 @@ impl MysqlSource {
         &mut self,
         from: BinlogPos,
         parent: &str,
+        parent_identity: Option<&str>,
         out: &mut dyn Write,
         cancel: &Cancel,
     ) -> Result<Stats> {
@@ -500,6 +541,18 @@ impl MysqlSource {
             ))
             .hint("take a full backup; keep binary logs (binlog_expire_logs_seconds) longer than the incremental interval")
         })?;
+        if let Some(expected) = parent_identity {
+            let found = self.conn.binlog_identity(&from.file, cancel)?;
+            if found != expected {
+                return Err(Error::failure(format!(
+                    "binary log {} on {} is not the one backup {parent} ends in (created {found}, \
+                     not {expected}): the binary logs were reset (RESET MASTER) or the server \
+                     was replaced; the chain is broken",
+                    from.file, self.conn
+                ))
+                .hint("take a full backup"));
+            }
+        }
         let last = index(&end.file).ok_or_else(|| {
             Error::failure(format!(
                 "binary log {} is not listed by SHOW BINARY LOGS",
@@ -554,6 +607,10 @@ impl MysqlSource {
         }
         stats.insert("binlog_start".into(), from.to_string().into());
         stats.insert("binlog_end".into(), end.to_string().into());
+        stats.insert(
+            "binlog_end_identity".into(),
+            self.conn.binlog_identity(&end.file, cancel)?.into(),
+        );
         stats.insert("binlog_files".into(), serde_json::to_value(files)?);
         self.point_in_time = Some(PointInTime {
             timestamp: Some(now.with_timezone(&Utc)),
@@ -585,9 +642,13 @@ impl Source for MysqlSource {
     ) -> Result<Stats> {
         match &self.mode {
             Mode::Full => self.full_dump(out, cancel),
-            Mode::Incremental { from, parent } => {
-                let (from, parent) = (from.clone(), parent.clone());
-                self.binlogs(from, &parent, out, cancel)
+            Mode::Incremental {
+                from,
+                parent,
+                identity,
+            } => {
+                let (from, parent, identity) = (from.clone(), parent.clone(), identity.clone());
+                self.binlogs(from, &parent, identity.as_deref(), out, cancel)
             }
         }
     }
@@ -994,6 +1055,18 @@ mod tests {
         assert!(!e.message().contains("hunter2"));
         assert!(Conn::parse_url("mysql://app@db/").is_err());
         assert!(Conn::parse_url("postgres://app@db/shop").is_err());
+    }
+
+    #[test]
+    fn a_binlog_is_identified_by_its_first_event() {
+        let text = "DELIMITER /*!*/;\n# at 4\n#261201  3:07:36 server id 1  end_log_pos 256 CRC32 \
+                    0x6668156c \tStart: binlog v 4, server v 10.11.19-MariaDB-log created 261201  \
+                    3:07:36\nROLLBACK/*!*/;\n";
+        assert_eq!(
+            parse_binlog_identity(text).as_deref(),
+            Some("261201 3:07:36 server id 1")
+        );
+        assert_eq!(parse_binlog_identity("# End of log file\n"), None);
     }
 
     #[test]
