@@ -903,6 +903,10 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     let (run, url) = c.restore("latest", &[]);
     run.ok();
     assert_eq!(ids(&url), "300 rows, 1..300");
+    // Recovery looked its WAL up in the index the restore wrote.
+    let restore_command = psql(&url, "SHOW restore_command");
+    assert!(restore_command.contains("--index"), "{restore_command}");
+    assert!(c.sb.path().join("latest/drctl-wal-index.json").is_file());
     // The restored server does not archive into the source's policy.
     assert_eq!(psql(&url, "SHOW archive_mode"), "off");
 
@@ -1083,7 +1087,8 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
         .json()
         .len();
 
-    let mut bytes = std::fs::read(&copy).unwrap();
+    let original = std::fs::read(&copy).unwrap();
+    let mut bytes = original.clone();
     bytes[100] ^= 0xff;
     std::fs::write(&copy, &bytes).unwrap();
     let run = c
@@ -1123,6 +1128,31 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
     };
     let run = fetch(&["--region", "nowhere"]);
     assert!(run.stderr.contains("no region"), "{}", run.stderr);
+    let index = dir.join("index.json");
+    let run = fetch(&["--index", index.to_str().unwrap()]);
+    assert!(run.stderr.contains("read WAL index"), "{}", run.stderr);
+    // An index that does not list the file, or names a backup that is gone: the registry
+    // is asked.
+    for listed in [
+        "{}",
+        "{\"000000010000000000000001\": \"20200101T000000Z-00000000\"}",
+    ] {
+        std::fs::write(&index, format!("{{\"files\": {listed}}}")).unwrap();
+        let out = dir.join("via-index");
+        c.drctl(&[
+            "wal",
+            "fetch",
+            "--policy",
+            "pgphys",
+            "--index",
+            index.to_str().unwrap(),
+            &name,
+            out.to_str().unwrap(),
+        ])
+        .ok();
+        assert!(std::fs::read(&out).unwrap() == original, "{listed}");
+        std::fs::remove_file(&out).unwrap();
+    }
     let object = c.sb.backup_dir("pgphys", id).join("data.wal.zst.age");
     let mut stored = std::fs::read(&object).unwrap();
     let near_end = stored.len() - 100;

@@ -11,7 +11,7 @@ use crate::format::{BackupId, Name};
 use crate::pipeline::HashReader;
 use crate::registry::lease::LeaseGuard;
 use crate::repo::Repo;
-use crate::restore::postgres::{fetch_wal, WalArchive};
+use crate::restore::postgres::{fetch_wal, WalArchive, WalIndex};
 use crate::source::postgres::WalSource;
 use crate::{Error, Result};
 
@@ -62,6 +62,10 @@ pub struct FetchArgs {
     /// `drctl restore --region` does; `drctl restore` passes its own.
     #[arg(long)]
     pub region: Option<String>,
+    /// Look WAL files up in this index first (`drctl restore` writes one into the restored
+    /// data directory and passes it), then in the registry.
+    #[arg(long, value_name = "FILE")]
+    pub index: Option<PathBuf>,
     /// The WAL file name (PostgreSQL's %f).
     pub name: String,
     /// Where to write it (PostgreSQL's %p).
@@ -177,8 +181,16 @@ async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
         let repo = ctx.repo_in(args.region.as_deref()).await?;
         let policy = Name::parse(&args.policy)?;
         let identities = ctx.identities(&repo.settings)?;
-        let archive = WalArchive::load(&repo, &policy).await?;
-        fetch_wal(&repo, &archive, &args.name, &args.path, identities).await
+        let index = match &args.index {
+            Some(path) => WalIndex::read(path)?,
+            None => WalIndex::default(),
+        };
+        match index.record(&repo, &policy, &args.name).await? {
+            Some(record) => fetch_wal(&repo, &record, &args.path, identities)
+                .await
+                .map(|()| true),
+            None => Ok(false),
+        }
     }
     .await;
     match fetched {

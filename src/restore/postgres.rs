@@ -540,6 +540,17 @@ impl WalArchive {
         self.bases.first().map(|r| &r.backup_id)
     }
 
+    /// Every archived file's name and backup, for `wal fetch --index`.
+    pub fn index(&self) -> WalIndex {
+        WalIndex {
+            files: self
+                .files
+                .iter()
+                .map(|(name, r)| (name.clone(), r.backup_id.clone()))
+                .collect(),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&BackupRecord> {
         self.files.get(name)
     }
@@ -743,18 +754,54 @@ fn leg_of(legs: &[Leg], segno: u64) -> Leg {
         .unwrap_or(legs[0])
 }
 
-/// Writes the archived WAL file `name` to `dest` (atomically: a temporary file, then rename);
-/// false, with nothing written, if it is not archived.
+/// The backup of every WAL file archived when a physical restore was planned, written
+/// into the restored data directory for its restore_command: a `wal fetch` looks the file
+/// up there and reads one registry record, instead of the policy's whole WAL history for
+/// every file recovery asks for. Files archived since are looked up in the registry.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct WalIndex {
+    files: BTreeMap<String, BackupId>,
+}
+
+impl WalIndex {
+    /// The file name in a restored data directory.
+    pub const FILE: &'static str = "drctl-wal-index.json";
+
+    pub fn read(path: &Path) -> Result<WalIndex> {
+        let text = std::fs::read(path)
+            .map_err(|e| Error::io(format!("read WAL index {}", path.display()), e))?;
+        serde_json::from_slice(&text).map_err(|e| {
+            Error::invalid(format!("WAL index {} is not readable: {e}", path.display()))
+        })
+    }
+
+    /// The completed record of WAL file `name`: from the index when it lists the file,
+    /// else from the policy's WAL history.
+    pub async fn record(
+        &self,
+        repo: &Repo,
+        policy: &Name,
+        name: &str,
+    ) -> Result<Option<BackupRecord>> {
+        if let Some(id) = self.files.get(name) {
+            if let Some(r) = repo.registry.get(id).await? {
+                if r.status == Status::Completed {
+                    return Ok(Some(r));
+                }
+            }
+        }
+        Ok(WalArchive::load(repo, policy).await?.get(name).cloned())
+    }
+}
+
+/// Writes the WAL file that `record` archived to `dest` (atomically: a temporary file, then
+/// rename).
 pub async fn fetch_wal(
     repo: &Repo,
-    archive: &WalArchive,
-    name: &str,
+    record: &BackupRecord,
     dest: &Path,
     identities: Arc<Identities>,
-) -> Result<bool> {
-    let Some(record) = archive.get(name) else {
-        return Ok(false);
-    };
+) -> Result<()> {
     let tmp = dest.with_extension("drctl-tmp");
     let tmp2 = tmp.clone();
     // The file is renamed into place only once the whole object has checked out (sizes and
@@ -774,7 +821,7 @@ pub async fn fetch_wal(
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written.map(|()| true)
+    written
 }
 
 // ---------------------------------------------------------------------------------------
@@ -798,6 +845,8 @@ pub struct PhysicalPlan {
     pub port: u16,
     #[serde(skip)]
     record: BackupRecord,
+    #[serde(skip)]
+    index: WalIndex,
 }
 
 fn wal_range(record: &BackupRecord) -> Result<WalRange> {
@@ -881,6 +930,7 @@ pub async fn plan_physical(
         data_dir: data_dir.to_path_buf(),
         port,
         record,
+        index: archive.index(),
     })
 }
 
@@ -977,8 +1027,11 @@ pub async fn restore_physical(
         Some(r) => format!(" --region {}", sh_quote(r)),
         None => String::new(),
     };
+    let index = dir.join(WalIndex::FILE);
+    write(&index, &serde_json::to_string(&plan.index)?)?;
     let restore_command = format!(
-        "{drctl}{identity} wal fetch{region} --policy {} %f %p",
+        "{drctl}{identity} wal fetch{region} --index {} --policy {} %f %p",
+        absolute(&index)?,
         plan.record.policy
     );
     // Archiving into the policy pushes the new timeline's history file when recovery
