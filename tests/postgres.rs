@@ -95,7 +95,7 @@ impl Drop for Db {
         let _ = Command::new("psql")
             .args(["-X", "-q", "-d", &format!("{SERVER}/postgres"), "-c"])
             .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
                 self.name
             ))
             .output();
@@ -190,6 +190,50 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
             "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_owner'"
         ),
         "1"
+    );
+}
+
+#[test]
+fn timeouts_set_on_the_database_do_not_end_a_backup_and_a_failed_restore_drops_what_it_created() {
+    let source = Db::new("drctl_timeouts");
+    fill(&source.url());
+    let want = content(&source.url());
+    // Sessions of this database time out at once: counting rows, and holding the snapshot
+    // pg_dump imports, must not.
+    for setting in ["statement_timeout", "idle_in_transaction_session_timeout"] {
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!("ALTER DATABASE {} SET {setting} = '1ms'", source.name),
+        );
+    }
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+
+    // A database name as libpq reads it from the URL: `+` is a plus sign.
+    let target = Db::later("drctl_plus+name");
+    restore_to(&sb, &id, &target.url()).ok();
+    assert_eq!(content(&target.url()), want);
+
+    // A backup damaged near its end fails the restore after the rows went in: the database
+    // the restore created is dropped, and the error says so.
+    let object = sb.backup_dir("pg", &id).join("data.pgdump.zst.age");
+    let mut stored = std::fs::read(&object).unwrap();
+    let near_end = stored.len() - 40;
+    stored[near_end] ^= 1;
+    std::fs::write(&object, &stored).unwrap();
+    let doomed = Db::later("drctl_doomed");
+    let run = restore_to(&sb, &id, &doomed.url()).code(4);
+    assert!(run.stdout.contains("has been dropped"), "{}", run.stdout);
+    assert_eq!(
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+                doomed.name
+            )
+        ),
+        "0"
     );
 }
 
@@ -485,6 +529,10 @@ fn postgres_policies_are_validated_with_file_and_field() {
         "name: leaky\nsource:\n  kind: postgres\n  mode: logical\n  url: postgres://app:hunter2@db:5432/app\n",
     );
     sb.policy(
+        "leaky2",
+        "name: leaky2\nsource:\n  kind: postgres\n  mode: logical\n  url: postgres://app@db:5432/app?sslmode=require&password=hunter2\n",
+    );
+    sb.policy(
         "both",
         "name: both\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://app@db:5432/app\n  \
          password-file: pw\n  password-env: PGPASS\n",
@@ -501,6 +549,10 @@ fn postgres_policies_are_validated_with_file_and_field() {
     let out = run.stderr;
     assert!(
         out.contains("leaky.yaml: source.url: the URL contains a password"),
+        "{out}"
+    );
+    assert!(
+        out.contains("leaky2.yaml: source.url: the URL contains a password"),
         "{out}"
     );
     assert!(!out.contains("hunter2"), "the password leaked: {out}");

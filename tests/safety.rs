@@ -447,13 +447,18 @@ fn database_restore_options_are_checked_before_anything_is_read() {
         args.extend_from_slice(extra);
         sb.run(&args).code(2)
     };
-    let run = restore(&["--to-database", "postgres://app:hunter2@127.0.0.1/app"]);
-    assert!(
-        run.stderr.contains("must not carry a password"),
-        "{}",
-        run.stderr
-    );
-    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    for url in [
+        "postgres://app:hunter2@127.0.0.1/app",
+        "postgres://app@127.0.0.1/app?password=hunter2",
+    ] {
+        let run = restore(&["--to-database", url]);
+        assert!(
+            run.stderr.contains("must not carry a password"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    }
     let run = restore(&["--target", "t", "--until", "yesterday"]);
     assert!(
         run.stderr.contains("not an RFC 3339 time"),

@@ -236,7 +236,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
 fn database_url(s: &str) -> Result<String> {
     let url = url::Url::parse(s)
         .map_err(|e| Error::invalid(format!("--to-database {s:?} is not a URL: {e}")))?;
-    if url.password().is_some() {
+    if crate::source::carries_password(&url) {
         return Err(Error::invalid(
             "--to-database must not carry a password (command lines are visible to other users)",
         )

@@ -504,7 +504,7 @@ fn check_postgres_url(p: &mut Problems, mode: PostgresMode, url: &str) {
                     format!("scheme {:?} is not postgres; {what}", u.scheme()),
                 );
             }
-            if u.password().is_some() {
+            if crate::source::carries_password(&u) {
                 // Never echo the URL: it holds the password.
                 p.add(
                     "source.url",

@@ -29,7 +29,7 @@ use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
 use crate::source::postgres::{
     count_rows, format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, tables,
-    Conn, Session, TimelineSwitch, WalRange,
+    Conn, Session, TimelineSwitch, WalRange, NO_TIMEOUTS,
 };
 use crate::{Error, Result};
 
@@ -118,8 +118,40 @@ fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
         return Ok(());
     }
     let mut admin = target.with_database("postgres")?.session()?;
-    admin.query(&format!("CREATE DATABASE {}", sql_ident(&state.database)))?;
+    // From template0, as pg_restore --create does: objects added to template1 would
+    // collide with the dump's.
+    admin.query(&format!(
+        "CREATE DATABASE {} TEMPLATE template0",
+        sql_ident(&state.database)
+    ))?;
     admin.close()
+}
+
+/// After a failed logical restore: drops the database if the restore created it, and says
+/// what became of the target either way.
+fn abandon(target: &Conn, state: &DatabaseTarget, e: Error) -> Error {
+    let db = &state.database;
+    let note = if state.exists {
+        format!("database {db} may hold part of the backup now; restore again with --overwrite")
+    } else {
+        let dropped = target.with_database("postgres").and_then(|admin| {
+            let mut admin = admin.session()?;
+            admin.query(&format!("DROP DATABASE IF EXISTS {}", sql_ident(db)))?;
+            admin.close()
+        });
+        match dropped {
+            Ok(()) => format!("database {db}, which this restore created, has been dropped"),
+            Err(drop) => format!(
+                "database {db}, which this restore created, holds part of the backup and could \
+                 not be dropped ({drop}); drop it before restoring again"
+            ),
+        }
+    };
+    let hint = match e.guidance() {
+        Some(h) => format!("{h}; {note}"),
+        None => note,
+    };
+    e.hint(hint)
 }
 
 /// What the decoding side of a logical restore did with the dump.
@@ -162,18 +194,31 @@ async fn restore_logical(
         record.backup_id,
         std::process::id()
     )));
-    // A missing database is created while the dump's first bytes arrive.
+    // A missing database is created while the dump's first bytes arrive. Whatever happens
+    // to the dump, the creation has ended before the restore does, so that a failed restore
+    // can drop what it created.
     let create = {
         let (target, state) = (target.clone(), state.clone());
-        std::thread::spawn(move || create_database(&target, &state))
+        Arc::new(std::sync::Mutex::new(Some(std::thread::spawn(move || {
+            create_database(&target, &state)
+        }))))
+    };
+    let created = {
+        let create = create.clone();
+        move || match create.lock().expect("creation lock").take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked"))),
+            None => Ok(()),
+        }
     };
     let (path, conn, cancel_thread) = (file.0.clone(), target.clone(), cancel.clone());
     let overwrite = state.relations > 0;
+    let sink_created = created.clone();
     let decoded = decode(repo, record.manifest()?, identities, move |reader| {
-        let mut archive = pgdump::open(reader)?;
-        create
-            .join()
-            .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked")))?;
+        let opened = pgdump::open(reader);
+        sink_created()?;
+        let mut archive = opened?;
         let out = create_private(&path)?;
         // Before anything is written, the connections that load the data: if they cannot
         // be made, pg_restore's own may still be.
@@ -214,6 +259,8 @@ async fn restore_logical(
         Ok(Loaded::Streamed { entries, rows })
     })
     .await;
+    let creation = created();
+    let decoded = decoded.and_then(|d| creation.map(|()| d));
     let (loaded, plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
     let conn = target.clone();
@@ -316,10 +363,7 @@ fn streamable(
     // As pg_restore sets up its sessions; the timeouts the server may lack are set only
     // where it has them.
     let mut setup: Vec<String> = [
-        "SET statement_timeout = 0",
-        "SET lock_timeout = 0",
-        "SET idle_in_transaction_session_timeout = 0",
-        "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN ('idle_session_timeout', 'transaction_timeout')",
+        NO_TIMEOUTS,
         "SET xmloption = content",
         "SET row_security = off",
     ]
@@ -367,14 +411,18 @@ fn copied_rows(
             *counts.entry(name).or_insert(0) += n;
         }
     }
-    // A table with inheritance children counts their rows too, as at backup time; its own
-    // COPY stored only its own.
-    let parents = session.query(
-        "SELECT DISTINCT format('%I.%I', n.nspname, c.relname) FROM pg_inherits i \
-         JOIN pg_class c ON c.oid = i.inhparent JOIN pg_namespace n ON n.oid = c.relnamespace",
+    // Counted instead: a table with inheritance children, which counts their rows too, as
+    // at backup time (its own COPY stored only its own); and an extension's configuration
+    // table, which CREATE EXTENSION filled before its COPY added the rest (PostGIS's
+    // spatial_ref_sys).
+    let recount = session.query(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.oid IN (SELECT inhparent FROM pg_inherits) \
+         OR c.oid IN (SELECT unnest(extconfig) FROM pg_extension)",
     )?;
     for table in tables(&mut session)? {
-        if parents.contains(&table) || !counts.contains_key(&table) {
+        if recount.contains(&table) || !counts.contains_key(&table) {
             let n = count_rows(&mut session, &table)?;
             counts.insert(table, n);
         }
@@ -1376,7 +1424,18 @@ pub async fn execute(
             conn,
             record,
         } => {
-            let report = restore_logical(repo, record, conn, database, identities, cancel).await?;
+            let restored = restore_logical(repo, record, conn, database, identities, cancel).await;
+            let report = match restored {
+                Ok(report) => report,
+                Err(e) => {
+                    let (conn, database) = (conn.clone(), database.clone());
+                    return Err(
+                        tokio::task::spawn_blocking(move || abandon(&conn, &database, e))
+                            .await
+                            .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?,
+                    );
+                }
+            };
             let rows = compare_rows(
                 &record.backup_id,
                 &record.manifest()?.source.stats,

@@ -116,6 +116,16 @@ pub fn open_incremental(policy: &Policy, parent: Option<&Manifest>) -> Result<Bo
     }
 }
 
+/// Whether a database URL carries a password: after the user name, or as a `password` (or
+/// `sslpassword`) parameter, which libpq reads too. Such a URL would put the password on
+/// command lines, in logs and in manifests.
+pub fn carries_password(url: &url::Url) -> bool {
+    url.password().is_some()
+        || url
+            .query_pairs()
+            .any(|(k, _)| k == "password" || k == "sslpassword")
+}
+
 /// The password of a database source: the first line of `password_file`, or the value of the
 /// variable `password_env`; `None` when neither is given (the client tools then read their own
 /// environment and option files).

@@ -63,18 +63,18 @@ impl Conn {
                 u.scheme()
             )));
         }
-        if u.password().is_some() {
+        if crate::source::carries_password(&u) {
             // Never echo the URL: it holds the password.
             return Err(Error::invalid(
                 "the URL contains a password; move it to password-file or password-env \
                  (or MYSQL_PWD for --to-database)",
             ));
         }
+        // %XX escapes only, as in any URL path (a `+` is a plus sign).
         let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
         };
         let database = decode(u.path().trim_start_matches('/'));
         if database.is_empty() || database.contains(['/', '`', '\0']) {

@@ -44,7 +44,10 @@ impl Conn {
     pub fn with_database(&self, database: &str) -> Result<Conn> {
         let mut u = url::Url::parse(&self.url)
             .map_err(|e| Error::invalid(format!("invalid PostgreSQL URL: {e}")))?;
-        u.set_path(&format!("/{}", urlencode(database)));
+        u.set_path(&format!(
+            "/{}",
+            percent_encoding::utf8_percent_encode(database, percent_encoding::NON_ALPHANUMERIC)
+        ));
         Ok(Conn {
             url: u.to_string(),
             password: self.password.clone(),
@@ -55,11 +58,11 @@ impl Conn {
     pub fn database(&self) -> Option<String> {
         let u = url::Url::parse(&self.url).ok()?;
         let db = u.path().trim_start_matches('/');
+        // As libpq reads it: %XX escapes only (a `+` is a plus sign).
         (!db.is_empty()).then(|| {
-            url::form_urlencoded::parse(format!("d={db}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
+            percent_encoding::percent_decode_str(db)
+                .decode_utf8_lossy()
+                .into_owned()
         })
     }
 
@@ -112,13 +115,29 @@ impl Conn {
             "-d",
             &self.url,
         ]);
-        Session::start(cmd, |mark| format!("\\echo {mark}"))
+        // A role's or database's timeouts must not end a long count or the snapshot a dump
+        // holds open, as pg_dump and pg_restore clear them for their own sessions: from the
+        // connection's start (options the client sends override both) for those every
+        // server has, then the newer ones.
+        let options = std::env::var("PGOPTIONS").unwrap_or_default();
+        cmd.env(
+            "PGOPTIONS",
+            format!(
+                "{options} -c statement_timeout=0 -c lock_timeout=0 \
+                 -c idle_in_transaction_session_timeout=0"
+            ),
+        );
+        let mut session = Session::start(cmd, |mark| format!("\\echo {mark}"))?;
+        session.query(NO_TIMEOUTS)?;
+        Ok(session)
     }
 }
 
-fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
+/// Clears the session's statement, lock, idle and transaction timeouts (those the server
+/// has).
+pub const NO_TIMEOUTS: &str = "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN \
+     ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', \
+     'idle_session_timeout', 'transaction_timeout')";
 
 /// The ordinary tables of the session's database (no system schemas), quoted, largest first.
 pub fn tables(session: &mut Session) -> Result<Vec<String>> {
@@ -132,9 +151,19 @@ pub fn tables(session: &mut Session) -> Result<Vec<String>> {
 
 /// Exact row counts of every ordinary table, in the session's current snapshot.
 pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
+    // A standby cannot read unlogged tables, and pg_dump dumps none of their rows there.
+    let unread = session.query(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
+    )?;
     let mut counts = BTreeMap::new();
     for table in tables(session)? {
-        let n = count_rows(session, &table)?;
+        let n = if unread.contains(&table) {
+            0
+        } else {
+            count_rows(session, &table)?
+        };
         counts.insert(table, n);
     }
     Ok(counts)
