@@ -1,7 +1,8 @@
 //! Cancellation shared between the async runtime and the blocking pipeline threads.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A flag set once when the run must stop (SIGINT/SIGTERM or a failed sibling stage).
 /// Blocking loops check it between chunks; async code can wait for it.
@@ -39,5 +40,44 @@ impl Cancel {
             }
             notified.await;
         }
+    }
+}
+
+/// Files that hold plain backup data only while a run lasts. Each is removed when the run is
+/// done with it, and by [`remove_temporary_files`] when a second interrupt ends the process at
+/// once, without running destructors.
+static TEMPORARY: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A file removed when dropped, or when the process is interrupted twice.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    pub fn new(path: PathBuf) -> TempFile {
+        TEMPORARY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.clone());
+        TempFile(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        TEMPORARY
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.0);
+    }
+}
+
+/// Removes every [`TempFile`] still present; for the exit on a second interrupt.
+pub fn remove_temporary_files() {
+    for path in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -41,6 +41,7 @@ fn main() {
                 }
                 if c.is_cancelled() {
                     eprintln!("drctl: interrupted again, exiting now");
+                    drctl::cancel::remove_temporary_files();
                     std::process::exit(130);
                 }
                 eprintln!("drctl: stopping (interrupt again to exit at once)");

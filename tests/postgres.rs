@@ -410,6 +410,96 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
 }
 
+/// An interrupted restore stops pg_restore and removes the decoded dump it wrote to TMPDIR,
+/// also when a second interrupt ends drctl at once.
+#[test]
+fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
+    let source = Db::new("drctl_interrupt");
+    psql(
+        &source.url(),
+        "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 1500000) g;\
+         CREATE INDEX big_h ON big (h)",
+    );
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    sb.backup("pg");
+    let tmp = sb.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let dumps = || {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".pgdump")
+            })
+            .count()
+    };
+    let restoring = || {
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+                 AND application_name = 'drctl pg_restore'",
+                source.name
+            ),
+        ) != "0"
+    };
+    for interrupts in [1, 2] {
+        // Over the existing tables, the dump goes through a file for pg_restore.
+        let mut child = sb
+            .cmd(&[
+                "restore",
+                "--policy",
+                "pg",
+                "--backup",
+                "latest",
+                "--to-database",
+                &source.url(),
+                "--overwrite",
+            ])
+            .env("TMPDIR", &tmp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !(dumps() == 1 && restoring()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pg_restore did not start"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the restore ended early"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for _ in 0..interrupts {
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(dumps(), 0, "the decoded dump is left in TMPDIR");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while restoring() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pg_restore still runs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn logical_restore_stops_at_the_first_error() {
     let source = Db::new("drctl_src");

@@ -19,14 +19,14 @@ use serde::Serialize;
 use super::extract::{self, ExtractOptions};
 use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, ServerOptions, Target};
 use super::{pgcopy, pgdump};
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, TempFile};
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
 use crate::pipeline::Digest;
 use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
-use crate::source::command::{check_status, collect_stderr, spawn};
+use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
 use crate::source::postgres::{
     count_rows, format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, tables,
     Conn, Session, TimelineSwitch, WalRange, NO_TIMEOUTS,
@@ -189,7 +189,7 @@ async fn restore_logical(
     cancel: &Cancel,
 ) -> Result<LogicalReport> {
     let started = std::time::Instant::now();
-    let file = TempFile(std::env::temp_dir().join(format!(
+    let file = TempFile::new(std::env::temp_dir().join(format!(
         "drctl-restore-{}-{}.pgdump",
         record.backup_id,
         std::process::id()
@@ -212,7 +212,7 @@ async fn restore_logical(
             None => Ok(()),
         }
     };
-    let (path, conn, cancel_thread) = (file.0.clone(), target.clone(), cancel.clone());
+    let (path, conn, cancel_thread) = (file.path().to_path_buf(), target.clone(), cancel.clone());
     let overwrite = state.relations > 0;
     let sink_created = created.clone();
     let decoded = decode(repo, record.manifest()?, identities, move |reader| {
@@ -249,7 +249,7 @@ async fn restore_logical(
             .filter(|e| e.section == pgdump::Section::PreData && !e.is_grant())
             .map(|e| e.dump_id)
             .collect();
-        pg_restore_list(&conn, &[], &path, &schema)?;
+        pg_restore_list(&conn, &[], &path, &schema, &cancel_thread)?;
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "schema restored");
         let rows = loader.load(&mut archive, &cancel_thread)?;
         tracing::info!(
@@ -263,7 +263,7 @@ async fn restore_logical(
     let decoded = decoded.and_then(|d| creation.map(|()| d));
     let (loaded, plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
-    let conn = target.clone();
+    let (conn, cancel) = (target.clone(), cancel.clone());
     let streamed = matches!(loaded, Loaded::Streamed { .. });
     let tables = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, u64>> {
         let jobs = jobs().to_string();
@@ -278,7 +278,7 @@ async fn restore_logical(
                     })
                     .map(|e| e.dump_id)
                     .collect();
-                pg_restore_list(&conn, &["-j", &jobs], &file.0, &rest)?;
+                pg_restore_list(&conn, &["-j", &jobs], file.path(), &rest, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "indexes and constraints restored"
@@ -295,7 +295,7 @@ async fn restore_logical(
                 if overwrite {
                     args.extend(["--clean", "--if-exists"]);
                 }
-                pg_restore(&conn, &args, &file.0)?;
+                pg_restore(&conn, &args, file.path(), &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "pg_restore finished"
@@ -432,19 +432,25 @@ fn copied_rows(
 }
 
 /// Runs `pg_restore` on the entries `ids` of `file` only (`-L`, a private temporary list).
-fn pg_restore_list(conn: &Conn, args: &[&str], file: &Path, ids: &[i64]) -> Result<()> {
-    let list = TempFile(file.with_extension("list"));
+fn pg_restore_list(
+    conn: &Conn,
+    args: &[&str],
+    file: &Path,
+    ids: &[i64],
+    cancel: &Cancel,
+) -> Result<()> {
+    let list = TempFile::new(file.with_extension("list"));
     let text: String = ids.iter().map(|id| format!("{id};\n")).collect();
-    let mut out = create_private(&list.0)?;
+    let mut out = create_private(list.path())?;
     std::io::Write::write_all(&mut out, text.as_bytes())
-        .map_err(|e| Error::io(format!("write {}", list.0.display()), e))?;
-    let list_path = list.0.to_string_lossy().into_owned();
+        .map_err(|e| Error::io(format!("write {}", list.path().display()), e))?;
+    let list_path = list.path().to_string_lossy().into_owned();
     let args: Vec<&str> = args.iter().copied().chain(["-L", &list_path]).collect();
-    pg_restore(conn, &args, file)
+    pg_restore(conn, &args, file, cancel)
 }
 
 /// Runs `pg_restore` on `file` into the target, stopping at the first error.
-fn pg_restore(target: &Conn, args: &[&str], file: &Path) -> Result<()> {
+fn pg_restore(target: &Conn, args: &[&str], file: &Path, cancel: &Cancel) -> Result<()> {
     let mut cmd = target.command("pg_restore");
     cmd.arg("--exit-on-error")
         .args(args)
@@ -452,24 +458,13 @@ fn pg_restore(target: &Conn, args: &[&str], file: &Path) -> Result<()> {
         .arg(file);
     let mut child = spawn(&mut cmd, Stdio::null(), Stdio::null())?;
     let stderr = collect_stderr(&mut child);
-    let status = child
-        .wait()
-        .map_err(|e| Error::io("wait for `pg_restore`", e))?;
+    let status = wait_cancellable(&mut child, "pg_restore", cancel)?;
     check_status("pg_restore", status, &stderr.join().unwrap_or_default())
 }
 
 /// Parallel jobs for pg_restore and the row counts: one per core.
 fn jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// A file removed when dropped.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Creates a new file only the current user can read.

@@ -128,6 +128,33 @@ pub fn spawn(cmd: &mut Command, stdin: Stdio, stdout: Stdio) -> Result<Child> {
         })
 }
 
+/// Waits for `child`; if the run is cancelled meanwhile, asks it to stop (SIGTERM, on which
+/// the PostgreSQL and MariaDB tools cancel their queries), then kills it after 10 s.
+pub fn wait_cancellable(child: &mut Child, program: &str, cancel: &Cancel) -> Result<ExitStatus> {
+    let what = |e| Error::io(format!("wait for `{program}`"), e);
+    loop {
+        if let Some(status) = child.try_wait().map_err(what)? {
+            return Ok(status);
+        }
+        if cancel.is_cancelled() {
+            // SAFETY: kill has no memory preconditions; the child has not been reaped, so
+            // its PID is still its own.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while child.try_wait().map_err(what)?.is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    child.wait().map_err(what)?;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            return Err(Error::cancelled());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Reads a child's piped stderr on a thread, keeping its tail.
 pub fn collect_stderr(child: &mut Child) -> JoinHandle<String> {
     let mut stderr = child.stderr.take().expect("stderr is piped");

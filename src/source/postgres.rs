@@ -252,6 +252,7 @@ impl PostgresSource {
         });
         // Count rows in the exported snapshot while pg_dump streams it; the transaction
         // stays open until the dump is done so pg_dump can import the snapshot.
+        let pid = session.value("SELECT pg_backend_pid()")?;
         let counter = std::thread::spawn(move || {
             let counts = row_counts(&mut session);
             (session, counts)
@@ -259,6 +260,13 @@ impl PostgresSource {
         let mut cmd = self.conn.command("pg_dump");
         cmd.args(["-Fc", "-Z0", "--snapshot", &snapshot, "-d", &self.conn.url]);
         let streamed = stream_stdout(cmd, out, cancel);
+        if streamed.is_err() {
+            // The backup has failed: stop counting rather than scan the rest of the tables.
+            if let Ok(mut s) = self.conn.session() {
+                let _ = s.query(&format!("SELECT pg_cancel_backend({pid})"));
+                let _ = s.close();
+            }
+        }
         let (mut session, counts) = counter
             .join()
             .map_err(|_| Error::failure("row count thread failed"))?;
