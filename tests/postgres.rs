@@ -194,9 +194,15 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
 }
 
 #[test]
-fn timeouts_set_on_the_database_do_not_end_a_backup_and_a_failed_restore_drops_what_it_created() {
+fn database_timeouts_and_a_line_break_in_a_table_name_back_up_and_a_failed_restore_drops_what_it_created(
+) {
     let source = Db::new("drctl_timeouts");
     fill(&source.url());
+    // psql prints such a name on two lines.
+    psql(
+        &source.url(),
+        "CREATE TABLE \"line\nbreak\" (x int); INSERT INTO \"line\nbreak\" VALUES (1), (2), (3)",
+    );
     let want = content(&source.url());
     // Sessions of this database time out at once: counting rows, and holding the snapshot
     // pg_dump imports, must not.
@@ -212,8 +218,14 @@ fn timeouts_set_on_the_database_do_not_end_a_backup_and_a_failed_restore_drops_w
 
     // A database name as libpq reads it from the URL: `+` is a plus sign.
     let target = Db::later("drctl_plus+name");
-    restore_to(&sb, &id, &target.url()).ok();
+    let run = restore_to(&sb, &id, &target.url()).ok();
     assert_eq!(content(&target.url()), want);
+    assert_eq!(
+        run.json()[0]["postgres"]["tables"]["public.\"line\nbreak\""],
+        3,
+        "{}",
+        run.stdout
+    );
 
     // A backup damaged near its end fails the restore after the rows went in: the database
     // the restore created is dropped, and the error says so.

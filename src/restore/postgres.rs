@@ -28,8 +28,9 @@ use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
 use crate::source::postgres::{
-    count_rows, format_lsn, parse_lsn, parse_segment, row_counts_parallel, segment_name, tables,
-    Conn, Session, TimelineSwitch, WalRange, NO_TIMEOUTS,
+    count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names,
+    row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
+    NO_TIMEOUTS,
 };
 use crate::{Error, Result};
 
@@ -400,10 +401,14 @@ fn copied_rows(
                 )
             })
             .collect();
-        let names = session.query(&format!(
-            "SELECT format('%I.%I', n, t) FROM (VALUES {}) v(n, t)",
-            values.join(", ")
-        ))?;
+        let names = quoted_names(
+            &mut session,
+            &format!(
+                "SELECT {} FROM (VALUES {}) v(n, t)",
+                quoted_name_hex("n", "t"),
+                values.join(", ")
+            ),
+        )?;
         if names.len() != copied.len() {
             return Err(Error::failure("psql: table names do not match the dump's"));
         }
@@ -415,11 +420,14 @@ fn copied_rows(
     // at backup time (its own COPY stored only its own); and an extension's configuration
     // table, which CREATE EXTENSION filled before its COPY added the rest (PostGIS's
     // spatial_ref_sys).
-    let recount = session.query(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.oid IN (SELECT inhparent FROM pg_inherits) \
-         OR c.oid IN (SELECT unnest(extconfig) FROM pg_extension)",
+    let recount = quoted_names(
+        &mut session,
+        &format!(
+            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid IN (SELECT inhparent FROM pg_inherits) \
+             OR c.oid IN (SELECT unnest(extconfig) FROM pg_extension)",
+            quoted_name_hex("n.nspname", "c.relname")
+        ),
     )?;
     for table in tables(&mut session)? {
         if recount.contains(&table) || !counts.contains_key(&table) {

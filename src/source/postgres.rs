@@ -139,23 +139,49 @@ pub const NO_TIMEOUTS: &str = "SELECT set_config(name, '0', false) FROM pg_setti
      ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', \
      'idle_session_timeout', 'transaction_timeout')";
 
+/// SQL for a table's name as the server quotes it (`schema."Table"`), hex-encoded: a name
+/// may hold a line break, which would split psql's one-row-per-line output.
+pub fn quoted_name_hex(schema: &str, table: &str) -> String {
+    format!("encode(convert_to(format('%I.%I', {schema}, {table}), 'UTF8'), 'hex')")
+}
+
+/// Runs `sql`, whose rows are names from [`quoted_name_hex`], and decodes them.
+pub fn quoted_names(session: &mut Session, sql: &str) -> Result<Vec<String>> {
+    session
+        .query(sql)?
+        .into_iter()
+        .map(|h| {
+            hex::decode(&h)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| Error::failure(format!("psql: bad table name {h:?}")))
+        })
+        .collect()
+}
+
 /// The ordinary tables of the session's database (no system schemas), quoted, largest first.
 pub fn tables(session: &mut Session) -> Result<Vec<String>> {
-    session.query(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
-         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages DESC, 1",
+    quoted_names(
+        session,
+        &format!(
+            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
+             AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages DESC, 1",
+            quoted_name_hex("n.nspname", "c.relname")
+        ),
     )
 }
 
 /// Exact row counts of every ordinary table, in the session's current snapshot.
 pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
     // A standby cannot read unlogged tables, and pg_dump dumps none of their rows there.
-    let unread = session.query(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
+    let unread = quoted_names(
+        session,
+        &format!(
+            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
+            quoted_name_hex("n.nspname", "c.relname")
+        ),
     )?;
     let mut counts = BTreeMap::new();
     for table in tables(session)? {
