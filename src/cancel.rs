@@ -43,21 +43,42 @@ impl Cancel {
     }
 }
 
-/// Files that hold plain backup data only while a run lasts. Each is removed when the run is
-/// done with it, and by [`remove_temporary_files`] when a second interrupt ends the process at
+/// Paths that hold plain backup data only while a run lasts, and child processes drctl
+/// waits for. Each path is removed when the run is done with it; [`before_forced_exit`]
+/// removes what is left and stops the children when a second interrupt ends the process at
 /// once, without running destructors.
 static TEMPORARY: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// A file removed when dropped, or when the process is interrupted twice.
-pub struct TempFile(PathBuf);
+fn remove(path: &Path) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
 
-impl TempFile {
-    pub fn new(path: PathBuf) -> TempFile {
+/// A temporary file or directory, removed when dropped or when the process is interrupted
+/// twice.
+pub struct Temporary(PathBuf);
+
+impl Temporary {
+    /// Takes `path` (a file about to be created) into care.
+    pub fn new(path: PathBuf) -> Temporary {
         TEMPORARY
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(path.clone());
-        TempFile(path)
+        Temporary(path)
+    }
+
+    /// A new private directory under TMPDIR.
+    pub fn dir() -> crate::Result<Temporary> {
+        let dir = tempfile::Builder::new()
+            .prefix("drctl-")
+            .tempdir()
+            .map_err(|e| crate::Error::io("create a temporary directory", e))?;
+        Ok(Temporary::new(dir.keep()))
     }
 
     pub fn path(&self) -> &Path {
@@ -65,9 +86,9 @@ impl TempFile {
     }
 }
 
-impl Drop for TempFile {
+impl Drop for Temporary {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        remove(&self.0);
         TEMPORARY
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -75,9 +96,30 @@ impl Drop for TempFile {
     }
 }
 
-/// Removes every [`TempFile`] still present; for the exit on a second interrupt.
-pub fn remove_temporary_files() {
+/// Notes a child process drctl is waiting for, until the returned guard is dropped.
+pub fn track_child(pid: u32) -> impl Drop {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    struct Tracked(u32);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            CHILDREN
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|p| *p != self.0);
+        }
+    }
+    Tracked(pid)
+}
+
+/// For the exit on a second interrupt: asks the children drctl waits for to stop (SIGTERM)
+/// and removes every [`Temporary`] still present.
+pub fn before_forced_exit() {
+    for pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // SAFETY: kill has no memory preconditions; the child is still waited for, so its
+        // PID has not been reused.
+        unsafe { libc::kill(*pid as i32, libc::SIGTERM) };
+    }
     for path in TEMPORARY.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let _ = std::fs::remove_file(path);
+        remove(path);
     }
 }

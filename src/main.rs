@@ -41,7 +41,7 @@ fn main() {
                 }
                 if c.is_cancelled() {
                     eprintln!("drctl: interrupted again, exiting now");
-                    drctl::cancel::remove_temporary_files();
+                    drctl::cancel::before_forced_exit();
                     std::process::exit(130);
                 }
                 eprintln!("drctl: stopping (interrupt again to exit at once)");

@@ -63,7 +63,8 @@ pub struct FetchArgs {
     #[arg(long)]
     pub region: Option<String>,
     /// Look WAL files up in this index first (`drctl restore` writes one into the restored
-    /// data directory and passes it), then in the registry.
+    /// data directory and passes it), then in the registry; an index that cannot be read is
+    /// skipped with a warning.
     #[arg(long, value_name = "FILE")]
     pub index: Option<PathBuf>,
     /// The WAL file name (PostgreSQL's %f).
@@ -181,8 +182,12 @@ async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
         let repo = ctx.repo_in(args.region.as_deref()).await?;
         let policy = Name::parse(&args.policy)?;
         let identities = ctx.identities(&repo.settings)?;
+        // The index only saves registry reads: without it, the registry answers.
         let index = match &args.index {
-            Some(path) => WalIndex::read(path)?,
+            Some(path) => WalIndex::read(path).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "looking WAL files up in the registry instead");
+                WalIndex::default()
+            }),
             None => WalIndex::default(),
         };
         match index.record(&repo, &policy, &args.name).await? {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::{
     compare_rows, copy_cancellable, decode, RecoveryTarget, RestorePlan, RestoreReport, Selector,
 };
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, Temporary};
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, ObjectKey};
@@ -494,8 +494,8 @@ impl Binlogs {
 
     /// Unpacks the incremental's tar of binary logs into a temporary directory; every file of
     /// the range must be there.
-    fn unpack(&self, tar: &mut dyn Read, cancel: &Cancel) -> Result<tempfile::TempDir> {
-        let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+    fn unpack(&self, tar: &mut dyn Read, cancel: &Cancel) -> Result<Temporary> {
+        let dir = Temporary::dir()?;
         let opts = super::ExtractOptions {
             allow_special: false,
         };

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -19,7 +20,7 @@ use serde::Serialize;
 use super::extract::{self, ExtractOptions};
 use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, ServerOptions, Target};
 use super::{pgcopy, pgdump};
-use crate::cancel::{Cancel, TempFile};
+use crate::cancel::{Cancel, Temporary};
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
@@ -113,8 +114,9 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
     })
 }
 
-/// Creates the database a checked target found missing.
-fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
+/// Creates the database a checked target found missing, and notes in `created` that this
+/// run did (a database that appeared meanwhile fails the creation and is not this run's).
+fn create_database(target: &Conn, state: &DatabaseTarget, created: &AtomicBool) -> Result<()> {
     if state.exists {
         return Ok(());
     }
@@ -125,14 +127,18 @@ fn create_database(target: &Conn, state: &DatabaseTarget) -> Result<()> {
         "CREATE DATABASE {} TEMPLATE template0",
         sql_ident(&state.database)
     ))?;
+    created.store(true, Ordering::SeqCst);
     admin.close()
 }
 
-/// After a failed logical restore: drops the database if the restore created it, and says
-/// what became of the target either way.
-fn abandon(target: &Conn, state: &DatabaseTarget, e: Error) -> Error {
+/// After a failed logical restore: drops the database if this restore `created` it, and
+/// says what became of the target either way.
+fn abandon(target: &Conn, state: &DatabaseTarget, created: bool, e: Error) -> Error {
     let db = &state.database;
-    let note = if state.exists {
+    let note = if !state.exists && !created {
+        // Its creation failed: nothing was written.
+        return e;
+    } else if !created {
         format!("database {db} may hold part of the backup now; restore again with --overwrite")
     } else {
         let dropped = target.with_database("postgres").and_then(|admin| {
@@ -187,10 +193,12 @@ async fn restore_logical(
     target: &Conn,
     state: &DatabaseTarget,
     identities: Arc<Identities>,
+    created: &Arc<AtomicBool>,
     cancel: &Cancel,
 ) -> Result<LogicalReport> {
     let started = std::time::Instant::now();
-    let file = TempFile::new(std::env::temp_dir().join(format!(
+    let manifest = record.manifest()?;
+    let file = Temporary::new(std::env::temp_dir().join(format!(
         "drctl-restore-{}-{}.pgdump",
         record.backup_id,
         std::process::id()
@@ -199,9 +207,9 @@ async fn restore_logical(
     // to the dump, the creation has ended before the restore does, so that a failed restore
     // can drop what it created.
     let create = {
-        let (target, state) = (target.clone(), state.clone());
+        let (target, state, created) = (target.clone(), state.clone(), created.clone());
         Arc::new(std::sync::Mutex::new(Some(std::thread::spawn(move || {
-            create_database(&target, &state)
+            create_database(&target, &state, &created)
         }))))
     };
     let created = {
@@ -216,7 +224,7 @@ async fn restore_logical(
     let (path, conn, cancel_thread) = (file.path().to_path_buf(), target.clone(), cancel.clone());
     let overwrite = state.relations > 0;
     let sink_created = created.clone();
-    let decoded = decode(repo, record.manifest()?, identities, move |reader| {
+    let decoded = decode(repo, manifest, identities, move |reader| {
         let opened = pgdump::open(reader);
         sink_created()?;
         let mut archive = opened?;
@@ -447,7 +455,7 @@ fn pg_restore_list(
     ids: &[i64],
     cancel: &Cancel,
 ) -> Result<()> {
-    let list = TempFile::new(file.with_extension("list"));
+    let list = Temporary::new(file.with_extension("list"));
     let text: String = ids.iter().map(|id| format!("{id};\n")).collect();
     let mut out = create_private(list.path())?;
     std::io::Write::write_all(&mut out, text.as_bytes())
@@ -997,12 +1005,15 @@ pub struct PhysicalReport {
     pub seconds: f64,
 }
 
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+/// One argument of restore_command or archive_command: quoted for the shell that runs it,
+/// with `%` doubled so that PostgreSQL does not take it for a placeholder (`%f`, `%p`).
+fn command_arg(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''").replace('%', "%%"))
 }
 
+/// A string value in postgresql.conf syntax, where a backslash escapes too.
 fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// Unpacks the base backup, writes the recovery settings, starts the server on the plan's
@@ -1061,7 +1072,7 @@ pub async fn restore_physical(
     let absolute = |p: &Path| {
         std::path::absolute(p)
             .map_err(|e| Error::io(format!("resolve {}", p.display()), e))
-            .map(|p| sh_quote(&p.to_string_lossy()))
+            .map(|p| command_arg(&p.to_string_lossy()))
     };
     // Without an identity file, `wal fetch` decrypts with the settings' KMS keys.
     let identity = match &identities.file {
@@ -1070,12 +1081,12 @@ pub async fn restore_physical(
     };
     let drctl = format!(
         "{} -q --config {}",
-        sh_quote(&exe.to_string_lossy()),
+        command_arg(&exe.to_string_lossy()),
         absolute(&repo.settings.file)?
     );
     // A restore from a DR region fetches its WAL from that region too.
     let region = match &repo.region {
-        Some(r) => format!(" --region {}", sh_quote(r)),
+        Some(r) => format!(" --region {}", command_arg(r)),
         None => String::new(),
     };
     let index = dir.join(WalIndex::FILE);
@@ -1427,16 +1438,19 @@ pub async fn execute(
             conn,
             record,
         } => {
-            let restored = restore_logical(repo, record, conn, database, identities, cancel).await;
+            let created = Arc::new(AtomicBool::new(false));
+            let restored =
+                restore_logical(repo, record, conn, database, identities, &created, cancel).await;
             let report = match restored {
                 Ok(report) => report,
                 Err(e) => {
                     let (conn, database) = (conn.clone(), database.clone());
-                    return Err(
-                        tokio::task::spawn_blocking(move || abandon(&conn, &database, e))
-                            .await
-                            .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?,
-                    );
+                    let created = created.load(Ordering::SeqCst);
+                    return Err(tokio::task::spawn_blocking(move || {
+                        abandon(&conn, &database, created, e)
+                    })
+                    .await
+                    .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?);
                 }
             };
             let rows = compare_rows(
@@ -1474,6 +1488,15 @@ pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_survive_the_shell_and_postgresql_conf() {
+        assert_eq!(
+            command_arg("/srv/it's 100%/drctl"),
+            "'/srv/it'\\''s 100%%/drctl'"
+        );
+        assert_eq!(conf_quote("a'b\\c"), "'a''b\\\\c'");
+    }
 
     fn archive(names: &[&str]) -> WalArchive {
         let files = names

@@ -132,6 +132,7 @@ pub fn spawn(cmd: &mut Command, stdin: Stdio, stdout: Stdio) -> Result<Child> {
 /// the PostgreSQL and MariaDB tools cancel their queries), then kills it after 10 s.
 pub fn wait_cancellable(child: &mut Child, program: &str, cancel: &Cancel) -> Result<ExitStatus> {
     let what = |e| Error::io(format!("wait for `{program}`"), e);
+    let _tracked = crate::cancel::track_child(child.id());
     loop {
         if let Some(status) = child.try_wait().map_err(what)? {
             return Ok(status);

@@ -447,10 +447,18 @@ impl MysqlSource {
         };
         if let Some(pos) = &position {
             stats.insert("binlog_end".into(), pos.to_string().into());
-            stats.insert(
-                "binlog_end_identity".into(),
-                self.conn.binlog_identity(&pos.file, cancel)?.into(),
-            );
+            // Reading the log needs what only incrementals need otherwise (mariadb-binlog
+            // and the REPLICATION SLAVE privilege): a full backup goes on without it.
+            match self.conn.binlog_identity(&pos.file, cancel) {
+                Ok(identity) => {
+                    stats.insert("binlog_end_identity".into(), identity.into());
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot read the binary log this backup ends in; an incremental after it \
+                     cannot check that the log was not recreated since"
+                ),
+            }
         }
         // Taken once the dump's snapshot was (not before it starts): a restore to an earlier
         // time is refused instead of given rows committed after that time.
@@ -566,7 +574,7 @@ impl MysqlSource {
             )));
         }
 
-        let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+        let dir = crate::cancel::Temporary::dir()?;
         let mut cmd = self.conn.command("mariadb-binlog");
         cmd.args(["--read-from-remote-server", "--raw"])
             .arg(format!("--result-file={}/", dir.path().display()))

@@ -116,17 +116,7 @@ impl Conn {
             &self.url,
         ]);
         // A role's or database's timeouts must not end a long count or the snapshot a dump
-        // holds open, as pg_dump and pg_restore clear them for their own sessions: from the
-        // connection's start (options the client sends override both) for those every
-        // server has, then the newer ones.
-        let options = std::env::var("PGOPTIONS").unwrap_or_default();
-        cmd.env(
-            "PGOPTIONS",
-            format!(
-                "{options} -c statement_timeout=0 -c lock_timeout=0 \
-                 -c idle_in_transaction_session_timeout=0"
-            ),
-        );
+        // holds open, as pg_dump and pg_restore clear them for their own sessions.
         let mut session = Session::start(cmd, |mark| format!("\\echo {mark}"))?;
         session.query(NO_TIMEOUTS)?;
         Ok(session)

@@ -103,7 +103,7 @@ impl Source for SqliteSource {
                 self.path.display()
             )));
         }
-        let dir = tempfile::tempdir().map_err(|e| Error::io("create a temporary directory", e))?;
+        let dir = crate::cancel::Temporary::dir()?;
         let copy = dir.path().join("copy.sqlite");
         // Sources run on a blocking thread of the runtime.
         let counts = tokio::runtime::Handle::current().block_on(self.snapshot(&copy))?;
