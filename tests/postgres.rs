@@ -936,9 +936,7 @@ impl Cluster {
             &self.url(),
             "INSERT INTO t SELECT generate_series(101, 200)",
         );
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let noted = a_moment_apart();
         psql(
             &self.url(),
             "INSERT INTO t SELECT generate_series(201, 300)",
@@ -1003,6 +1001,15 @@ fn switch_wal(url: &str, log: &Path) {
     }
 }
 
+/// A time (RFC 3339) more than a second after what was written before and before what is
+/// written after, so that commit timestamps fall clearly on either side of it.
+fn a_moment_apart() -> String {
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    noted
+}
+
 fn append(path: &Path, text: &str) {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
@@ -1038,9 +1045,7 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
         &c.url(),
         "INSERT INTO t (id) SELECT generate_series(101, 200)",
     );
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    let noted = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let noted = a_moment_apart();
     psql(
         &c.url(),
         "INSERT INTO t (id) SELECT generate_series(201, 300)",

@@ -29,7 +29,7 @@ use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
 use crate::source::postgres::{
-    count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names,
+    count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names, relations,
     row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
     NO_TIMEOUTS,
 };
@@ -135,10 +135,11 @@ fn create_database(target: &Conn, state: &DatabaseTarget, created: &AtomicBool) 
 /// says what became of the target either way.
 fn abandon(target: &Conn, state: &DatabaseTarget, created: bool, e: Error) -> Error {
     let db = &state.database;
-    let note = if !state.exists && !created {
+    if !state.exists && !created {
         // Its creation failed: nothing was written.
         return e;
-    } else if !created {
+    }
+    let note = if !created {
         format!("database {db} may hold part of the backup now; restore again with --overwrite")
     } else {
         let dropped = target.with_database("postgres").and_then(|admin| {
@@ -212,21 +213,18 @@ async fn restore_logical(
             create_database(&target, &state, &created)
         }))))
     };
-    let created = {
-        let create = create.clone();
-        move || match create.lock().expect("creation lock").take() {
-            Some(thread) => thread
-                .join()
-                .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked"))),
-            None => Ok(()),
-        }
+    let finish_creation = move || match create.lock().expect("creation lock").take() {
+        Some(thread) => thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked"))),
+        None => Ok(()),
     };
     let (path, conn, cancel_thread) = (file.path().to_path_buf(), target.clone(), cancel.clone());
     let overwrite = state.relations > 0;
-    let sink_created = created.clone();
+    let sink_finish_creation = finish_creation.clone();
     let decoded = decode(repo, manifest, identities, move |reader| {
         let opened = pgdump::open(reader);
-        sink_created()?;
+        sink_finish_creation()?;
         let mut archive = opened?;
         let out = create_private(&path)?;
         // Before anything is written, the connections that load the data: if they cannot
@@ -268,7 +266,7 @@ async fn restore_logical(
         Ok(Loaded::Streamed { entries, rows })
     })
     .await;
-    let creation = created();
+    let creation = finish_creation();
     let decoded = decoded.and_then(|d| creation.map(|()| d));
     let (loaded, plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
@@ -428,14 +426,10 @@ fn copied_rows(
     // at backup time (its own COPY stored only its own); and an extension's configuration
     // table, which CREATE EXTENSION filled before its COPY added the rest (PostGIS's
     // spatial_ref_sys).
-    let recount = quoted_names(
+    let recount = relations(
         &mut session,
-        &format!(
-            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid IN (SELECT inhparent FROM pg_inherits) \
-             OR c.oid IN (SELECT unnest(extconfig) FROM pg_extension)",
-            quoted_name_hex("n.nspname", "c.relname")
-        ),
+        "WHERE c.oid IN (SELECT inhparent FROM pg_inherits) \
+         OR c.oid IN (SELECT unnest(extconfig) FROM pg_extension)",
     )?;
     for table in tables(&mut session)? {
         if recount.contains(&table) || !counts.contains_key(&table) {

@@ -126,6 +126,14 @@ pub fn carries_password(url: &url::Url) -> bool {
             .any(|(k, _)| k == "password" || k == "sslpassword")
 }
 
+/// A URL's user name or path as client tools read it: `%XX` escapes only (a `+` is a plus
+/// sign).
+pub fn url_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// The password of a database source: the first line of `password_file`, or the value of the
 /// variable `password_env`; `None` when neither is given (the client tools then read their own
 /// environment and option files).

@@ -70,13 +70,7 @@ impl Conn {
                  (or MYSQL_PWD for --to-database)",
             ));
         }
-        // %XX escapes only, as in any URL path (a `+` is a plus sign).
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        let database = decode(u.path().trim_start_matches('/'));
+        let database = super::url_decode(u.path().trim_start_matches('/'));
         if database.is_empty() || database.contains(['/', '`', '\0']) {
             return Err(Error::invalid(format!(
                 "the URL must name one database (without / or `); {what}"
@@ -85,7 +79,7 @@ impl Conn {
         let host = u.host_str().unwrap_or("localhost").to_owned();
         let user = match u.username() {
             "" => "root".to_owned(),
-            name => decode(name),
+            name => super::url_decode(name),
         };
         Ok(Conn {
             host,

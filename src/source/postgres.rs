@@ -58,12 +58,8 @@ impl Conn {
     pub fn database(&self) -> Option<String> {
         let u = url::Url::parse(&self.url).ok()?;
         let db = u.path().trim_start_matches('/');
-        // As libpq reads it: %XX escapes only (a `+` is a plus sign).
-        (!db.is_empty()).then(|| {
-            percent_encoding::percent_decode_str(db)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        // As libpq reads it.
+        (!db.is_empty()).then(|| super::url_decode(db))
     }
 
     /// Options for an in-process connection (sqlx), as the client tools would connect.
@@ -149,29 +145,33 @@ pub fn quoted_names(session: &mut Session, sql: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The ordinary tables of the session's database (no system schemas), quoted, largest first.
-pub fn tables(session: &mut Session) -> Result<Vec<String>> {
+/// The quoted names of the relations (`pg_class c`, `pg_namespace n`) that `clause` (a
+/// WHERE clause, and any ordering) selects.
+pub fn relations(session: &mut Session, clause: &str) -> Result<Vec<String>> {
     quoted_names(
         session,
         &format!(
-            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
-             AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages DESC, 1",
+            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace {clause}",
             quoted_name_hex("n.nspname", "c.relname")
         ),
+    )
+}
+
+/// The ordinary tables of the session's database (no system schemas), quoted, largest first.
+pub fn tables(session: &mut Session) -> Result<Vec<String>> {
+    relations(
+        session,
+        "WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' \
+         AND n.nspname NOT LIKE 'pg\\_%' ORDER BY c.relpages DESC, 1",
     )
 }
 
 /// Exact row counts of every ordinary table, in the session's current snapshot.
 pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
     // A standby cannot read unlogged tables, and pg_dump dumps none of their rows there.
-    let unread = quoted_names(
+    let unread = relations(
         session,
-        &format!(
-            "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
-            quoted_name_hex("n.nspname", "c.relname")
-        ),
+        "WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
     )?;
     let mut counts = BTreeMap::new();
     for table in tables(session)? {
