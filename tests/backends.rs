@@ -106,8 +106,89 @@ mod sqlite_registry {
     crate::registry_suite!(super::fresh_sqlite_registry);
 }
 
+mod sqlite_upgrade {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn create_upgrades_a_version_1_registry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.db");
+        let registry = drctl::registry::sqlite::SqliteRegistry::open(&path)
+            .await
+            .expect("open");
+        crate::suites::registry::create_upgrades_a_version_1_registry(
+            std::sync::Arc::new(registry),
+            |_| async {
+                let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                    .await
+                    .expect("open the database");
+                sqlx::raw_sql(
+                    "DROP INDEX backups_by_lookup;
+                     ALTER TABLE backups DROP COLUMN lookup;
+                     UPDATE registry_meta SET value = '1' WHERE key = 'schema_version';",
+                )
+                .execute(&db)
+                .await
+                .expect("downgrade");
+                db.close().await;
+            },
+        )
+        .await;
+    }
+}
+
 mod dynamodb_registry {
     crate::registry_suite!(super::fresh_dynamodb_registry);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn create_upgrades_a_version_1_registry() {
+        use aws_sdk_dynamodb::types::{
+            AttributeValue, DeleteGlobalSecondaryIndexAction, GlobalSecondaryIndexUpdate,
+        };
+        let fixture = super::fresh_dynamodb_registry().await;
+        let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
+            .expect("describe is a dynamodb URL");
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
+        crate::suites::registry::create_upgrades_a_version_1_registry(
+            fixture.registry.clone(),
+            |ids| async move {
+                client
+                    .update_table()
+                    .table_name(&url.table)
+                    .global_secondary_index_updates(
+                        GlobalSecondaryIndexUpdate::builder()
+                            .delete(
+                                DeleteGlobalSecondaryIndexAction::builder()
+                                    .index_name("by-lookup")
+                                    .build()
+                                    .unwrap(),
+                            )
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .expect("delete the index");
+                for id in ids {
+                    client
+                        .update_item()
+                        .table_name(&url.table)
+                        .key("pk", AttributeValue::S(format!("backup#{id}")))
+                        .update_expression("REMOVE gsi_lookup")
+                        .send()
+                        .await
+                        .expect("remove the lookup");
+                }
+                client
+                    .update_item()
+                    .table_name(&url.table)
+                    .key("pk", AttributeValue::S("meta#schema".into()))
+                    .update_expression("SET schema_version = :v")
+                    .expression_attribute_values(":v", AttributeValue::N("1".into()))
+                    .send()
+                    .await
+                    .expect("write version 1");
+            },
+        )
+        .await;
+    }
 
     use aws_sdk_dynamodb::types::{BillingMode, PointInTimeRecoveryStatus, TableStatus};
 
@@ -143,6 +224,7 @@ mod dynamodb_registry {
             [
                 "all",
                 "by-environment",
+                "by-lookup",
                 "by-set",
                 "by-set-status",
                 "by-status"

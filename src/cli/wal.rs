@@ -10,8 +10,9 @@ use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
 use crate::pipeline::HashReader;
 use crate::registry::lease::LeaseGuard;
+use crate::registry::Lookup;
 use crate::repo::Repo;
-use crate::restore::postgres::{fetch_wal, WalArchive, WalIndex};
+use crate::restore::postgres::{fetch_wal, WalIndex};
 use crate::source::postgres::WalSource;
 use crate::{Error, Result};
 
@@ -141,12 +142,20 @@ async fn push_leased(
     lease: &LeaseGuard,
 ) -> Result<(BackupId, bool)> {
     let name = source.name().to_owned();
-    let archive = WalArchive::load(repo, &policy.name).await?;
-    let Some(existing) = archive.get(&name) else {
+    let environment = &repo.settings.environment;
+    let found = repo
+        .registry
+        .find(environment, &policy.name, Lookup::Wal(&name))
+        .await?;
+    let Some(existing) = found else {
+        let base = repo
+            .registry
+            .find(environment, &policy.name, Lookup::Full)
+            .await?;
         let job = Job {
             source: Box::new(source),
             backup_type: BackupType::Incremental,
-            parent: archive.latest_base().map(|id| (id.clone(), id.clone())),
+            parent: base.map(|r| (r.backup_id.clone(), r.backup_id)),
         };
         let manifest =
             crate::backup::run_leased(repo, policy, job, None, &ctx.cancel, lease).await?;

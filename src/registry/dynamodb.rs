@@ -19,6 +19,9 @@
 //!   (newest first); the `before` cursor is a `gsi_order < bound` key condition.
 //! - `gsi_set`: `<environment>/<policy>`; `gsi_set_status`: `<environment>/<policy>/<status>`;
 //!   `gsi_all`: the constant `backup`.
+//! - `gsi_lookup`, only while the record is completed and only on a WAL file's or a full
+//!   backup's record: `<environment>/<policy>/<lookup>`, where the lookup is `wal/<name>` or
+//!   `full`.
 //!
 //! Global secondary indexes (all projecting every attribute, so a listing is one Query):
 //!
@@ -29,6 +32,10 @@
 //! | `by-environment` | `environment`    | an environment (a status filter rides along)    |
 //! | `by-status`      | `status`         | one status (a policy filter rides along)        |
 //! | `all`            | `gsi_all`        | everything (a policy filter rides along)        |
+//! | `by-lookup`      | `gsi_lookup`     | `find`: a WAL file by name, the newest full     |
+//!
+//! Schema version 1 lacked `by-lookup`; `create` (`drctl init`) adds the index and fills in
+//! `gsi_lookup` on the completed records.
 //!
 //! Lease and meta items carry none of these attributes, so they appear in no index. Getting a
 //! record by ID is a strongly consistent GetItem; nothing ever Scans. Index reads are
@@ -48,23 +55,23 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{BuildError, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, IndexStatus,
-    KeySchemaElement, KeyType, PointInTimeRecoverySpecification, Projection, ProjectionType,
-    ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription,
-    TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, CreateGlobalSecondaryIndexAction,
+    GlobalSecondaryIndex, GlobalSecondaryIndexUpdate, IndexStatus, KeySchemaElement, KeyType,
+    PointInTimeRecoverySpecification, Projection, ProjectionType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription, TableStatus,
 };
 use aws_sdk_dynamodb::Client;
 use chrono::{DateTime, Utc};
 
 use super::{
-    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Registry,
-    Status, Verification,
+    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Lookup,
+    Registry, Status, Verification,
 };
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, Name};
 use crate::{Error, Result};
 
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 const META_PK: &str = "meta#schema";
 /// How often `add_location` reads again after a concurrent change of the locations.
 const ADD_LOCATION_ATTEMPTS: usize = 10;
@@ -275,7 +282,38 @@ const INDEXES: &[(&str, &str)] = &[
     ("by-environment", "environment"),
     ("by-status", "status"),
     ("all", "gsi_all"),
+    ("by-lookup", "gsi_lookup"),
 ];
+
+/// A string attribute of the table's key or an index's.
+fn attribute(name: &str) -> Result<AttributeDefinition> {
+    built(
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build(),
+    )
+}
+
+fn key(name: &str, key_type: KeyType) -> Result<KeySchemaElement> {
+    built(
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(key_type)
+            .build(),
+    )
+}
+
+/// Every index projects every attribute.
+fn all_attributes() -> Projection {
+    Projection::builder()
+        .projection_type(ProjectionType::All)
+        .build()
+}
+
+fn lookup_key(environment: &Name, policy: &Name, lookup: Lookup<'_>) -> String {
+    format!("{environment}/{policy}/{}", lookup.key())
+}
 
 fn index_partition_key(index: &str) -> &'static str {
     INDEXES
@@ -337,22 +375,6 @@ impl DynamoDbRegistry {
     }
 
     async fn create_table(&self) -> Result<()> {
-        let attribute = |name: &str| {
-            built(
-                AttributeDefinition::builder()
-                    .attribute_name(name)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build(),
-            )
-        };
-        let key = |name: &str, key_type: KeyType| {
-            built(
-                KeySchemaElement::builder()
-                    .attribute_name(name)
-                    .key_type(key_type)
-                    .build(),
-            )
-        };
         let mut req = self
             .client
             .create_table()
@@ -369,11 +391,7 @@ impl DynamoDbRegistry {
                         .index_name(*index)
                         .key_schema(key(partition, KeyType::Hash)?)
                         .key_schema(key("gsi_order", KeyType::Range)?)
-                        .projection(
-                            Projection::builder()
-                                .projection_type(ProjectionType::All)
-                                .build(),
-                        )
+                        .projection(all_attributes())
                         .build(),
                 )?);
         }
@@ -493,6 +511,119 @@ impl DynamoDbRegistry {
             Err(e) => Err(self.err(format!("update backup {}", record.backup_id), e)),
         }
     }
+
+    /// Adds the `by-lookup` index to a table of schema version 1.
+    async fn add_lookup_index(&self) -> Result<()> {
+        let table = self.describe_table().await?;
+        let has = |name: &str| {
+            table
+                .global_secondary_indexes()
+                .iter()
+                .any(|i| i.index_name() == Some(name))
+        };
+        // Another table (without drctl's indexes) is reported by wait_active.
+        if has("by-lookup") || !has("by-set") {
+            return Ok(());
+        }
+        let create = built(
+            CreateGlobalSecondaryIndexAction::builder()
+                .index_name("by-lookup")
+                .key_schema(key("gsi_lookup", KeyType::Hash)?)
+                .key_schema(key("gsi_order", KeyType::Range)?)
+                .projection(all_attributes())
+                .build(),
+        )?;
+        self.client
+            .update_table()
+            .table_name(&self.url.table)
+            .attribute_definitions(attribute("gsi_lookup")?)
+            .attribute_definitions(attribute("gsi_order")?)
+            .global_secondary_index_updates(
+                GlobalSecondaryIndexUpdate::builder().create(create).build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("add index by-lookup", e))?;
+        tracing::info!(table = %self.url.table, "adding index by-lookup to the registry table");
+        Ok(())
+    }
+
+    /// Upgrades a registry of schema version 1 (whose table has just been given `by-lookup`):
+    /// fills in `gsi_lookup` on every completed record, then writes the new version.
+    async fn upgrade(&self) -> Result<()> {
+        let version = self
+            .get_item(s(META_PK))
+            .await?
+            .and_then(|item| item.get("schema_version").cloned());
+        if version != Some(AttributeValue::N("1".into())) {
+            return Ok(());
+        }
+        let mut start: Option<Item> = None;
+        let mut updated = 0;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.url.table)
+                .index_name("by-status")
+                .key_condition_expression("#p = :p")
+                .expression_attribute_names("#p", "status")
+                .expression_attribute_values(":p", s(Status::Completed.as_str()))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.err("query index by-status", e))?;
+            for item in page.items() {
+                let record = record_from_item(item)?;
+                let Some(lookup) = Lookup::of(record.manifest()?) else {
+                    continue;
+                };
+                let res = self
+                    .client
+                    .update_item()
+                    .table_name(&self.url.table)
+                    .key("pk", backup_pk(&record.backup_id))
+                    .update_expression("SET #l = :l")
+                    .condition_expression("#status = :completed")
+                    .expression_attribute_names("#l", "gsi_lookup")
+                    .expression_attribute_names("#status", "status")
+                    .expression_attribute_values(":completed", s(Status::Completed.as_str()))
+                    .expression_attribute_values(
+                        ":l",
+                        s(lookup_key(&record.environment, &record.policy, lookup)),
+                    )
+                    .send()
+                    .await;
+                match res {
+                    Ok(_) => updated += 1,
+                    // No longer completed: nothing to find it by.
+                    Err(e) if condition_failed(&e) => {}
+                    Err(e) => {
+                        return Err(self.err(format!("update backup {}", record.backup_id), e))
+                    }
+                }
+            }
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        self.client
+            .update_item()
+            .table_name(&self.url.table)
+            .key("pk", s(META_PK))
+            .update_expression("SET schema_version = :v")
+            .expression_attribute_values(":v", AttributeValue::N(SCHEMA_VERSION.into()))
+            .send()
+            .await
+            .map_err(|e| self.err("write the schema version", e))?;
+        tracing::info!(
+            table = %self.url.table,
+            records = updated,
+            "upgraded the registry to schema version {SCHEMA_VERSION}"
+        );
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -503,6 +634,7 @@ impl Registry for DynamoDbRegistry {
 
     async fn create(&self) -> Result<()> {
         self.create_table().await?;
+        self.add_lookup_index().await?;
         self.wait_active().await?;
         self.client
             .update_continuous_backups()
@@ -526,7 +658,7 @@ impl Registry for DynamoDbRegistry {
             .await;
         match put {
             Ok(_) => Ok(()),
-            Err(e) if condition_failed(&e) => Ok(()),
+            Err(e) if condition_failed(&e) => self.upgrade().await,
             Err(e) => Err(self.err("write the schema version", e)),
         }
     }
@@ -545,6 +677,11 @@ impl Registry for DynamoDbRegistry {
         };
         match item.get("schema_version") {
             Some(AttributeValue::N(v)) if v == SCHEMA_VERSION => Ok(()),
+            Some(AttributeValue::N(v)) if v == "1" => Err(Error::failure(format!(
+                "registry {} has schema version 1, older than this drctl's ({SCHEMA_VERSION})",
+                self.url
+            ))
+            .hint("run `drctl init` to upgrade it")),
             other => Err(Error::failure(format!(
                 "registry {}: schema version {other:?} is not supported",
                 self.url
@@ -602,16 +739,23 @@ impl Registry for DynamoDbRegistry {
         let Some(record) = self.get(id).await? else {
             return Err(not_running());
         };
+        let mut extra = vec![
+            ("finished_at", s(ts(&manifest.finished_at))),
+            ("manifest", s(serde_json::to_string(manifest)?)),
+            ("locations", s(serde_json::to_string(locations)?)),
+        ];
+        if let Some(lookup) = Lookup::of(manifest) {
+            extra.push((
+                "gsi_lookup",
+                s(lookup_key(&record.environment, &record.policy, lookup)),
+            ));
+        }
         let changed = self
             .change_status(
                 &record,
                 Status::Running,
                 Status::Completed,
-                vec![
-                    ("finished_at", s(ts(&manifest.finished_at))),
-                    ("manifest", s(serde_json::to_string(manifest)?)),
-                    ("locations", s(serde_json::to_string(locations)?)),
-                ],
+                extra,
                 &["error"],
             )
             .await?;
@@ -639,7 +783,13 @@ impl Registry for DynamoDbRegistry {
         if to == Status::Failed {
             extra.push(("finished_at", s(ts(&Utc::now()))));
         }
-        self.change_status(&record, from, to, extra, &[]).await
+        // Only completed records can be looked up.
+        let remove: &[&str] = if from == Status::Completed {
+            &["gsi_lookup"]
+        } else {
+            &[]
+        };
+        self.change_status(&record, from, to, extra, remove).await
     }
 
     async fn remove(&self, id: &BackupId) -> Result<()> {
@@ -817,6 +967,36 @@ impl Registry for DynamoDbRegistry {
                 _ => return Ok(out),
             }
         }
+    }
+
+    async fn find(
+        &self,
+        environment: &Name,
+        policy: &Name,
+        lookup: Lookup<'_>,
+    ) -> Result<Option<BackupRecord>> {
+        let page = self
+            .client
+            .query()
+            .table_name(&self.url.table)
+            .index_name("by-lookup")
+            .scan_index_forward(false)
+            .key_condition_expression("#p = :p")
+            .expression_attribute_names("#p", "gsi_lookup")
+            .expression_attribute_values(":p", s(lookup_key(environment, policy, lookup)))
+            .limit(1)
+            .send()
+            .await
+            .map_err(|e| self.err("query index by-lookup", e))?;
+        let Some(item) = page.items().first() else {
+            return Ok(None);
+        };
+        // The index is read eventually consistent: a record just changed is read again.
+        let id = record_from_item(item)?.backup_id;
+        Ok(self
+            .get(&id)
+            .await?
+            .filter(|r| r.status == Status::Completed))
     }
 
     async fn acquire_lease(

@@ -111,6 +111,39 @@ pub struct ListQuery {
     pub limit: Option<u32>,
 }
 
+/// What [`Registry::find`] looks a completed record up by, besides its ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// The archived WAL file of this name (a `wal push`).
+    Wal(&'a str),
+    /// A full backup.
+    Full,
+}
+
+impl Lookup<'_> {
+    /// What a record with this manifest is found by, if anything.
+    pub fn of(manifest: &Manifest) -> Option<Lookup<'_>> {
+        match manifest
+            .source
+            .descriptor
+            .get("wal")
+            .and_then(|w| w.as_str())
+        {
+            Some(name) if manifest.source.descriptor["mode"] == "wal" => Some(Lookup::Wal(name)),
+            _ if manifest.backup_type == BackupType::Full => Some(Lookup::Full),
+            _ => None,
+        }
+    }
+
+    /// The lookup as one string: `wal/<name>` or `full`.
+    pub fn key(&self) -> String {
+        match self {
+            Lookup::Wal(name) => format!("wal/{name}"),
+            Lookup::Full => "full".into(),
+        }
+    }
+}
+
 /// A held lease. `token` is the fencing token: it grows with every acquisition, and writes
 /// made under the lease carry it, so a holder whose lease was taken over cannot write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +188,14 @@ pub trait Registry: Send + Sync {
 
     async fn get(&self, id: &BackupId) -> Result<Option<BackupRecord>>;
     async fn list(&self, query: &ListQuery) -> Result<Vec<BackupRecord>>;
+    /// The newest completed record of a set that `lookup` finds, read through an index:
+    /// the time it takes does not grow with the set's history.
+    async fn find(
+        &self,
+        environment: &Name,
+        policy: &Name,
+        lookup: Lookup<'_>,
+    ) -> Result<Option<BackupRecord>>;
 
     /// Takes the lease if free, expired, or held with token `take_over`.
     /// Returns the current lease (someone else's) when it is held.

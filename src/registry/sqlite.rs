@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Registry,
-    Status, Verification,
+    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Lookup,
+    Registry, Status, Verification,
 };
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, Name};
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS backups (
     manifest     TEXT,
     locations    TEXT NOT NULL DEFAULT '[]',
     verification TEXT,
-    error        TEXT
+    error        TEXT,
+    lookup       TEXT
 );
 CREATE INDEX IF NOT EXISTS backups_by_set ON backups (environment, policy, started_at, backup_id);
 CREATE TABLE IF NOT EXISTS leases (
@@ -47,8 +48,16 @@ CREATE TABLE IF NOT EXISTS registry_meta (
     key   TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 );
-INSERT OR IGNORE INTO registry_meta (key, value) VALUES ('schema_version', '1');
+INSERT OR IGNORE INTO registry_meta (key, value) VALUES ('schema_version', '2');
 "#;
+
+/// The schema version this drctl reads and writes. Version 1 lacked `lookup`, which
+/// [`Registry::create`] adds.
+const SCHEMA_VERSION: &str = "2";
+
+/// `lookup` ([`Lookup::key`]) is set while a record is completed.
+const LOOKUP_INDEX: &str = "CREATE INDEX IF NOT EXISTS backups_by_lookup \
+    ON backups (environment, policy, lookup, started_at, backup_id) WHERE lookup IS NOT NULL";
 
 pub struct SqliteRegistry {
     path: PathBuf,
@@ -120,6 +129,52 @@ fn lease_from_row(row: &SqliteRow) -> Result<Lease> {
     })
 }
 
+impl SqliteRegistry {
+    /// Upgrades a version 1 registry: adds `lookup` and fills it in for completed records.
+    async fn upgrade(&self) -> Result<()> {
+        let (version,): (String,) =
+            sqlx::query_as("SELECT value FROM registry_meta WHERE key = 'schema_version'")
+                .fetch_one(&self.pool)
+                .await?;
+        if version != "1" {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let columns: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM pragma_table_info('backups')")
+                .fetch_all(&mut *tx)
+                .await?;
+        if !columns.iter().any(|(c,)| c == "lookup") {
+            sqlx::query("ALTER TABLE backups ADD COLUMN lookup TEXT")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let completed = sqlx::query("SELECT * FROM backups WHERE status = 'completed'")
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &completed {
+            let record = record_from_row(row)?;
+            let key = Lookup::of(record.manifest()?).map(|l| l.key());
+            sqlx::query("UPDATE backups SET lookup = ? WHERE backup_id = ?")
+                .bind(key)
+                .bind(record.backup_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE registry_meta SET value = ? WHERE key = 'schema_version'")
+            .bind(SCHEMA_VERSION)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        tracing::info!(
+            registry = %self.describe(),
+            records = completed.len(),
+            "upgraded the registry to schema version {SCHEMA_VERSION}"
+        );
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Registry for SqliteRegistry {
     fn describe(&self) -> String {
@@ -132,6 +187,8 @@ impl Registry for SqliteRegistry {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
+        self.upgrade().await?;
+        sqlx::raw_sql(LOOKUP_INDEX).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -149,7 +206,12 @@ impl Registry for SqliteRegistry {
                 .await
                 .map_err(|_| missing())?;
         match found {
-            Some((v,)) if v == "1" => Ok(()),
+            Some((v,)) if v == SCHEMA_VERSION => Ok(()),
+            Some((v,)) if v == "1" => Err(Error::failure(format!(
+                "registry {} has schema version 1, older than this drctl's ({SCHEMA_VERSION})",
+                self.describe()
+            ))
+            .hint("run `drctl init` to upgrade it")),
             Some((v,)) => Err(Error::failure(format!(
                 "registry schema version {v} is not supported"
             ))
@@ -190,12 +252,13 @@ impl Registry for SqliteRegistry {
         locations: &[Location],
     ) -> Result<()> {
         let res = sqlx::query(
-            "UPDATE backups SET status = 'completed', finished_at = ?, manifest = ?, locations = ?, error = NULL
+            "UPDATE backups SET status = 'completed', finished_at = ?, manifest = ?, locations = ?, error = NULL, lookup = ?
              WHERE backup_id = ? AND status = 'running'",
         )
         .bind(ts(&manifest.finished_at))
         .bind(serde_json::to_string(manifest)?)
         .bind(serde_json::to_string(locations)?)
+        .bind(Lookup::of(manifest).map(|l| l.key()))
         .bind(id.as_str())
         .execute(&self.pool)
         .await?;
@@ -216,7 +279,7 @@ impl Registry for SqliteRegistry {
     ) -> Result<bool> {
         let finished = matches!(to, Status::Failed).then(|| ts(&Utc::now()));
         let res = sqlx::query(
-            "UPDATE backups SET status = ?, error = COALESCE(?, error), finished_at = COALESCE(?, finished_at)
+            "UPDATE backups SET status = ?, error = COALESCE(?, error), finished_at = COALESCE(?, finished_at), lookup = NULL
              WHERE backup_id = ? AND status = ?",
         )
         .bind(to.as_str())
@@ -317,6 +380,24 @@ impl Registry for SqliteRegistry {
         }
         let rows = builder.build().fetch_all(&self.pool).await?;
         rows.iter().map(record_from_row).collect()
+    }
+
+    async fn find(
+        &self,
+        environment: &Name,
+        policy: &Name,
+        lookup: Lookup<'_>,
+    ) -> Result<Option<BackupRecord>> {
+        let row = sqlx::query(
+            "SELECT * FROM backups WHERE environment = ? AND policy = ? AND lookup = ?
+             AND status = 'completed' ORDER BY started_at DESC, backup_id DESC LIMIT 1",
+        )
+        .bind(environment.as_str())
+        .bind(policy.as_str())
+        .bind(lookup.key())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record_from_row).transpose()
     }
 
     async fn acquire_lease(

@@ -25,7 +25,7 @@ use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
 use crate::pipeline::Digest;
-use crate::registry::{BackupRecord, ListQuery, Status};
+use crate::registry::{BackupRecord, ListQuery, Lookup, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
 use crate::source::postgres::{
@@ -588,11 +588,6 @@ impl WalArchive {
         })
     }
 
-    /// The newest completed base backup of the policy.
-    pub fn latest_base(&self) -> Option<&BackupId> {
-        self.bases.first().map(|r| &r.backup_id)
-    }
-
     /// Every archived file's name and backup, for `wal fetch --index`.
     pub fn index(&self) -> WalIndex {
         WalIndex {
@@ -602,10 +597,6 @@ impl WalArchive {
                 .map(|(name, r)| (name.clone(), r.backup_id.clone()))
                 .collect(),
         }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&BackupRecord> {
-        self.files.get(name)
     }
 
     /// The switch points of timeline `tli`'s archived history file, if there is one.
@@ -829,7 +820,7 @@ impl WalIndex {
     }
 
     /// The completed record of WAL file `name`: from the index when it lists the file,
-    /// else from the policy's WAL history.
+    /// else looked up in the registry.
     pub async fn record(
         &self,
         repo: &Repo,
@@ -843,7 +834,9 @@ impl WalIndex {
                 }
             }
         }
-        Ok(WalArchive::load(repo, policy).await?.get(name).cloned())
+        repo.registry
+            .find(&repo.settings.environment, policy, Lookup::Wal(name))
+            .await
     }
 }
 

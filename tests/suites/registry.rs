@@ -15,7 +15,9 @@ use drctl::format::manifest::{
 };
 use drctl::format::{BackupId, Manifest, Name, ObjectKey};
 use drctl::registry::lease::{holder_id, holder_is_dead, LeaseGuard};
-use drctl::registry::{BackupRecord, Lease, ListQuery, Location, Registry, Status, Verification};
+use drctl::registry::{
+    BackupRecord, Lease, ListQuery, Location, Lookup, Registry, Status, Verification,
+};
 use drctl::ErrorKind;
 
 /// A registry under test plus whatever must outlive it (a temporary directory, a table).
@@ -41,6 +43,7 @@ macro_rules! registry_suite {
             list_before_cursor_pages_through_every_record_once,
             list_before_cursor_works_after_the_cursor_record_is_removed,
             latest_is_the_newest_completed_backup_of_the_set,
+            find_looks_up_a_wal_file_and_the_newest_full_backup_while_completed,
             set_verification_round_trips,
             add_location_appends_once_and_only_to_completed_records,
             concurrent_add_location_keeps_every_location,
@@ -760,6 +763,158 @@ pub async fn latest_is_the_newest_completed_backup_of_the_set(registry: Arc<dyn 
         None,
         "a running backup is not the latest"
     );
+}
+
+/// Registers a completed backup: a `wal push` of `wal`, or with None a full backup.
+async fn add_pushed(
+    registry: &Arc<dyn Registry>,
+    policy: &str,
+    n: i64,
+    wal: Option<&str>,
+) -> BackupRecord {
+    let id = id_at(n);
+    let mut record = running_record("prod", policy, &id);
+    record.source_kind = "postgres".into();
+    let mut manifest = manifest_for(&record);
+    if let Some(wal) = wal {
+        record.backup_type = BackupType::Incremental;
+        manifest.backup_type = BackupType::Incremental;
+        manifest.source.descriptor = serde_json::json!({ "mode": "wal", "wal": wal });
+    } else {
+        manifest.source.descriptor = serde_json::json!({ "mode": "physical" });
+    }
+    registry.insert(&record).await.expect("insert");
+    registry
+        .complete(&id, &manifest, &[location_for(&record)])
+        .await
+        .expect("complete");
+    get(registry, &id).await
+}
+
+pub async fn find_looks_up_a_wal_file_and_the_newest_full_backup_while_completed(
+    registry: Arc<dyn Registry>,
+) {
+    created(&registry).await;
+    let (prod, pg) = (name("prod"), name("pg"));
+    let find = |lookup: Lookup<'static>| {
+        let (registry, prod, pg) = (registry.clone(), prod.clone(), pg.clone());
+        async move {
+            registry
+                .find(&prod, &pg, lookup)
+                .await
+                .expect("find")
+                .map(|r| r.backup_id)
+        }
+    };
+    const SEGMENT: &str = "000000010000000000000003";
+    assert_eq!(find(Lookup::Full).await, None, "an empty set");
+    assert_eq!(find(Lookup::Wal(SEGMENT)).await, None, "an empty set");
+
+    let base = add_pushed(&registry, "pg", 1, None).await;
+    let first = add_pushed(&registry, "pg", 2, Some(SEGMENT)).await;
+    add_pushed(&registry, "pg", 3, Some("000000010000000000000004")).await;
+    // Another policy's file of the same name, and a newer running full backup.
+    add_pushed(&registry, "pg-other", 4, Some(SEGMENT)).await;
+    add_pushed(&registry, "pg-other", 5, None).await;
+    registry
+        .insert(&running_record("prod", "pg", &id_at(6)))
+        .await
+        .expect("insert");
+    assert_eq!(find(Lookup::Full).await, Some(base.backup_id.clone()));
+    assert_eq!(
+        find(Lookup::Wal(SEGMENT)).await,
+        Some(first.backup_id.clone())
+    );
+    assert_eq!(find(Lookup::Wal("000000010000000000000005")).await, None);
+
+    // The newest of two records of one name; a record being deleted is not found.
+    let again = add_pushed(&registry, "pg", 7, Some(SEGMENT)).await;
+    assert_eq!(
+        find(Lookup::Wal(SEGMENT)).await,
+        Some(again.backup_id.clone())
+    );
+    assert!(registry
+        .transition(&again.backup_id, Status::Completed, Status::Deleting, None)
+        .await
+        .unwrap());
+    assert_eq!(find(Lookup::Wal(SEGMENT)).await, Some(first.backup_id));
+    let newer_base = add_pushed(&registry, "pg", 8, None).await;
+    assert_eq!(find(Lookup::Full).await, Some(newer_base.backup_id));
+    // An incremental backup that is not a WAL file is found by nothing.
+    let mut record = running_record("prod", "files", &id_at(9));
+    record.backup_type = BackupType::Incremental;
+    let mut manifest = manifest_for(&record);
+    manifest.backup_type = BackupType::Incremental;
+    registry.insert(&record).await.expect("insert");
+    registry
+        .complete(&record.backup_id, &manifest, &[])
+        .await
+        .expect("complete");
+    assert_eq!(
+        registry
+            .find(&prod, &name("files"), Lookup::Full)
+            .await
+            .expect("find"),
+        None
+    );
+}
+
+/// `create` upgrades a registry that an older drctl (schema version 1, without lookups)
+/// left; `downgrade` turns a new registry with the given records into such a one.
+pub async fn create_upgrades_a_version_1_registry<F>(
+    registry: Arc<dyn Registry>,
+    downgrade: impl FnOnce(Vec<BackupId>) -> F,
+) where
+    F: std::future::Future<Output = ()>,
+{
+    created(&registry).await;
+    const SEGMENT: &str = "000000010000000000000003";
+    let base = add_pushed(&registry, "pg", 1, None).await;
+    let wal = add_pushed(&registry, "pg", 2, Some(SEGMENT)).await;
+    let deleting = add_pushed(&registry, "pg", 3, Some("000000010000000000000004")).await;
+    assert!(registry
+        .transition(
+            &deleting.backup_id,
+            Status::Completed,
+            Status::Deleting,
+            None
+        )
+        .await
+        .unwrap());
+    downgrade(vec![
+        base.backup_id.clone(),
+        wal.backup_id.clone(),
+        deleting.backup_id.clone(),
+    ])
+    .await;
+    let err = registry.check().await.unwrap_err();
+    assert!(
+        err.message().contains("schema version 1")
+            && err.guidance().is_some_and(|h| h.contains("drctl init")),
+        "{err}"
+    );
+    created(&registry).await;
+    registry.check().await.expect("upgraded");
+    let (prod, pg) = (name("prod"), name("pg"));
+    let found = |lookup| registry.find(&prod, &pg, lookup);
+    assert_eq!(
+        found(Lookup::Wal(SEGMENT))
+            .await
+            .unwrap()
+            .map(|r| r.backup_id),
+        Some(wal.backup_id)
+    );
+    assert_eq!(
+        found(Lookup::Full).await.unwrap().map(|r| r.backup_id),
+        Some(base.backup_id)
+    );
+    assert_eq!(
+        found(Lookup::Wal("000000010000000000000004"))
+            .await
+            .unwrap(),
+        None
+    );
+    created(&registry).await;
 }
 
 pub async fn set_verification_round_trips(registry: Arc<dyn Registry>) {
