@@ -200,7 +200,16 @@ async fn mirror_record(repo: &Repo, region: &str, manifest: &Manifest) -> Result
     })?;
     let registry: Arc<dyn Registry> = crate::registry::open(&settings.registry).await?;
     let what = |e: Error| e.context(format!("record backup {id} in the {region} registry"));
+    // A registry of an older schema would take the record but not its lookup.
+    registry.check().await.map_err(what)?;
     match registry.get(id).await.map_err(what)? {
+        // An earlier copy recorded it but failed before completing it.
+        Some(r) if r.status == Status::Running => {
+            registry
+                .complete(id, manifest, &primary.locations)
+                .await
+                .map_err(what)?;
+        }
         Some(_) => {
             for l in &primary.locations {
                 registry.add_location(id, l).await.map_err(what)?;

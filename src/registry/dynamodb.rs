@@ -75,6 +75,8 @@ const SCHEMA_VERSION: &str = "2";
 const META_PK: &str = "meta#schema";
 /// How often `add_location` reads again after a concurrent change of the locations.
 const ADD_LOCATION_ATTEMPTS: usize = 10;
+/// Index entries `find` reads per page: the first is the answer unless the index lags.
+const FIND_PAGE: i32 = 4;
 /// How long `create` waits for a new table and its indexes to become active.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -443,6 +445,7 @@ impl DynamoDbRegistry {
                     self.url,
                     CREATE_TIMEOUT.as_secs()
                 ))
+                .hint("DynamoDB may still be building an index of a large table; run `drctl init` again later")
                 .retryable());
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -548,16 +551,25 @@ impl DynamoDbRegistry {
         Ok(())
     }
 
-    /// Upgrades a registry of schema version 1 (whose table has just been given `by-lookup`):
-    /// fills in `gsi_lookup` on every completed record, then writes the new version.
+    /// Brings the registry (whose table has `by-lookup`) to this drctl's schema: every
+    /// completed record without `gsi_lookup` gets it (all of them in a version 1 registry;
+    /// any an older drctl that was still running completed since), then the version is
+    /// written. Running it again fills in what an earlier run missed.
     async fn upgrade(&self) -> Result<()> {
-        let version = self
+        let version = match self
             .get_item(s(META_PK))
             .await?
-            .and_then(|item| item.get("schema_version").cloned());
-        if version != Some(AttributeValue::N("1".into())) {
-            return Ok(());
-        }
+            .and_then(|item| item.get("schema_version").cloned())
+        {
+            Some(AttributeValue::N(v)) if v == "1" || v == SCHEMA_VERSION => v,
+            other => {
+                return Err(Error::failure(format!(
+                    "registry {}: schema version {other:?} is not supported",
+                    self.url
+                ))
+                .hint("upgrade drctl"))
+            }
+        };
         let mut start: Option<Item> = None;
         let mut updated = 0;
         loop {
@@ -569,6 +581,7 @@ impl DynamoDbRegistry {
                 .key_condition_expression("#p = :p")
                 .expression_attribute_names("#p", "status")
                 .expression_attribute_values(":p", s(Status::Completed.as_str()))
+                .filter_expression("attribute_not_exists(gsi_lookup)")
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
@@ -608,20 +621,32 @@ impl DynamoDbRegistry {
                 _ => break,
             }
         }
-        self.client
-            .update_item()
-            .table_name(&self.url.table)
-            .key("pk", s(META_PK))
-            .update_expression("SET schema_version = :v")
-            .expression_attribute_values(":v", AttributeValue::N(SCHEMA_VERSION.into()))
-            .send()
-            .await
-            .map_err(|e| self.err("write the schema version", e))?;
-        tracing::info!(
-            table = %self.url.table,
-            records = updated,
-            "upgraded the registry to schema version {SCHEMA_VERSION}"
-        );
+        if version != SCHEMA_VERSION {
+            let res = self
+                .client
+                .update_item()
+                .table_name(&self.url.table)
+                .key("pk", s(META_PK))
+                .update_expression("SET schema_version = :v")
+                .condition_expression("schema_version = :old")
+                .expression_attribute_values(":v", AttributeValue::N(SCHEMA_VERSION.into()))
+                .expression_attribute_values(":old", AttributeValue::N(version.clone()))
+                .send()
+                .await;
+            match res {
+                // Another `init` wrote it meanwhile.
+                Ok(_) => {}
+                Err(e) if condition_failed(&e) => {}
+                Err(e) => return Err(self.err("write the schema version", e)),
+            }
+        }
+        if updated > 0 || version != SCHEMA_VERSION {
+            tracing::info!(
+                table = %self.url.table,
+                records = updated,
+                "upgraded the registry to schema version {SCHEMA_VERSION}"
+            );
+        }
         Ok(())
     }
 }
@@ -658,9 +683,10 @@ impl Registry for DynamoDbRegistry {
             .await;
         match put {
             Ok(_) => Ok(()),
-            Err(e) if condition_failed(&e) => self.upgrade().await,
+            Err(e) if condition_failed(&e) => Ok(()),
             Err(e) => Err(self.err("write the schema version", e)),
-        }
+        }?;
+        self.upgrade().await
     }
 
     async fn check(&self) -> Result<()> {
@@ -975,28 +1001,37 @@ impl Registry for DynamoDbRegistry {
         policy: &Name,
         lookup: Lookup<'_>,
     ) -> Result<Option<BackupRecord>> {
-        let page = self
-            .client
-            .query()
-            .table_name(&self.url.table)
-            .index_name("by-lookup")
-            .scan_index_forward(false)
-            .key_condition_expression("#p = :p")
-            .expression_attribute_names("#p", "gsi_lookup")
-            .expression_attribute_values(":p", s(lookup_key(environment, policy, lookup)))
-            .limit(1)
-            .send()
-            .await
-            .map_err(|e| self.err("query index by-lookup", e))?;
-        let Some(item) = page.items().first() else {
-            return Ok(None);
-        };
-        // The index is read eventually consistent: a record just changed is read again.
-        let id = record_from_item(item)?.backup_id;
-        Ok(self
-            .get(&id)
-            .await?
-            .filter(|r| r.status == Status::Completed))
+        // The index is read eventually consistent: each record found is read again, and one
+        // that has just left `completed` is passed over for the next older one.
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.url.table)
+                .index_name("by-lookup")
+                .scan_index_forward(false)
+                .key_condition_expression("#p = :p")
+                .expression_attribute_names("#p", "gsi_lookup")
+                .expression_attribute_values(":p", s(lookup_key(environment, policy, lookup)))
+                .limit(FIND_PAGE)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.err("query index by-lookup", e))?;
+            for item in page.items() {
+                let id = record_from_item(item)?.backup_id;
+                if let Some(r) = self.get(&id).await? {
+                    if r.status == Status::Completed {
+                        return Ok(Some(r));
+                    }
+                }
+            }
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(None),
+            }
+        }
     }
 
     async fn acquire_lease(

@@ -130,16 +130,24 @@ fn lease_from_row(row: &SqliteRow) -> Result<Lease> {
 }
 
 impl SqliteRegistry {
-    /// Upgrades a version 1 registry: adds `lookup` and fills it in for completed records.
+    /// Brings the registry to this drctl's schema: a version 1 registry gets `lookup` and
+    /// its index, and every completed record without a lookup gets one (all of them in a
+    /// version 1 registry; any an older drctl that was still running completed since). One
+    /// transaction, so a crash leaves the registry as it was; running it again changes
+    /// nothing.
     async fn upgrade(&self) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let (version,): (String,) =
             sqlx::query_as("SELECT value FROM registry_meta WHERE key = 'schema_version'")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await?;
-        if version != "1" {
-            return Ok(());
+        if version != "1" && version != SCHEMA_VERSION {
+            return Err(Error::failure(format!(
+                "registry {} has schema version {version}, newer than this drctl's",
+                self.describe()
+            ))
+            .hint("upgrade drctl"));
         }
-        let mut tx = self.pool.begin().await?;
         let columns: Vec<(String,)> =
             sqlx::query_as("SELECT name FROM pragma_table_info('backups')")
                 .fetch_all(&mut *tx)
@@ -149,28 +157,35 @@ impl SqliteRegistry {
                 .execute(&mut *tx)
                 .await?;
         }
-        let completed = sqlx::query("SELECT * FROM backups WHERE status = 'completed'")
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in &completed {
-            let record = record_from_row(row)?;
-            let key = Lookup::of(record.manifest()?).map(|l| l.key());
-            sqlx::query("UPDATE backups SET lookup = ? WHERE backup_id = ?")
-                .bind(key)
-                .bind(record.backup_id.as_str())
-                .execute(&mut *tx)
+        sqlx::query(LOOKUP_INDEX).execute(&mut *tx).await?;
+        let missing =
+            sqlx::query("SELECT * FROM backups WHERE status = 'completed' AND lookup IS NULL")
+                .fetch_all(&mut *tx)
                 .await?;
+        let mut filled = 0;
+        for row in &missing {
+            let record = record_from_row(row)?;
+            if let Some(lookup) = Lookup::of(record.manifest()?) {
+                sqlx::query("UPDATE backups SET lookup = ? WHERE backup_id = ?")
+                    .bind(lookup.key())
+                    .bind(record.backup_id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                filled += 1;
+            }
         }
         sqlx::query("UPDATE registry_meta SET value = ? WHERE key = 'schema_version'")
             .bind(SCHEMA_VERSION)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        tracing::info!(
-            registry = %self.describe(),
-            records = completed.len(),
-            "upgraded the registry to schema version {SCHEMA_VERSION}"
-        );
+        if filled > 0 || version != SCHEMA_VERSION {
+            tracing::info!(
+                registry = %self.describe(),
+                records = filled,
+                "upgraded the registry to schema version {SCHEMA_VERSION}"
+            );
+        }
         Ok(())
     }
 }
@@ -188,7 +203,6 @@ impl Registry for SqliteRegistry {
         }
         sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
         self.upgrade().await?;
-        sqlx::raw_sql(LOOKUP_INDEX).execute(&self.pool).await?;
         Ok(())
     }
 
