@@ -158,10 +158,13 @@ impl SqliteRegistry {
                 .await?;
         }
         sqlx::query(LOOKUP_INDEX).execute(&mut *tx).await?;
-        let missing =
-            sqlx::query("SELECT * FROM backups WHERE status = 'completed' AND lookup IS NULL")
-                .fetch_all(&mut *tx)
-                .await?;
+        // Those Lookup::of may find something for: the rest never have a lookup.
+        let missing = sqlx::query(
+            "SELECT * FROM backups WHERE status = 'completed' AND lookup IS NULL \
+             AND (backup_type = 'full' OR json_extract(manifest, '$.source.descriptor.mode') = 'wal')",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         let mut filled = 0;
         for row in &missing {
             let record = record_from_row(row)?;

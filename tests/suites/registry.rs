@@ -859,11 +859,23 @@ pub async fn find_looks_up_a_wal_file_and_the_newest_full_backup_while_completed
     );
 }
 
+/// What a test does to a registry behind drctl's back, as an older or newer drctl would
+/// leave it.
+pub enum Tamper {
+    /// Schema version 1, without lookups, holding these records.
+    Downgrade(Vec<BackupId>),
+    /// The record without its lookup, as an older drctl completes it.
+    ForgetLookup(BackupId),
+    /// This schema version.
+    Version(&'static str),
+}
+
 /// `create` upgrades a registry that an older drctl (schema version 1, without lookups)
-/// left; `downgrade` turns a new registry with the given records into such a one.
+/// left, fills in the lookups an older drctl still running leaves out, and refuses a newer
+/// schema; `tamper` changes the registry as [`Tamper`] says.
 pub async fn create_upgrades_a_version_1_registry<F>(
     registry: Arc<dyn Registry>,
-    downgrade: impl FnOnce(Vec<BackupId>) -> F,
+    tamper: impl Fn(Tamper) -> F,
 ) where
     F: std::future::Future<Output = ()>,
 {
@@ -881,11 +893,11 @@ pub async fn create_upgrades_a_version_1_registry<F>(
         )
         .await
         .unwrap());
-    downgrade(vec![
+    tamper(Tamper::Downgrade(vec![
         base.backup_id.clone(),
         wal.backup_id.clone(),
         deleting.backup_id.clone(),
-    ])
+    ]))
     .await;
     let err = registry.check().await.unwrap_err();
     assert!(
@@ -896,25 +908,36 @@ pub async fn create_upgrades_a_version_1_registry<F>(
     created(&registry).await;
     registry.check().await.expect("upgraded");
     let (prod, pg) = (name("prod"), name("pg"));
-    let found = |lookup| registry.find(&prod, &pg, lookup);
+    let found = |lookup| {
+        let (registry, prod, pg) = (registry.clone(), prod.clone(), pg.clone());
+        async move {
+            registry
+                .find(&prod, &pg, lookup)
+                .await
+                .unwrap()
+                .map(|r| r.backup_id)
+        }
+    };
     assert_eq!(
-        found(Lookup::Wal(SEGMENT))
-            .await
-            .unwrap()
-            .map(|r| r.backup_id),
-        Some(wal.backup_id)
+        found(Lookup::Wal(SEGMENT)).await,
+        Some(wal.backup_id.clone())
     );
-    assert_eq!(
-        found(Lookup::Full).await.unwrap().map(|r| r.backup_id),
-        Some(base.backup_id)
-    );
-    assert_eq!(
-        found(Lookup::Wal("000000010000000000000004"))
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(found(Lookup::Full).await, Some(base.backup_id.clone()));
+    assert_eq!(found(Lookup::Wal("000000010000000000000004")).await, None);
+
+    // A newer base backup that an older drctl, still running, completed without a lookup:
+    // found once init runs again.
+    let newer = add_pushed(&registry, "pg", 4, None).await;
+    tamper(Tamper::ForgetLookup(newer.backup_id.clone())).await;
+    assert_eq!(found(Lookup::Full).await, Some(base.backup_id));
     created(&registry).await;
+    assert_eq!(found(Lookup::Full).await, Some(newer.backup_id));
+
+    // A registry a newer drctl wrote is refused, and not downgraded.
+    tamper(Tamper::Version("3")).await;
+    let err = registry.create().await.unwrap_err();
+    assert!(err.message().contains("schema version"), "{err}");
+    assert!(registry.check().await.is_err());
 }
 
 pub async fn set_verification_round_trips(registry: Arc<dyn Registry>) {
