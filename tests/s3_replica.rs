@@ -205,8 +205,29 @@ fn a_retried_wal_push_copies_the_file_where_the_failed_push_did_not() {
     );
 
     // Back again: PostgreSQL's retry copies the archived file and records the copy in both
-    // registries.
+    // registries, completing the record an earlier copy left running there.
     sb.run(&["init"]).ok();
+    let id = records[0]["backup_id"].as_str().unwrap();
+    let dr_registry = sb.path().join("dr/registry.db");
+    assert!(dr_registry.is_file());
+    let inserted = std::process::Command::new("sqlite3")
+        .arg(&dr_registry)
+        .arg(format!(
+            "INSERT INTO backups (backup_id, environment, policy, status, backup_type, \
+             source_kind, started_at, holder) VALUES ('{id}', {}, 'pgwal', 'running', \
+             'incremental', 'postgres', {}, 'gone:1:1')",
+            records[0]["environment"]
+                .as_str()
+                .map(|e| format!("'{e}'"))
+                .unwrap(),
+            records[0]["started_at"]
+                .as_str()
+                .map(|t| format!("'{t}'"))
+                .unwrap(),
+        ))
+        .status()
+        .unwrap();
+    assert!(inserted.success());
     let retried = push().ok();
     assert_eq!(
         retried.json()[0]["already_archived"],
@@ -214,7 +235,6 @@ fn a_retried_wal_push_copies_the_file_where_the_failed_push_did_not() {
         "{}",
         retried.stdout
     );
-    let id = records[0]["backup_id"].as_str().unwrap();
     assert_eq!(retried.json()[0]["backup_id"], id);
     let record = &sb.run(&["--json", "show", id]).ok().json()[0];
     let regions = Sandbox::location_regions(record);
