@@ -23,7 +23,8 @@ pub enum Reason {
     NoRecord,
     /// The record says the backup failed.
     Failed,
-    /// The record says `running`, but nothing holds the set's lease (the run crashed).
+    /// The record says `running`, but its process holds neither its set's lease nor its
+    /// policy's WAL lease (the run crashed or lost the lease).
     Abandoned,
     /// A deletion that did not finish.
     Deleting,
@@ -70,7 +71,7 @@ impl GcPlan {
 }
 
 /// Finds garbage in this environment. Running records are abandoned when their holder is a
-/// dead local process or the set's lease is free.
+/// dead local process or holds neither the set's lease nor the policy's WAL lease.
 pub async fn plan(repo: &Repo) -> Result<GcPlan> {
     let env = &repo.settings.environment;
     let objects = repo.store.list(&format!("{env}/")).await?;
@@ -110,24 +111,27 @@ pub async fn plan(repo: &Repo) -> Result<GcPlan> {
                 Status::Deleting => (Reason::Deleting, true),
                 Status::Running => {
                     // A backup runs under its set's lease, a WAL push under the
-                    // policy's WAL lease: either held by a live process may be its own.
+                    // policy's WAL lease: it is in flight while its own process holds
+                    // either. A record of another process (one that crashed, or lost the
+                    // lease) is abandoned, even while a later run holds the lease.
                     if !holder_is_dead(&r.holder) {
                         let mut held = false;
                         for lease_name in
                             [repo.set_lease_name(&policy), repo.wal_lease_name(&policy)]
                         {
-                            held |= match live_leases.get(&lease_name) {
-                                Some(h) => *h,
+                            let holder = match live_leases.get(&lease_name) {
+                                Some(h) => h,
                                 None => {
                                     let h = repo
                                         .registry
                                         .get_lease(&lease_name)
                                         .await?
-                                        .is_some_and(|l| !holder_is_dead(&l.holder));
-                                    live_leases.insert(lease_name, h);
-                                    h
+                                        .map(|l| l.holder)
+                                        .filter(|h| !holder_is_dead(h));
+                                    live_leases.entry(lease_name).or_insert(h)
                                 }
                             };
+                            held |= holder.as_deref() == Some(r.holder.as_str());
                         }
                         if held {
                             continue;

@@ -208,11 +208,31 @@ fn gc_leaves_a_wal_push_in_flight_alone() {
         .unwrap();
     wait_for("the push to start", || running(&sb).len() == 1);
 
+    // The record of a push on another host that stopped without finishing it: the lease is
+    // now this push's, so that record is abandoned.
+    let stale = "20200101T000000Z-0000dead";
+    let live = &running(&sb)[0];
+    let inserted = std::process::Command::new("sqlite3")
+        .arg(sb.path().join("registry.db"))
+        .arg(format!(
+            "INSERT INTO backups (backup_id, environment, policy, status, backup_type, \
+             source_kind, started_at, holder) VALUES ('{stale}', '{}', 'pgwal', 'running', \
+             'incremental', 'postgres', '2020-01-01T00:00:00.000000Z', 'another-host:4242:1')",
+            live["environment"].as_str().unwrap()
+        ))
+        .status()
+        .unwrap();
+    assert!(inserted.success());
+
     // The push holds the policy's WAL lease, not its set's: gc must not take it for abandoned.
     let plan = sb.run(&["--json", "gc", "--dry-run"]).ok().json();
-    assert_eq!(plan[0]["items"].as_array().unwrap().len(), 0, "{plan:?}");
+    let items = plan[0]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{plan:?}");
+    assert_eq!(items[0]["backup_id"], stale, "{plan:?}");
+    assert_eq!(items[0]["reason"], "abandoned", "{plan:?}");
     sb.run(&["gc"]).ok();
     assert_eq!(running(&sb).len(), 1);
+    assert_eq!(running(&sb)[0]["backup_id"], live["backup_id"]);
 
     std::fs::write(&wal, vec![7u8; 8192]).unwrap();
     let pushed: common::Run = push.wait_with_output().unwrap().into();
