@@ -159,13 +159,35 @@ mod dynamodb_registry {
         let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
             .expect("describe is a dynamodb URL");
         let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
-        let forget = |id: drctl::format::BackupId| {
+        // As an older drctl completes it: no index key and no pointer item.
+        let (client, url) = (&client, &url);
+        let forget = |id: drctl::format::BackupId| async move {
             client
                 .update_item()
                 .table_name(&url.table)
                 .key("pk", AttributeValue::S(format!("backup#{id}")))
                 .update_expression("REMOVE gsi_lookup")
                 .send()
+                .await?;
+            let pointers = client
+                .scan()
+                .table_name(&url.table)
+                .filter_expression("begins_with(pk, :lookup) AND backup_id = :id")
+                .expression_attribute_values(":lookup", AttributeValue::S("lookup#".into()))
+                .expression_attribute_values(":id", AttributeValue::S(id.to_string()))
+                .send()
+                .await
+                .expect("scan");
+            for item in pointers.items() {
+                client
+                    .delete_item()
+                    .table_name(&url.table)
+                    .key("pk", item["pk"].clone())
+                    .send()
+                    .await
+                    .expect("delete the pointer");
+            }
+            Ok::<_, aws_sdk_dynamodb::Error>(())
         };
         let version = |v: &str| {
             client
@@ -214,28 +236,89 @@ mod dynamodb_registry {
         .await;
     }
 
+    /// A created registry, its table and a client that changes it behind drctl's back.
+    async fn created_with_client() -> (
+        crate::suites::registry::RegistryFixture,
+        drctl::registry::dynamodb::TableUrl,
+        aws_sdk_dynamodb::Client,
+    ) {
+        let fixture = super::fresh_dynamodb_registry().await;
+        fixture.registry.create().await.expect("create");
+        let url = drctl::registry::dynamodb::TableUrl::parse(&fixture.registry.describe())
+            .expect("describe is a dynamodb URL");
+        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
+        (fixture, url, client)
+    }
+
+    /// A record completed a moment ago may not be in the index yet (here its index key is
+    /// removed behind drctl's back): `find` reads it through its pointer item. Removing the
+    /// record removes the pointer, and the index answers again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn find_reads_a_record_the_index_does_not_list_yet() {
+        use aws_sdk_dynamodb::types::AttributeValue;
+        use drctl::registry::{Lookup, Status};
+        const SEGMENT: &str = "000000010000000000000003";
+        let (fixture, url, client) = created_with_client().await;
+        let registry = fixture.registry.clone();
+        let older = crate::suites::registry::add_pushed(&registry, "pg", 1, Some(SEGMENT)).await;
+        let newer = crate::suites::registry::add_pushed(&registry, "pg", 2, Some(SEGMENT)).await;
+        client
+            .update_item()
+            .table_name(&url.table)
+            .key(
+                "pk",
+                AttributeValue::S(format!("backup#{}", newer.backup_id)),
+            )
+            .update_expression("REMOVE gsi_lookup")
+            .send()
+            .await
+            .expect("take the record out of the index");
+        let (prod, pg) = (
+            drctl::format::Name::parse("prod").unwrap(),
+            drctl::format::Name::parse("pg").unwrap(),
+        );
+        let find = || async {
+            registry
+                .find(&prod, &pg, Lookup::Wal(SEGMENT))
+                .await
+                .expect("find")
+                .map(|r| r.backup_id)
+        };
+        assert_eq!(find().await, Some(newer.backup_id.clone()));
+
+        assert!(registry
+            .transition(&newer.backup_id, Status::Completed, Status::Deleting, None)
+            .await
+            .unwrap());
+        registry.remove(&newer.backup_id).await.expect("remove");
+        let pointer = client
+            .get_item()
+            .table_name(&url.table)
+            .key(
+                "pk",
+                AttributeValue::S(format!("lookup#prod/pg/wal/{SEGMENT}")),
+            )
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get the pointer")
+            .item;
+        assert_eq!(pointer, None);
+        assert_eq!(find().await, Some(older.backup_id));
+    }
+
     /// The index is read eventually consistent: entries whose record is no longer completed
     /// (here changed behind drctl's back, as a lagging index would still list them) are
     /// passed over, across more than one page, for the newest completed record.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn find_passes_over_index_entries_of_records_no_longer_completed() {
         use aws_sdk_dynamodb::types::AttributeValue;
-        let fixture = super::fresh_dynamodb_registry().await;
+        let (fixture, url, client) = created_with_client().await;
         let registry = fixture.registry.clone();
-        registry.create().await.expect("create");
-        let url = drctl::registry::dynamodb::TableUrl::parse(&registry.describe())
-            .expect("describe is a dynamodb URL");
-        let client = aws_sdk_dynamodb::Client::new(&crate::moto::sdk_config("us-east-1").await);
         let mut ids = Vec::new();
         for n in 1..=7 {
-            let id = crate::suites::registry::id_at(n);
-            let record = crate::suites::registry::running_record("prod", "pg", &id);
-            registry.insert(&record).await.expect("insert");
-            registry
-                .complete(&id, &crate::suites::registry::manifest_for(&record), &[])
-                .await
-                .expect("complete");
-            ids.push(id);
+            let record = crate::suites::registry::add_pushed(&registry, "pg", n, None).await;
+            ids.push(record.backup_id);
         }
         for id in &ids[1..] {
             client

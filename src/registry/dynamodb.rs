@@ -3,13 +3,14 @@
 //! # Table design
 //!
 //! One table, partition key `pk` (string), no sort key, on-demand billing, point-in-time
-//! recovery on. Three kinds of item:
+//! recovery on. Four kinds of item:
 //!
 //! | `pk`                  | item                                                       |
 //! |-----------------------|------------------------------------------------------------|
 //! | `backup#<backup_id>`  | a backup record                                            |
 //! | `lease#<name>`        | a lease: `holder`, `token` (number), `expires_at` (ms)     |
 //! | `meta#schema`         | `schema_version` (number); `check` looks for it            |
+//! | `lookup#<lookup key>` | `backup_id` and `order` (its `gsi_order`) of the newest record completed with that lookup |
 //!
 //! A backup item holds the record's fields as attributes (`manifest`, `locations` and
 //! `verification` as JSON strings) plus the keys of its index entries:
@@ -21,7 +22,8 @@
 //!   `gsi_all`: the constant `backup`.
 //! - `gsi_lookup`, only while the record is completed and only on a WAL file's or a full
 //!   backup's record: `<environment>/<policy>/<lookup>`, where the lookup is `wal/<name>` or
-//!   `full`.
+//!   `full`. `find` reads the `lookup#` item with a consistent read as well, so that a record
+//!   completed a moment ago, which the index may not list yet, is found.
 //!
 //! Global secondary indexes (all projecting every attribute, so a listing is one Query):
 //!
@@ -37,8 +39,8 @@
 //! Schema version 1 lacked `by-lookup`; `create` (`drctl init`) adds the index and fills in
 //! `gsi_lookup` on the completed records.
 //!
-//! Lease and meta items carry none of these attributes, so they appear in no index. Getting a
-//! record by ID is a strongly consistent GetItem; nothing ever Scans. Index reads are
+//! Lease, meta and lookup items carry none of these attributes, so they appear in no index.
+//! Getting a record by ID is a strongly consistent GetItem; nothing ever Scans. Index reads are
 //! eventually consistent: a record written a moment ago may be missing from a listing for
 //! that moment, never from `get`.
 //!
@@ -515,6 +517,79 @@ impl DynamoDbRegistry {
         }
     }
 
+    /// Points the lookup's pointer item at `record`, unless it points at a newer record.
+    async fn point(&self, record: &BackupRecord, lookup: Lookup<'_>) -> Result<()> {
+        let key = lookup_key(&record.environment, &record.policy, lookup);
+        let order = order_key(&record.started_at, &record.backup_id);
+        let res = self
+            .client
+            .put_item()
+            .table_name(&self.url.table)
+            .item("pk", s(format!("lookup#{key}")))
+            .item("backup_id", s(record.backup_id.as_str()))
+            .item("order", s(&order))
+            .condition_expression("attribute_not_exists(pk) OR #o < :o")
+            .expression_attribute_names("#o", "order")
+            .expression_attribute_values(":o", s(&order))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if condition_failed(&e) => Ok(()),
+            Err(e) => Err(self.err(
+                format!("point lookup {key} at backup {}", record.backup_id),
+                e,
+            )),
+        }
+    }
+
+    /// The completed record the lookup's pointer item names, read consistently, if any.
+    async fn pointed(&self, key: &str) -> Result<Option<BackupRecord>> {
+        let Some(item) = self.get_item(s(format!("lookup#{key}"))).await? else {
+            return Ok(None);
+        };
+        let id = BackupId::parse(get_s(&item, "backup_id")?)?;
+        Ok(self
+            .get(&id)
+            .await?
+            .filter(|r| r.status == Status::Completed))
+    }
+
+    /// The newest completed record the `by-lookup` index lists under `key`. The index is read
+    /// eventually consistent: each record found is read again, and one that has just left
+    /// `completed` is passed over for the next older one.
+    async fn find_listed(&self, key: &str) -> Result<Option<BackupRecord>> {
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.url.table)
+                .index_name("by-lookup")
+                .scan_index_forward(false)
+                .key_condition_expression("#p = :p")
+                .expression_attribute_names("#p", "gsi_lookup")
+                .expression_attribute_values(":p", s(key))
+                .limit(FIND_PAGE)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.err("query index by-lookup", e))?;
+            for item in page.items() {
+                let id = record_from_item(item)?.backup_id;
+                if let Some(r) = self.get(&id).await? {
+                    if r.status == Status::Completed {
+                        return Ok(Some(r));
+                    }
+                }
+            }
+            match page.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(None),
+            }
+        }
+    }
+
     /// Adds the `by-lookup` index to a table of schema version 1.
     async fn add_lookup_index(&self) -> Result<()> {
         let table = self.describe_table().await?;
@@ -785,11 +860,13 @@ impl Registry for DynamoDbRegistry {
                 &["error"],
             )
             .await?;
-        if changed {
-            Ok(())
-        } else {
-            Err(not_running())
+        if !changed {
+            return Err(not_running());
         }
+        if let Some(lookup) = Lookup::of(manifest) {
+            self.point(&record, lookup).await?;
+        }
+        Ok(())
     }
 
     async fn transition(
@@ -819,6 +896,7 @@ impl Registry for DynamoDbRegistry {
     }
 
     async fn remove(&self, id: &BackupId) -> Result<()> {
+        let record = self.get(id).await?;
         let res = self
             .client
             .delete_item()
@@ -831,11 +909,33 @@ impl Registry for DynamoDbRegistry {
             .send()
             .await;
         match res {
+            Ok(_) => {}
+            Err(e) if condition_failed(&e) => {
+                return Err(Error::failure(format!(
+                    "backup {id} is not marked deleting or failed; not removing it"
+                )))
+            }
+            Err(e) => return Err(self.err(format!("remove backup {id}"), e)),
+        }
+        // Its pointer item, if it still names this record.
+        let Some(r) = record else { return Ok(()) };
+        let Some(lookup) = r.manifest.as_ref().and_then(Lookup::of) else {
+            return Ok(());
+        };
+        let key = lookup_key(&r.environment, &r.policy, lookup);
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.url.table)
+            .key("pk", s(format!("lookup#{key}")))
+            .condition_expression("backup_id = :id")
+            .expression_attribute_values(":id", s(id.as_str()))
+            .send()
+            .await;
+        match res {
             Ok(_) => Ok(()),
-            Err(e) if condition_failed(&e) => Err(Error::failure(format!(
-                "backup {id} is not marked deleting or failed; not removing it"
-            ))),
-            Err(e) => Err(self.err(format!("remove backup {id}"), e)),
+            Err(e) if condition_failed(&e) => Ok(()),
+            Err(e) => Err(self.err(format!("remove the pointer item {key}"), e)),
         }
     }
 
@@ -1001,37 +1101,22 @@ impl Registry for DynamoDbRegistry {
         policy: &Name,
         lookup: Lookup<'_>,
     ) -> Result<Option<BackupRecord>> {
-        // The index is read eventually consistent: each record found is read again, and one
-        // that has just left `completed` is passed over for the next older one.
-        let mut start: Option<Item> = None;
-        loop {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.url.table)
-                .index_name("by-lookup")
-                .scan_index_forward(false)
-                .key_condition_expression("#p = :p")
-                .expression_attribute_names("#p", "gsi_lookup")
-                .expression_attribute_values(":p", s(lookup_key(environment, policy, lookup)))
-                .limit(FIND_PAGE)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.err("query index by-lookup", e))?;
-            for item in page.items() {
-                let id = record_from_item(item)?.backup_id;
-                if let Some(r) = self.get(&id).await? {
-                    if r.status == Status::Completed {
-                        return Ok(Some(r));
-                    }
-                }
-            }
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(None),
-            }
-        }
+        let key = lookup_key(environment, policy, lookup);
+        // The pointer item, read consistently, names the newest record completed with this
+        // lookup, which the index may not list yet; the index answers when that record has
+        // left `completed` (or has no pointer: one completed before the upgrade).
+        let pointed = self.pointed(&key).await?;
+        let listed = self.find_listed(&key).await?;
+        Ok(match (pointed, listed) {
+            (Some(p), Some(l)) => Some(
+                if (p.started_at, &p.backup_id) >= (l.started_at, &l.backup_id) {
+                    p
+                } else {
+                    l
+                },
+            ),
+            (p, l) => p.or(l),
+        })
     }
 
     async fn acquire_lease(

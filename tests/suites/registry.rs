@@ -766,7 +766,7 @@ pub async fn latest_is_the_newest_completed_backup_of_the_set(registry: Arc<dyn 
 }
 
 /// Registers a completed backup: a `wal push` of `wal`, or with None a full backup.
-async fn add_pushed(
+pub async fn add_pushed(
     registry: &Arc<dyn Registry>,
     policy: &str,
     n: i64,
