@@ -10,7 +10,8 @@
 #   DRCTL_MOTO_PORT   port (default 5000); tests read the same variable
 #   DRCTL_MOTO_HOME   virtualenv and log directory (default ~/.cache/drctl/moto-5.2.5)
 #
-# Idempotent: safe to call before every test run.
+# Idempotent: safe to call before every test run. A server this script started from another
+# version of scripts/moto_server.py (which mends some of moto's gaps) is restarted.
 set -euo pipefail
 
 moto_version=5.2.5
@@ -20,6 +21,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=$home/venv/bin/python
 pidfile=$home/moto-$port.pid
 logfile=$home/moto-$port.log
+stampfile=$home/moto-$port.server-sha256
+stamp=$(sha256sum "$here/moto_server.py" | cut -d' ' -f1)
 
 # Any HTTP answer counts: the probe must not depend on what the server holds (moto's
 # /moto-api/data.json fails with 500 once some state is inconsistent).
@@ -45,13 +48,23 @@ install() {
 
 start() {
     if answering; then
-        echo "moto: answering on 127.0.0.1:$port"
-        return
+        if [[ -f $pidfile && $(cat "$stampfile" 2>/dev/null) != "$stamp" ]]; then
+            echo "moto: the server runs another scripts/moto_server.py; restarting it"
+            stop
+            for _ in $(seq 1 50); do
+                answering || break
+                sleep 0.2
+            done
+        else
+            echo "moto: answering on 127.0.0.1:$port"
+            return
+        fi
     fi
     install
     echo "moto: starting on 127.0.0.1:$port (log: $logfile)"
     nohup setsid "$python" "$here/moto_server.py" -H 127.0.0.1 -p "$port" >"$logfile" 2>&1 </dev/null &
     echo $! >"$pidfile"
+    echo "$stamp" >"$stampfile"
     for _ in $(seq 1 100); do
         if answering; then
             echo "moto: ready"

@@ -260,8 +260,9 @@ mod dynamodb_registry {
         const SEGMENT: &str = "000000010000000000000003";
         let (fixture, url, client) = created_with_client().await;
         let registry = fixture.registry.clone();
-        let older = crate::suites::registry::add_pushed(&registry, "pg", 1, Some(SEGMENT)).await;
+        // The newer record completes first: the older one's completion leaves the pointer.
         let newer = crate::suites::registry::add_pushed(&registry, "pg", 2, Some(SEGMENT)).await;
+        let older = crate::suites::registry::add_pushed(&registry, "pg", 1, Some(SEGMENT)).await;
         client
             .update_item()
             .table_name(&url.table)

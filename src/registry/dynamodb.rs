@@ -10,7 +10,7 @@
 //! | `backup#<backup_id>`  | a backup record                                            |
 //! | `lease#<name>`        | a lease: `holder`, `token` (number), `expires_at` (ms)     |
 //! | `meta#schema`         | `schema_version` (number); `check` looks for it            |
-//! | `lookup#<lookup key>` | `backup_id` and `order` (its `gsi_order`) of the newest record completed with that lookup |
+//! | `lookup#<key>`        | `backup_id`, `order`: the newest record completed with a lookup |
 //!
 //! A backup item holds the record's fields as attributes (`manifest`, `locations` and
 //! `verification` as JSON strings) plus the keys of its index entries:
@@ -864,7 +864,11 @@ impl Registry for DynamoDbRegistry {
             return Err(not_running());
         }
         if let Some(lookup) = Lookup::of(manifest) {
-            self.point(&record, lookup).await?;
+            // The record is completed: without its pointer it is still found once the index
+            // lists it.
+            if let Err(e) = self.point(&record, lookup).await {
+                tracing::warn!(error = %e, backup = %id, "the lookup pointer was not written");
+            }
         }
         Ok(())
     }
@@ -933,10 +937,14 @@ impl Registry for DynamoDbRegistry {
             .send()
             .await;
         match res {
-            Ok(_) => Ok(()),
-            Err(e) if condition_failed(&e) => Ok(()),
-            Err(e) => Err(self.err(format!("remove the pointer item {key}"), e)),
+            Err(e) if !condition_failed(&e) => {
+                // The record is gone; a pointer naming it is passed over by find.
+                let e = self.err(format!("remove the pointer item {key}"), e);
+                tracing::warn!(error = %e, backup = %id, "the lookup pointer was left");
+            }
+            _ => {}
         }
+        Ok(())
     }
 
     async fn set_verification(&self, id: &BackupId, v: &Verification) -> Result<()> {
