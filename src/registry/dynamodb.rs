@@ -66,14 +66,14 @@ use aws_sdk_dynamodb::Client;
 use chrono::{DateTime, Utc};
 
 use super::{
-    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Lookup,
-    Registry, Status, Verification,
+    corrupt, cursor_fallback, parse_ts, ts, unsupported_schema, upgradable_schema, usable_schema,
+    BackupRecord, Lease, ListQuery, Location, Lookup, Registry, Status, Verification,
+    SCHEMA_VERSION,
 };
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, Name};
 use crate::{Error, Result};
 
-const SCHEMA_VERSION: &str = "2";
 const META_PK: &str = "meta#schema";
 /// How often `add_location` reads again after a concurrent change of the locations.
 const ADD_LOCATION_ATTEMPTS: usize = 10;
@@ -548,9 +548,14 @@ impl DynamoDbRegistry {
         let Some(item) = self.get_item(s(format!("lookup#{key}"))).await? else {
             return Ok(None);
         };
-        let id = BackupId::parse(get_s(&item, "backup_id")?)?;
+        self.get_completed(&BackupId::parse(get_s(&item, "backup_id")?)?)
+            .await
+    }
+
+    /// The record `id`, read consistently, if it is completed.
+    async fn get_completed(&self, id: &BackupId) -> Result<Option<BackupRecord>> {
         Ok(self
-            .get(&id)
+            .get(id)
             .await?
             .filter(|r| r.status == Status::Completed))
     }
@@ -577,10 +582,8 @@ impl DynamoDbRegistry {
                 .map_err(|e| self.err("query index by-lookup", e))?;
             for item in page.items() {
                 let id = record_from_item(item)?.backup_id;
-                if let Some(r) = self.get(&id).await? {
-                    if r.status == Status::Completed {
-                        return Ok(Some(r));
-                    }
+                if let Some(r) = self.get_completed(&id).await? {
+                    return Ok(Some(r));
                 }
             }
             match page.last_evaluated_key {
@@ -636,15 +639,15 @@ impl DynamoDbRegistry {
             .await?
             .and_then(|item| item.get("schema_version").cloned())
         {
-            Some(AttributeValue::N(v)) if v == "1" || v == SCHEMA_VERSION => v,
+            Some(AttributeValue::N(v)) => v,
             other => {
-                return Err(Error::failure(format!(
-                    "registry {}: schema version {other:?} is not supported",
-                    self.url
+                return Err(unsupported_schema(
+                    &self.url.to_string(),
+                    &format!("{other:?}"),
                 ))
-                .hint("upgrade drctl"))
             }
         };
+        upgradable_schema(&self.url.to_string(), &version)?;
         let mut start: Option<Item> = None;
         let mut updated = 0;
         loop {
@@ -777,17 +780,11 @@ impl Registry for DynamoDbRegistry {
             return Err(missing());
         };
         match item.get("schema_version") {
-            Some(AttributeValue::N(v)) if v == SCHEMA_VERSION => Ok(()),
-            Some(AttributeValue::N(v)) if v == "1" => Err(Error::failure(format!(
-                "registry {} has schema version 1, older than this drctl's ({SCHEMA_VERSION})",
-                self.url
-            ))
-            .hint("run `drctl init` to upgrade it")),
-            other => Err(Error::failure(format!(
-                "registry {}: schema version {other:?} is not supported",
-                self.url
-            ))
-            .hint("upgrade drctl")),
+            Some(AttributeValue::N(v)) => usable_schema(&self.url.to_string(), v),
+            other => Err(unsupported_schema(
+                &self.url.to_string(),
+                &format!("{other:?}"),
+            )),
         }
     }
 
@@ -845,7 +842,8 @@ impl Registry for DynamoDbRegistry {
             ("manifest", s(serde_json::to_string(manifest)?)),
             ("locations", s(serde_json::to_string(locations)?)),
         ];
-        if let Some(lookup) = Lookup::of(manifest) {
+        let lookup = Lookup::of(manifest);
+        if let Some(lookup) = lookup {
             extra.push((
                 "gsi_lookup",
                 s(lookup_key(&record.environment, &record.policy, lookup)),
@@ -863,7 +861,7 @@ impl Registry for DynamoDbRegistry {
         if !changed {
             return Err(not_running());
         }
-        if let Some(lookup) = Lookup::of(manifest) {
+        if let Some(lookup) = lookup {
             // The record is completed: without its pointer it is still found once the index
             // lists it.
             if let Err(e) = self.point(&record, lookup).await {

@@ -111,6 +111,39 @@ pub struct ListQuery {
     pub limit: Option<u32>,
 }
 
+/// The registry schema this drctl reads and writes. Version 1 lacked the lookups of
+/// [`Registry::find`], which [`Registry::create`] adds.
+const SCHEMA_VERSION: &str = "2";
+
+/// Whether a registry whose schema version is `found` can be used as it is; if not, what to
+/// do about it.
+fn usable_schema(registry: &str, found: &str) -> Result<()> {
+    match found {
+        SCHEMA_VERSION => Ok(()),
+        "1" => Err(crate::Error::failure(format!(
+            "registry {registry} has schema version 1, older than this drctl's ({SCHEMA_VERSION})"
+        ))
+        .hint("run `drctl init` to upgrade it")),
+        _ => Err(unsupported_schema(registry, found)),
+    }
+}
+
+/// Whether [`Registry::create`] can bring a registry of schema version `found` to this
+/// drctl's.
+fn upgradable_schema(registry: &str, found: &str) -> Result<()> {
+    match found {
+        "1" | SCHEMA_VERSION => Ok(()),
+        _ => Err(unsupported_schema(registry, found)),
+    }
+}
+
+fn unsupported_schema(registry: &str, found: &str) -> crate::Error {
+    crate::Error::failure(format!(
+        "registry {registry}: schema version {found} is not supported"
+    ))
+    .hint("upgrade drctl")
+}
+
 /// What [`Registry::find`] looks a completed record up by, besides its ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup<'a> {

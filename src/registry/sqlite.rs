@@ -13,8 +13,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    corrupt, cursor_fallback, parse_ts, ts, BackupRecord, Lease, ListQuery, Location, Lookup,
-    Registry, Status, Verification,
+    corrupt, cursor_fallback, parse_ts, ts, upgradable_schema, usable_schema, BackupRecord, Lease,
+    ListQuery, Location, Lookup, Registry, Status, Verification, SCHEMA_VERSION,
 };
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Manifest, Name};
@@ -48,12 +48,7 @@ CREATE TABLE IF NOT EXISTS registry_meta (
     key   TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 );
-INSERT OR IGNORE INTO registry_meta (key, value) VALUES ('schema_version', '2');
 "#;
-
-/// The schema version this drctl reads and writes. Version 1 lacked `lookup`, which
-/// [`Registry::create`] adds.
-const SCHEMA_VERSION: &str = "2";
 
 /// `lookup` ([`Lookup::key`]) is set while a record is completed.
 const LOOKUP_INDEX: &str = "CREATE INDEX IF NOT EXISTS backups_by_lookup \
@@ -141,13 +136,7 @@ impl SqliteRegistry {
             sqlx::query_as("SELECT value FROM registry_meta WHERE key = 'schema_version'")
                 .fetch_one(&mut *tx)
                 .await?;
-        if version != "1" && version != SCHEMA_VERSION {
-            return Err(Error::failure(format!(
-                "registry {} has schema version {version}, newer than this drctl's",
-                self.describe()
-            ))
-            .hint("upgrade drctl"));
-        }
+        upgradable_schema(&self.describe(), &version)?;
         let columns: Vec<(String,)> =
             sqlx::query_as("SELECT name FROM pragma_table_info('backups')")
                 .fetch_all(&mut *tx)
@@ -205,6 +194,13 @@ impl Registry for SqliteRegistry {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         sqlx::raw_sql(SCHEMA).execute(&self.pool).await?;
+        // A new registry is created at this version; an existing one keeps its own.
+        sqlx::query(
+            "INSERT OR IGNORE INTO registry_meta (key, value) VALUES ('schema_version', ?)",
+        )
+        .bind(SCHEMA_VERSION)
+        .execute(&self.pool)
+        .await?;
         self.upgrade().await?;
         Ok(())
     }
@@ -223,16 +219,7 @@ impl Registry for SqliteRegistry {
                 .await
                 .map_err(|_| missing())?;
         match found {
-            Some((v,)) if v == SCHEMA_VERSION => Ok(()),
-            Some((v,)) if v == "1" => Err(Error::failure(format!(
-                "registry {} has schema version 1, older than this drctl's ({SCHEMA_VERSION})",
-                self.describe()
-            ))
-            .hint("run `drctl init` to upgrade it")),
-            Some((v,)) => Err(Error::failure(format!(
-                "registry schema version {v} is not supported"
-            ))
-            .hint("upgrade drctl")),
+            Some((v,)) => usable_schema(&self.describe(), &v),
             None => Err(missing()),
         }
     }
