@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark drctl's PostgreSQL backups against the tools they replace, on the same cluster in
 # the same run:
-#   physical full   drctl backup (pg_basebackup | zstd -3 | age)  vs  pgBackRest full backup
-#                   (zstd level 3, process-max = cores, AES-256 repository encryption); each
+#   physical full   drctl backup (the data directory's files | zstd -3 | age)  vs  pgBackRest
+#                   full backup (zstd level 3, process-max = cores, AES-256 repository
+#                   encryption); both read the files between pg_backup_start/stop; each
 #                   ends once the WAL its backup needs is in its own archive (the server's
 #                   archive_command is `pgbackrest archive-push` during pgBackRest's runs)
 #   logical dump    drctl backup (pg_dump -Fc -Z0 | zstd -3 | age, plus row counts)  vs
@@ -186,6 +187,7 @@ source:
   kind: postgres
   mode: physical
   url: $url/postgres
+  data-directory: $data
 YAML
 as_pg tee "$home/policies/logical.yaml" >/dev/null <<YAML
 name: logical

@@ -54,7 +54,7 @@ pub enum SourceConfig {
         #[serde(default)]
         env: BTreeMap<String, String>,
     },
-    /// A PostgreSQL database (`logical`: pg_dump) or cluster (`physical`: pg_basebackup
+    /// A PostgreSQL database (`logical`: pg_dump) or cluster (`physical`: a base backup
     /// plus WAL archived by `drctl wal push`).
     Postgres {
         mode: PostgresMode,
@@ -66,6 +66,11 @@ pub enum SourceConfig {
         /// Environment variable holding the password.
         #[serde(default, rename = "password-env")]
         password_env: Option<String>,
+        /// Physical mode on the database host: the server's data directory (absolute). drctl
+        /// then reads the cluster's files itself between `pg_backup_start` and
+        /// `pg_backup_stop`, instead of streaming them through `pg_basebackup`.
+        #[serde(default, rename = "data-directory")]
+        data_directory: Option<PathBuf>,
     },
     /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
     /// server's binary logs.
@@ -452,9 +457,21 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             url,
             password_file,
             password_env,
+            data_directory,
         } => {
             check_postgres_url(p, *mode, url);
             check_password(p, password_file, password_env);
+            match data_directory {
+                Some(_) if *mode != PostgresMode::Physical => p.add(
+                    "source.data-directory",
+                    "only a physical backup reads the data directory; remove it",
+                ),
+                Some(dir) if !dir.is_absolute() => p.add(
+                    "source.data-directory",
+                    "give the data directory as an absolute path",
+                ),
+                _ => {}
+            }
         }
         SourceConfig::Mysql {
             url,

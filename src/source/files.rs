@@ -89,29 +89,23 @@ impl Source for FilesSource {
         index: Option<&mut dyn Write>,
         cancel: &Cancel,
     ) -> Result<Stats> {
-        // A buffer of a pipeline chunk lets `io::copy` read files straight into it in big
-        // blocks.
-        let mut builder = tar::Builder::new(BufWriter::with_capacity(ENCODE_CHUNK, out));
+        let mut tar = tar_builder(out);
         let index = index.map(|w| BufWriter::with_capacity(64 * 1024, w));
-        let mut walk = Walk {
-            source: self,
-            counts: Counts::default(),
-            links: HashMap::new(),
+        let excluded = |path: &Path| self.excluded(path);
+        let mut walk = Walk::new(
+            Rules {
+                base: None,
+                excluded: &excluded,
+                one_file_system: self.one_file_system,
+                changes_expected: false,
+            },
             cancel,
-            index,
-        };
+        );
+        walk.index = index;
         for root in &self.paths {
-            let meta = std::fs::symlink_metadata(root)
-                .map_err(|e| Error::io(format!("source path {}", root.display()), e))?;
-            let root_dev = meta.dev();
-            walk.visit(&mut builder, root, meta, root_dev)?;
+            walk.visit_root(&mut tar, root)?;
         }
-        let mut inner = builder
-            .into_inner()
-            .map_err(|e| Error::io("finish the archive", e))?;
-        inner
-            .flush()
-            .map_err(|e| Error::io("write the archive", e))?;
+        finish(tar)?;
         if let Some(w) = walk.index.as_mut() {
             w.flush().map_err(|e| Error::io("write the index", e))?;
         }
@@ -119,8 +113,24 @@ impl Source for FilesSource {
     }
 }
 
+/// A tar archive written to a pipeline. A buffer of a pipeline chunk lets `io::copy` read
+/// files straight into it in big blocks.
+pub type Tar<'w> = tar::Builder<BufWriter<&'w mut dyn Write>>;
+
+pub fn tar_builder(out: &mut dyn Write) -> Tar<'_> {
+    tar::Builder::new(BufWriter::with_capacity(ENCODE_CHUNK, out))
+}
+
+/// Writes the archive's end and flushes it to the pipeline.
+pub fn finish(tar: Tar<'_>) -> Result<()> {
+    tar.into_inner()
+        .map_err(|e| Error::io("finish the archive", e))?
+        .flush()
+        .map_err(|e| Error::io("write the archive", e))
+}
+
 #[derive(Default)]
-struct Counts {
+pub struct Counts {
     files: u64,
     dirs: u64,
     symlinks: u64,
@@ -134,7 +144,7 @@ struct Counts {
 }
 
 impl Counts {
-    fn into_stats(self) -> Stats {
+    pub fn into_stats(self) -> Stats {
         let mut s = Stats::new();
         for (k, v) in [
             ("files", self.files),
@@ -154,25 +164,62 @@ impl Counts {
     }
 }
 
-struct Walk<'a, 'w> {
-    source: &'a FilesSource,
-    counts: Counts,
+/// How a walk names and filters what it archives.
+pub struct Rules<'a> {
+    /// Entries are named relative to this directory; without it, by their absolute path
+    /// without the leading `/`.
+    pub base: Option<&'a Path>,
+    /// Paths left out, with everything under them.
+    pub excluded: &'a dyn Fn(&Path) -> bool,
+    /// Stay on the file system of each root.
+    pub one_file_system: bool,
+    /// Files are expected to change while read (a database's), so that is not worth a
+    /// warning.
+    pub changes_expected: bool,
+}
+
+pub struct Walk<'a, 'w> {
+    rules: Rules<'a>,
+    pub counts: Counts,
     /// (device, inode) → archive path of the first link seen, for files with several links.
     links: HashMap<(u64, u64), PathBuf>,
     cancel: &'a Cancel,
     index: Option<BufWriter<&'w mut dyn Write>>,
 }
 
-type Tar<'w> = tar::Builder<BufWriter<&'w mut dyn Write>>;
-
-fn archive_name(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| matches!(c, std::path::Component::Normal(_)))
-        .collect()
-}
-
 fn vanished(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
+}
+
+impl<'a> Walk<'a, '_> {
+    pub fn new(rules: Rules<'a>, cancel: &'a Cancel) -> Self {
+        Walk {
+            rules,
+            counts: Counts::default(),
+            links: HashMap::new(),
+            cancel,
+            index: None,
+        }
+    }
+
+    /// Archives `root` and, for a directory, everything under it.
+    pub fn visit_root(&mut self, tar: &mut Tar<'_>, root: &Path) -> Result<()> {
+        let meta = std::fs::symlink_metadata(root)
+            .map_err(|e| Error::io(format!("source path {}", root.display()), e))?;
+        let root_dev = meta.dev();
+        self.visit(tar, root, meta, root_dev)
+    }
+
+    fn archive_name(&self, path: &Path) -> PathBuf {
+        let path = self
+            .rules
+            .base
+            .and_then(|base| path.strip_prefix(base).ok())
+            .unwrap_or(path);
+        path.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect()
+    }
 }
 
 impl Walk<'_, '_> {
@@ -184,7 +231,7 @@ impl Walk<'_, '_> {
         root_dev: u64,
     ) -> Result<()> {
         self.cancel.check()?;
-        let name = archive_name(path);
+        let name = self.archive_name(path);
         let ft = meta.file_type();
         if ft.is_socket() {
             self.counts.skipped_sockets += 1;
@@ -227,7 +274,7 @@ impl Walk<'_, '_> {
             children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             for child in children {
                 let child_path = path.join(&child);
-                if self.source.excluded(&child_path) {
+                if (self.rules.excluded)(&child_path) {
                     self.counts.excluded += 1;
                     continue;
                 }
@@ -239,9 +286,7 @@ impl Walk<'_, '_> {
                     }
                     Err(e) => return Err(Error::io(format!("stat {}", child_path.display()), e)),
                 };
-                if self.source.one_file_system
-                    && child_meta.is_dir()
-                    && child_meta.dev() != root_dev
+                if self.rules.one_file_system && child_meta.is_dir() && child_meta.dev() != root_dev
                 {
                     self.counts.excluded += 1;
                     continue;
@@ -294,16 +339,15 @@ impl Walk<'_, '_> {
                 Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
             };
             let size = meta.len();
-            let mut reader = ExactReader {
-                inner: file,
-                remaining: size,
-                changed: false,
-                cancel: self.cancel,
-            };
+            let mut reader = ExactReader::new(file, size, self.cancel);
             tar.append_data(&mut header, &name, &mut reader)
                 .map_err(write_err)?;
-            if reader.changed {
-                tracing::warn!(path = %path.display(), "file changed size while being read; archived {size} bytes");
+            if reader.changed() {
+                if self.rules.changes_expected {
+                    tracing::debug!(path = %path.display(), "file changed size while being read; archived {size} bytes");
+                } else {
+                    tracing::warn!(path = %path.display(), "file changed size while being read; archived {size} bytes");
+                }
                 self.counts.changed += 1;
             }
             entry.size = size;
@@ -341,11 +385,27 @@ impl Walk<'_, '_> {
 
 /// Yields exactly `remaining` bytes: a file that grew is cut at the size in its header, one
 /// that shrank is padded with zeros, so the archive stays well-formed.
-struct ExactReader<'a> {
+pub struct ExactReader<'a> {
     inner: std::fs::File,
     remaining: u64,
     changed: bool,
     cancel: &'a Cancel,
+}
+
+impl<'a> ExactReader<'a> {
+    pub fn new(inner: std::fs::File, size: u64, cancel: &'a Cancel) -> Self {
+        ExactReader {
+            inner,
+            remaining: size,
+            changed: false,
+            cancel,
+        }
+    }
+
+    /// Whether the file turned out shorter or longer than its size.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
 }
 
 impl Read for ExactReader<'_> {

@@ -70,9 +70,11 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             url,
             password_file,
             password_env,
+            data_directory,
         } => Box::new(postgres::PostgresSource::new(
             *mode,
             postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
+            data_directory.clone(),
         )),
         SourceConfig::Mysql {
             url,

@@ -1,7 +1,8 @@
 //! PostgreSQL: `logical` streams `pg_dump -Fc` and records per-table row counts taken in the
-//! dump's own snapshot; `physical` streams `pg_basebackup` as tar and records the WAL range
-//! (timeline, start and stop LSN) the base backup needs. WAL segments arrive separately,
-//! one per `drctl wal push` ([`WalSource`]).
+//! dump's own snapshot; `physical` writes a base backup as tar and records the WAL range
+//! (timeline, start and stop LSN) it needs. The base backup is streamed by `pg_basebackup`,
+//! or, given the data directory, read from the files between `pg_backup_start` and
+//! `pg_backup_stop`. WAL segments arrive separately, one per `drctl wal push` ([`WalSource`]).
 //!
 //! The password never appears on a command line, in the descriptor or in an error: it is
 //! handed to the client tools in `PGPASSWORD`.
@@ -13,6 +14,7 @@ use std::process::Command;
 
 use super::command::stream_stdout;
 pub use super::command::SqlSession as Session;
+use super::files::{self, Tar};
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
@@ -237,14 +239,16 @@ pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, 
 pub struct PostgresSource {
     mode: PostgresMode,
     conn: Conn,
+    data_directory: Option<PathBuf>,
     point_in_time: Option<PointInTime>,
 }
 
 impl PostgresSource {
-    pub fn new(mode: PostgresMode, conn: Conn) -> Self {
+    pub fn new(mode: PostgresMode, conn: Conn, data_directory: Option<PathBuf>) -> Self {
         PostgresSource {
             mode,
             conn,
+            data_directory,
             point_in_time: None,
         }
     }
@@ -313,11 +317,11 @@ impl PostgresSource {
         let segment_size: u64 = segment_size
             .parse()
             .map_err(|_| Error::failure(format!("bad wal_segment_size {segment_size:?}")))?;
-        // The base backup carries the WAL from its start to its end (`-X fetch`), so it is
-        // consistent on its own and the server does not wait for that WAL to be archived. A
-        // temporary replication slot keeps the server from recycling it meanwhile; it goes
-        // with the session, even if drctl dies. The session idles while pg_basebackup runs,
-        // so no idle timeout may end it (nor the slot with it).
+        // The base backup carries the WAL from its start to its end, so it is consistent on
+        // its own and the server does not wait for that WAL to be archived. A temporary
+        // replication slot keeps the server from recycling it meanwhile; it goes with the
+        // session, even if drctl dies. The session idles while the files are read, so no
+        // idle timeout may end it (nor the slot with it).
         session.query(
             "SELECT set_config(name, '0', false) FROM pg_settings \
              WHERE name = 'idle_session_timeout'",
@@ -331,31 +335,440 @@ impl PostgresSource {
                 e.context("reserve the base backup's WAL with a temporary replication slot")
                     .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
             })?;
-        let mut cmd = self.conn.command("pg_basebackup");
-        cmd.args(["-D", "-", "-Ft", "-X", "fetch", "-c", "fast"])
-            .args(["-d", &self.conn.url]);
-        // The backup manifest pg_basebackup appends to the archive names the WAL range.
-        let mut tap = TarTap::new(out, "backup_manifest");
-        let streamed = stream_stdout(cmd, &mut tap, cancel)?;
-        // pg_basebackup has read all the WAL it needed; the slot is no longer needed.
+        let (mut range, mut stats) = match self.data_directory.clone() {
+            Some(dir) => read_data_directory(&mut session, &slot, &dir, segment_size, out, cancel)?,
+            None => self.stream_base_backup(segment_size, out, cancel)?,
+        };
+        // The base backup holds all the WAL it needs; the slot is no longer needed.
         if let Err(e) = session.close() {
             tracing::warn!(error = %e, "the session that held the base backup's replication slot failed");
         }
-        let mut range =
-            WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
         range.included = true;
-        // Consistent from the stop LSN on, which pg_basebackup has just reached.
+        // Consistent from the stop LSN on, which the server has just reached.
         self.point_in_time = Some(PointInTime {
             timestamp: Some(chrono::Utc::now()),
             lsn: Some(range.stop_lsn.clone()),
             binlog: None,
         });
-        let mut stats = Stats::new();
         stats.insert("mode".into(), "physical".into());
-        stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("wal".into(), serde_json::to_value(range)?);
         Ok(stats)
     }
+
+    /// `pg_basebackup -X fetch` as one tar on its standard output; the backup manifest it
+    /// appends names the WAL range.
+    fn stream_base_backup(
+        &self,
+        segment_size: u64,
+        out: &mut dyn Write,
+        cancel: &Cancel,
+    ) -> Result<(WalRange, Stats)> {
+        let mut cmd = self.conn.command("pg_basebackup");
+        cmd.args(["-D", "-", "-Ft", "-X", "fetch", "-c", "fast"])
+            .args(["-d", &self.conn.url]);
+        let mut tap = TarTap::new(out, "backup_manifest");
+        let streamed = stream_stdout(cmd, &mut tap, cancel)?;
+        let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
+        let mut stats = Stats::new();
+        stats.insert("method".into(), "pg_basebackup".into());
+        stats.insert("bytes".into(), streamed.bytes.into());
+        Ok((range, stats))
+    }
+}
+
+/// A base backup read from the data directory, as pgBackRest takes one: the files between
+/// `pg_backup_start` and `pg_backup_stop` (leaving out what `pg_basebackup` leaves out, and
+/// `global/pg_control` until the end), then the `backup_label` the server returns and the
+/// WAL from the start to the stop LSN, read from `pg_wal` while `session`'s replication slot
+/// `slot` holds it. Torn pages in files written meanwhile are repaired by replaying that WAL,
+/// which holds full page images for the backup's duration.
+fn read_data_directory(
+    session: &mut Session,
+    slot: &str,
+    data_dir: &Path,
+    segment_size: u64,
+    out: &mut dyn Write,
+    cancel: &Cancel,
+) -> Result<(WalRange, Stats)> {
+    // One path for everything read: names in the archive are relative to it.
+    let data_dir = &std::fs::canonicalize(data_dir)
+        .map_err(|e| Error::io(format!("data-directory {}", data_dir.display()), e))?;
+    check_data_directory(session, data_dir)?;
+    refuse_tablespaces(data_dir)?;
+    let version: u32 = session
+        .value("SELECT current_setting('server_version_num')")?
+        .parse()
+        .map_err(|_| Error::failure("bad server_version_num"))?;
+    let (start_call, stop_call) = if version >= 150000 {
+        ("pg_backup_start('drctl', true)", "pg_backup_stop(false)")
+    } else {
+        (
+            "pg_start_backup('drctl', true, false)",
+            "pg_stop_backup(false, false)",
+        )
+    };
+    let start = session.value(&format!("SELECT {start_call}"))?;
+    let start =
+        parse_lsn(&start).ok_or_else(|| Error::failure(format!("bad start LSN {start:?}")))?;
+    check_checkpoint(session, data_dir)?;
+
+    let mut tar = files::tar_builder(out);
+    let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
+    let mut walk = files::Walk::new(
+        files::Rules {
+            base: Some(data_dir),
+            excluded: &left_out,
+            one_file_system: false,
+            changes_expected: true,
+        },
+        cancel,
+    );
+    walk.visit_root(&mut tar, data_dir)?;
+    // pg_control last, as pg_basebackup sends it, read until two reads agree: the server may
+    // rewrite it meanwhile, and a torn copy would not start.
+    let control = data_dir.join("global/pg_control");
+    let control_meta =
+        std::fs::metadata(&control).map_err(|e| Error::io("stat global/pg_control", e))?;
+    append_made(
+        &mut tar,
+        &control_meta,
+        "global/pg_control",
+        Some(&read_settled(&control)?),
+    )?;
+
+    // The label and map come back hex-encoded: psql prints one row per line.
+    let stopped = session.value(&format!(
+        "SELECT lsn || ' ' || encode(convert_to(labelfile, 'UTF8'), 'hex') || ' ' || \
+         encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM {stop_call}"
+    ))?;
+    let mut fields = stopped.split(' ');
+    let (Some(stop), Some(label), Some(map)) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(Error::failure(format!(
+            "unexpected pg_backup_stop result {stopped:?}"
+        )));
+    };
+    let stop = parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
+    let label =
+        hex::decode(label).map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
+    // A tablespace created since the check would be archived as a bare link.
+    if !map.is_empty() {
+        return Err(Error::invalid(
+            "a tablespace was created during the backup, which a physical backup does not cover",
+        ));
+    }
+    refuse_tablespaces(data_dir)?;
+    let timeline = String::from_utf8_lossy(&label)
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE: "))
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .ok_or_else(|| {
+            Error::failure("the backup_label from pg_backup_stop names no START TIMELINE")
+        })?;
+    let range = WalRange::new(timeline, start, stop, segment_size);
+
+    let dir_meta = std::fs::metadata(data_dir)
+        .map_err(|e| Error::io(format!("stat {}", data_dir.display()), e))?;
+    append_made(&mut tar, &dir_meta, "backup_label", Some(&label))?;
+    for dir in EMPTIED_DIRS
+        .iter()
+        .chain(&["pg_wal", "pg_wal/archive_status"])
+    {
+        if data_dir.join(dir).is_dir() {
+            append_made(&mut tar, &dir_meta, dir, None)?;
+        }
+    }
+    let wal_dir = data_dir.join("pg_wal");
+    for segno in start / segment_size..=stop.saturating_sub(1).max(start) / segment_size {
+        let name = segment_name(timeline, segno, segment_size);
+        append_wal(
+            &mut tar,
+            &wal_dir,
+            &name,
+            Some(segment_size),
+            &dir_meta,
+            cancel,
+        )?;
+    }
+    // Every timeline's history, as pg_basebackup sends them.
+    let mut histories: Vec<String> = std::fs::read_dir(&wal_dir)
+        .map_err(|e| Error::io(format!("list {}", wal_dir.display()), e))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| {
+            n.strip_suffix(".history")
+                .is_some_and(|t| t.len() == 8 && is_upper_hex(t))
+        })
+        .collect();
+    histories.sort();
+    for name in &histories {
+        append_wal(&mut tar, &wal_dir, name, None, &dir_meta, cancel)?;
+    }
+    // The slot held the WAL unless max_slot_wal_keep_size let the server remove it.
+    let status = session.value(&format!(
+        "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    ))?;
+    if status == "lost" {
+        return Err(Error::failure(
+            "the server removed WAL the base backup needs while it was read (max_slot_wal_keep_size)",
+        ));
+    }
+    files::finish(tar)?;
+    let mut stats = walk.counts.into_stats();
+    stats.insert("method".into(), "data-directory".into());
+    Ok((range, stats))
+}
+
+/// Refuses a data directory that is not the primary's the session is connected to: the
+/// path the server reports and the system identifier in `global/pg_control` must match.
+fn check_data_directory(session: &mut Session, data_dir: &Path) -> Result<()> {
+    let row = session
+        .value(
+            "SELECT system_identifier || ' ' || pg_is_in_recovery() || ' ' || \
+             current_setting('data_directory') FROM pg_control_system()",
+        )
+        .map_err(|e| {
+            e.context("read the server's data directory")
+                .hint("the backup user needs to be a superuser or a member of pg_read_all_settings")
+        })?;
+    let mut fields = row.splitn(3, ' ');
+    let (system, recovery, server_dir) = (
+        fields.next().unwrap_or(""),
+        fields.next().unwrap_or(""),
+        fields.next().unwrap_or(""),
+    );
+    if recovery == "true" {
+        return Err(Error::invalid(
+            "the server is a standby: drctl reads the data directory of a primary only",
+        )
+        .hint("remove data-directory to back the standby up through pg_basebackup"));
+    }
+    if std::fs::canonicalize(server_dir).ok().as_deref() != Some(data_dir) {
+        return Err(Error::invalid(format!(
+            "data-directory {} is not the server's data directory {server_dir:?}",
+            data_dir.display()
+        ))
+        .hint(NOT_THE_SERVERS));
+    }
+    let control = data_dir.join("global/pg_control");
+    let mut id = [0u8; 8];
+    std::fs::File::open(&control)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+        .map_err(|e| Error::io(format!("read {}", control.display()), e))?;
+    if u64::from_ne_bytes(id).to_string() != system {
+        return Err(Error::invalid(format!(
+            "{} belongs to another cluster than the server's (system identifier {system})",
+            control.display()
+        ))
+        .hint(NOT_THE_SERVERS));
+    }
+    Ok(())
+}
+
+const NOT_THE_SERVERS: &str = "data-directory must be the data directory of the server the policy's URL reaches, on this host; without it drctl streams the backup through pg_basebackup";
+
+/// Refuses a directory whose `global/pg_control` does not hold the checkpoint the server has
+/// just taken for the backup: a standby's copy of the cluster on the same path (as in a pair
+/// of hosts behind one address) has the same path and system identifier, but not the same
+/// files.
+fn check_checkpoint(session: &mut Session, data_dir: &Path) -> Result<()> {
+    let control = data_dir.join("global/pg_control");
+    // Another checkpoint may come between the two reads: ask again.
+    for _ in 0..3 {
+        let server = session.value("SELECT checkpoint_lsn FROM pg_control_checkpoint()")?;
+        let bytes = read_settled(&control)?;
+        // ControlFileData: system_identifier, version, catalog version, state, time, then
+        // the checkpoint's LSN at offset 32 (PostgreSQL 10 and later).
+        let ours = bytes
+            .get(32..40)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes);
+        if ours.is_some() && ours == parse_lsn(&server) {
+            return Ok(());
+        }
+    }
+    Err(Error::invalid(format!(
+        "{} does not hold the server's latest checkpoint: it is another copy of the cluster",
+        control.display()
+    ))
+    .hint(NOT_THE_SERVERS))
+}
+
+fn refuse_tablespaces(data_dir: &Path) -> Result<()> {
+    let dir = data_dir.join("pg_tblspc");
+    let count = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
+        .count();
+    if count > 0 {
+        return Err(Error::invalid(format!(
+            "the cluster has {count} tablespace(s) (pg_tblspc), which a physical backup does not cover"
+        )));
+    }
+    Ok(())
+}
+
+/// Appends `pg_wal/NAME`, which must be there whole (`size`, for a segment), and its
+/// `.done` status file, so that a server restored from the backup does not archive it again.
+fn append_wal(
+    tar: &mut Tar<'_>,
+    wal_dir: &Path,
+    name: &str,
+    size: Option<u64>,
+    owner: &std::fs::Metadata,
+    cancel: &Cancel,
+) -> Result<()> {
+    let path = wal_dir.join(name);
+    let file = std::fs::File::open(&path)
+        .map_err(|e| Error::io(format!("read WAL {}", path.display()), e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    if size.is_some_and(|size| size != meta.len()) {
+        return Err(Error::failure(format!(
+            "WAL segment {} holds {} bytes, not a segment's {}",
+            path.display(),
+            meta.len(),
+            size.unwrap_or_default()
+        )));
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    let mut reader = files::ExactReader::new(file, meta.len(), cancel);
+    tar.append_data(&mut header, format!("pg_wal/{name}"), &mut reader)
+        .map_err(|e| Error::io(format!("archive {}", path.display()), e))?;
+    if reader.changed() {
+        return Err(Error::failure(format!(
+            "WAL file {} changed size while read",
+            path.display()
+        )));
+    }
+    append_made(
+        tar,
+        owner,
+        &format!("pg_wal/archive_status/{name}.done"),
+        Some(b""),
+    )
+}
+
+/// Directories whose contents a base backup leaves out: the server recreates or resets them.
+/// They are archived empty, as directories even where they are links.
+const EMPTIED_DIRS: &[&str] = &[
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// Files of the top directory a base backup leaves out.
+const LEFT_OUT_FILES: &[&str] = &[
+    "backup_label",
+    "backup_manifest",
+    "current_logfiles.tmp",
+    "postgresql.auto.conf.tmp",
+    "postmaster.opts",
+    "postmaster.pid",
+    "tablespace_map",
+];
+
+/// What the walk of a data directory leaves out, as `pg_basebackup` does: the server's
+/// runtime files, temporary files, temporary and unlogged relations (all but the init fork,
+/// from which the server resets them), symlinks (`pg_tblspc` holds none: tablespaces are
+/// refused), FIFOs and sockets. `pg_wal`, the [`EMPTIED_DIRS`] and `global/pg_control` are
+/// added separately.
+fn left_out_of_base_backup(data_dir: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(data_dir) else {
+        return false;
+    };
+    let parts: Vec<_> = rel.iter().map(|p| p.to_str().unwrap_or("")).collect();
+    let Some(&name) = parts.last() else {
+        return false;
+    };
+    if name.starts_with("pgsql_tmp") || name.starts_with("pg_internal.init") {
+        return true;
+    }
+    let by_name = match parts.as_slice() {
+        [name] => *name == "pg_wal" || LEFT_OUT_FILES.contains(name) || EMPTIED_DIRS.contains(name),
+        ["global", "pg_control"] => true,
+        ["base", _, name] => relation_left_out(path, name),
+        _ => false,
+    };
+    if by_name {
+        return true;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            tracing::warn!(path = %path.display(), "left out of the base backup: not a file or a directory");
+            true
+        }
+        // Gone, or not: the walk finds out.
+        _ => false,
+    }
+}
+
+/// A temporary relation's file (`t3_16384`), or an unlogged relation's file other than its
+/// init fork (`16384`, `16384_fsm`, `16384.1` next to `16384_init`).
+fn relation_left_out(path: &Path, name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = name.strip_prefix('t') {
+        if rest
+            .split_once('_')
+            .is_some_and(|(backend, _)| digits(backend))
+        {
+            return true;
+        }
+    }
+    let stem = name.split('.').next().unwrap_or(name);
+    let (node, fork) = stem.split_once('_').unwrap_or((stem, ""));
+    if !digits(node) || fork == "init" {
+        return false;
+    }
+    path.with_file_name(format!("{node}_init")).exists()
+}
+
+/// A small file's contents, read until two reads in a row agree.
+fn read_settled(path: &Path) -> Result<Vec<u8>> {
+    let read = || std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e));
+    let mut last = read()?;
+    for _ in 0..100 {
+        let again = read()?;
+        if again == last {
+            return Ok(again);
+        }
+        last = again;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(Error::failure(format!(
+        "{} kept changing while read",
+        path.display()
+    )))
+}
+
+/// Appends an entry drctl makes: a file holding `data`, or a directory (`None`), owned like
+/// `owner`.
+fn append_made(
+    tar: &mut Tar<'_>,
+    owner: &std::fs::Metadata,
+    name: &str,
+    data: Option<&[u8]>,
+) -> Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(owner, tar::HeaderMode::Complete);
+    header.set_mtime(chrono::Utc::now().timestamp().max(0) as u64);
+    match data {
+        Some(data) => {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(0o600);
+            header.set_size(data.len() as u64);
+        }
+        None => {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o700);
+            header.set_size(0);
+        }
+    }
+    tar.append_data(&mut header, name, data.unwrap_or_default())
+        .map_err(|e| Error::io(format!("archive {name}"), e))
 }
 
 impl Source for PostgresSource {
@@ -373,7 +786,11 @@ impl Source for PostgresSource {
             PostgresMode::Logical => "logical",
             PostgresMode::Physical => "physical",
         };
-        serde_json::json!({ "mode": mode, "url": self.conn.url })
+        let mut d = serde_json::json!({ "mode": mode, "url": self.conn.url });
+        if let Some(dir) = &self.data_directory {
+            d["data_directory"] = dir.to_string_lossy().into();
+        }
+        d
     }
     fn run(
         &mut self,
@@ -424,9 +841,13 @@ impl WalRange {
                 "the base backup holds no backup_manifest with a WAL range; PostgreSQL 13 or later is needed",
             ));
         };
+        Ok(WalRange::new(timeline, start, stop, segment_size))
+    }
+
+    fn new(timeline: u32, start: u64, stop: u64, segment_size: u64) -> WalRange {
         // The stop LSN may sit exactly on a segment boundary: the last record ends before it.
         let stop_segment = stop.saturating_sub(1).max(start) / segment_size;
-        Ok(WalRange {
+        WalRange {
             timeline,
             start_lsn: format_lsn(start),
             stop_lsn: format_lsn(stop),
@@ -434,7 +855,7 @@ impl WalRange {
             stop_wal: segment_name(timeline, stop_segment, segment_size),
             segment_size,
             included: false,
-        })
+        }
     }
 }
 
@@ -674,6 +1095,73 @@ pub fn parse_history(text: &str) -> Result<Vec<TimelineSwitch>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_walk_leaves_out_what_pg_basebackup_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in [
+            "base/5/pgsql_tmp",
+            "global",
+            "pg_wal",
+            "pg_stat_tmp",
+            "pg_xact",
+        ] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        for file in [
+            "base/5/16384",
+            "base/5/16384_init",
+            "base/5/16384_fsm",
+            "base/5/16384.1",
+            "base/5/16385",
+            "base/5/16385_vm",
+            "base/5/t3_16386",
+            "base/5/pg_internal.init",
+            "global/pg_control",
+            "global/1262",
+            "pg_xact/0000",
+            "postmaster.pid",
+            "postmaster.opts",
+            "postgresql.auto.conf",
+            "PG_VERSION",
+        ] {
+            std::fs::write(d.join(file), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink("/etc/hosts", d.join("server.crt")).unwrap();
+        let left_out = |p: &str| left_out_of_base_backup(d, &d.join(p));
+        for p in [
+            "base/5/16384",
+            "base/5/16384_fsm",
+            "base/5/16384.1",
+            "base/5/t3_16386",
+            "base/5/pgsql_tmp",
+            "base/5/pg_internal.init",
+            "global/pg_control",
+            "pg_wal",
+            "pg_stat_tmp",
+            "postmaster.pid",
+            "postmaster.opts",
+            "server.crt",
+        ] {
+            assert!(left_out(p), "{p} is archived");
+        }
+        for p in [
+            "",
+            "base",
+            "base/5",
+            "base/5/16384_init",
+            "base/5/16385",
+            "base/5/16385_vm",
+            "global/1262",
+            "pg_xact",
+            "pg_xact/0000",
+            "postgresql.auto.conf",
+            "PG_VERSION",
+        ] {
+            assert!(!left_out(p), "{p} is left out");
+        }
+    }
 
     #[test]
     fn lsn_and_segment_names() {
