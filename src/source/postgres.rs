@@ -572,7 +572,10 @@ const NOT_THE_SERVERS: &str = "data-directory must be the data directory of the 
 fn check_checkpoint(session: &mut Session, data_dir: &Path) -> Result<()> {
     let control = data_dir.join("global/pg_control");
     // Another checkpoint may come between the two reads: ask again.
-    for _ in 0..3 {
+    for attempt in 0..5 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let server = session.value("SELECT checkpoint_lsn FROM pg_control_checkpoint()")?;
         let bytes = read_settled(&control)?;
         // ControlFileData: system_identifier, version, catalog version, state, time, then
