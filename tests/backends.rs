@@ -308,6 +308,44 @@ mod dynamodb_registry {
         assert_eq!(find().await, Some(older.backup_id));
     }
 
+    /// A pointer left naming a record that is gone (its removal failed) is taken over by the
+    /// next record completed with that lookup, older or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_pointer_left_naming_a_removed_record_is_taken_over() {
+        use aws_sdk_dynamodb::types::AttributeValue;
+        const SEGMENT: &str = "000000010000000000000004";
+        let (fixture, url, client) = created_with_client().await;
+        let registry = fixture.registry.clone();
+        let pointer_key = AttributeValue::S(format!("lookup#prod/pg/wal/{SEGMENT}"));
+        client
+            .put_item()
+            .table_name(&url.table)
+            .item("pk", pointer_key.clone())
+            .item(
+                "backup_id",
+                AttributeValue::S("29991231T235959Z-0000beef".into()),
+            )
+            .item("order", AttributeValue::S("9999".into()))
+            .send()
+            .await
+            .expect("leave a pointer to a removed record");
+        let record = crate::suites::registry::add_pushed(&registry, "pg", 1, Some(SEGMENT)).await;
+        let pointer = client
+            .get_item()
+            .table_name(&url.table)
+            .key("pk", pointer_key)
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get the pointer")
+            .item
+            .expect("a pointer");
+        assert_eq!(
+            pointer["backup_id"],
+            AttributeValue::S(record.backup_id.to_string())
+        );
+    }
+
     /// The index is read eventually consistent: entries whose record is no longer completed
     /// (here changed behind drctl's back, as a lagging index would still list them) are
     /// passed over, across more than one page, for the newest completed record.

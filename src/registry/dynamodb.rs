@@ -517,29 +517,50 @@ impl DynamoDbRegistry {
         }
     }
 
-    /// Points the lookup's pointer item at `record`, unless it points at a newer record.
+    /// Points the lookup's pointer item at `record`, unless it points at a newer record that
+    /// is still completed (a pointer is left naming a removed record when its removal
+    /// failed).
     async fn point(&self, record: &BackupRecord, lookup: Lookup<'_>) -> Result<()> {
         let key = lookup_key(&record.environment, &record.policy, lookup);
         let order = order_key(&record.started_at, &record.backup_id);
-        let res = self
-            .client
-            .put_item()
-            .table_name(&self.url.table)
-            .item("pk", s(format!("lookup#{key}")))
-            .item("backup_id", s(record.backup_id.as_str()))
-            .item("order", s(&order))
-            .condition_expression("attribute_not_exists(pk) OR #o < :o")
+        let put = |condition: &str| {
+            self.client
+                .put_item()
+                .table_name(&self.url.table)
+                .item("pk", s(format!("lookup#{key}")))
+                .item("backup_id", s(record.backup_id.as_str()))
+                .item("order", s(&order))
+                .condition_expression(condition)
+        };
+        let context = || format!("point lookup {key} at backup {}", record.backup_id);
+        let res = put("attribute_not_exists(pk) OR #o < :o")
             .expression_attribute_names("#o", "order")
             .expression_attribute_values(":o", s(&order))
             .send()
             .await;
         match res {
-            Ok(_) => Ok(()),
-            Err(e) if condition_failed(&e) => Ok(()),
-            Err(e) => Err(self.err(
-                format!("point lookup {key} at backup {}", record.backup_id),
-                e,
-            )),
+            Ok(_) => return Ok(()),
+            Err(e) if condition_failed(&e) => {}
+            Err(e) => return Err(self.err(context(), e)),
+        }
+        let Some(item) = self.get_item(s(format!("lookup#{key}"))).await? else {
+            return Ok(());
+        };
+        let named = get_s(&item, "backup_id")?;
+        if self
+            .get_completed(&BackupId::parse(named)?)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        match put("backup_id = :named")
+            .expression_attribute_values(":named", s(named))
+            .send()
+            .await
+        {
+            Err(e) if !condition_failed(&e) => Err(self.err(context(), e)),
+            _ => Ok(()),
         }
     }
 
