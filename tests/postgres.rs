@@ -1156,8 +1156,19 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
     let writer = {
         let (stop, rounds, url) = (stop.clone(), rounds.clone(), url.clone());
         std::thread::spawn(move || {
+            // A slice of the table each round, so that each checkpoint's full-page images
+            // stay a few hundred pages.
+            let mut slice = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                psql(&url, "UPDATE t SET n = n + 1 WHERE id % 7 = 0; CHECKPOINT");
+                let from = slice % 40 * 5000;
+                psql(
+                    &url,
+                    &format!(
+                        "UPDATE t SET n = n + 1 WHERE id > {from} AND id <= {from} + 5000 \
+                         AND id % 3 = 0; CHECKPOINT"
+                    ),
+                );
+                slice += 1;
                 rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         })

@@ -336,7 +336,15 @@ impl PostgresSource {
                     .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
             })?;
         let (mut range, mut stats) = match self.data_directory.clone() {
-            Some(dir) => read_data_directory(&mut session, &slot, &dir, segment_size, out, cancel)?,
+            Some(dir) => read_data_directory(
+                &self.conn,
+                &mut session,
+                &slot,
+                &dir,
+                segment_size,
+                out,
+                cancel,
+            )?,
             None => self.stream_base_backup(segment_size, out, cancel)?,
         };
         // The base backup holds all the WAL it needs; the slot is no longer needed.
@@ -383,6 +391,7 @@ impl PostgresSource {
 /// `slot` holds it. Torn pages in files written meanwhile are repaired by replaying that WAL,
 /// which holds full page images for the backup's duration.
 fn read_data_directory(
+    conn: &Conn,
     session: &mut Session,
     slot: &str,
     data_dir: &Path,
@@ -393,7 +402,7 @@ fn read_data_directory(
     // One path for everything read: names in the archive are relative to it.
     let data_dir = &std::fs::canonicalize(data_dir)
         .map_err(|e| Error::io(format!("data-directory {}", data_dir.display()), e))?;
-    check_data_directory(session, data_dir)?;
+    check_data_directory(conn, data_dir)?;
     refuse_tablespaces(data_dir)?;
     let version: u32 = session
         .value("SELECT current_setting('server_version_num')")?
@@ -410,9 +419,13 @@ fn read_data_directory(
     let start = session.value(&format!("SELECT {start_call}"))?;
     let start =
         parse_lsn(&start).ok_or_else(|| Error::failure(format!("bad start LSN {start:?}")))?;
-    check_checkpoint(session, data_dir)?;
+    check_checkpoint(conn, data_dir, start)?;
 
-    let mut tar = files::tar_builder(out);
+    let mut out = Counted {
+        inner: out,
+        bytes: 0,
+    };
+    let mut tar = files::tar_builder(&mut out);
     let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
     let mut walk = files::Walk::new(
         files::Rules {
@@ -437,10 +450,14 @@ fn read_data_directory(
     )?;
 
     // The label and map come back hex-encoded: psql prints one row per line.
-    let stopped = session.value(&format!(
-        "SELECT lsn || ' ' || encode(convert_to(labelfile, 'UTF8'), 'hex') || ' ' || \
-         encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM {stop_call}"
-    ))?;
+    let stopped = session
+        .value(&format!(
+            "SELECT lsn || ' ' || encode(convert_to(labelfile, 'UTF8'), 'hex') || ' ' || \
+             encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM {stop_call}"
+        ))
+        .map_err(|e| {
+            e.hint("if the server log says the backup's replication slot was invalidated, the backup outlasted max_slot_wal_keep_size: raise it")
+        })?;
     let mut fields = stopped.split(' ');
     let (Some(stop), Some(label), Some(map)) = (fields.next(), fields.next(), fields.next()) else {
         return Err(Error::failure(format!(
@@ -450,10 +467,10 @@ fn read_data_directory(
     let stop = parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
     let label =
         hex::decode(label).map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
-    // A tablespace created since the check would be archived as a bare link.
+    // A tablespace created since the check (its link is not archived).
     if !map.is_empty() {
         return Err(Error::invalid(
-            "a tablespace was created during the backup, which a physical backup does not cover",
+            "a tablespace was created as the backup started, which a physical backup does not cover",
         ));
     }
     refuse_tablespaces(data_dir)?;
@@ -471,7 +488,7 @@ fn read_data_directory(
     append_made(&mut tar, &dir_meta, "backup_label", Some(&label))?;
     for dir in EMPTIED_DIRS
         .iter()
-        .chain(&["pg_wal", "pg_wal/archive_status"])
+        .chain(&["pg_wal", "pg_wal/archive_status", "pg_wal/summaries"])
     {
         if data_dir.join(dir).is_dir() {
             append_made(&mut tar, &dir_meta, dir, None)?;
@@ -514,21 +531,26 @@ fn read_data_directory(
     files::finish(tar)?;
     let mut stats = walk.counts.into_stats();
     stats.insert("method".into(), "data-directory".into());
+    stats.insert("bytes".into(), out.bytes.into());
     Ok((range, stats))
 }
 
-/// Refuses a data directory that is not the primary's the session is connected to: the
-/// path the server reports and the system identifier in `global/pg_control` must match.
-fn check_data_directory(session: &mut Session, data_dir: &Path) -> Result<()> {
+/// Refuses a data directory that is not the primary's `conn` reaches: the path the server
+/// reports and the system identifier in `global/pg_control` must match. The server reads its
+/// pg_control for this, and fails the query if a checkpoint rewrites it meanwhile: a session
+/// of its own keeps that from ending the backup's.
+fn check_data_directory(conn: &Conn, data_dir: &Path) -> Result<()> {
+    let mut session = conn.session()?;
     let row = session
         .value(
             "SELECT system_identifier || ' ' || pg_is_in_recovery() || ' ' || \
              current_setting('data_directory') FROM pg_control_system()",
         )
         .map_err(|e| {
-            e.context("read the server's data directory")
-                .hint("the backup user needs to be a superuser or a member of pg_read_all_settings")
+            e.context("read the server's data directory and system identifier")
+                .hint("the backup user needs to be a superuser or a member of pg_read_all_settings, and EXECUTE on pg_control_system")
         })?;
+    let _ = session.close();
     let mut fields = row.splitn(3, ' ');
     let (system, recovery, server_dir) = (
         fields.next().unwrap_or(""),
@@ -553,7 +575,8 @@ fn check_data_directory(session: &mut Session, data_dir: &Path) -> Result<()> {
     std::fs::File::open(&control)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
         .map_err(|e| Error::io(format!("read {}", control.display()), e))?;
-    if u64::from_ne_bytes(id).to_string() != system {
+    // The server shows it as a bigint.
+    if i64::from_ne_bytes(id).to_string() != system {
         return Err(Error::invalid(format!(
             "{} belongs to another cluster than the server's (system identifier {system})",
             control.display()
@@ -566,33 +589,67 @@ fn check_data_directory(session: &mut Session, data_dir: &Path) -> Result<()> {
 const NOT_THE_SERVERS: &str = "data-directory must be the data directory of the server the policy's URL reaches, on this host; without it drctl streams the backup through pg_basebackup";
 
 /// Refuses a directory whose `global/pg_control` does not hold the checkpoint the server has
-/// just taken for the backup: a standby's copy of the cluster on the same path (as in a pair
-/// of hosts behind one address) has the same path and system identifier, but not the same
-/// files.
-fn check_checkpoint(session: &mut Session, data_dir: &Path) -> Result<()> {
+/// just taken for the backup, which starts at its redo LSN `start`: a standby's copy of the
+/// cluster on the same path (as in a pair of hosts behind one address) has the same path and
+/// system identifier, but not the same files.
+fn check_checkpoint(conn: &Conn, data_dir: &Path, start: u64) -> Result<()> {
     let control = data_dir.join("global/pg_control");
-    // Another checkpoint may come between the two reads: ask again.
+    // ControlFileData (PostgreSQL 10 and later): system_identifier, versions, state, time,
+    // then the latest checkpoint's LSN at offset 32 and its redo LSN at 40.
+    let lsn_at = |bytes: &[u8], at: usize| {
+        bytes
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let mut failed = None;
     for attempt in 0..5 {
         if attempt > 0 {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        let server = session.value("SELECT checkpoint_lsn FROM pg_control_checkpoint()")?;
         let bytes = read_settled(&control)?;
-        // ControlFileData: system_identifier, version, catalog version, state, time, then
-        // the checkpoint's LSN at offset 32 (PostgreSQL 10 and later).
-        let ours = bytes
-            .get(32..40)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes);
-        if ours.is_some() && ours == parse_lsn(&server) {
+        if lsn_at(&bytes, 40) == Some(start) {
             return Ok(());
         }
+        // A later checkpoint: the server's own pg_control must name the same one. The
+        // server's read fails if a checkpoint rewrites the file meanwhile, and another
+        // checkpoint may come between the two reads: ask again.
+        let server = conn
+            .session()
+            .and_then(|mut s| s.value("SELECT checkpoint_lsn FROM pg_control_checkpoint()"));
+        match server {
+            Ok(lsn) if parse_lsn(&lsn).is_some() && parse_lsn(&lsn) == lsn_at(&bytes, 32) => {
+                return Ok(())
+            }
+            Ok(_) => {}
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e.context("read the server's latest checkpoint"));
     }
     Err(Error::invalid(format!(
         "{} does not hold the server's latest checkpoint: it is another copy of the cluster",
         control.display()
     ))
     .hint(NOT_THE_SERVERS))
+}
+
+/// Counts the bytes written through it.
+struct Counted<'a> {
+    inner: &'a mut dyn Write,
+    bytes: u64,
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn refuse_tablespaces(data_dir: &Path) -> Result<()> {
