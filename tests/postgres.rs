@@ -1573,3 +1573,35 @@ fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
     run.ok();
     assert_eq!(psql(&url, "SELECT count(*) FROM t"), "0");
 }
+
+/// An archived segment recovery cannot read (here one of zeros, pushed under the next name)
+/// ends recovery early: the restore fails instead of reporting a server that lacks what the
+/// archive holds.
+#[test]
+fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
+    let mut c = Cluster::start();
+    c.incident();
+    let last = psql(&c.url(), "SELECT last_archived_wal FROM pg_stat_archiver");
+    let segno = u64::from_str_radix(&last[8..16], 16).unwrap() * 256
+        + u64::from_str_radix(&last[16..], 16).unwrap()
+        + 1;
+    let next = format!("{}{:08X}{:08X}", &last[..8], segno / 256, segno % 256);
+    let unreadable = c.sb.path().join(&next);
+    std::fs::write(&unreadable, vec![0u8; 16 << 20]).unwrap();
+    c.drctl(&[
+        "wal",
+        "push",
+        "--policy",
+        "pgphys",
+        unreadable.to_str().unwrap(),
+    ])
+    .ok();
+
+    let (run, _) = c.restore("short", &[]);
+    let run = run.code(4);
+    assert!(
+        run.stderr.contains("recovery ended at LSN") && run.stderr.contains(&next),
+        "{}",
+        run.stderr
+    );
+}

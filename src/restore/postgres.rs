@@ -1209,17 +1209,18 @@ pub async fn restore_physical(
 }
 
 /// Recovery to the latest point must have replayed into the last WAL segment the plan
-/// found archived; ending before it would leave archived transactions out.
+/// found archived (past its start: an archived segment is complete, so it holds records);
+/// ending before it would leave archived transactions out.
 fn check_replayed(s: &mut Session, plan: &PhysicalPlan) -> Result<()> {
     let (_, segno) = parse_segment(&plan.last_wal, plan.wal.segment_size)
         .ok_or_else(|| Error::failure(format!("{} is not a WAL segment name", plan.last_wal)))?;
     let last_segment = segno * plan.wal.segment_size;
     let replayed = s.value("SELECT pg_last_wal_replay_lsn()")?;
     match parse_lsn(&replayed) {
-        Some(lsn) if lsn >= last_segment => Ok(()),
+        Some(lsn) if lsn > last_segment => Ok(()),
         _ => Err(Error::integrity(format!(
-            "recovery ended at LSN {replayed:?}, before WAL segment {} (from LSN {}), the last \
-             one archived: the restored server lacks transactions the archive holds",
+            "recovery ended at LSN {replayed:?} without replaying WAL segment {} (from LSN {}), \
+             the last one archived: the restored server lacks transactions the archive holds",
             plan.last_wal,
             format_lsn(last_segment)
         ))),
