@@ -234,7 +234,11 @@ fn gc_leaves_a_wal_push_in_flight_alone() {
     assert_eq!(running(&sb).len(), 1);
     assert_eq!(running(&sb)[0]["backup_id"], live["backup_id"]);
 
-    std::fs::write(&wal, vec![7u8; 8192]).unwrap();
+    std::fs::write(
+        &wal,
+        common::wal_segment("000000010000000000000001", 8192, 7),
+    )
+    .unwrap();
     let pushed: common::Run = push.wait_with_output().unwrap().into();
     let pushed = pushed.ok();
     assert_eq!(pushed.json()[0]["already_archived"], false);

@@ -1574,8 +1574,8 @@ fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
     assert_eq!(psql(&url, "SELECT count(*) FROM t"), "0");
 }
 
-/// An archived segment recovery cannot read (here one of zeros, pushed under the next name)
-/// ends recovery early: the restore fails instead of reporting a server that lacks what the
+/// An archived segment recovery cannot read (here a segment header without records, pushed
+/// under the next name) ends recovery early: the restore fails instead of reporting a server that lacks what the
 /// archive holds.
 #[test]
 fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
@@ -1587,15 +1587,27 @@ fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
         + 1;
     let next = format!("{}{:08X}{:08X}", &last[..8], segno / 256, segno % 256);
     let unreadable = c.sb.path().join(&next);
+    let push = || {
+        c.drctl(&[
+            "wal",
+            "push",
+            "--policy",
+            "pgphys",
+            unreadable.to_str().unwrap(),
+        ])
+    };
+    // Zeros are no segment at all: refused.
     std::fs::write(&unreadable, vec![0u8; 16 << 20]).unwrap();
-    c.drctl(&[
-        "wal",
-        "push",
-        "--policy",
-        "pgphys",
-        unreadable.to_str().unwrap(),
-    ])
-    .ok();
+    let run = push().code(2);
+    assert!(
+        run.stderr
+            .contains(&format!("{next} is not that WAL segment")),
+        "{}",
+        run.stderr
+    );
+    // A segment header, then no records.
+    std::fs::write(&unreadable, common::wal_segment(&next, 16 << 20, 0)).unwrap();
+    push().ok();
 
     let (run, _) = c.restore("short", &[]);
     let run = run.code(4);

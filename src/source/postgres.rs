@@ -1104,9 +1104,83 @@ impl Source for WalSource {
             stats.insert("history".into(), serde_json::to_value(history)?);
             return Ok(stats);
         }
-        let bytes = super::copy_file(&self.path, out, cancel)?;
+        if self.name.ends_with(".backup") {
+            let bytes = super::copy_file(&self.path, out, cancel)?;
+            stats.insert("bytes".into(), bytes.into());
+            return Ok(stats);
+        }
+        // A segment (or a partial one): its first page header must name it.
+        let mut checked = SegmentCheck {
+            inner: out,
+            name: &self.name[..24],
+            head: Vec::with_capacity(SEGMENT_HEAD),
+        };
+        let bytes = super::copy_file(&self.path, &mut checked, cancel)?;
+        if checked.head.len() < SEGMENT_HEAD {
+            return Err(not_a_segment(&self.name, "it is too short"));
+        }
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)
+    }
+}
+
+/// The long page header at the start of every WAL segment: magic, info, timeline, page
+/// address, remaining length, padding, system identifier, segment size, block size.
+const SEGMENT_HEAD: usize = 40;
+const XLP_LONG_HEADER: u16 = 0x0002;
+
+/// Passes a WAL segment through, checking its first page header: a long header whose page
+/// address is the start of the segment its name gives, in segments of the size it states.
+/// A file of another name, a truncated or zeroed one is refused before it is archived.
+struct SegmentCheck<'a> {
+    inner: &'a mut dyn Write,
+    name: &'a str,
+    head: Vec<u8>,
+}
+
+impl SegmentCheck<'_> {
+    fn check(&self) -> Result<()> {
+        let h = &self.head;
+        let info = u16::from_ne_bytes([h[2], h[3]]);
+        let page = u64::from_ne_bytes(h[8..16].try_into().expect("8 bytes"));
+        let size = u64::from(u32::from_ne_bytes(h[32..36].try_into().expect("4 bytes")));
+        if info & XLP_LONG_HEADER == 0
+            || !size.is_power_of_two()
+            || !(1 << 20..=1 << 30).contains(&size)
+        {
+            return Err(not_a_segment(
+                self.name,
+                "its first page has no segment header",
+            ));
+        }
+        match parse_segment(self.name, size) {
+            Some((_, segno)) if segno * size == page => Ok(()),
+            _ => Err(not_a_segment(
+                self.name,
+                &format!("its first page is at LSN {}", format_lsn(page)),
+            )),
+        }
+    }
+}
+
+fn not_a_segment(name: &str, why: &str) -> Error {
+    Error::invalid(format!("{name} is not that WAL segment: {why}"))
+}
+
+impl Write for SegmentCheck<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.head.len() < SEGMENT_HEAD {
+            let n = (SEGMENT_HEAD - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..n]);
+            if self.head.len() == SEGMENT_HEAD {
+                self.check().map_err(Error::into_io)?;
+            }
+        }
+        self.inner.write_all(data)?;
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -1155,6 +1229,49 @@ pub fn parse_history(text: &str) -> Result<Vec<TimelineSwitch>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wal_segment_is_archived_only_under_the_name_its_header_gives() {
+        let name = "00000002000000A1000000FE";
+        let segment = |segno: u64, size: u32, info: u16| {
+            let mut b = vec![0u8; 64];
+            b[2..4].copy_from_slice(&info.to_ne_bytes());
+            b[8..16].copy_from_slice(&(segno * u64::from(size)).to_ne_bytes());
+            b[32..36].copy_from_slice(&size.to_ne_bytes());
+            b
+        };
+        let push_as = |name: &str, bytes: &[u8]| {
+            let mut out = Vec::new();
+            let mut check = SegmentCheck {
+                inner: &mut out,
+                name,
+                head: Vec::new(),
+            };
+            // In pieces smaller than the header.
+            for piece in bytes.chunks(7) {
+                check.write_all(piece).map_err(|e| Error::io("push", e))?;
+            }
+            Ok::<_, Error>(out)
+        };
+        let push = |bytes: &[u8]| push_as(name, bytes);
+        let segno = 0xA1 * 256 + 0xFE;
+        let good = segment(segno, 16 << 20, XLP_LONG_HEADER);
+        assert_eq!(push(&good).unwrap(), good);
+        // 64 MiB segments: 64 of them per 4 GiB.
+        let mut big = segment(0xA1 * 64 + 0x3E, 64 << 20, XLP_LONG_HEADER | 1);
+        big.truncate(40);
+        assert_eq!(push_as("00000002000000A10000003E", &big).unwrap(), big);
+        for bad in [
+            segment(segno + 1, 16 << 20, XLP_LONG_HEADER),
+            segment(segno, 16 << 20, 0),
+            segment(segno, 3 << 20, XLP_LONG_HEADER),
+            vec![0u8; 64],
+        ] {
+            let e = push(&bad).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput, "{e}");
+            assert!(e.to_string().contains("is not that WAL segment"), "{e}");
+        }
+    }
 
     #[test]
     fn a_data_directory_walk_leaves_out_what_pg_basebackup_leaves_out() {
