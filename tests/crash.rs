@@ -236,7 +236,7 @@ fn gc_leaves_a_wal_push_in_flight_alone() {
 
     std::fs::write(
         &wal,
-        common::wal_segment("000000010000000000000001", 8192, 7),
+        common::wal_segment("000000010000000000000001", 16 << 20, 7),
     )
     .unwrap();
     let pushed: common::Run = push.wait_with_output().unwrap().into();

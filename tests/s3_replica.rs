@@ -177,7 +177,7 @@ fn a_retried_wal_push_copies_the_file_where_the_failed_push_did_not() {
     let dir = sb.path().join("pg_wal");
     std::fs::create_dir(&dir).unwrap();
     let wal = dir.join("000000010000000000000001");
-    let mut bytes = common::wal_segment("000000010000000000000001", 1_000_000, 0);
+    let mut bytes = common::wal_segment("000000010000000000000001", 16 << 20, 0);
     for (i, b) in bytes.iter_mut().enumerate().skip(40) {
         *b = (i % 251) as u8;
     }

@@ -216,10 +216,29 @@ async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
             );
             Ok(())
         }
-        Ok(false) => Err(Error::not_found(format!(
-            "WAL file {} is not in the archive of policy {}",
-            args.name, args.policy
-        ))),
+        Ok(false) => {
+            // Noted for the restore, which checks how far recovery read.
+            if let Some(index) = &args.index {
+                note_missing(&index.with_file_name(WalIndex::MISSING), &args.name);
+            }
+            Err(Error::not_found(format!(
+                "WAL file {} is not in the archive of policy {}",
+                args.name, args.policy
+            )))
+        }
         Err(e) => Err(e.with_exit_code(ABORT_RECOVERY)),
+    }
+}
+
+/// Appends `name` to the file at `path`; a failure is only logged.
+fn note_missing(path: &std::path::Path, name: &str) {
+    use std::io::Write as _;
+    let noted = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{name}\n").as_bytes()));
+    if let Err(e) = noted {
+        tracing::warn!(error = %e, path = %path.display(), "could not note a missing WAL file");
     }
 }

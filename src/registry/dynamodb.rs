@@ -77,6 +77,8 @@ use crate::{Error, Result};
 const META_PK: &str = "meta#schema";
 /// How often `add_location` reads again after a concurrent change of the locations.
 const ADD_LOCATION_ATTEMPTS: usize = 10;
+/// How often `complete` reads a lookup's pointer again after a concurrent change of it.
+const POINT_ATTEMPTS: usize = 5;
 /// Index entries `find` reads per page: the first is the answer unless the index lags.
 const FIND_PAGE: i32 = 4;
 /// How long `create` waits for a new table and its indexes to become active.
@@ -517,51 +519,53 @@ impl DynamoDbRegistry {
         }
     }
 
-    /// Points the lookup's pointer item at `record`, unless it points at a newer record that
-    /// is still completed (a pointer is left naming a removed record when its removal
-    /// failed).
+    /// Points the lookup's pointer item at `record`, unless it names a newer record that is
+    /// still completed (a pointer is left naming a removed record when its removal failed).
+    /// Each write is conditional on the pointer as just read, so that concurrent completes
+    /// and removals cannot put an older record in place of a newer one.
     async fn point(&self, record: &BackupRecord, lookup: Lookup<'_>) -> Result<()> {
         let key = lookup_key(&record.environment, &record.policy, lookup);
+        let pk = format!("lookup#{key}");
         let order = order_key(&record.started_at, &record.backup_id);
-        let put = |condition: &str| {
-            self.client
+        for _ in 0..POINT_ATTEMPTS {
+            let put = self
+                .client
                 .put_item()
                 .table_name(&self.url.table)
-                .item("pk", s(format!("lookup#{key}")))
+                .item("pk", s(&pk))
                 .item("backup_id", s(record.backup_id.as_str()))
-                .item("order", s(&order))
-                .condition_expression(condition)
-        };
-        let context = || format!("point lookup {key} at backup {}", record.backup_id);
-        let res = put("attribute_not_exists(pk) OR #o < :o")
-            .expression_attribute_names("#o", "order")
-            .expression_attribute_values(":o", s(&order))
-            .send()
-            .await;
-        match res {
-            Ok(_) => return Ok(()),
-            Err(e) if condition_failed(&e) => {}
-            Err(e) => return Err(self.err(context(), e)),
+                .item("order", s(&order));
+            let put = match self.get_item(s(&pk)).await? {
+                None => put.condition_expression("attribute_not_exists(pk)"),
+                Some(item) => {
+                    let (named, named_order) = (get_s(&item, "backup_id")?, get_s(&item, "order")?);
+                    if named_order >= order.as_str()
+                        && self
+                            .get_completed(&BackupId::parse(named)?)
+                            .await?
+                            .is_some()
+                    {
+                        return Ok(());
+                    }
+                    put.condition_expression("backup_id = :id AND #o = :o")
+                        .expression_attribute_names("#o", "order")
+                        .expression_attribute_values(":id", s(named))
+                        .expression_attribute_values(":o", s(named_order))
+                }
+            };
+            match put.send().await {
+                Ok(_) => return Ok(()),
+                Err(e) if condition_failed(&e) => continue,
+                Err(e) => {
+                    return Err(self.err(
+                        format!("point lookup {key} at backup {}", record.backup_id),
+                        e,
+                    ))
+                }
+            }
         }
-        let Some(item) = self.get_item(s(format!("lookup#{key}"))).await? else {
-            return Ok(());
-        };
-        let named = get_s(&item, "backup_id")?;
-        if self
-            .get_completed(&BackupId::parse(named)?)
-            .await?
-            .is_some()
-        {
-            return Ok(());
-        }
-        match put("backup_id = :named")
-            .expression_attribute_values(":named", s(named))
-            .send()
-            .await
-        {
-            Err(e) if !condition_failed(&e) => Err(self.err(context(), e)),
-            _ => Ok(()),
-        }
+        // Another writer changed the pointer every time: the index still finds the record.
+        Ok(())
     }
 
     /// The completed record the lookup's pointer item names, read consistently, if any.

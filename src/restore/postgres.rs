@@ -810,6 +810,9 @@ pub struct WalIndex {
 impl WalIndex {
     /// The file name in a restored data directory.
     pub const FILE: &'static str = "drctl-wal-index.json";
+    /// Beside it: the WAL files recovery asked for that the archive did not hold, one per
+    /// line, which tells how far recovery read.
+    pub const MISSING: &'static str = "drctl-wal-missing";
 
     pub fn read(path: &Path) -> Result<WalIndex> {
         let text = std::fs::read(path)
@@ -1209,15 +1212,18 @@ pub async fn restore_physical(
 }
 
 /// Recovery to the latest point must have replayed into the last WAL segment the plan
-/// found archived (past its start: an archived segment is complete, so it holds records);
-/// ending before it would leave archived transactions out.
+/// found archived; ending before it would leave archived transactions out.
 fn check_replayed(s: &mut Session, plan: &PhysicalPlan) -> Result<()> {
     let (_, segno) = parse_segment(&plan.last_wal, plan.wal.segment_size)
         .ok_or_else(|| Error::failure(format!("{} is not a WAL segment name", plan.last_wal)))?;
     let last_segment = segno * plan.wal.segment_size;
     let replayed = s.value("SELECT pg_last_wal_replay_lsn()")?;
+    let missing =
+        std::fs::read_to_string(plan.data_dir.join(WalIndex::MISSING)).unwrap_or_default();
     match parse_lsn(&replayed) {
-        Some(lsn) if lsn > last_segment => Ok(()),
+        Some(lsn) if replayed_through(lsn, &plan.last_wal, plan.wal.segment_size, &missing) => {
+            Ok(())
+        }
         _ => Err(Error::integrity(format!(
             "recovery ended at LSN {replayed:?} without replaying WAL segment {} (from LSN {}), \
              the last one archived: the restored server lacks transactions the archive holds",
@@ -1225,6 +1231,22 @@ fn check_replayed(s: &mut Session, plan: &PhysicalPlan) -> Result<()> {
             format_lsn(last_segment)
         ))),
     }
+}
+
+/// Whether recovery that ended at `lsn` read segment `last` (of `size`): it replayed a
+/// record ending in it, past its start (an archived segment is complete, so it holds
+/// records), or, where its first record runs on into the next segment, asked for a later
+/// segment of its timeline (`missing`: the names recovery asked for and did not get). A
+/// segment recovery could not read stops it before either.
+fn replayed_through(lsn: u64, last: &str, size: u64, missing: &str) -> bool {
+    let Some((timeline, segno)) = parse_segment(last, size) else {
+        return false;
+    };
+    lsn > segno * size
+        || (lsn == segno * size
+            && missing.lines().any(|name| {
+                parse_segment(name.trim(), size).is_some_and(|(t, n)| t == timeline && n > segno)
+            }))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
@@ -1476,6 +1498,35 @@ pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_read_the_last_segment_if_it_replayed_past_its_start_or_asked_for_the_next() {
+        let size = 16 << 20;
+        let last = "000000020000000000000005";
+        let start = 5 * size;
+        assert!(replayed_through(start + 40 + 24, last, size, ""));
+        assert!(!replayed_through(start - 1, last, size, ""));
+        // Stopped right at its start: read through only if recovery asked for a later one
+        // of its timeline (its first record runs on into the next segment).
+        assert!(!replayed_through(start, last, size, ""));
+        assert!(replayed_through(
+            start,
+            last,
+            size,
+            "000000020000000000000006\n"
+        ));
+        for not_later in [
+            "000000020000000000000005",
+            "000000020000000000000004",
+            "000000010000000000000006",
+            "00000003.history",
+        ] {
+            assert!(
+                !replayed_through(start, last, size, not_later),
+                "{not_later}"
+            );
+        }
+    }
 
     #[test]
     fn paths_survive_the_shell_and_postgresql_conf() {

@@ -1063,6 +1063,25 @@ impl WalSource {
                 ))
             })?
             .to_owned();
+        // A segment in pg_wal is checked before anything is recorded; a file that is not
+        // regular (a pipe) only as it streams.
+        if name.len() >= 24 && !name.ends_with(".history") && !name.ends_with(".backup") {
+            let meta = std::fs::metadata(&path)
+                .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+            if meta.is_file() {
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+                let mut head = Vec::with_capacity(SEGMENT_HEAD);
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(file, SEGMENT_HEAD as u64),
+                    &mut head,
+                )
+                .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+                let check = SegmentCheck::new(&name);
+                check.check_head(&head)?;
+                check.check_size(&head, meta.len())?;
+            }
+        }
         Ok(WalSource { path, name })
     }
 
@@ -1110,15 +1129,14 @@ impl Source for WalSource {
             return Ok(stats);
         }
         // A segment (or a partial one): its first page header must name it.
-        let mut checked = SegmentCheck {
+        let check = SegmentCheck::new(&self.name);
+        let mut checked = Checked {
             inner: out,
-            name: &self.name[..24],
+            check: &check,
             head: Vec::with_capacity(SEGMENT_HEAD),
         };
         let bytes = super::copy_file(&self.path, &mut checked, cancel)?;
-        if checked.head.len() < SEGMENT_HEAD {
-            return Err(not_a_segment(&self.name, "it is too short"));
-        }
+        check.check_size(&checked.head, bytes)?;
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)
     }
@@ -1129,51 +1147,79 @@ impl Source for WalSource {
 const SEGMENT_HEAD: usize = 40;
 const XLP_LONG_HEADER: u16 = 0x0002;
 
-/// Passes a WAL segment through, checking its first page header: a long header whose page
-/// address is the start of the segment its name gives, in segments of the size it states.
-/// A file of another name, a truncated or zeroed one is refused before it is archived.
+/// What a WAL segment must be to be archived under its name: its first page header a long
+/// header whose page address is the start of the segment the name gives, in segments of the
+/// size it states, and (but for a `.partial` one) that size long. Another file under a
+/// segment's name, a truncated or a zeroed one is refused.
 struct SegmentCheck<'a> {
-    inner: &'a mut dyn Write,
+    /// The file name, and the segment's name in it.
     name: &'a str,
-    head: Vec<u8>,
+    segment: &'a str,
 }
 
-impl SegmentCheck<'_> {
-    fn check(&self) -> Result<()> {
-        let h = &self.head;
+impl<'a> SegmentCheck<'a> {
+    fn new(name: &'a str) -> Self {
+        SegmentCheck {
+            name,
+            segment: name.get(..24).unwrap_or(name),
+        }
+    }
+
+    fn check_head(&self, head: &[u8]) -> Result<()> {
+        let Some(h) = head.get(..SEGMENT_HEAD) else {
+            return Err(self.refused("it is too short"));
+        };
         let info = u16::from_ne_bytes([h[2], h[3]]);
         let page = u64::from_ne_bytes(h[8..16].try_into().expect("8 bytes"));
-        let size = u64::from(u32::from_ne_bytes(h[32..36].try_into().expect("4 bytes")));
+        let size = segment_size_in(h);
         if info & XLP_LONG_HEADER == 0
             || !size.is_power_of_two()
             || !(1 << 20..=1 << 30).contains(&size)
         {
-            return Err(not_a_segment(
-                self.name,
-                "its first page has no segment header",
-            ));
+            return Err(self.refused("its first page has no segment header"));
         }
-        match parse_segment(self.name, size) {
-            Some((_, segno)) if segno * size == page => Ok(()),
-            _ => Err(not_a_segment(
-                self.name,
-                &format!("its first page is at LSN {}", format_lsn(page)),
-            )),
+        match parse_segment(self.segment, size).and_then(|(_, segno)| segno.checked_mul(size)) {
+            Some(start) if start == page => Ok(()),
+            _ => Err(self.refused(&format!("its first page is at LSN {}", format_lsn(page)))),
         }
+    }
+
+    /// After [`SegmentCheck::check_head`]: a whole segment is as long as its header says.
+    fn check_size(&self, head: &[u8], len: u64) -> Result<()> {
+        self.check_head(head)?;
+        let size = segment_size_in(head);
+        if self.name.len() == 24 && len != size {
+            return Err(self.refused(&format!("it holds {len} bytes, not a segment's {size}")));
+        }
+        Ok(())
+    }
+
+    fn refused(&self, why: &str) -> Error {
+        Error::invalid(format!("{} is not that WAL segment: {why}", self.name))
     }
 }
 
-fn not_a_segment(name: &str, why: &str) -> Error {
-    Error::invalid(format!("{name} is not that WAL segment: {why}"))
+/// `xlp_seg_size` of a long page header.
+fn segment_size_in(head: &[u8]) -> u64 {
+    head.get(32..36)
+        .map(|b| u64::from(u32::from_ne_bytes(b.try_into().expect("4 bytes"))))
+        .unwrap_or(0)
 }
 
-impl Write for SegmentCheck<'_> {
+/// Passes a WAL segment through, checking its header before the first bytes past it go on.
+struct Checked<'a> {
+    inner: &'a mut dyn Write,
+    check: &'a SegmentCheck<'a>,
+    head: Vec<u8>,
+}
+
+impl Write for Checked<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if self.head.len() < SEGMENT_HEAD {
             let n = (SEGMENT_HEAD - self.head.len()).min(data.len());
             self.head.extend_from_slice(&data[..n]);
             if self.head.len() == SEGMENT_HEAD {
-                self.check().map_err(Error::into_io)?;
+                self.check.check_head(&self.head).map_err(Error::into_io)?;
             }
         }
         self.inner.write_all(data)?;
@@ -1242,14 +1288,15 @@ mod tests {
         };
         let push_as = |name: &str, bytes: &[u8]| {
             let mut out = Vec::new();
-            let mut check = SegmentCheck {
+            let check = SegmentCheck::new(name);
+            let mut checked = Checked {
                 inner: &mut out,
-                name,
+                check: &check,
                 head: Vec::new(),
             };
             // In pieces smaller than the header.
             for piece in bytes.chunks(7) {
-                check.write_all(piece).map_err(|e| Error::io("push", e))?;
+                checked.write_all(piece).map_err(|e| Error::io("push", e))?;
             }
             Ok::<_, Error>(out)
         };
@@ -1261,6 +1308,19 @@ mod tests {
         let mut big = segment(0xA1 * 64 + 0x3E, 64 << 20, XLP_LONG_HEADER | 1);
         big.truncate(40);
         assert_eq!(push_as("00000002000000A10000003E", &big).unwrap(), big);
+        // A whole segment is a segment long; a partial one need not be.
+        let check = SegmentCheck::new(name);
+        assert!(check.check_size(&good, 16 << 20).is_ok());
+        assert!(check.check_size(&good, 8 << 20).is_err());
+        let partial = format!("{name}.partial");
+        assert!(SegmentCheck::new(&partial)
+            .check_size(&good, 8 << 20)
+            .is_ok());
+        // A name far past any real segment cannot overflow.
+        let last = SegmentCheck::new("FFFFFFFFFFFFFFFFFFFFFFFF");
+        assert!(last
+            .check_head(&segment(1, 1 << 30, XLP_LONG_HEADER))
+            .is_err());
         for bad in [
             segment(segno + 1, 16 << 20, XLP_LONG_HEADER),
             segment(segno, 16 << 20, 0),
