@@ -1574,8 +1574,9 @@ fn a_missing_wal_segment_is_found_by_verify_and_by_the_restore_plan() {
     assert_eq!(psql(&url, "SELECT count(*) FROM t"), "0");
 }
 
-/// An archived segment recovery cannot read (here a segment header without records, pushed
-/// under the next name) ends recovery early: the restore fails instead of reporting a server that lacks what the
+/// `wal push` refuses what is no segment of the policy's cluster. An archived segment
+/// recovery cannot read (here a segment header without records, pushed under the next
+/// name) ends recovery early: the restore fails instead of reporting a server that lacks what the
 /// archive holds.
 #[test]
 fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
@@ -1596,17 +1597,28 @@ fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
             unreadable.to_str().unwrap(),
         ])
     };
-    // Zeros are no segment at all: refused.
-    std::fs::write(&unreadable, vec![0u8; 16 << 20]).unwrap();
-    let run = push().code(2);
-    assert!(
-        run.stderr
-            .contains(&format!("{next} is not that WAL segment")),
-        "{}",
-        run.stderr
+    let refused = |bytes: &[u8], says: &str| {
+        std::fs::write(&unreadable, bytes).unwrap();
+        let run = push().code(2);
+        assert!(run.stderr.contains(says), "{}", run.stderr);
+    };
+    // Zeros are no segment at all.
+    refused(
+        &vec![0u8; 16 << 20],
+        &format!("{next} is not that WAL segment"),
     );
-    // A segment header, then no records.
-    std::fs::write(&unreadable, common::wal_segment(&next, 16 << 20, 0)).unwrap();
+    // A segment header, then no records: refused while it names another cluster than the
+    // base backup's, then archived.
+    let mut segment = common::wal_segment(&next, 16 << 20, 0);
+    refused(&segment, &format!("{next} was written by cluster 0"));
+    let system: i64 = psql(
+        &c.url(),
+        "SELECT system_identifier FROM pg_control_system()",
+    )
+    .parse()
+    .unwrap();
+    segment[24..32].copy_from_slice(&system.to_ne_bytes());
+    std::fs::write(&unreadable, &segment).unwrap();
     push().ok();
 
     let (run, _) = c.restore("short", &[]);

@@ -152,6 +152,7 @@ async fn push_leased(
             .registry
             .find(environment, &policy.name, Lookup::Full)
             .await?;
+        check_cluster(&source, base.as_ref())?;
         let job = Job {
             source: Box::new(source),
             backup_type: BackupType::Incremental,
@@ -180,6 +181,33 @@ async fn push_leased(
     }
     crate::replicate::run(repo, policy, manifest, &existing.locations, &ctx.cancel).await?;
     Ok((existing.backup_id.clone(), true))
+}
+
+/// Refuses a segment written by another cluster than the one the policy's newest base
+/// backup was taken of (as the system identifiers in the segment's header and in the base
+/// backup's manifest tell): two clusters archiving into one policy, or one re-created
+/// without a new base backup.
+fn check_cluster(source: &WalSource, base: Option<&crate::registry::BackupRecord>) -> Result<()> {
+    let Some(ours) = source.system_identifier() else {
+        return Ok(());
+    };
+    let Some(base) = base else { return Ok(()) };
+    let theirs = base
+        .manifest()?
+        .source
+        .stats
+        .get("system_identifier")
+        .and_then(|v| v.as_str().map(str::to_owned));
+    match theirs {
+        Some(theirs) if theirs != ours.to_string() => Err(Error::invalid(format!(
+            "WAL file {} was written by cluster {ours}, but the newest base backup of policy {} ({}) is of cluster {theirs}",
+            source.name(),
+            base.policy,
+            base.backup_id
+        ))
+        .hint("give each cluster its own policy; after re-creating a cluster, take a base backup: drctl backup --policy NAME")),
+        _ => Ok(()),
+    }
 }
 
 /// `wal fetch`'s exit code for every failure but a file that is not archived: PostgreSQL

@@ -308,6 +308,8 @@ impl PostgresSource {
             "SELECT setting::bigint * (CASE unit WHEN 'MB' THEN 1048576 ELSE 1 END) \
              FROM pg_settings WHERE name = 'wal_segment_size'",
         )?;
+        // Recorded so that `wal push` refuses another cluster's WAL.
+        let system = session.value("SELECT system_identifier FROM pg_control_system()")?;
         if archive_mode == "off" {
             return Err(Error::invalid(
                 "archive_mode is off: a physical backup without archived WAL cannot be restored",
@@ -359,6 +361,7 @@ impl PostgresSource {
             binlog: None,
         });
         stats.insert("mode".into(), "physical".into());
+        stats.insert("system_identifier".into(), system.into());
         stats.insert("wal".into(), serde_json::to_value(range)?);
         Ok(stats)
     }
@@ -1047,6 +1050,8 @@ pub fn is_wal_name(name: &str) -> bool {
 pub struct WalSource {
     path: PathBuf,
     name: String,
+    /// The cluster's system identifier, from the header of a segment checked up front.
+    system: Option<i64>,
 }
 
 impl WalSource {
@@ -1065,6 +1070,7 @@ impl WalSource {
             .to_owned();
         // A segment in pg_wal is checked before anything is recorded; a file that is not
         // regular (a pipe) only as it streams.
+        let mut system = None;
         if name.len() >= 24 && !name.ends_with(".history") && !name.ends_with(".backup") {
             let meta = std::fs::metadata(&path)
                 .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
@@ -1080,9 +1086,13 @@ impl WalSource {
                 let check = SegmentCheck::new(&name);
                 check.check_head(&head)?;
                 check.check_size(&head, meta.len())?;
+                system = head
+                    .get(24..32)
+                    .and_then(|b| b.try_into().ok())
+                    .map(i64::from_ne_bytes);
             }
         }
-        Ok(WalSource { path, name })
+        Ok(WalSource { path, name, system })
     }
 
     pub fn name(&self) -> &str {
@@ -1091,6 +1101,12 @@ impl WalSource {
 
     pub fn path(&self) -> &std::path::Path {
         &self.path
+    }
+
+    /// The system identifier of the cluster that wrote the segment (its header's
+    /// `xlp_sysid`), where it was read before the push.
+    pub fn system_identifier(&self) -> Option<i64> {
+        self.system
     }
 }
 
