@@ -1133,16 +1133,24 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
     let mut c = Cluster::start_with("", "  data-directory: DATA_DIRECTORY\n");
     let url = c.url();
     // Few buffers and a checkpoint each round: changed pages reach the files while they are
-    // read.
+    // read. WAL on another disk, as it often is: pg_wal is a link.
     psql(&url, "ALTER SYSTEM SET shared_buffers = '1MB'");
-    output_ok(
-        as_server_user(&mut Command::new(server_bin("pg_ctl")))
-            .arg("-D")
-            .arg(&c.data)
-            .arg("-l")
-            .arg(c.data.join("server.log"))
-            .args(["-w", "-m", "fast", "restart"]),
-    );
+    let pg_ctl = |action: &[&str]| {
+        output_ok(
+            as_server_user(&mut Command::new(server_bin("pg_ctl")))
+                .arg("-D")
+                .arg(&c.data)
+                .arg("-l")
+                .arg(c.data.join("server.log"))
+                .args(["-w", "-m", "fast"])
+                .args(action),
+        );
+    };
+    pg_ctl(&["stop"]);
+    let wal = c.sb.path().join("wal-disk");
+    std::fs::rename(c.data.join("pg_wal"), &wal).unwrap();
+    std::os::unix::fs::symlink(&wal, c.data.join("pg_wal")).unwrap();
+    pg_ctl(&["start"]);
     psql(
         &url,
         "CREATE TABLE t (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0, pad text); \
@@ -1204,16 +1212,17 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
         String::from_utf8_lossy(&out.stderr)
     );
     let mut names = Vec::new();
+    let mut wal_dir = None;
     for entry in tar::Archive::new(&out.stdout[..]).entries().unwrap() {
-        names.push(
-            entry
-                .unwrap()
-                .path()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned(),
-        );
+        let entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        if name == "pg_wal" {
+            wal_dir = Some(entry.header().entry_type());
+        }
+        names.push(name);
     }
+    // The link is archived as the directory it leads to.
+    assert_eq!(wal_dir, Some(tar::EntryType::Directory));
     let has = |n: &str| names.iter().any(|x| x == n);
     let segno = |name: &str| {
         u64::from_str_radix(&name[8..16], 16).unwrap() * 256
