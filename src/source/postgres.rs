@@ -319,6 +319,17 @@ impl PostgresSource {
         let segment_size: u64 = segment_size
             .parse()
             .map_err(|_| Error::failure(format!("bad wal_segment_size {segment_size:?}")))?;
+        // The directory to read is the server's, checked before anything is reserved; one
+        // path for everything read, as names in the archive are relative to it.
+        let data_dir = match &self.data_directory {
+            Some(dir) => {
+                let dir = std::fs::canonicalize(dir)
+                    .map_err(|e| Error::io(format!("data-directory {}", dir.display()), e))?;
+                check_data_directory(&mut session, &system, &dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
         // The base backup carries the WAL from its start to its end, so it is consistent on
         // its own and the server does not wait for that WAL to be archived. A temporary
         // replication slot keeps the server from recycling it meanwhile; it goes with the
@@ -337,7 +348,7 @@ impl PostgresSource {
                 e.context("reserve the base backup's WAL with a temporary replication slot")
                     .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
             })?;
-        let (mut range, mut stats) = match self.data_directory.clone() {
+        let (mut range, mut stats) = match data_dir {
             Some(dir) => read_data_directory(
                 &self.conn,
                 &mut session,
@@ -387,7 +398,8 @@ impl PostgresSource {
     }
 }
 
-/// A base backup read from the data directory, as pgBackRest takes one: the files between
+/// A base backup read from the data directory (canonical, checked by
+/// [`check_data_directory`]), as pgBackRest takes one: the files between
 /// `pg_backup_start` and `pg_backup_stop` (leaving out what `pg_basebackup` leaves out, and
 /// `global/pg_control` until the end), then the `backup_label` the server returns and the
 /// WAL from the start to the stop LSN, read from `pg_wal` while `session`'s replication slot
@@ -402,10 +414,6 @@ fn read_data_directory(
     out: &mut dyn Write,
     cancel: &Cancel,
 ) -> Result<(WalRange, Stats)> {
-    // One path for everything read: names in the archive are relative to it.
-    let data_dir = &std::fs::canonicalize(data_dir)
-        .map_err(|e| Error::io(format!("data-directory {}", data_dir.display()), e))?;
-    check_data_directory(conn, data_dir)?;
     refuse_tablespaces(data_dir)?;
     let version: u32 = session
         .value("SELECT current_setting('server_version_num')")?
@@ -498,8 +506,7 @@ fn read_data_directory(
         }
     }
     let wal_dir = data_dir.join("pg_wal");
-    for segno in start / segment_size..=stop.saturating_sub(1).max(start) / segment_size {
-        let name = segment_name(timeline, segno, segment_size);
+    for name in range.segments() {
         append_wal(
             &mut tar,
             &wal_dir,
@@ -538,28 +545,17 @@ fn read_data_directory(
     Ok((range, stats))
 }
 
-/// Refuses a data directory that is not the primary's `conn` reaches: the path the server
-/// reports and the system identifier in `global/pg_control` must match. The server reads its
-/// pg_control for this, and fails the query if a checkpoint rewrites it meanwhile: a session
-/// of its own keeps that from ending the backup's.
-fn check_data_directory(conn: &Conn, data_dir: &Path) -> Result<()> {
-    let mut session = conn.session()?;
+/// Refuses a data directory that is not the primary's `session` is connected to: the path
+/// the server reports and the system identifier in `global/pg_control` (the server's:
+/// `system`) must match.
+fn check_data_directory(session: &mut Session, system: &str, data_dir: &Path) -> Result<()> {
     let row = session
-        .value(
-            "SELECT system_identifier || ' ' || pg_is_in_recovery() || ' ' || \
-             current_setting('data_directory') FROM pg_control_system()",
-        )
+        .value("SELECT pg_is_in_recovery() || ' ' || current_setting('data_directory')")
         .map_err(|e| {
-            e.context("read the server's data directory and system identifier")
-                .hint("the backup user needs to be a superuser or a member of pg_read_all_settings, and EXECUTE on pg_control_system")
+            e.context("read the server's data directory")
+                .hint("the backup user needs to be a superuser or a member of pg_read_all_settings")
         })?;
-    let _ = session.close();
-    let mut fields = row.splitn(3, ' ');
-    let (system, recovery, server_dir) = (
-        fields.next().unwrap_or(""),
-        fields.next().unwrap_or(""),
-        fields.next().unwrap_or(""),
-    );
+    let (recovery, server_dir) = row.split_once(' ').unwrap_or((&row, ""));
     if recovery == "true" {
         return Err(Error::invalid(
             "the server is a standby: drctl reads the data directory of a primary only",
@@ -907,6 +903,13 @@ impl WalRange {
         Ok(WalRange::new(timeline, start, stop, segment_size))
     }
 
+    /// The names of segments `start_wal` to `stop_wal`.
+    fn segments(&self) -> impl Iterator<Item = String> + '_ {
+        let segno = |name: &str| parse_segment(name, self.segment_size).map_or(0, |(_, n)| n);
+        (segno(&self.start_wal)..=segno(&self.stop_wal))
+            .map(|n| segment_name(self.timeline, n, self.segment_size))
+    }
+
     fn new(timeline: u32, start: u64, stop: u64, segment_size: u64) -> WalRange {
         // The stop LSN may sit exactly on a segment boundary: the last record ends before it.
         let stop_segment = stop.saturating_sub(1).max(start) / segment_size;
@@ -1071,7 +1074,7 @@ impl WalSource {
         // A segment in pg_wal is checked before anything is recorded; a file that is not
         // regular (a pipe) only as it streams.
         let mut system = None;
-        if name.len() >= 24 && !name.ends_with(".history") && !name.ends_with(".backup") {
+        if holds_segment(&name) {
             let meta = std::fs::metadata(&path)
                 .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
             if meta.is_file() {
@@ -1083,9 +1086,7 @@ impl WalSource {
                     &mut head,
                 )
                 .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-                let check = SegmentCheck::new(&name);
-                check.check_head(&head)?;
-                check.check_size(&head, meta.len())?;
+                SegmentCheck::new(&name).check_size(&head, meta.len())?;
                 system = head
                     .get(24..32)
                     .and_then(|b| b.try_into().ok())
@@ -1139,7 +1140,7 @@ impl Source for WalSource {
             stats.insert("history".into(), serde_json::to_value(history)?);
             return Ok(stats);
         }
-        if self.name.ends_with(".backup") {
+        if !holds_segment(&self.name) {
             let bytes = super::copy_file(&self.path, out, cancel)?;
             stats.insert("bytes".into(), bytes.into());
             return Ok(stats);
@@ -1156,6 +1157,12 @@ impl Source for WalSource {
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)
     }
+}
+
+/// Whether a WAL file name (see [`is_wal_name`]) is a segment's or a partial segment's, not
+/// a timeline history or backup history file.
+fn holds_segment(name: &str) -> bool {
+    !name.ends_with(".history") && !name.ends_with(".backup")
 }
 
 /// The long page header at the start of every WAL segment: magic, info, timeline, page
