@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{moto, output_ok, Run, Sandbox};
+use drctl::source::postgres::{parse_segment, segment_name};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -1224,16 +1225,13 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
     // The link is archived as the directory it leads to.
     assert_eq!(wal_dir, Some(tar::EntryType::Directory));
     let has = |n: &str| names.iter().any(|x| x == n);
-    let segno = |name: &str| {
-        u64::from_str_radix(&name[8..16], 16).unwrap() * 256
-            + u64::from_str_radix(&name[16..], 16).unwrap()
-    };
+    let segno = |name: &str| parse_segment(name, common::WAL_SEGMENT).unwrap().1;
     let (first, last) = (
         stats["wal"]["start_wal"].as_str().unwrap(),
         stats["wal"]["stop_wal"].as_str().unwrap(),
     );
     for n in segno(first)..=segno(last) {
-        let wal = format!("00000001{:08X}{:08X}", n / 256, n % 256);
+        let wal = segment_name(1, n, common::WAL_SEGMENT);
         assert!(has(&format!("pg_wal/{wal}")), "{wal} missing: {names:?}");
         assert!(has(&format!("pg_wal/archive_status/{wal}.done")), "{wal}");
     }
@@ -1592,10 +1590,8 @@ fn a_recovery_that_ends_before_the_last_archived_segment_fails_the_restore() {
     let mut c = Cluster::start();
     c.incident();
     let last = psql(&c.url(), "SELECT last_archived_wal FROM pg_stat_archiver");
-    let segno = u64::from_str_radix(&last[8..16], 16).unwrap() * 256
-        + u64::from_str_radix(&last[16..], 16).unwrap()
-        + 1;
-    let next = format!("{}{:08X}{:08X}", &last[..8], segno / 256, segno % 256);
+    let (timeline, segno) = parse_segment(&last, common::WAL_SEGMENT).unwrap();
+    let next = segment_name(timeline, segno + 1, common::WAL_SEGMENT);
     let unreadable = c.sb.path().join(&next);
     let push = || {
         c.drctl(&[

@@ -330,17 +330,19 @@ pub fn find_file(dir: &Path, pred: impl Fn(&str) -> bool) -> PathBuf {
     found.into_iter().next().unwrap()
 }
 
+/// The WAL segment size of the test clusters (initdb's default).
+pub const WAL_SEGMENT: u64 = 16 << 20;
+
 /// A WAL segment `name` (of 16 MiB segments) as far as `wal push` checks it: the long page
 /// header PostgreSQL starts it with, naming its own position, then `len - 40` bytes of `fill`.
 pub fn wal_segment(name: &str, len: usize, fill: u8) -> Vec<u8> {
-    let hex = |s: &str| u64::from_str_radix(s, 16).unwrap();
-    let segno = hex(&name[8..16]) * 256 + hex(&name[16..24]);
+    let (timeline, segno) = drctl::source::postgres::parse_segment(name, WAL_SEGMENT).unwrap();
     let mut b = vec![fill; len.max(40)];
     b[..40].fill(0);
     b[0..2].copy_from_slice(&0xD110u16.to_ne_bytes());
     b[2..4].copy_from_slice(&2u16.to_ne_bytes());
-    b[4..8].copy_from_slice(&(hex(&name[..8]) as u32).to_ne_bytes());
-    b[8..16].copy_from_slice(&(segno << 24).to_ne_bytes());
+    b[4..8].copy_from_slice(&timeline.to_ne_bytes());
+    b[8..16].copy_from_slice(&(segno * WAL_SEGMENT).to_ne_bytes());
     b[32..36].copy_from_slice(&(16u32 << 20).to_ne_bytes());
     b[36..40].copy_from_slice(&8192u32.to_ne_bytes());
     b
