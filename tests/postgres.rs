@@ -933,6 +933,18 @@ impl Cluster {
         self.servers.0.push(data.to_path_buf());
     }
 
+    /// Stops or starts the cluster's server again.
+    fn pg_ctl(&self, action: &str) {
+        output_ok(
+            as_server_user(&mut Command::new(server_bin("pg_ctl")))
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.data.join("server.log"))
+                .args(["-w", "-m", "fast", action]),
+        );
+    }
+
     fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
@@ -1136,22 +1148,11 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
     // Few buffers and a checkpoint each round: changed pages reach the files while they are
     // read. WAL on another disk, as it often is: pg_wal is a link.
     psql(&url, "ALTER SYSTEM SET shared_buffers = '1MB'");
-    let pg_ctl = |action: &[&str]| {
-        output_ok(
-            as_server_user(&mut Command::new(server_bin("pg_ctl")))
-                .arg("-D")
-                .arg(&c.data)
-                .arg("-l")
-                .arg(c.data.join("server.log"))
-                .args(["-w", "-m", "fast"])
-                .args(action),
-        );
-    };
-    pg_ctl(&["stop"]);
+    c.pg_ctl("stop");
     let wal = c.sb.path().join("wal-disk");
     std::fs::rename(c.data.join("pg_wal"), &wal).unwrap();
     std::os::unix::fs::symlink(&wal, c.data.join("pg_wal")).unwrap();
-    pg_ctl(&["start"]);
+    c.pg_ctl("start");
     psql(
         &url,
         "CREATE TABLE t (id int PRIMARY KEY, n bigint NOT NULL DEFAULT 0, pad text); \
@@ -1193,6 +1194,11 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
     let manifest = &run.json()[0];
     let stats = &manifest["source"]["stats"];
     assert_eq!(stats["method"], "data-directory", "{manifest}");
+    // Every page of the table's 200,000 rows and its index, and the catalogs', checks out.
+    assert!(
+        stats["pages_checked"].as_u64().unwrap() > 2000,
+        "{manifest}"
+    );
     assert_eq!(stats["wal"]["included"], true);
     assert_eq!(manifest["point_in_time"]["lsn"], stats["wal"]["stop_lsn"]);
     let wanted = psql(&url, "SELECT sum(n) || ' ' || count(*) FROM t");
@@ -1272,6 +1278,95 @@ fn a_base_backup_read_from_the_data_directory_while_rows_change_restores_them_al
         "{}",
         run.stderr
     );
+}
+
+/// A copy of the cluster at the server's own path (a standby's, on a pair of hosts behind one
+/// address) has the server's path and system identifier but not its latest checkpoint: it is
+/// refused.
+#[test]
+fn a_copy_of_the_cluster_at_the_servers_path_is_refused() {
+    assert!(
+        server_user().is_some(),
+        "this test runs as root, to show drctl a copy of the cluster in a mount namespace"
+    );
+    let c = Cluster::start_with("", "  data-directory: DATA_DIRECTORY\n");
+    c.pg_ctl("stop");
+    let copy = c.sb.path().join("data-copy");
+    output_ok(Command::new("cp").arg("-a").arg(&c.data).arg(&copy));
+    c.pg_ctl("start");
+    // drctl, in a mount namespace of its own, finds the copy at the server's path.
+    let run: Run = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount --bind \"$0\" \"$1\" && exec setpriv --reuid=postgres --regid=postgres \
+             --init-groups \"$2\" backup --policy pgphys",
+        )
+        .arg(&copy)
+        .arg(&c.data)
+        .arg(&c.drctl)
+        .current_dir(c.sb.path())
+        .env("DRCTL_CONFIG", c.sb.path().join("drctl.yaml"))
+        .env_remove("DRCTL_IDENTITY")
+        .output()
+        .unwrap()
+        .into();
+    let run = run.code(2);
+    assert!(
+        run.stderr
+            .contains("does not hold the server's latest checkpoint: it is another copy"),
+        "{}",
+        run.stderr
+    );
+    c.drctl(&["backup", "--policy", "pgphys"]).ok();
+}
+
+/// A page damaged on disk fails a base backup, by either method, and nothing is kept.
+#[test]
+fn a_page_that_fails_its_checksum_fails_the_base_backup() {
+    let c = Cluster::start_with("", "  data-directory: DATA_DIRECTORY\n");
+    let url = c.url();
+    // Frozen and flushed, and left alone: the server has no reason to write its pages again.
+    psql(
+        &url,
+        "CREATE TABLE t (id int, pad text) WITH (autovacuum_enabled = off); \
+         INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 10000) i",
+    );
+    psql(&url, "VACUUM FREEZE t");
+    psql(&url, "CHECKPOINT");
+    let file = psql(&url, "SELECT pg_relation_filepath('t')");
+    // A bit of one row in block 3 flips on disk; the clean copy in memory is never written back.
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.data.join(&file))
+        .unwrap();
+    let at = 3 * 8192 + 6000;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut byte, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&disk, &[byte[0] ^ 0x10], at).unwrap();
+
+    let run = c.drctl(&["backup", "--policy", "pgphys"]).code(4);
+    assert!(
+        run.stderr
+            .contains(&format!("a page of the data directory failed its checksum, read twice: {file} block 3 (checksum 0x")),
+        "{}",
+        run.stderr
+    );
+    // pg_basebackup refuses it too.
+    let policy = c.sb.path().join("policies/pgphys.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let data_directory = format!("  data-directory: {}\n", c.data.display());
+    assert!(text.contains(&data_directory), "{text}");
+    std::fs::write(&policy, text.replace(&data_directory, "")).unwrap();
+    let run = c.drctl(&["backup", "--policy", "pgphys"]).code(1);
+    assert!(run.stderr.contains("checksum"), "{}", run.stderr);
+    let records: Vec<serde_json::Value> = c.drctl(&["--json", "list"]).ok().json();
+    let statuses: Vec<&str> = records
+        .iter()
+        .filter(|r| r["type"] == "full")
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["failed", "failed"], "{records:?}");
 }
 
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from

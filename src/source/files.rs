@@ -98,6 +98,7 @@ impl Source for FilesSource {
                 excluded: &excluded,
                 one_file_system: self.one_file_system,
                 changes_expected: false,
+                inspect: None,
             },
             cancel,
         );
@@ -176,6 +177,29 @@ pub struct Rules<'a> {
     /// Files are expected to change while read (a database's), so that is not worth a
     /// warning.
     pub changes_expected: bool,
+    /// What sees each regular file's bytes as they are archived, if anything (a database's
+    /// page checks), given the file's path.
+    pub inspect: Option<&'a Inspect<'a>>,
+}
+
+/// Given a file's path, what sees its bytes as they are archived.
+pub type Inspect<'a> = dyn Fn(&Path) -> Option<Seen<'a>> + 'a;
+
+/// What sees one file's bytes, in the order they are read.
+pub type Seen<'a> = Box<dyn FnMut(&[u8]) + 'a>;
+
+/// A reader whose bytes are also shown to `see`.
+struct Inspected<'s, R> {
+    inner: R,
+    see: &'s mut dyn FnMut(&[u8]),
+}
+
+impl<R: Read> Read for Inspected<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.see)(&buf[..n]);
+        Ok(n)
+    }
 }
 
 pub struct Walk<'a, 'w> {
@@ -340,8 +364,18 @@ impl Walk<'_, '_> {
             };
             let size = meta.len();
             let mut reader = ExactReader::new(file, size, self.cancel);
-            tar.append_data(&mut header, &name, &mut reader)
-                .map_err(write_err)?;
+            let mut inspect = self.rules.inspect.and_then(|inspect| inspect(path));
+            match inspect.as_mut() {
+                Some(see) => {
+                    let inspected = Inspected {
+                        inner: &mut reader,
+                        see: &mut **see,
+                    };
+                    tar.append_data(&mut header, &name, inspected)
+                }
+                None => tar.append_data(&mut header, &name, &mut reader),
+            }
+            .map_err(write_err)?;
             if reader.changed() {
                 if self.rules.changes_expected {
                     tracing::debug!(path = %path.display(), "file changed size while being read; archived {size} bytes");

@@ -5,6 +5,7 @@
 pub mod command;
 pub mod files;
 pub mod mysql;
+pub mod pgpage;
 pub mod postgres;
 pub mod sqlite;
 

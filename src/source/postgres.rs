@@ -15,6 +15,7 @@ use std::process::Command;
 use super::command::stream_stdout;
 pub use super::command::SqlSession as Session;
 use super::files::{self, Tar};
+use super::pgpage;
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
@@ -431,6 +432,7 @@ fn read_data_directory(
     let start =
         parse_lsn(&start).ok_or_else(|| Error::failure(format!("bad start LSN {start:?}")))?;
     check_checkpoint(conn, data_dir, start)?;
+    let pages = page_check(session, start)?;
 
     let mut out = Counted {
         inner: out,
@@ -438,16 +440,34 @@ fn read_data_directory(
     };
     let mut tar = files::tar_builder(&mut out);
     let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
+    let inspect = |path: &Path| -> Option<files::Seen<'_>> {
+        let rel = path.strip_prefix(data_dir).ok()?;
+        let mut file = pages.as_ref()?.file(path, rel)?;
+        Some(Box::new(move |data: &[u8]| file.feed(data)))
+    };
     let mut walk = files::Walk::new(
         files::Rules {
             base: Some(data_dir),
             excluded: &left_out,
             one_file_system: false,
             changes_expected: true,
+            inspect: Some(&inspect),
         },
         cancel,
     );
     walk.visit_root(&mut tar, data_dir)?;
+    let counts = walk.counts;
+    let pages_checked = match pages {
+        Some(check) => {
+            let checked = check.checked();
+            let bad = check.into_bad();
+            if !bad.is_empty() {
+                return Err(damaged_pages(&bad));
+            }
+            Some(checked)
+        }
+        None => None,
+    };
     // pg_control last, as pg_basebackup sends it, read until two reads agree: the server may
     // rewrite it meanwhile, and a torn copy would not start.
     let control = data_dir.join("global/pg_control");
@@ -539,10 +559,53 @@ fn read_data_directory(
         ));
     }
     files::finish(tar)?;
-    let mut stats = walk.counts.into_stats();
+    let mut stats = counts.into_stats();
     stats.insert("method".into(), "data-directory".into());
     stats.insert("bytes".into(), out.bytes.into());
+    if let Some(checked) = pages_checked {
+        stats.insert("pages_checked".into(), checked.into());
+    }
     Ok((range, stats))
+}
+
+/// The page checks of a base backup that started at `start`, if the cluster has data
+/// checksums.
+fn page_check(session: &mut Session, start: u64) -> Result<Option<pgpage::PageCheck>> {
+    let row = session.value(
+        "SELECT current_setting('data_checksums') || ' ' || current_setting('block_size') \
+         || ' ' || setting FROM pg_settings WHERE name = 'segment_size'",
+    )?;
+    let bad = || Error::failure(format!("unexpected page settings {row:?}"));
+    let fields: Vec<&str> = row.split(' ').collect();
+    let [checksums, block_size, segment] = fields[..] else {
+        return Err(bad());
+    };
+    if checksums != "on" {
+        tracing::info!("the cluster has no data checksums: its pages are not checked");
+        return Ok(None);
+    }
+    let block_size = block_size.parse().map_err(|_| bad())?;
+    let blocks_per_segment = segment.parse().map_err(|_| bad())?;
+    pgpage::PageCheck::new(start, block_size, blocks_per_segment).map(Some)
+}
+
+/// The error for pages that failed their checksums, naming the first of them.
+fn damaged_pages(bad: &[pgpage::BadPage]) -> Error {
+    const NAMED: usize = 10;
+    let mut named: Vec<String> = bad.iter().take(NAMED).map(ToString::to_string).collect();
+    if bad.len() > NAMED {
+        named.push(format!("and {} more", bad.len() - NAMED));
+    }
+    let count = match bad.len() {
+        1 => "a page".to_string(),
+        n => format!("{n} pages"),
+    };
+    Error::integrity(format!(
+        "{count} of the data directory failed {} checksum, read twice: {}",
+        if bad.len() == 1 { "its" } else { "their" },
+        named.join(", ")
+    ))
+    .hint("the cluster holds damaged data, which pg_basebackup refuses too: find the damaged relations (pg_amcheck, or the file names above against pg_class.relfilenode) and repair them, from an earlier backup if need be, before the next backup")
 }
 
 /// Refuses a data directory that is not the primary's `session` is connected to: the path
