@@ -71,6 +71,10 @@ pub enum SourceConfig {
         /// `pg_backup_stop`, instead of streaming them through `pg_basebackup`.
         #[serde(default, rename = "data-directory")]
         data_directory: Option<PathBuf>,
+        /// Physical mode: check page checksums as the base backup reads them (on a cluster
+        /// with data checksums), failing the backup on a damaged page; as `pg_basebackup`.
+        #[serde(default = "checked", rename = "verify-checksums")]
+        verify_checksums: bool,
     },
     /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
     /// server's binary logs.
@@ -100,6 +104,10 @@ pub enum PostgresMode {
 
 fn default_artifact() -> String {
     "stream".into()
+}
+
+fn checked() -> bool {
+    true
 }
 
 impl SourceConfig {
@@ -458,9 +466,16 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             password_file,
             password_env,
             data_directory,
+            verify_checksums,
         } => {
             check_postgres_url(p, *mode, url);
             check_password(p, password_file, password_env);
+            if !verify_checksums && *mode != PostgresMode::Physical {
+                p.add(
+                    "source.verify-checksums",
+                    "only a physical backup reads pages; remove it",
+                );
+            }
             match data_directory {
                 Some(_) if *mode != PostgresMode::Physical => p.add(
                     "source.data-directory",

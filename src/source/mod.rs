@@ -72,10 +72,12 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             password_file,
             password_env,
             data_directory,
+            verify_checksums,
         } => Box::new(postgres::PostgresSource::new(
             *mode,
             postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,
             data_directory.clone(),
+            *verify_checksums,
         )),
         SourceConfig::Mysql {
             url,

@@ -115,21 +115,30 @@ fn judge(page: &[u8], block: u32, start_lsn: u64) -> Verdict {
 pub struct BadPage {
     /// The file, relative to the data directory.
     pub file: PathBuf,
-    /// The block's number within the file (not the fork).
+    /// The block's number within the file.
     pub block: u64,
+    /// Its number within the relation fork, which segments after the first (`.1`, `.2`)
+    /// do not start at zero.
+    fork_block: u32,
     stored: u16,
     computed: Option<u16>,
 }
 
 impl fmt::Display for BadPage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} block {} ", self.file.display(), self.block)?;
+        write!(f, "{} block {} (", self.file.display(), self.block)?;
+        if u64::from(self.fork_block) != self.block {
+            write!(f, "block {} of the fork; ", self.fork_block)?;
+        }
         match self.computed {
-            Some(c) => write!(f, "(checksum {:#06x}, computed {c:#06x})", self.stored),
-            None => write!(f, "(a new page that is not all zeros)"),
+            Some(c) => write!(f, "checksum {:#06x}, computed {c:#06x})", self.stored),
+            None => write!(f, "a new page that is not all zeros)"),
         }
     }
 }
+
+/// How many of the pages that fail are named; the rest are counted.
+const NAMED: usize = 10;
 
 /// The page checks of one base backup: the pages of relation files under `global/` and
 /// `base/`, other than those changed since the backup's start LSN.
@@ -137,8 +146,20 @@ pub struct PageCheck {
     start_lsn: u64,
     block_size: usize,
     blocks_per_segment: u32,
-    checked: Cell<u64>,
+    good: Cell<u64>,
+    skipped: Cell<u64>,
     bad: RefCell<Vec<BadPage>>,
+    bad_count: Cell<u64>,
+    /// The first error reading a page again.
+    error: RefCell<Option<Error>>,
+}
+
+/// What the checks of a whole backup found, once none failed.
+pub struct PageCounts {
+    /// Pages whose checksum matched.
+    pub good: u64,
+    /// Pages left to recovery: never initialised, or written since the backup started.
+    pub skipped: u64,
 }
 
 impl PageCheck {
@@ -154,8 +175,11 @@ impl PageCheck {
             start_lsn,
             block_size,
             blocks_per_segment,
-            checked: Cell::new(0),
+            good: Cell::new(0),
+            skipped: Cell::new(0),
             bad: RefCell::new(Vec::new()),
+            bad_count: Cell::new(0),
+            error: RefCell::new(None),
         })
     }
 
@@ -193,17 +217,41 @@ impl PageCheck {
             first_block,
             index: 0,
             partial: Vec::with_capacity(self.block_size),
+            again: None,
         })
     }
 
-    /// Pages checked so far.
-    pub fn checked(&self) -> u64 {
-        self.checked.get()
+    fn count(&self, counter: &Cell<u64>) {
+        counter.set(counter.get() + 1);
     }
 
-    /// The pages that failed.
-    pub fn into_bad(self) -> Vec<BadPage> {
-        self.bad.into_inner()
+    /// The counts, or the error for pages that failed twice (naming the first of them), or
+    /// for a page that could not be read again.
+    pub fn finish(self) -> Result<PageCounts> {
+        if let Some(e) = self.error.into_inner() {
+            return Err(e);
+        }
+        let bad = self.bad.into_inner();
+        let count = self.bad_count.get();
+        if count == 0 {
+            return Ok(PageCounts {
+                good: self.good.get(),
+                skipped: self.skipped.get(),
+            });
+        }
+        let mut named: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        if count > bad.len() as u64 {
+            named.push(format!("and {} more", count - bad.len() as u64));
+        }
+        let (pages, its) = match count {
+            1 => ("a page".to_string(), "its"),
+            n => (format!("{n} pages"), "their"),
+        };
+        Err(Error::integrity(format!(
+            "{pages} of the data directory failed {its} checksum, read twice: {}",
+            named.join(", ")
+        ))
+        .hint("the cluster holds damaged data: find the relations (SELECT pg_filenode_relation(0, N) for a file named N, or pg_amcheck) and repair them, from an earlier backup if need be. To go on taking backups meanwhile, with the damaged pages copied as they are, set verify-checksums: false in the policy"))
     }
 }
 
@@ -217,6 +265,8 @@ pub struct FilePages<'a> {
     index: u64,
     /// The start of a page cut by the end of a read.
     partial: Vec<u8>,
+    /// The file, opened to read a page again.
+    again: Option<std::fs::File>,
 }
 
 impl FilePages<'_> {
@@ -246,27 +296,71 @@ impl FilePages<'_> {
         let index = self.index;
         self.index += 1;
         let block = self.first_block.wrapping_add(index as u32);
-        let Verdict::Bad { .. } = judge(page, block, check.start_lsn) else {
-            check.checked.set(check.checked.get() + 1);
-            return;
+        let verdict = match judge(page, block, check.start_lsn) {
+            // Read again, as pg_basebackup does: the server may have been writing the page.
+            Verdict::Bad { .. } => match self.read_again(index, page.len()) {
+                Ok(Some(again)) => judge(&again, block, check.start_lsn),
+                // Truncated meanwhile: recovery replays the truncation.
+                Ok(None) => Verdict::Unchecked,
+                Err(e) => {
+                    check.error.borrow_mut().get_or_insert(e);
+                    return;
+                }
+            },
+            verdict => verdict,
         };
-        // Read again, as pg_basebackup does: the server may have been writing the page.
-        let mut again = vec![0u8; page.len()];
-        let reread = std::fs::File::open(&self.path)
-            .and_then(|f| f.read_exact_at(&mut again, index * page.len() as u64));
-        let verdict = match reread {
-            Ok(()) => judge(&again, block, check.start_lsn),
-            // Truncated meanwhile: recovery replays the truncation.
-            Err(_) => Verdict::Unchecked,
+        match verdict {
+            Verdict::Good => check.count(&check.good),
+            Verdict::Unchecked => check.count(&check.skipped),
+            Verdict::Bad { stored, computed } => {
+                check.count(&check.bad_count);
+                let mut bad = check.bad.borrow_mut();
+                if bad.len() < NAMED {
+                    bad.push(BadPage {
+                        file: self.rel.clone(),
+                        block: index,
+                        fork_block: block,
+                        stored,
+                        computed,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Page `index` as the file holds it now; `None` if the file no longer reaches it.
+    fn read_again(&mut self, index: u64, size: usize) -> Result<Option<Vec<u8>>> {
+        let gone = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+            )
         };
-        check.checked.set(check.checked.get() + 1);
-        if let Verdict::Bad { stored, computed } = verdict {
-            check.bad.borrow_mut().push(BadPage {
-                file: self.rel.clone(),
-                block: index,
-                stored,
-                computed,
-            });
+        let failed = |e| Error::io(format!("read {} again", self.path.display()), e);
+        let file = match &self.again {
+            Some(file) => file,
+            None => match std::fs::File::open(&self.path) {
+                Ok(file) => self.again.insert(file),
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(failed(e)),
+            },
+        };
+        let mut page = vec![0u8; size];
+        match file.read_exact_at(&mut page, index * size as u64) {
+            Ok(()) => Ok(Some(page)),
+            Err(e) if gone(&e) => Ok(None),
+            Err(e) => Err(failed(e)),
+        }
+    }
+}
+
+impl Drop for FilePages<'_> {
+    fn drop(&mut self) {
+        if !self.partial.is_empty() {
+            tracing::debug!(
+                file = %self.rel.display(),
+                "the file ends in part of a page, which is not checked"
+            );
         }
     }
 }
@@ -349,30 +443,81 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pages_cut_across_reads_are_checked_whole() {
+    /// Feeds `read` (in pieces of `piece` bytes) as the pages of `base/5/16384`, which holds
+    /// `disk` when read again, starting at block `first`.
+    fn feed(disk: &[u8], read: &[u8], piece: usize, first: u32) -> PageCheck {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("16384");
-        let good = page();
-        // Block 7 of the fork is the second page of segment .0 when the first block is 6.
-        let mut file = vec![0u8; BLOCK];
-        file.extend_from_slice(&good);
-        let mut damaged = good.clone();
-        damaged[3000] ^= 0x40;
-        file.extend_from_slice(&damaged);
-        std::fs::write(&path, &file).unwrap();
+        std::fs::write(&path, disk).unwrap();
         let check = PageCheck::new(0x2000, BLOCK, 131072).unwrap();
         let mut pages = check.file(&path, Path::new("base/5/16384")).unwrap();
-        pages.first_block = 6;
-        for piece in file.chunks(3000) {
+        pages.first_block = first;
+        for piece in read.chunks(piece) {
             pages.feed(piece);
         }
-        assert_eq!(check.checked(), 3);
-        let bad = check.into_bad();
-        assert_eq!(bad.len(), 1, "{bad:?}");
-        assert_eq!(bad[0].block, 2);
-        assert!(bad[0]
-            .to_string()
-            .starts_with("base/5/16384 block 2 (checksum 0x"));
+        drop(pages);
+        check
+    }
+
+    #[test]
+    fn pages_cut_across_reads_are_checked_whole() {
+        let good = page();
+        let mut damaged = good.clone();
+        damaged[3000] ^= 0x40;
+        // Blocks 6, 7 and 8 of the fork: new, good (its checksum is block 7's), damaged.
+        let file = [vec![0u8; BLOCK], good, damaged].concat();
+        let check = feed(&file, &file, 3000, 6);
+        assert_eq!((check.good.get(), check.skipped.get()), (1, 1));
+        let e = check.finish().err().unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::Integrity);
+        assert!(
+            e.to_string().contains(
+                "a page of the data directory failed its checksum, read twice: \
+                 base/5/16384 block 2 (block 8 of the fork; checksum 0x"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_page_read_while_written_is_read_again() {
+        let good = page();
+        let mut torn = good.clone();
+        torn[6000..].fill(0x55);
+        // Whole on disk when read again.
+        let check = feed(
+            &[vec![0u8; BLOCK], good.clone()].concat(),
+            &[vec![0u8; BLOCK], torn.clone()].concat(),
+            BLOCK,
+            6,
+        );
+        assert_eq!((check.good.get(), check.skipped.get()), (1, 1));
+        assert!(check.finish().is_ok());
+        // Truncated meanwhile: left to recovery.
+        let check = feed(&[], &[vec![0u8; BLOCK], torn].concat(), 1 << 20, 6);
+        assert_eq!(check.skipped.get(), 2);
+        assert!(check.finish().is_ok());
+    }
+
+    #[test]
+    fn many_damaged_pages_are_counted_and_the_first_named() {
+        let mut damaged = page();
+        damaged[3000] ^= 0x40;
+        let file = damaged.repeat(25);
+        let e = feed(&file, &file, 1 << 20, 7)
+            .finish()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("25 pages of the data directory failed their checksum"),
+            "{e}"
+        );
+        assert!(
+            e.contains("base/5/16384 block 9 (block 16 of the fork;"),
+            "{e}"
+        );
+        assert!(!e.contains("block 10 ("), "{e}");
+        assert!(e.contains(", and 15 more"), "{e}");
     }
 }

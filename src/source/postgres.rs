@@ -241,15 +241,22 @@ pub struct PostgresSource {
     mode: PostgresMode,
     conn: Conn,
     data_directory: Option<PathBuf>,
+    verify_checksums: bool,
     point_in_time: Option<PointInTime>,
 }
 
 impl PostgresSource {
-    pub fn new(mode: PostgresMode, conn: Conn, data_directory: Option<PathBuf>) -> Self {
+    pub fn new(
+        mode: PostgresMode,
+        conn: Conn,
+        data_directory: Option<PathBuf>,
+        verify_checksums: bool,
+    ) -> Self {
         PostgresSource {
             mode,
             conn,
             data_directory,
+            verify_checksums,
             point_in_time: None,
         }
     }
@@ -350,15 +357,9 @@ impl PostgresSource {
                     .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
             })?;
         let (mut range, mut stats) = match data_dir {
-            Some(dir) => read_data_directory(
-                &self.conn,
-                &mut session,
-                &slot,
-                &dir,
-                segment_size,
-                out,
-                cancel,
-            )?,
+            Some(dir) => {
+                self.read_data_directory(&mut session, &slot, &dir, segment_size, out, cancel)?
+            }
             None => self.stream_base_backup(segment_size, out, cancel)?,
         };
         // The base backup holds all the WAL it needs; the slot is no longer needed.
@@ -389,6 +390,9 @@ impl PostgresSource {
         let mut cmd = self.conn.command("pg_basebackup");
         cmd.args(["-D", "-", "-Ft", "-X", "fetch", "-c", "fast"])
             .args(["-d", &self.conn.url]);
+        if !self.verify_checksums {
+            cmd.arg("--no-verify-checksums");
+        }
         let mut tap = TarTap::new(out, "backup_manifest");
         let streamed = stream_stdout(cmd, &mut tap, cancel)?;
         let range = WalRange::from_manifest(&String::from_utf8_lossy(&tap.captured), segment_size)?;
@@ -397,91 +401,85 @@ impl PostgresSource {
         stats.insert("bytes".into(), streamed.bytes.into());
         Ok((range, stats))
     }
-}
 
-/// A base backup read from the data directory (canonical, checked by
-/// [`check_data_directory`]), as pgBackRest takes one: the files between
-/// `pg_backup_start` and `pg_backup_stop` (leaving out what `pg_basebackup` leaves out, and
-/// `global/pg_control` until the end), then the `backup_label` the server returns and the
-/// WAL from the start to the stop LSN, read from `pg_wal` while `session`'s replication slot
-/// `slot` holds it. Torn pages in files written meanwhile are repaired by replaying that WAL,
-/// which holds full page images for the backup's duration.
-fn read_data_directory(
-    conn: &Conn,
-    session: &mut Session,
-    slot: &str,
-    data_dir: &Path,
-    segment_size: u64,
-    out: &mut dyn Write,
-    cancel: &Cancel,
-) -> Result<(WalRange, Stats)> {
-    refuse_tablespaces(data_dir)?;
-    let version: u32 = session
-        .value("SELECT current_setting('server_version_num')")?
-        .parse()
-        .map_err(|_| Error::failure("bad server_version_num"))?;
-    let (start_call, stop_call) = if version >= 150000 {
-        ("pg_backup_start('drctl', true)", "pg_backup_stop(false)")
-    } else {
-        (
-            "pg_start_backup('drctl', true, false)",
-            "pg_stop_backup(false, false)",
-        )
-    };
-    let start = session.value(&format!("SELECT {start_call}"))?;
-    let start =
-        parse_lsn(&start).ok_or_else(|| Error::failure(format!("bad start LSN {start:?}")))?;
-    check_checkpoint(conn, data_dir, start)?;
-    let pages = page_check(session, start)?;
+    /// A base backup read from the data directory (canonical, checked by
+    /// [`check_data_directory`]), as pgBackRest takes one: the files between
+    /// `pg_backup_start` and `pg_backup_stop` (leaving out what `pg_basebackup` leaves out, and
+    /// `global/pg_control` until the end), then the `backup_label` the server returns and the
+    /// WAL from the start to the stop LSN, read from `pg_wal` while `session`'s replication slot
+    /// `slot` holds it. Torn pages in files written meanwhile are repaired by replaying that WAL,
+    /// which holds full page images for the backup's duration. Pages are checked against
+    /// their checksums as they are read, unless the policy turns that off.
+    fn read_data_directory(
+        &self,
+        session: &mut Session,
+        slot: &str,
+        data_dir: &Path,
+        segment_size: u64,
+        out: &mut dyn Write,
+        cancel: &Cancel,
+    ) -> Result<(WalRange, Stats)> {
+        let conn = &self.conn;
+        refuse_tablespaces(data_dir)?;
+        let version: u32 = session
+            .value("SELECT current_setting('server_version_num')")?
+            .parse()
+            .map_err(|_| Error::failure("bad server_version_num"))?;
+        let (start_call, stop_call) = if version >= 150000 {
+            ("pg_backup_start('drctl', true)", "pg_backup_stop(false)")
+        } else {
+            (
+                "pg_start_backup('drctl', true, false)",
+                "pg_stop_backup(false, false)",
+            )
+        };
+        let start = session.value(&format!("SELECT {start_call}"))?;
+        let start =
+            parse_lsn(&start).ok_or_else(|| Error::failure(format!("bad start LSN {start:?}")))?;
+        check_checkpoint(conn, data_dir, start)?;
+        let pages = match self.verify_checksums {
+            true => page_check(session, start)?,
+            false => None,
+        };
 
-    let mut out = Counted {
-        inner: out,
-        bytes: 0,
-    };
-    let mut tar = files::tar_builder(&mut out);
-    let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
-    let inspect = |path: &Path| -> Option<files::Seen<'_>> {
-        let rel = path.strip_prefix(data_dir).ok()?;
-        let mut file = pages.as_ref()?.file(path, rel)?;
-        Some(Box::new(move |data: &[u8]| file.feed(data)))
-    };
-    let mut walk = files::Walk::new(
-        files::Rules {
-            base: Some(data_dir),
-            excluded: &left_out,
-            one_file_system: false,
-            changes_expected: true,
-            inspect: Some(&inspect),
-        },
-        cancel,
-    );
-    walk.visit_root(&mut tar, data_dir)?;
-    let counts = walk.counts;
-    let pages_checked = match pages {
-        Some(check) => {
-            let checked = check.checked();
-            let bad = check.into_bad();
-            if !bad.is_empty() {
-                return Err(damaged_pages(&bad));
-            }
-            Some(checked)
-        }
-        None => None,
-    };
-    // pg_control last, as pg_basebackup sends it, read until two reads agree: the server may
-    // rewrite it meanwhile, and a torn copy would not start.
-    let control = data_dir.join("global/pg_control");
-    let control_meta =
-        std::fs::metadata(&control).map_err(|e| Error::io("stat global/pg_control", e))?;
-    append_made(
-        &mut tar,
-        &control_meta,
-        "global/pg_control",
-        Some(&read_settled(&control)?),
-    )?;
+        let mut out = Counted {
+            inner: out,
+            bytes: 0,
+        };
+        let mut tar = files::tar_builder(&mut out);
+        let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
+        let inspect = |path: &Path| -> Option<files::Seen<'_>> {
+            let rel = path.strip_prefix(data_dir).ok()?;
+            let mut file = pages.as_ref()?.file(path, rel)?;
+            Some(Box::new(move |data: &[u8]| file.feed(data)))
+        };
+        let mut walk = files::Walk::new(
+            files::Rules {
+                base: Some(data_dir),
+                excluded: &left_out,
+                one_file_system: false,
+                changes_expected: true,
+                inspect: Some(&inspect),
+            },
+            cancel,
+        );
+        walk.visit_root(&mut tar, data_dir)?;
+        let counts = walk.counts;
+        let pages = pages.map(pgpage::PageCheck::finish).transpose()?;
+        // pg_control last, as pg_basebackup sends it, read until two reads agree: the server may
+        // rewrite it meanwhile, and a torn copy would not start.
+        let control = data_dir.join("global/pg_control");
+        let control_meta =
+            std::fs::metadata(&control).map_err(|e| Error::io("stat global/pg_control", e))?;
+        append_made(
+            &mut tar,
+            &control_meta,
+            "global/pg_control",
+            Some(&read_settled(&control)?),
+        )?;
 
-    // The label and map come back hex-encoded: psql prints one row per line.
-    let stopped = session
+        // The label and map come back hex-encoded: psql prints one row per line.
+        let stopped = session
         .value(&format!(
             "SELECT lsn || ' ' || encode(convert_to(labelfile, 'UTF8'), 'hex') || ' ' || \
              encode(convert_to(coalesce(spcmapfile, ''), 'UTF8'), 'hex') FROM {stop_call}"
@@ -489,83 +487,88 @@ fn read_data_directory(
         .map_err(|e| {
             e.hint("if the server log says the backup's replication slot was invalidated, the backup outlasted max_slot_wal_keep_size: raise it")
         })?;
-    let mut fields = stopped.split(' ');
-    let (Some(stop), Some(label), Some(map)) = (fields.next(), fields.next(), fields.next()) else {
-        return Err(Error::failure(format!(
-            "unexpected pg_backup_stop result {stopped:?}"
-        )));
-    };
-    let stop = parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
-    let label =
-        hex::decode(label).map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
-    // A tablespace created since the check (its link is not archived).
-    if !map.is_empty() {
-        return Err(Error::invalid(
+        let mut fields = stopped.split(' ');
+        let (Some(stop), Some(label), Some(map)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(Error::failure(format!(
+                "unexpected pg_backup_stop result {stopped:?}"
+            )));
+        };
+        let stop =
+            parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
+        let label = hex::decode(label)
+            .map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
+        // A tablespace created since the check (its link is not archived).
+        if !map.is_empty() {
+            return Err(Error::invalid(
             "a tablespace was created as the backup started, which a physical backup does not cover",
         ));
-    }
-    refuse_tablespaces(data_dir)?;
-    let timeline = String::from_utf8_lossy(&label)
-        .lines()
-        .find_map(|l| l.strip_prefix("START TIMELINE: "))
-        .and_then(|t| t.trim().parse::<u32>().ok())
-        .ok_or_else(|| {
-            Error::failure("the backup_label from pg_backup_stop names no START TIMELINE")
-        })?;
-    let range = WalRange::new(timeline, start, stop, segment_size);
-
-    let dir_meta = std::fs::metadata(data_dir)
-        .map_err(|e| Error::io(format!("stat {}", data_dir.display()), e))?;
-    append_made(&mut tar, &dir_meta, "backup_label", Some(&label))?;
-    for dir in EMPTIED_DIRS
-        .iter()
-        .chain(&["pg_wal", "pg_wal/archive_status", "pg_wal/summaries"])
-    {
-        if data_dir.join(dir).is_dir() {
-            append_made(&mut tar, &dir_meta, dir, None)?;
         }
-    }
-    let wal_dir = data_dir.join("pg_wal");
-    for name in range.segments() {
-        append_wal(
-            &mut tar,
-            &wal_dir,
-            &name,
-            Some(segment_size),
-            &dir_meta,
-            cancel,
-        )?;
-    }
-    // Every timeline's history, as pg_basebackup sends them.
-    let mut histories: Vec<String> = std::fs::read_dir(&wal_dir)
-        .map_err(|e| Error::io(format!("list {}", wal_dir.display()), e))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| {
-            n.strip_suffix(".history")
-                .is_some_and(|t| t.len() == 8 && is_upper_hex(t))
-        })
-        .collect();
-    histories.sort();
-    for name in &histories {
-        append_wal(&mut tar, &wal_dir, name, None, &dir_meta, cancel)?;
-    }
-    // The slot held the WAL unless max_slot_wal_keep_size let the server remove it.
-    let status = session.value(&format!(
-        "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = '{slot}'"
-    ))?;
-    if status == "lost" {
-        return Err(Error::failure(
+        refuse_tablespaces(data_dir)?;
+        let timeline = String::from_utf8_lossy(&label)
+            .lines()
+            .find_map(|l| l.strip_prefix("START TIMELINE: "))
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .ok_or_else(|| {
+                Error::failure("the backup_label from pg_backup_stop names no START TIMELINE")
+            })?;
+        let range = WalRange::new(timeline, start, stop, segment_size);
+
+        let dir_meta = std::fs::metadata(data_dir)
+            .map_err(|e| Error::io(format!("stat {}", data_dir.display()), e))?;
+        append_made(&mut tar, &dir_meta, "backup_label", Some(&label))?;
+        for dir in
+            EMPTIED_DIRS
+                .iter()
+                .chain(&["pg_wal", "pg_wal/archive_status", "pg_wal/summaries"])
+        {
+            if data_dir.join(dir).is_dir() {
+                append_made(&mut tar, &dir_meta, dir, None)?;
+            }
+        }
+        let wal_dir = data_dir.join("pg_wal");
+        for name in range.segments() {
+            append_wal(
+                &mut tar,
+                &wal_dir,
+                &name,
+                Some(segment_size),
+                &dir_meta,
+                cancel,
+            )?;
+        }
+        // Every timeline's history, as pg_basebackup sends them.
+        let mut histories: Vec<String> = std::fs::read_dir(&wal_dir)
+            .map_err(|e| Error::io(format!("list {}", wal_dir.display()), e))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                n.strip_suffix(".history")
+                    .is_some_and(|t| t.len() == 8 && is_upper_hex(t))
+            })
+            .collect();
+        histories.sort();
+        for name in &histories {
+            append_wal(&mut tar, &wal_dir, name, None, &dir_meta, cancel)?;
+        }
+        // The slot held the WAL unless max_slot_wal_keep_size let the server remove it.
+        let status = session.value(&format!(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))?;
+        if status == "lost" {
+            return Err(Error::failure(
             "the server removed WAL the base backup needs while it was read (max_slot_wal_keep_size)",
         ));
+        }
+        files::finish(tar)?;
+        let mut stats = counts.into_stats();
+        stats.insert("method".into(), "data-directory".into());
+        stats.insert("bytes".into(), out.bytes.into());
+        if let Some(pages) = pages {
+            stats.insert("pages_checked".into(), pages.good.into());
+            stats.insert("pages_skipped".into(), pages.skipped.into());
+        }
+        Ok((range, stats))
     }
-    files::finish(tar)?;
-    let mut stats = counts.into_stats();
-    stats.insert("method".into(), "data-directory".into());
-    stats.insert("bytes".into(), out.bytes.into());
-    if let Some(checked) = pages_checked {
-        stats.insert("pages_checked".into(), checked.into());
-    }
-    Ok((range, stats))
 }
 
 /// The page checks of a base backup that started at `start`, if the cluster has data
@@ -587,25 +590,6 @@ fn page_check(session: &mut Session, start: u64) -> Result<Option<pgpage::PageCh
     let block_size = block_size.parse().map_err(|_| bad())?;
     let blocks_per_segment = segment.parse().map_err(|_| bad())?;
     pgpage::PageCheck::new(start, block_size, blocks_per_segment).map(Some)
-}
-
-/// The error for pages that failed their checksums, naming the first of them.
-fn damaged_pages(bad: &[pgpage::BadPage]) -> Error {
-    const NAMED: usize = 10;
-    let mut named: Vec<String> = bad.iter().take(NAMED).map(ToString::to_string).collect();
-    if bad.len() > NAMED {
-        named.push(format!("and {} more", bad.len() - NAMED));
-    }
-    let count = match bad.len() {
-        1 => "a page".to_string(),
-        n => format!("{n} pages"),
-    };
-    Error::integrity(format!(
-        "{count} of the data directory failed {} checksum, read twice: {}",
-        if bad.len() == 1 { "its" } else { "their" },
-        named.join(", ")
-    ))
-    .hint("the cluster holds damaged data, which pg_basebackup refuses too: find the damaged relations (pg_amcheck, or the file names above against pg_class.relfilenode) and repair them, from an earlier backup if need be, before the next backup")
 }
 
 /// Refuses a data directory that is not the primary's `session` is connected to: the path
@@ -909,6 +893,9 @@ impl Source for PostgresSource {
             PostgresMode::Physical => "physical",
         };
         let mut d = serde_json::json!({ "mode": mode, "url": self.conn.url });
+        if !self.verify_checksums {
+            d["verify_checksums"] = false.into();
+        }
         if let Some(dir) = &self.data_directory {
             d["data_directory"] = dir.to_string_lossy().into();
         }
