@@ -26,7 +26,7 @@ use crate::format::{BackupId, Manifest, ObjectKey};
 use crate::registry::{BackupRecord, ListQuery, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn};
-use crate::source::mysql::{quote_ident, valid_binlog_name, BinlogPos, Conn};
+use crate::source::mysql::{quote_ident, quote_str, valid_binlog_name, BinlogPos, Conn};
 use crate::{Error, ErrorKind, Result};
 
 /// What a MariaDB/MySQL restore applies, resolved before anything is written.
@@ -180,11 +180,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?
-}
-
-/// A string literal for SQL.
-fn quote_str(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn table_count(conn: &Conn) -> Result<u64> {

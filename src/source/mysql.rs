@@ -289,6 +289,11 @@ pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
 
+/// A string literal for SQL.
+pub fn quote_str(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// The time and server of a binary log's format description event, from `mariadb-binlog`'s
 /// header line `#261201  3:07:36 server id 1  end_log_pos 256 ... Start: binlog v 4, ...`.
 fn parse_binlog_identity(text: &str) -> Option<String> {
@@ -766,6 +771,8 @@ impl TwinSnapshot {
             .iter()
             .map(|l| columns(l))
             .collect();
+        let same_position = self.position == scan.binlog
+            || no_change_between(&mut self.session, &self.position, &scan.binlog);
         self.session.close()?;
         let mut differences = Vec::new();
         for (t, snapshot) in parse_counts(&self.tables, &rows)? {
@@ -782,7 +789,7 @@ impl TwinSnapshot {
                 differences.join("; ")
             )));
         }
-        if self.position != scan.binlog {
+        if !same_position {
             let show =
                 |p: &Option<BinlogPos>| p.as_ref().map_or("none".into(), ToString::to_string);
             return Err(Error::integrity(format!(
@@ -793,6 +800,52 @@ impl TwinSnapshot {
         }
         Ok(Some(parse_checksums(&self.database, &rows)))
     }
+}
+
+/// Whether the binary log holds nothing between the snapshot's position `ours` and the
+/// dump's later one in the same file but the checkpoints the server writes in the background
+/// after switching logs, which change no data.
+fn no_change_between(
+    session: &mut SqlSession,
+    ours: &Option<BinlogPos>,
+    theirs: &Option<BinlogPos>,
+) -> bool {
+    let (Some(ours), Some(theirs)) = (ours, theirs) else {
+        return false;
+    };
+    if ours.file != theirs.file || ours.pos > theirs.pos {
+        return false;
+    }
+    let events = session.query(&format!(
+        "SHOW BINLOG EVENTS IN {} FROM {} LIMIT 100",
+        quote_str(&ours.file),
+        ours.pos
+    ));
+    match events {
+        Ok(lines) => only_checkpoints(&lines, ours.pos, theirs.pos),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the binary log's events");
+            false
+        }
+    }
+}
+
+/// Whether the events of `SHOW BINLOG EVENTS` (tab-separated lines: log name, position,
+/// type, server id, end position, info) from `from` reach `to` with binary log checkpoints
+/// only.
+fn only_checkpoints(lines: &[String], from: u64, to: u64) -> bool {
+    let mut at = from;
+    for row in lines.iter().map(|l| columns(l)) {
+        if at == to {
+            break;
+        }
+        let end = row.get(4).and_then(|e| e.parse::<u64>().ok());
+        match (row.get(2).map(String::as_str), end) {
+            (Some("Binlog_checkpoint"), Some(end)) if end > at => at = end,
+            _ => return false,
+        }
+    }
+    at == to
 }
 
 /// See [`TwinSnapshot::releasing`].
@@ -994,6 +1047,25 @@ impl Write for DumpScanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_apart_by_binlog_checkpoints_only_are_the_same() {
+        let event = |pos: u64, kind: &str, end: u64| {
+            format!("binlog.000002\t{pos}\t{kind}\t1\t{end}\tbinlog.000002")
+        };
+        let checkpoint = [event(339, "Binlog_checkpoint", 379)];
+        assert!(only_checkpoints(&checkpoint, 339, 379));
+        assert!(only_checkpoints(&[], 339, 339));
+        assert!(!only_checkpoints(&checkpoint, 339, 420));
+        let then_a_commit = [
+            event(339, "Binlog_checkpoint", 379),
+            event(379, "Gtid", 421),
+            event(421, "Query", 520),
+        ];
+        assert!(only_checkpoints(&then_a_commit, 339, 379));
+        assert!(!only_checkpoints(&then_a_commit, 339, 520));
+        assert!(!only_checkpoints(&[event(339, "Gtid", 381)], 339, 381));
+    }
 
     fn scan(dump: &str, split: usize) -> (BTreeMap<String, u64>, Option<BinlogPos>) {
         let mut sink = Vec::new();
