@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1398,6 +1399,76 @@ fn a_page_that_fails_its_checksum_fails_the_base_backup() {
         ["completed", "completed", "failed", "failed"],
         "{records:?}"
     );
+}
+
+/// The files under `dir`, with their contents.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(tree(&path));
+        } else {
+            out.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
+/// A restore does not replay a `CREATE TABLESPACE` into a directory that holds data on its
+/// host (on the cluster's own host, the cluster's tablespace); into an empty one it does.
+#[test]
+fn a_restore_does_not_replay_a_tablespace_into_a_directory_with_data() {
+    let mut c = Cluster::start();
+    let url = c.url();
+    c.drctl(&["backup", "--policy", "pgphys"]).ok();
+    let location = c.sb.path().join("ts");
+    std::fs::create_dir(&location).unwrap();
+    if server_user().is_some() {
+        output_ok(
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&location),
+        );
+    }
+    psql(
+        &url,
+        &format!("CREATE TABLESPACE ts LOCATION '{}'", location.display()),
+    );
+    psql(
+        &url,
+        "CREATE TABLE far (i int) TABLESPACE ts; \
+         INSERT INTO far SELECT generate_series(1, 1000)",
+    );
+    let noted = a_moment_apart();
+    c.switch_wal();
+    let live = tree(&location);
+    assert!(!live.is_empty());
+
+    let (run, _) = c.restore("here", &[]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    // wal fetch's refusal stops recovery; the server log holds it.
+    let log =
+        std::fs::read_to_string(c.sb.path().join("here/drctl-restore.log")).unwrap_or_default();
+    let said = format!("{}{log}", run.stderr);
+    assert!(
+        said.contains(&format!(
+            "at {}, which is not empty on this host",
+            location.display()
+        )),
+        "{said}"
+    );
+    assert_eq!(tree(&location), live, "the cluster's tablespace changed");
+    assert_eq!(psql(&url, "SELECT count(*) FROM far"), "1000");
+
+    // Once the cluster has dropped it, the location is empty and recovery fills it.
+    psql(&url, "DROP TABLE far");
+    psql(&url, "DROP TABLESPACE ts");
+    c.switch_wal();
+    assert!(tree(&location).is_empty());
+    let (run, restored) = c.restore("there", &["--until", &noted]);
+    run.ok();
+    assert_eq!(psql(&restored, "SELECT count(*) FROM far"), "1000");
 }
 
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from

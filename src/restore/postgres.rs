@@ -28,6 +28,7 @@ use crate::pipeline::Digest;
 use crate::registry::{BackupRecord, ListQuery, Lookup, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
+use crate::source::pgwal::{CreatedTablespace, TablespaceScan};
 use crate::source::postgres::{
     count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names, relations,
     row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
@@ -844,7 +845,8 @@ impl WalIndex {
 }
 
 /// Writes the WAL file that `record` archived to `dest` (atomically: a temporary file, then
-/// rename).
+/// rename), unless its records create a tablespace where this host has data (see
+/// [`check_created_tablespaces`]).
 pub async fn fetch_wal(
     repo: &Repo,
     record: &BackupRecord,
@@ -857,12 +859,19 @@ pub async fn fetch_wal(
     // checksums, which `decode` compares after the copy).
     let written = decode(repo, record.manifest()?, identities, move |reader| {
         let what = || format!("write {}", tmp2.display());
-        let mut f = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
-        std::io::copy(reader, &mut f).map_err(|e| crate::pipeline::damaged("restore", e))?;
-        f.sync_all().map_err(|e| Error::io(what(), e))
+        let mut file = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
+        let mut scan = TablespaceScan::default();
+        let mut tee = Tee {
+            file: &mut file,
+            scan: &mut scan,
+        };
+        std::io::copy(reader, &mut tee).map_err(|e| crate::pipeline::damaged("restore", e))?;
+        file.sync_all().map_err(|e| Error::io(what(), e))?;
+        Ok(scan.finish())
     })
     .await
-    .and_then(|_| {
+    .and_then(|(created, _)| {
+        check_created_tablespaces(record, &created, Path::new("pg_tblspc"))?;
         std::fs::rename(&tmp, dest)
             .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
         crate::store::local::sync_parent(dest)
@@ -871,6 +880,64 @@ pub async fn fetch_wal(
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// Writes to a file and shows the WAL scan what it wrote.
+struct Tee<'a> {
+    file: &'a mut std::fs::File,
+    scan: &'a mut TablespaceScan,
+}
+
+impl std::io::Write for Tee<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::Write::write(self.file, data)?;
+        self.scan.feed(&data[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(self.file)
+    }
+}
+
+/// Refuses WAL that creates a tablespace at a location that is not empty on this host:
+/// recovery would write the restored cluster's tablespace there, and on the cluster's own
+/// host that is the cluster's tablespace. Recovery that replayed the creation already (its
+/// link in `pg_tblspc`, relative to the data directory recovery runs in, leads there) goes
+/// on; a location that does not exist is PostgreSQL's to refuse.
+fn check_created_tablespaces(
+    record: &BackupRecord,
+    created: &[CreatedTablespace],
+    pg_tblspc: &Path,
+) -> Result<()> {
+    let name = || {
+        record
+            .manifest()
+            .ok()
+            .and_then(|m| m.source.descriptor.get("wal")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| record.backup_id.to_string())
+    };
+    for ts in created {
+        let Some(location) = &ts.location else {
+            return Err(Error::invalid(format!(
+                "WAL file {} creates tablespace {} with a location drctl cannot read (its record runs on into the next segment)",
+                name(),
+                ts.oid
+            ))
+            .hint("restore to a point before the tablespace was created (--until), or on a host where recovery cannot reach the cluster's tablespaces"));
+        };
+        let replayed = std::fs::read_link(pg_tblspc.join(ts.oid.to_string()))
+            .is_ok_and(|link| link == Path::new(location));
+        let has_data = std::fs::read_dir(location).is_ok_and(|mut d| d.next().is_some());
+        if has_data && !replayed {
+            return Err(Error::invalid(format!(
+                "WAL file {} creates tablespace {} at {location}, which is not empty on this host: recovery would write the restored cluster's tablespace into it (on the cluster's own host, over the cluster's own)",
+                name(),
+                ts.oid
+            ))
+            .hint(format!("restore on another host, with an empty directory at {location} for recovery to fill, or to a point before the tablespace was created (--until)")));
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ pub mod command;
 pub mod files;
 pub mod mysql;
 pub mod pgpage;
+pub mod pgwal;
 pub mod postgres;
 pub mod sqlite;
 
