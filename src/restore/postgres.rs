@@ -28,7 +28,7 @@ use crate::pipeline::Digest;
 use crate::registry::{BackupRecord, ListQuery, Lookup, Status};
 use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
-use crate::source::pgwal::{CreatedTablespace, TablespaceScan};
+use crate::source::pgwal::{Carry, CreatedTablespace, TablespaceScan};
 use crate::source::postgres::{
     count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names, relations,
     row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
@@ -814,6 +814,9 @@ impl WalIndex {
     /// Beside it: the WAL files recovery asked for that the archive did not hold, one per
     /// line, which tells how far recovery read.
     pub const MISSING: &'static str = "drctl-wal-missing";
+    /// In the data directory `wal fetch` runs in: the start of a record the last segment
+    /// fetched ended in, which the next one's tablespace check completes.
+    pub const CARRY: &'static str = "drctl-wal-carry.json";
 
     pub fn read(path: &Path) -> Result<WalIndex> {
         let text = std::fs::read(path)
@@ -846,13 +849,18 @@ impl WalIndex {
 
 /// Writes the WAL file that `record` archived to `dest` (atomically: a temporary file, then
 /// rename), unless its records create a tablespace where this host has data (see
-/// [`check_created_tablespaces`]).
+/// [`check_created_tablespaces`]). A record a segment ends in the middle of is kept in
+/// [`WalIndex::CARRY`] for the next segment's check to complete.
 pub async fn fetch_wal(
     repo: &Repo,
     record: &BackupRecord,
     dest: &Path,
     identities: Arc<Identities>,
 ) -> Result<()> {
+    let carry = Path::new(WalIndex::CARRY);
+    let resume: Option<Carry> = std::fs::read(carry)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     let tmp = dest.with_extension("drctl-tmp");
     let tmp2 = tmp.clone();
     // The file is renamed into place only once the whole object has checked out (sizes and
@@ -860,7 +868,7 @@ pub async fn fetch_wal(
     let written = decode(repo, record.manifest()?, identities, move |reader| {
         let what = || format!("write {}", tmp2.display());
         let mut file = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
-        let mut scan = TablespaceScan::default();
+        let mut scan = resume.map_or_else(TablespaceScan::default, TablespaceScan::continuing);
         let mut tee = Tee {
             file: &mut file,
             scan: &mut scan,
@@ -870,11 +878,22 @@ pub async fn fetch_wal(
         Ok(scan.finish())
     })
     .await
-    .and_then(|(created, _)| {
-        check_created_tablespaces(record, &created, Path::new("pg_tblspc"))?;
+    .and_then(|(end, _)| {
+        let name = record
+            .manifest()?
+            .source
+            .descriptor
+            .get("wal")
+            .and_then(|w| w.as_str())
+            .map_or_else(|| record.backup_id.to_string(), str::to_owned);
+        check_created_tablespaces(&name, &end.created, Path::new("pg_tblspc"))?;
         std::fs::rename(&tmp, dest)
             .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-        crate::store::local::sync_parent(dest)
+        crate::store::local::sync_parent(dest)?;
+        if end.segment {
+            keep_carry(carry, end.carry.as_ref());
+        }
+        Ok(())
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -899,42 +918,56 @@ impl std::io::Write for Tee<'_> {
     }
 }
 
-/// Refuses WAL that creates a tablespace at a location that is not empty on this host:
-/// recovery would write the restored cluster's tablespace there, and on the cluster's own
-/// host that is the cluster's tablespace. Recovery that replayed the creation already (its
-/// link in `pg_tblspc`, relative to the data directory recovery runs in, leads there) goes
-/// on; a location that does not exist is PostgreSQL's to refuse.
+/// Keeps the record a segment ended in at `path`, or removes the one kept; a failure only
+/// loses that record's check, and is logged.
+fn keep_carry(path: &Path, carry: Option<&Carry>) {
+    let kept = match carry {
+        Some(carry) => serde_json::to_vec(carry)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(path, json)),
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    if let Err(e) = kept {
+        tracing::warn!(error = %e, path = %path.display(), "could not keep the WAL record a segment ends in: a tablespace it creates is not checked");
+    }
+}
+
+/// Refuses WAL file `name` if it creates a tablespace at a location that holds data on this
+/// host (or cannot be read): recovery would write the restored cluster's tablespace there,
+/// and on the cluster's own host that is the cluster's tablespace. A location recovery has
+/// linked already in `pg_tblspc` (relative to the data directory recovery runs in:
+/// replayed before a restart), an empty or missing one (PostgreSQL's to refuse) and a
+/// tablespace inside the data directory are accepted.
 fn check_created_tablespaces(
-    record: &BackupRecord,
+    name: &str,
     created: &[CreatedTablespace],
     pg_tblspc: &Path,
 ) -> Result<()> {
-    let name = || {
-        record
-            .manifest()
-            .ok()
-            .and_then(|m| m.source.descriptor.get("wal")?.as_str().map(str::to_owned))
-            .unwrap_or_else(|| record.backup_id.to_string())
-    };
+    let linked: Vec<PathBuf> = std::fs::read_dir(pg_tblspc)
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
     for ts in created {
-        let Some(location) = &ts.location else {
-            return Err(Error::invalid(format!(
-                "WAL file {} creates tablespace {} with a location drctl cannot read (its record runs on into the next segment)",
-                name(),
-                ts.oid
-            ))
-            .hint("restore to a point before the tablespace was created (--until), or on a host where recovery cannot reach the cluster's tablespaces"));
+        let location = Path::new(&ts.location);
+        if ts.location.is_empty() || linked.iter().any(|l| l == location) {
+            continue;
+        }
+        let has_data = match std::fs::read_dir(location) {
+            Ok(mut entries) => entries.next().is_some(),
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
         };
-        let replayed = std::fs::read_link(pg_tblspc.join(ts.oid.to_string()))
-            .is_ok_and(|link| link == Path::new(location));
-        let has_data = std::fs::read_dir(location).is_ok_and(|mut d| d.next().is_some());
-        if has_data && !replayed {
+        if has_data {
             return Err(Error::invalid(format!(
-                "WAL file {} creates tablespace {} at {location}, which is not empty on this host: recovery would write the restored cluster's tablespace into it (on the cluster's own host, over the cluster's own)",
-                name(),
-                ts.oid
+                "WAL file {name} creates tablespace {} at {}, which is not empty on this host: recovery would write the restored cluster's tablespace into it (on the cluster's own host, over the cluster's own)",
+                ts.oid,
+                ts.location
             ))
-            .hint(format!("restore on another host, with an empty directory at {location} for recovery to fill, or to a point before the tablespace was created (--until)")));
+            .hint(format!("restore on another host, with an empty directory at {} for recovery to fill, or to a point before WAL file {name} (--until)", ts.location)));
         }
     }
     Ok(())
@@ -1565,6 +1598,38 @@ pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tablespaces_are_created_only_where_this_host_holds_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let pg_tblspc = at("pg_tblspc");
+        std::fs::create_dir_all(at("live/PG_15_202209061")).unwrap();
+        std::fs::create_dir_all(at("linked/PG_15_202209061")).unwrap();
+        std::fs::create_dir_all(at("empty")).unwrap();
+        std::fs::create_dir_all(&pg_tblspc).unwrap();
+        std::fs::write(at("file"), "").unwrap();
+        std::os::unix::fs::symlink(at("linked"), pg_tblspc.join("16391")).unwrap();
+        let check = |location: &Path| {
+            let created = [CreatedTablespace {
+                oid: 16390,
+                location: location.to_string_lossy().into_owned(),
+            }];
+            check_created_tablespaces("000000010000000000000003", &created, &pg_tblspc)
+        };
+        let e = check(&at("live")).unwrap_err().to_string();
+        assert!(
+            e.contains("WAL file 000000010000000000000003 creates tablespace 16390 at")
+                && e.contains("live, which is not empty on this host"),
+            "{e}"
+        );
+        // Not a directory: not readable as one, so refused too.
+        assert!(check(&at("file")).is_err());
+        // Recovery linked it already; empty; missing; inside the data directory.
+        for fine in [at("linked"), at("empty"), at("missing"), PathBuf::new()] {
+            check(&fine).unwrap();
+        }
+    }
 
     #[test]
     fn recovery_read_the_last_segment_if_it_replayed_past_its_start_or_asked_for_the_next() {

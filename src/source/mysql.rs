@@ -429,7 +429,11 @@ impl MysqlSource {
         let mut stats = Stats::new();
         stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("tables".into(), serde_json::to_value(&scan.tables)?);
-        if let Some((version, checksums)) = twin.map(|t| t.check(&scan)).transpose()?.flatten() {
+        if let Some((version, checksums)) = twin
+            .map(|t| t.check(&self.conn, &scan))
+            .transpose()?
+            .flatten()
+        {
             stats.insert("checksums".into(), serde_json::to_value(&checksums)?);
             if let Some(v) = version {
                 stats.insert("server_version".into(), v.into());
@@ -749,7 +753,7 @@ impl TwinSnapshot {
     /// the same rows and binary log position, and returns the server version and
     /// checksums; `None` if commits had to be let go before the dump's snapshot was sure
     /// to be open.
-    fn check(mut self, scan: &DumpScanner) -> Result<Option<Checksums>> {
+    fn check(mut self, conn: &Conn, scan: &DumpScanner) -> Result<Option<Checksums>> {
         self.release();
         let late = self
             .holder
@@ -771,8 +775,8 @@ impl TwinSnapshot {
             .iter()
             .map(|l| columns(l))
             .collect();
-        let same_position = self.position == scan.binlog
-            || no_change_between(&mut self.session, &self.position, &scan.binlog);
+        let same_position =
+            self.position == scan.binlog || no_change_between(conn, &self.position, &scan.binlog);
         self.session.close()?;
         let mut differences = Vec::new();
         for (t, snapshot) in parse_counts(&self.tables, &rows)? {
@@ -805,37 +809,35 @@ impl TwinSnapshot {
 /// Whether the binary log holds nothing between the snapshot's position `ours` and the
 /// dump's later one in the same file but the checkpoints the server writes in the background
 /// after switching logs, which change no data.
-fn no_change_between(
-    session: &mut SqlSession,
-    ours: &Option<BinlogPos>,
-    theirs: &Option<BinlogPos>,
-) -> bool {
+fn no_change_between(conn: &Conn, ours: &Option<BinlogPos>, theirs: &Option<BinlogPos>) -> bool {
     let (Some(ours), Some(theirs)) = (ours, theirs) else {
         return false;
     };
     if ours.file != theirs.file || ours.pos > theirs.pos {
         return false;
     }
-    let events = session.query(&format!(
-        "SHOW BINLOG EVENTS IN {} FROM {} LIMIT 100",
-        quote_str(&ours.file),
-        ours.pos
-    ));
+    let events = conn.query(
+        None,
+        &format!(
+            "SHOW BINLOG EVENTS IN {} FROM {} LIMIT 100",
+            quote_str(&ours.file),
+            ours.pos
+        ),
+    );
     match events {
-        Ok(lines) => only_checkpoints(&lines, ours.pos, theirs.pos),
+        Ok(rows) => only_checkpoints(&rows, ours.pos, theirs.pos),
         Err(e) => {
-            tracing::debug!(error = %e, "could not read the binary log's events");
+            tracing::warn!(error = %e, "could not read the binary log's events between the dump's position and its snapshot's (SHOW BINLOG EVENTS needs the BINLOG MONITOR or REPLICATION SLAVE privilege)");
             false
         }
     }
 }
 
-/// Whether the events of `SHOW BINLOG EVENTS` (tab-separated lines: log name, position,
-/// type, server id, end position, info) from `from` reach `to` with binary log checkpoints
-/// only.
-fn only_checkpoints(lines: &[String], from: u64, to: u64) -> bool {
+/// Whether the events of `SHOW BINLOG EVENTS` (log name, position, type, server id, end
+/// position, info) from `from` reach `to` with binary log checkpoints only.
+fn only_checkpoints(rows: &[Vec<String>], from: u64, to: u64) -> bool {
     let mut at = from;
-    for row in lines.iter().map(|l| columns(l)) {
+    for row in rows {
         if at == to {
             break;
         }
@@ -1051,7 +1053,9 @@ mod tests {
     #[test]
     fn positions_apart_by_binlog_checkpoints_only_are_the_same() {
         let event = |pos: u64, kind: &str, end: u64| {
-            format!("binlog.000002\t{pos}\t{kind}\t1\t{end}\tbinlog.000002")
+            columns(&format!(
+                "binlog.000002\t{pos}\t{kind}\t1\t{end}\tbinlog.000002"
+            ))
         };
         let checkpoint = [event(339, "Binlog_checkpoint", 379)];
         assert!(only_checkpoints(&checkpoint, 339, 379));

@@ -60,11 +60,12 @@ pub fn page_checksum(page: &[u8], block: u32) -> u16 {
     (folded % 65535 + 1) as u16
 }
 
-fn u16_at(page: &[u8], at: usize) -> u16 {
+/// Native-endian integers of the server's on-disk formats, at `at`.
+pub(super) fn u16_at(page: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([page[at], page[at + 1]])
 }
 
-fn u32_at(page: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(page: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([page[at], page[at + 1], page[at + 2], page[at + 3]])
 }
 

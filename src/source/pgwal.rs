@@ -5,15 +5,36 @@
 //!
 //! A segment is a run of pages, each with a header (a long one on the first page), and the
 //! records run on across pages: a record, or its header, may start on one page and end on the
-//! next. Records start at 8-byte boundaries; one that began in the previous segment is
-//! continued at this one's start (`xlp_rem_len` bytes).
+//! next, or in the next segment. Records start at 8-byte boundaries; a page that continues
+//! a record says so (`XLP_FIRST_IS_CONTRECORD`, with the bytes left in `xlp_rem_len`).
+
+use super::pgpage::{u16_at, u32_at};
 
 /// A tablespace a segment's record creates.
 #[derive(Debug, PartialEq, Eq)]
 pub struct CreatedTablespace {
     pub oid: u32,
-    /// Where; `None` when the record runs on into the next segment before its path ends.
-    pub location: Option<String>,
+    /// Where: an absolute path, or empty for a tablespace inside the data directory.
+    pub location: String,
+}
+
+/// The start of a record a segment ends in the middle of, which may create a tablespace:
+/// the next segment's scan completes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Carry {
+    /// The timeline and address of the page that must continue it.
+    pub timeline: u32,
+    pub next_page_at: u64,
+    pub record: Vec<u8>,
+}
+
+/// What a scan found: the creations, whether the input was a WAL segment at all, and the
+/// record it ends in, if that may be one.
+#[derive(Debug, Default)]
+pub struct ScanEnd {
+    pub created: Vec<CreatedTablespace>,
+    pub segment: bool,
+    pub carry: Option<Carry>,
 }
 
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
@@ -38,14 +59,6 @@ fn align(n: usize) -> usize {
     n.div_ceil(8) * 8
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
@@ -58,7 +71,11 @@ pub struct TablespaceScan {
     page_size: usize,
     magic: u16,
     next_page_at: u64,
+    timeline: u32,
     pages: u64,
+    /// A record the previous segment ended in, until the first page shows whether it
+    /// continues it.
+    resume: Option<Carry>,
     /// Bytes of record data to pass over before the next record starts.
     skip: usize,
     /// The record read so far: its header, then all of it for one that creates a tablespace.
@@ -75,7 +92,9 @@ impl Default for TablespaceScan {
             page_size: 0,
             magic: 0,
             next_page_at: 0,
+            timeline: 0,
             pages: 0,
+            resume: None,
             skip: 0,
             record: Vec::with_capacity(RECORD_HEADER),
             want: RECORD_HEADER,
@@ -86,6 +105,14 @@ impl Default for TablespaceScan {
 }
 
 impl TablespaceScan {
+    /// A scan that completes the record the previous segment ended in.
+    pub fn continuing(carry: Carry) -> Self {
+        TablespaceScan {
+            resume: Some(carry),
+            ..TablespaceScan::default()
+        }
+    }
+
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() && !self.done {
             // The first page's size is known once its long header is in.
@@ -135,9 +162,28 @@ impl TablespaceScan {
             self.done = true;
             return;
         }
-        if self.pages == 0 && info & XLP_FIRST_IS_CONTRECORD != 0 {
-            // What a record begun in the previous segment still holds.
-            self.skip = align(u32_at(page, 16) as usize);
+        let continues = info & XLP_FIRST_IS_CONTRECORD != 0;
+        self.timeline = u32_at(page, 4);
+        if self.pages == 0 {
+            match self.resume.take() {
+                Some(carry)
+                    if continues
+                        && carry.next_page_at == self.next_page_at
+                        && carry.timeline == self.timeline =>
+                {
+                    self.want = wanted(&carry.record);
+                    self.record = carry.record;
+                }
+                // What a record begun in the previous segment still holds.
+                _ if continues => self.skip = align(u32_at(page, 16) as usize),
+                _ => {}
+            }
+        } else if !continues && (self.skip > 0 || !self.record.is_empty()) {
+            // The record in progress was cut short (by a crash before it was written whole,
+            // `XLP_FIRST_IS_OVERWRITE_CONTRECORD`): this page starts with the next.
+            self.skip = 0;
+            self.record.clear();
+            self.want = RECORD_HEADER;
         }
         self.pages += 1;
         self.next_page_at += self.page_size as u64;
@@ -169,66 +215,70 @@ impl TablespaceScan {
                 self.done = true;
                 return;
             }
-            let creates = self.record[17] == RM_TBLSPC_ID
-                && self.record[16] & 0xF0 == XLOG_TBLSPC_CREATE
-                && total <= LARGEST_TABLESPACE_RECORD;
-            if creates && self.want < total {
-                self.want = total;
+            let wanted = wanted(&self.record);
+            if self.want < wanted {
+                self.want = wanted;
                 continue;
             }
-            if creates {
-                let found = parse_create(&self.record);
-                self.found.push(found);
-                self.skip = align(total) - total;
-            } else {
-                self.skip = align(total) - RECORD_HEADER;
+            if wanted > RECORD_HEADER {
+                self.found.extend(parse_create(&self.record));
             }
+            self.skip = align(total) - self.record.len();
             self.record.clear();
             self.want = RECORD_HEADER;
         }
     }
 
-    /// The tablespaces found, including one whose record the segment ends in.
-    pub fn finish(mut self) -> Vec<CreatedTablespace> {
-        let record = std::mem::take(&mut self.record);
-        if self.want > RECORD_HEADER && !self.done {
-            let mut cut = parse_create(&record);
-            cut.location = None;
-            self.found.push(cut);
+    pub fn finish(self) -> ScanEnd {
+        let carry = (!self.done && !self.record.is_empty()).then_some(Carry {
+            timeline: self.timeline,
+            next_page_at: self.next_page_at,
+            record: self.record,
+        });
+        ScanEnd {
+            created: self.found,
+            segment: self.pages > 0,
+            carry,
         }
-        self.found
+    }
+}
+
+/// How much of a record to read, given its start: the header, then all of a record that
+/// creates a tablespace.
+fn wanted(record: &[u8]) -> usize {
+    if record.len() < RECORD_HEADER {
+        return RECORD_HEADER;
+    }
+    let total = u32_at(record, 0) as usize;
+    let creates = record[17] == RM_TBLSPC_ID
+        && record[16] & 0xF0 == XLOG_TBLSPC_CREATE
+        && total <= LARGEST_TABLESPACE_RECORD;
+    if creates {
+        total
+    } else {
+        RECORD_HEADER
     }
 }
 
 /// The tablespace OID and location in a whole `XLOG_TBLSPC_CREATE` record: its main data is
 /// `xl_tblspc_create_rec` (the OID, then the path, ending in a zero byte).
-fn parse_create(record: &[u8]) -> CreatedTablespace {
+fn parse_create(record: &[u8]) -> Option<CreatedTablespace> {
     let mut at = RECORD_HEADER;
-    let mut main = None;
-    while let Some(&id) = record.get(at) {
-        match id {
-            BLOCK_ID_DATA_SHORT => {
-                main = record.get(at + 1).map(|&len| (at + 2, usize::from(len)));
-                break;
-            }
-            BLOCK_ID_DATA_LONG if record.len() >= at + 5 => {
-                main = Some((at + 5, u32_at(record, at + 1) as usize));
-                break;
-            }
+    let (start, len) = loop {
+        match *record.get(at)? {
+            BLOCK_ID_DATA_SHORT => break (at + 2, usize::from(*record.get(at + 1)?)),
+            BLOCK_ID_DATA_LONG => break (at + 5, u32_at(record.get(at..at + 5)?, 1) as usize),
             BLOCK_ID_ORIGIN => at += 3,
             BLOCK_ID_TOPLEVEL_XID => at += 5,
-            _ => break,
+            _ => return None,
         }
-    }
-    // All of it, or what the segment holds of it.
-    let data = main.and_then(|(start, len)| record.get(start..record.len().min(start + len)));
-    let oid = data.and_then(|d| d.get(..4)).map_or(0, |d| u32_at(d, 0));
-    let location = data
-        .and_then(|d| d.get(4..))
-        .and_then(|p| p.split(|&b| b == 0).next())
-        .filter(|p| !p.is_empty())
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    CreatedTablespace { oid, location }
+    };
+    let data = record.get(start..start.checked_add(len)?)?;
+    let path = data.get(4..)?.split(|&b| b == 0).next()?;
+    Some(CreatedTablespace {
+        oid: u32_at(data, 0),
+        location: String::from_utf8_lossy(path).into_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -238,13 +288,25 @@ mod tests {
     const PAGE: usize = 8192;
     const PAGES: usize = 8;
     const START: u64 = 0x0300_0000;
+    /// The record bytes a segment's pages hold.
+    const ROOM: usize = PAGES * PAGE - LONG_PAGE_HEADER - (PAGES - 1) * SHORT_PAGE_HEADER;
 
-    /// A segment of `PAGES` pages at LSN `START` holding `stream` (record bytes, the first
-    /// `rem` of them a record continued from the previous segment) across its pages.
-    fn segment(stream: &[u8], rem: usize) -> Vec<u8> {
+    /// A segment of `PAGES` pages at LSN `start` holding `stream` (record bytes, the first
+    /// `rem` of them a record continued from the previous segment) across its pages, each
+    /// page that starts inside a record marked as continuing it.
+    fn segment_at(start: u64, stream: &[u8], rem: usize) -> Vec<u8> {
+        let mut records = vec![(0, rem)];
+        let mut at = align(rem);
+        while at + 4 <= stream.len() {
+            let total = u32_at(stream, at) as usize;
+            if total == 0 {
+                break;
+            }
+            records.push((at, at + total));
+            at = align(at + total);
+        }
         let mut out = Vec::new();
-        let mut rest = stream;
-        let mut rem = rem;
+        let mut offset = 0;
         for i in 0..PAGES {
             let long = i == 0;
             let header = if long {
@@ -252,26 +314,38 @@ mod tests {
             } else {
                 SHORT_PAGE_HEADER
             };
+            let left = match offset {
+                0 => rem,
+                _ => records
+                    .iter()
+                    .find(|&&(from, to)| from < offset && offset < to)
+                    .map_or(0, |&(_, to)| to - offset),
+            };
             let mut page = vec![0u8; PAGE];
             let mut info = if long { XLP_LONG_HEADER } else { 0 };
-            if rem > 0 {
+            if left > 0 {
                 info |= XLP_FIRST_IS_CONTRECORD;
             }
             page[0..2].copy_from_slice(&0xD110u16.to_ne_bytes());
             page[2..4].copy_from_slice(&info.to_ne_bytes());
-            page[8..16].copy_from_slice(&(START + (i * PAGE) as u64).to_ne_bytes());
-            page[16..20].copy_from_slice(&(rem as u32).to_ne_bytes());
+            page[4..8].copy_from_slice(&1u32.to_ne_bytes());
+            page[8..16].copy_from_slice(&(start + (i * PAGE) as u64).to_ne_bytes());
+            page[16..20].copy_from_slice(&(left as u32).to_ne_bytes());
             if long {
                 page[32..36].copy_from_slice(&((PAGES * PAGE) as u32).to_ne_bytes());
                 page[36..40].copy_from_slice(&(PAGE as u32).to_ne_bytes());
             }
+            let rest = stream.get(offset..).unwrap_or_default();
             let n = (PAGE - header).min(rest.len());
             page[header..header + n].copy_from_slice(&rest[..n]);
-            rest = &rest[n..];
-            rem = rem.saturating_sub(n);
+            offset += PAGE - header;
             out.extend_from_slice(&page);
         }
         out
+    }
+
+    fn segment(stream: &[u8], rem: usize) -> Vec<u8> {
+        segment_at(START, stream, rem)
     }
 
     fn record(rmid: u8, info: u8, main: &[u8]) -> Vec<u8> {
@@ -291,6 +365,11 @@ mod tests {
         r
     }
 
+    /// A record of another kind taking exactly `len` (a multiple of 8, at least 288) bytes.
+    fn filler(len: usize) -> Vec<u8> {
+        record(10, 0x00, &vec![3; len - RECORD_HEADER - 5])
+    }
+
     fn create(oid: u32, path: &str) -> Vec<u8> {
         let mut main = oid.to_ne_bytes().to_vec();
         main.extend_from_slice(path.as_bytes());
@@ -298,18 +377,22 @@ mod tests {
         record(RM_TBLSPC_ID, XLOG_TBLSPC_CREATE, &main)
     }
 
-    fn scan(segment: &[u8], piece: usize) -> Vec<CreatedTablespace> {
-        let mut scan = TablespaceScan::default();
+    fn scan_from(scan: TablespaceScan, segment: &[u8], piece: usize) -> ScanEnd {
+        let mut scan = scan;
         for p in segment.chunks(piece) {
             scan.feed(p);
         }
         scan.finish()
     }
 
+    fn scan(segment: &[u8], piece: usize) -> Vec<CreatedTablespace> {
+        scan_from(TablespaceScan::default(), segment, piece).created
+    }
+
     fn found(oid: u32, path: &str) -> CreatedTablespace {
         CreatedTablespace {
             oid,
-            location: Some(path.into()),
+            location: path.into(),
         }
     }
 
@@ -324,7 +407,7 @@ mod tests {
         stream.extend(record(RM_TBLSPC_ID, 0x10, &[1, 0, 0, 0])); // a DROP
         stream.extend(record(10, 0x00, &vec![9; 20_000]));
         let cut = PAGE - LONG_PAGE_HEADER + 3 * (PAGE - SHORT_PAGE_HEADER) - stream.len() - 8;
-        stream.extend(record(10, 0x00, &vec![3; cut - RECORD_HEADER - 5]));
+        stream.extend(filler(cut));
         stream.extend(create(16390, "/srv/ts/one"));
         stream.extend(create(16391, &format!("/srv/{}", "x".repeat(300))));
         for piece in [1, 7, 4096, 1 << 20] {
@@ -341,32 +424,71 @@ mod tests {
 
     #[test]
     fn reading_stops_at_the_end_of_the_wal() {
-        // After a record of length zero, or on a page from another segment, nothing counts.
+        // After a record of length zero nothing counts.
         let mut stream = record(10, 0x00, &[1; 50]);
         stream.extend(vec![0u8; 64]);
         stream.extend(create(16390, "/after/the/end"));
         assert_eq!(scan(&segment(&stream, 0), 4096), []);
-        let mut seg = segment(&create(16390, "/srv/ts"), 0);
+        // Nor on a page left from another segment (the first is full to its end).
+        let mut stream = filler(PAGE - LONG_PAGE_HEADER - 48);
+        stream.extend(create(16390, "/srv/ts"));
+        stream.extend(create(16391, "/old"));
+        let mut seg = segment(&stream, 0);
+        assert_eq!(scan(&seg, 4096).len(), 2);
         seg[PAGE + 8..PAGE + 16].copy_from_slice(&0u64.to_ne_bytes());
-        let late = PAGE * 2 + SHORT_PAGE_HEADER;
-        seg[late..late + 40].copy_from_slice(&create(16391, "/old")[..40]);
         assert_eq!(scan(&seg, 4096), [found(16390, "/srv/ts")]);
         // Not a segment at all.
-        assert_eq!(scan(&[0u8; PAGE], 4096), []);
+        let end = scan_from(TablespaceScan::default(), &[0u8; PAGE], 4096);
+        assert!(!end.segment && end.created.is_empty() && end.carry.is_none());
     }
 
     #[test]
-    fn a_creation_the_segment_ends_in_has_no_location() {
-        let room = PAGES * PAGE - LONG_PAGE_HEADER - (PAGES - 1) * SHORT_PAGE_HEADER;
-        let mut stream = record(10, 0x00, &vec![5; room - 32 - RECORD_HEADER - 5]);
-        stream.extend(create(16392, "/a/path/longer/than/what/fits"));
-        stream.truncate(room);
-        assert_eq!(
-            scan(&segment(&stream, 0), 4096),
-            [CreatedTablespace {
-                oid: 16392,
-                location: None
-            }]
+    fn a_record_cut_short_is_dropped_at_the_next_page() {
+        // A record that should run on into the second page, which does not continue it
+        // but starts with a creation (as after a crash, XLP_FIRST_IS_OVERWRITE_CONTRECORD).
+        let mut stream = filler(PAGE - LONG_PAGE_HEADER - 24);
+        stream.extend(filler(600)[..24].iter());
+        stream.extend(create(16393, "/srv/after"));
+        let mut seg = segment(&stream, 0);
+        assert_eq!(scan(&seg, 4096), []);
+        seg[PAGE + 2..PAGE + 4].copy_from_slice(&0u16.to_ne_bytes());
+        assert_eq!(scan(&seg, 4096), [found(16393, "/srv/after")]);
+    }
+
+    #[test]
+    fn a_creation_the_segment_ends_in_is_completed_by_the_next() {
+        let next = START + (PAGES * PAGE) as u64;
+        // The record's header whole, or cut, at the segment's end.
+        for tail in [32, 16] {
+            let whole = create(16392, "/a/path/longer/than/what/fits");
+            let mut stream = filler(ROOM - tail);
+            stream.extend(&whole[..tail]);
+            let end = scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096);
+            assert!(end.segment && end.created.is_empty());
+            let carry = end.carry.unwrap();
+            assert_eq!((carry.timeline, carry.next_page_at), (1, next));
+
+            let rest = &whole[tail..];
+            let following = segment_at(next, rest, rest.len());
+            let end = scan_from(TablespaceScan::continuing(carry.clone()), &following, 4096);
+            assert_eq!(
+                end.created,
+                [found(16392, "/a/path/longer/than/what/fits")],
+                "{tail}"
+            );
+            assert!(end.carry.is_none());
+            // Another segment than the next does not continue it.
+            let elsewhere = segment_at(next + (PAGES * PAGE) as u64, rest, rest.len());
+            let end = scan_from(TablespaceScan::continuing(carry), &elsewhere, 4096);
+            assert_eq!(end.created, []);
+        }
+        // A record of another kind the segment ends in is not carried.
+        let mut stream = filler(ROOM - 40);
+        stream.extend(&filler(400)[..40]);
+        assert!(
+            scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096)
+                .carry
+                .is_none()
         );
     }
 }

@@ -360,7 +360,21 @@ impl PostgresSource {
             Some(dir) => {
                 self.read_data_directory(&mut session, &slot, &dir, segment_size, out, cancel)?
             }
-            None => self.stream_base_backup(segment_size, out, cancel)?,
+            None => {
+                let streamed = self.stream_base_backup(segment_size, out, cancel)?;
+                // pg_basebackup refuses a cluster with tablespaces; one created as it ran
+                // is in the backup's WAL, which a restore would replay.
+                let created = session.value(
+                    "SELECT count(*) FROM pg_tablespace \
+                     WHERE spcname NOT IN ('pg_default', 'pg_global')",
+                )?;
+                if created != "0" {
+                    return Err(Error::invalid(
+                        "a tablespace was created as the backup ran, which a physical backup does not cover",
+                    ));
+                }
+                streamed
+            }
         };
         // The base backup holds all the WAL it needs; the slot is no longer needed.
         if let Err(e) = session.close() {
