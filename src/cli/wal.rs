@@ -228,9 +228,17 @@ async fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<()> {
             None => WalIndex::default(),
         };
         match index.record(&repo, &policy, &args.name).await? {
-            Some(record) => fetch_wal(&repo, &record, &args.path, identities)
-                .await
-                .map(|()| true),
+            Some(record) => {
+                // The data directory recovery runs in: where restore put the index, or here.
+                let data_dir = args
+                    .index
+                    .as_deref()
+                    .and_then(std::path::Path::parent)
+                    .unwrap_or(std::path::Path::new(""));
+                fetch_wal(&repo, &record, &args.path, data_dir, identities)
+                    .await
+                    .map(|()| true)
+            }
             None => Ok(false),
         }
     }

@@ -850,17 +850,21 @@ impl WalIndex {
 /// Writes the WAL file that `record` archived to `dest` (atomically: a temporary file, then
 /// rename), unless its records create a tablespace where this host has data (see
 /// [`check_created_tablespaces`]). A record a segment ends in the middle of is kept in
-/// [`WalIndex::CARRY`] for the next segment's check to complete.
+/// [`WalIndex::CARRY`] in `data_dir` (the restored data directory recovery runs in) for the
+/// next segment's check to complete.
 pub async fn fetch_wal(
     repo: &Repo,
     record: &BackupRecord,
     dest: &Path,
+    data_dir: &Path,
     identities: Arc<Identities>,
 ) -> Result<()> {
-    let carry = Path::new(WalIndex::CARRY);
-    let resume: Option<Carry> = std::fs::read(carry)
+    let carry = data_dir.join(WalIndex::CARRY);
+    let carries: Vec<Carry> = std::fs::read(&carry)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let resume = carries.clone();
     let tmp = dest.with_extension("drctl-tmp");
     let tmp2 = tmp.clone();
     // The file is renamed into place only once the whole object has checked out (sizes and
@@ -868,7 +872,7 @@ pub async fn fetch_wal(
     let written = decode(repo, record.manifest()?, identities, move |reader| {
         let what = || format!("write {}", tmp2.display());
         let mut file = std::fs::File::create(&tmp2).map_err(|e| Error::io(what(), e))?;
-        let mut scan = resume.map_or_else(TablespaceScan::default, TablespaceScan::continuing);
+        let mut scan = TablespaceScan::continuing(resume);
         let mut tee = Tee {
             file: &mut file,
             scan: &mut scan,
@@ -886,14 +890,13 @@ pub async fn fetch_wal(
             .get("wal")
             .and_then(|w| w.as_str())
             .map_or_else(|| record.backup_id.to_string(), str::to_owned);
-        check_created_tablespaces(&name, &end.created, Path::new("pg_tblspc"))?;
+        check_created_tablespaces(&name, &end.created, &data_dir.join("pg_tblspc"))?;
+        if let Some(new) = end.carry {
+            keep_carry(&carry, carries, new)?;
+        }
         std::fs::rename(&tmp, dest)
             .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-        crate::store::local::sync_parent(dest)?;
-        if end.segment {
-            keep_carry(carry, end.carry.as_ref());
-        }
-        Ok(())
+        crate::store::local::sync_parent(dest)
     });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -918,21 +921,20 @@ impl std::io::Write for Tee<'_> {
     }
 }
 
-/// Keeps the record a segment ended in at `path`, or removes the one kept; a failure only
-/// loses that record's check, and is logged.
-fn keep_carry(path: &Path, carry: Option<&Carry>) {
-    let kept = match carry {
-        Some(carry) => serde_json::to_vec(carry)
-            .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(path, json)),
-        None => match std::fs::remove_file(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        },
-    };
-    if let Err(e) = kept {
-        tracing::warn!(error = %e, path = %path.display(), "could not keep the WAL record a segment ends in: a tablespace it creates is not checked");
+/// Adds `new` to the records segments ended in (`carries`, the last few, whichever order
+/// recovery fetches segments in), kept at `path` before the segment is handed over: without
+/// it, a tablespace the record creates would go unchecked.
+fn keep_carry(path: &Path, mut carries: Vec<Carry>, new: Carry) -> Result<()> {
+    const KEPT: usize = 8;
+    carries.retain(|c| (c.timeline, c.next_page_at) != (new.timeline, new.next_page_at));
+    carries.push(new);
+    if carries.len() > KEPT {
+        carries.drain(..carries.len() - KEPT);
     }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&carries)?)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
 /// Refuses WAL file `name` if it creates a tablespace at a location that holds data on this
@@ -962,12 +964,19 @@ fn check_created_tablespaces(
             Err(e) => e.kind() != std::io::ErrorKind::NotFound,
         };
         if has_data {
+            let (record, before) = match ts.continued {
+                true => (
+                    " (in a record begun in the WAL file before it)",
+                    "the WAL file before",
+                ),
+                false => ("", "WAL file"),
+            };
             return Err(Error::invalid(format!(
-                "WAL file {name} creates tablespace {} at {}, which is not empty on this host: recovery would write the restored cluster's tablespace into it (on the cluster's own host, over the cluster's own)",
+                "WAL file {name} creates tablespace {} at {}{record}, which is not empty on this host: recovery would write the restored cluster's tablespace into it (on the cluster's own host, over the cluster's own)",
                 ts.oid,
                 ts.location
             ))
-            .hint(format!("restore on another host, with an empty directory at {} for recovery to fill, or to a point before WAL file {name} (--until)", ts.location)));
+            .hint(format!("restore on another host, with an empty directory at {} for recovery to fill, or to a point before {before} {name} (--until)", ts.location)));
         }
     }
     Ok(())
@@ -1600,6 +1609,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_last_records_segments_ended_in_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WalIndex::CARRY);
+        let carry = |at: u64, byte: u8| Carry {
+            timeline: 1,
+            next_page_at: at << 24,
+            record: vec![byte; 16],
+        };
+        let read =
+            || -> Vec<Carry> { serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap() };
+        keep_carry(&path, Vec::new(), carry(3, 0)).unwrap();
+        for at in 4..14 {
+            keep_carry(&path, read(), carry(at, 0)).unwrap();
+        }
+        // The same segment again replaces its record.
+        keep_carry(&path, read(), carry(13, 1)).unwrap();
+        let kept = read();
+        let at: Vec<u64> = kept.iter().map(|c| c.next_page_at >> 24).collect();
+        assert_eq!(at, [6, 7, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(kept[7].record, [1; 16]);
+    }
+
+    #[test]
     fn tablespaces_are_created_only_where_this_host_holds_no_data() {
         let dir = tempfile::tempdir().unwrap();
         let at = |name: &str| dir.path().join(name);
@@ -1614,6 +1646,7 @@ mod tests {
             let created = [CreatedTablespace {
                 oid: 16390,
                 location: location.to_string_lossy().into_owned(),
+                continued: false,
             }];
             check_created_tablespaces("000000010000000000000003", &created, &pg_tblspc)
         };

@@ -16,6 +16,8 @@ pub struct CreatedTablespace {
     pub oid: u32,
     /// Where: an absolute path, or empty for a tablespace inside the data directory.
     pub location: String,
+    /// Its record began in the previous segment.
+    pub continued: bool,
 }
 
 /// The start of a record a segment ends in the middle of, which may create a tablespace:
@@ -73,9 +75,11 @@ pub struct TablespaceScan {
     next_page_at: u64,
     timeline: u32,
     pages: u64,
-    /// A record the previous segment ended in, until the first page shows whether it
-    /// continues it.
-    resume: Option<Carry>,
+    /// Records earlier segments ended in, until the first page shows whether it continues
+    /// one of them.
+    resume: Vec<Carry>,
+    /// The record in progress began in the previous segment.
+    resumed: bool,
     /// Bytes of record data to pass over before the next record starts.
     skip: usize,
     /// The record read so far: its header, then all of it for one that creates a tablespace.
@@ -94,7 +98,8 @@ impl Default for TablespaceScan {
             next_page_at: 0,
             timeline: 0,
             pages: 0,
-            resume: None,
+            resume: Vec::new(),
+            resumed: false,
             skip: 0,
             record: Vec::with_capacity(RECORD_HEADER),
             want: RECORD_HEADER,
@@ -105,10 +110,11 @@ impl Default for TablespaceScan {
 }
 
 impl TablespaceScan {
-    /// A scan that completes the record the previous segment ended in.
-    pub fn continuing(carry: Carry) -> Self {
+    /// A scan that completes the record the previous segment ended in, if it is one of
+    /// `carries` (the segment's first page tells which).
+    pub fn continuing(carries: Vec<Carry>) -> Self {
         TablespaceScan {
-            resume: Some(carry),
+            resume: carries,
             ..TablespaceScan::default()
         }
     }
@@ -165,14 +171,15 @@ impl TablespaceScan {
         let continues = info & XLP_FIRST_IS_CONTRECORD != 0;
         self.timeline = u32_at(page, 4);
         if self.pages == 0 {
-            match self.resume.take() {
-                Some(carry)
-                    if continues
-                        && carry.next_page_at == self.next_page_at
-                        && carry.timeline == self.timeline =>
-                {
+            let (at, timeline) = (self.next_page_at, self.timeline);
+            let carry = std::mem::take(&mut self.resume)
+                .into_iter()
+                .find(|c| c.next_page_at == at && c.timeline == timeline);
+            match carry {
+                Some(carry) if continues => {
                     self.want = wanted(&carry.record);
                     self.record = carry.record;
+                    self.resumed = true;
                 }
                 // What a record begun in the previous segment still holds.
                 _ if continues => self.skip = align(u32_at(page, 16) as usize),
@@ -184,6 +191,7 @@ impl TablespaceScan {
             self.skip = 0;
             self.record.clear();
             self.want = RECORD_HEADER;
+            self.resumed = false;
         }
         self.pages += 1;
         self.next_page_at += self.page_size as u64;
@@ -221,11 +229,16 @@ impl TablespaceScan {
                 continue;
             }
             if wanted > RECORD_HEADER {
-                self.found.extend(parse_create(&self.record));
+                self.found
+                    .extend(parse_create(&self.record).map(|created| CreatedTablespace {
+                        continued: self.resumed,
+                        ..created
+                    }));
             }
             self.skip = align(total) - self.record.len();
             self.record.clear();
             self.want = RECORD_HEADER;
+            self.resumed = false;
         }
     }
 
@@ -278,6 +291,7 @@ fn parse_create(record: &[u8]) -> Option<CreatedTablespace> {
     Some(CreatedTablespace {
         oid: u32_at(data, 0),
         location: String::from_utf8_lossy(path).into_owned(),
+        continued: false,
     })
 }
 
@@ -393,6 +407,7 @@ mod tests {
         CreatedTablespace {
             oid,
             location: path.into(),
+            continued: false,
         }
     }
 
@@ -458,9 +473,10 @@ mod tests {
     #[test]
     fn a_creation_the_segment_ends_in_is_completed_by_the_next() {
         let next = START + (PAGES * PAGE) as u64;
+        let path = "/a/path/longer/than/what/fits";
         // The record's header whole, or cut, at the segment's end.
         for tail in [32, 16] {
-            let whole = create(16392, "/a/path/longer/than/what/fits");
+            let whole = create(16392, path);
             let mut stream = filler(ROOM - tail);
             stream.extend(&whole[..tail]);
             let end = scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096);
@@ -470,25 +486,61 @@ mod tests {
 
             let rest = &whole[tail..];
             let following = segment_at(next, rest, rest.len());
-            let end = scan_from(TablespaceScan::continuing(carry.clone()), &following, 4096);
-            assert_eq!(
-                end.created,
-                [found(16392, "/a/path/longer/than/what/fits")],
-                "{tail}"
-            );
+            // Among the records other segments ended in.
+            let other = Carry {
+                next_page_at: next + (PAGES * PAGE) as u64,
+                ..carry.clone()
+            };
+            let resumed = TablespaceScan::continuing(vec![other, carry.clone()]);
+            let end = scan_from(resumed, &following, 4096);
+            let expected = CreatedTablespace {
+                continued: true,
+                ..found(16392, path)
+            };
+            assert_eq!(end.created, [expected], "{tail}");
             assert!(end.carry.is_none());
-            // Another segment than the next does not continue it.
+            // Another segment than the next, or another timeline, does not continue it: its
+            // start is passed over as a record of the previous segment.
             let elsewhere = segment_at(next + (PAGES * PAGE) as u64, rest, rest.len());
-            let end = scan_from(TablespaceScan::continuing(carry), &elsewhere, 4096);
+            let end = scan_from(
+                TablespaceScan::continuing(vec![carry.clone()]),
+                &elsewhere,
+                4096,
+            );
+            assert_eq!(end.created, []);
+            let mut other_timeline = following.clone();
+            other_timeline[4..8].copy_from_slice(&2u32.to_ne_bytes());
+            let end = scan_from(
+                TablespaceScan::continuing(vec![carry]),
+                &other_timeline,
+                4096,
+            );
             assert_eq!(end.created, []);
         }
-        // A record of another kind the segment ends in is not carried.
+    }
+
+    #[test]
+    fn a_cut_header_of_another_record_is_completed_and_passed_over() {
+        let next = START + (PAGES * PAGE) as u64;
+        let other = filler(400);
+        let mut stream = filler(ROOM - 16);
+        stream.extend(&other[..16]);
+        let carry = scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096)
+            .carry
+            .unwrap();
+        // The rest of that record, then a creation right after it.
+        let mut rest = other[16..].to_vec();
+        let continued = rest.len();
+        rest.extend(create(16394, "/srv/next"));
+        let following = segment_at(next, &rest, continued);
+        let end = scan_from(TablespaceScan::continuing(vec![carry]), &following, 4096);
+        assert_eq!(end.created, [found(16394, "/srv/next")]);
+        // Without the carry, the same: the page says how much of a record it continues.
+        assert_eq!(scan(&following, 4096), [found(16394, "/srv/next")]);
+        // A whole header of another record is not carried.
         let mut stream = filler(ROOM - 40);
-        stream.extend(&filler(400)[..40]);
-        assert!(
-            scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096)
-                .carry
-                .is_none()
-        );
+        stream.extend(&other[..40]);
+        let end = scan_from(TablespaceScan::default(), &segment(&stream, 0), 4096);
+        assert!(end.carry.is_none());
     }
 }

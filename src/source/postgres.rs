@@ -364,10 +364,8 @@ impl PostgresSource {
                 let streamed = self.stream_base_backup(segment_size, out, cancel)?;
                 // pg_basebackup refuses a cluster with tablespaces; one created as it ran
                 // is in the backup's WAL, which a restore would replay.
-                let created = session.value(
-                    "SELECT count(*) FROM pg_tablespace \
-                     WHERE spcname NOT IN ('pg_default', 'pg_global')",
-                )?;
+                let created = session
+                    .value("SELECT count(*) FROM pg_tablespace WHERE oid NOT IN (1663, 1664)")?;
                 if created != "0" {
                     return Err(Error::invalid(
                         "a tablespace was created as the backup ran, which a physical backup does not cover",
