@@ -24,11 +24,11 @@
 #   DRCTL_BIN        drctl binary to measure (default: build target/release/drctl)
 #   BENCH_PG_SMALL=1 allow a database under 1 GB (a quick check of the script itself)
 #
-# A scratch cluster (initdb, run as the `postgres` OS user when started as root) is created
-# once in $BENCH_DIR/data and reused; its database `bench` holds pgbench tables plus a table
-# of realistic text. Times and peak RSS come from GNU time (-v). Results are printed as a
-# Markdown table and written to $BENCH_DIR/results.md. Exits 1 if a restore's row counts
-# differ from the source.
+# A scratch cluster (initdb -k, with data checksums; run as the `postgres` OS user when
+# started as root) is created once in $BENCH_DIR/data and reused; its database `bench` holds
+# pgbench tables plus a table of realistic text. Times and peak RSS come from GNU time (-v).
+# Results are printed as a Markdown table and written to $BENCH_DIR/results.md. Exits 1 if a
+# restore's row counts differ from the source.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -114,7 +114,8 @@ fi
 # The scratch cluster and its data (built once).
 if [[ ! -f $data/PG_VERSION ]]; then
     log "creating the scratch cluster in $data"
-    as_pg "$(pgbin initdb)" -D "$data" -U postgres -A trust --no-sync >"$logs/initdb.log"
+    # With data checksums, as production clusters have them: both tools check every page.
+    as_pg "$(pgbin initdb)" -D "$data" -U postgres -A trust --no-sync -k >"$logs/initdb.log"
     cat >>"$data/postgresql.conf" <<CONF
 port = $port
 listen_addresses = '127.0.0.1'
