@@ -938,6 +938,24 @@ impl Cluster {
         self.servers.0.push(data.to_path_buf());
     }
 
+    /// Creates tablespace `ts` in the sandbox's directory `ts`, which it returns.
+    fn create_tablespace(&self) -> PathBuf {
+        let location = self.sb.path().join("ts");
+        std::fs::create_dir(&location).unwrap();
+        if server_user().is_some() {
+            output_ok(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&location),
+            );
+        }
+        psql(
+            &self.url(),
+            &format!("CREATE TABLESPACE ts LOCATION '{}'", location.display()),
+        );
+        location
+    }
+
     /// Stops or starts the cluster's server again.
     fn pg_ctl(&self, action: &str) {
         output_ok(
@@ -1422,19 +1440,7 @@ fn a_restore_does_not_replay_a_tablespace_into_a_directory_with_data() {
     let mut c = Cluster::start();
     let url = c.url();
     c.drctl(&["backup", "--policy", "pgphys"]).ok();
-    let location = c.sb.path().join("ts");
-    std::fs::create_dir(&location).unwrap();
-    if server_user().is_some() {
-        output_ok(
-            Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&location),
-        );
-    }
-    psql(
-        &url,
-        &format!("CREATE TABLESPACE ts LOCATION '{}'", location.display()),
-    );
+    let location = c.create_tablespace();
     psql(
         &url,
         "CREATE TABLE far (i int) TABLESPACE ts; \
@@ -1469,6 +1475,98 @@ fn a_restore_does_not_replay_a_tablespace_into_a_directory_with_data() {
     let (run, restored) = c.restore("there", &["--until", &noted]);
     run.ok();
     assert_eq!(psql(&restored, "SELECT count(*) FROM far"), "1000");
+}
+
+/// A cluster with a tablespace backs up from the data directory, and restores on its own
+/// host with the tablespace in a directory of its own: the restored server never touches
+/// the cluster's tablespace.
+#[test]
+fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
+    let mut c = Cluster::start_with("", "  data-directory: DATA_DIRECTORY\n");
+    let url = c.url();
+    let location = c.create_tablespace();
+    psql(
+        &url,
+        "CREATE TABLE far (i int, pad text) WITH (autovacuum_enabled = off) TABLESPACE ts; \
+         INSERT INTO far SELECT i, md5(i::text) FROM generate_series(1, 20000) i; \
+         CREATE UNLOGGED TABLE scratch TABLESPACE ts AS SELECT generate_series(1, 1000) AS i",
+    );
+    let oid = psql(&url, "SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
+    let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
+    let stats = &run.json()[0]["source"]["stats"];
+    let far = psql(&url, "SELECT pg_relation_filepath('far')");
+    let scratch = psql(&url, "SELECT pg_relation_filepath('scratch')");
+    // Rows written after the backup come from the WAL, into the restored tablespace.
+    psql(
+        &url,
+        "INSERT INTO far SELECT i, md5(i::text) FROM generate_series(20001, 30000) i",
+    );
+    c.switch_wal();
+    psql(&url, "CHECKPOINT");
+    let live = tree(&location);
+
+    // The archive holds the tablespace's files under pg_tblspc/OID, not the link.
+    let id = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
+    let out = as_server_user(&mut Command::new(&c.drctl))
+        .args(["restore", "--policy", "pgphys", "--backup", &id, "--stdout"])
+        .current_dir(c.sb.path())
+        .env("DRCTL_CONFIG", c.sb.path().join("drctl.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut kinds = BTreeMap::new();
+    for entry in tar::Archive::new(&out.stdout[..]).entries().unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        kinds.insert(name, entry.header().entry_type());
+    }
+    assert_eq!(
+        kinds.get(&format!("pg_tblspc/{oid}")),
+        Some(&tar::EntryType::Directory)
+    );
+    assert!(kinds.contains_key(&far), "{far} not archived: {kinds:?}");
+    assert!(kinds.contains_key(&format!("{scratch}_init")));
+    assert!(
+        !kinds.contains_key(&scratch),
+        "the unlogged table's data was archived"
+    );
+    assert!(stats["pages_checked"].as_u64().unwrap() > 150, "{stats}");
+
+    // On the cluster's own host, the original location is the cluster's: refused before
+    // anything is written.
+    let (run, _) = c.restore("restored", &[]);
+    let run = run.code(2);
+    assert!(
+        run.stderr.contains(&format!(
+            "tablespace {oid} would be restored to {}, which is not empty",
+            location.display()
+        )) && run.stderr.contains("--tablespace-dir"),
+        "{}",
+        run.stderr
+    );
+    assert!(!c.sb.path().join("restored").exists());
+    let elsewhere = c.sb.path().join("restored-tablespaces");
+    let (run, restored) = c.restore(
+        "restored",
+        &["--tablespace-dir", elsewhere.to_str().unwrap()],
+    );
+    run.ok();
+    assert_eq!(psql(&restored, "SELECT count(*) FROM far"), "30000");
+    assert_eq!(psql(&restored, "SELECT count(*) FROM scratch"), "0");
+    let moved = elsewhere.join(&oid);
+    assert_eq!(
+        psql(&restored, &format!("SELECT pg_tablespace_location({oid})")),
+        moved.to_str().unwrap()
+    );
+    assert!(moved
+        .join(far.trim_start_matches(&format!("pg_tblspc/{oid}/")))
+        .is_file());
+    psql(
+        &restored,
+        "INSERT INTO far VALUES (0, 'restored'); CHECKPOINT",
+    );
+    assert_eq!(tree(&location), live, "the cluster's tablespace changed");
+    assert_eq!(psql(&url, "SELECT count(*) FROM far"), "30000");
 }
 
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from

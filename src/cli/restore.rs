@@ -70,6 +70,11 @@ pub struct Args {
         requires = "port"
     )]
     pub timeline: String,
+    /// Where a PostgreSQL physical restore puts the cluster's tablespaces: DIR/OID for each.
+    /// Without it, each goes to its original location, which must be missing or empty (on
+    /// the cluster's own host it is not: give a directory here).
+    #[arg(long, value_name = "DIR", requires = "port")]
+    pub tablespace_dir: Option<std::path::PathBuf>,
     /// Print what would be restored and stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -140,6 +145,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
                 port: args.port,
                 archive: args.archive,
                 timeline: Timeline::parse(&args.timeline)?,
+                tablespace_dir: args.tablespace_dir.clone(),
             },
         },
     )

@@ -14,6 +14,10 @@ use crate::{Error, Result};
 pub struct ExtractOptions {
     /// Restore FIFOs and device nodes.
     pub allow_special: bool,
+    /// Directories of the archive restored elsewhere: each one's path in the archive and
+    /// the directory (outside the target) its contents go to; the path in the target
+    /// becomes a symlink to it. Only directories and files may lie below them.
+    pub relocated: Vec<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -151,6 +155,8 @@ pub fn extract(
     // directories can still be filled and their mtimes are not changed by their children.
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let mut real_dirs = RealDirs::default();
+    let mut relocated_dirs: Vec<RealDirs> =
+        opts.relocated.iter().map(|_| RealDirs::default()).collect();
     let mut buf = vec![0u8; crate::store::FILE_WRITE];
     let entries = archive
         .entries()
@@ -160,14 +166,61 @@ pub fn extract(
         let mut entry = entry.map_err(|e| crate::pipeline::damaged("read archive", e))?;
         let rel = safe_relative(&entry.path_bytes(), "entry")?;
         let kind = entry.header().entry_type();
-        real_dirs.ensure_parent(&target, &rel, true)?;
         stats.entries += 1;
+        if let Some((i, rest)) = opts
+            .relocated
+            .iter()
+            .enumerate()
+            .find_map(|(i, (from, _))| Some((i, rel.strip_prefix(from).ok()?.to_owned())))
+        {
+            let (from, to) = &opts.relocated[i];
+            let mode = entry
+                .header()
+                .mode()
+                .map_err(|e| Error::io("read archive", e))?;
+            let mtime = entry
+                .header()
+                .mtime()
+                .map_err(|e| Error::io("read archive", e))?;
+            match kind {
+                tar::EntryType::Directory if rest.as_os_str().is_empty() => {
+                    real_dirs.ensure_parent(&target, &rel, true)?;
+                    std::fs::create_dir_all(to)
+                        .map_err(|e| Error::io(format!("create {}", to.display()), e))?;
+                    let link = target.join(from);
+                    std::os::unix::fs::symlink(to, &link)
+                        .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
+                    dirs.push((to.clone(), mode, mtime));
+                    stats.dirs += 1;
+                }
+                tar::EntryType::Directory => {
+                    relocated_dirs[i].ensure_parent(to, &rest, true)?;
+                    relocated_dirs[i].make_dir(to, &rest)?;
+                    dirs.push((to.join(&rest), mode, mtime));
+                    stats.dirs += 1;
+                }
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    relocated_dirs[i].ensure_parent(to, &rest, true)?;
+                    stats.files += 1;
+                    stats.bytes += entry.size();
+                    write_file(&mut entry, &to.join(&rest), as_root, &mut buf)?;
+                }
+                other => {
+                    return Err(Error::integrity(format!(
+                        "refusing archive entry {} of type {other:?} in a relocated directory",
+                        rel.display()
+                    )))
+                }
+            }
+            continue;
+        }
+        real_dirs.ensure_parent(&target, &rel, true)?;
         match kind {
             tar::EntryType::Directory => {
                 real_dirs.make_dir(&target, &rel)?;
                 let mode = entry.header().mode().map_err(|e| Error::io("read archive", e))?;
                 let mtime = entry.header().mtime().map_err(|e| Error::io("read archive", e))?;
-                dirs.push((rel, mode, mtime));
+                dirs.push((target.join(&rel), mode, mtime));
                 stats.dirs += 1;
                 continue;
             }
@@ -215,12 +268,11 @@ pub fn extract(
             )));
         }
     }
-    for (rel, mode, mtime) in dirs.iter().rev() {
-        let dst = target.join(rel);
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode & 0o7777))
+    for (dst, mode, mtime) in dirs.iter().rev() {
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode & 0o7777))
             .map_err(|e| Error::io(format!("chmod {}", dst.display()), e))?;
         let t = filetime::FileTime::from_unix_time(*mtime as i64, 0);
-        filetime::set_file_mtime(&dst, t)
+        filetime::set_file_mtime(dst, t)
             .map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
     }
     Ok(stats)

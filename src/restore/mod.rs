@@ -92,6 +92,8 @@ pub struct ServerOptions {
     pub archive: bool,
     /// The timeline its recovery follows.
     pub timeline: postgres::Timeline,
+    /// Where its tablespaces go (DIR/OID), instead of their original locations.
+    pub tablespace_dir: Option<PathBuf>,
 }
 
 /// What a restore will do; printed by `--dry-run`.
@@ -512,7 +514,10 @@ pub async fn execute(
                     std::fs::create_dir_all(&path)
                         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
                     if unpack {
-                        let opts = ExtractOptions { allow_special };
+                        let opts = ExtractOptions {
+                            allow_special,
+                            ..ExtractOptions::default()
+                        };
                         let stats = extract::extract(reader, &path, &opts, &cancel)?;
                         Ok((Some(stats), None))
                     } else {

@@ -491,9 +491,7 @@ impl Binlogs {
     /// the range must be there.
     fn unpack(&self, tar: &mut dyn Read, cancel: &Cancel) -> Result<Temporary> {
         let dir = Temporary::dir()?;
-        let opts = super::ExtractOptions {
-            allow_special: false,
-        };
+        let opts = super::ExtractOptions::default();
         super::extract::extract(tar, dir.path(), &opts, cancel)?;
         for f in &self.files {
             if !dir.path().join(f).is_file() {

@@ -1001,6 +1001,8 @@ pub struct PhysicalPlan {
     pub archive: bool,
     pub data_dir: PathBuf,
     pub port: u16,
+    /// Each tablespace of the base backup (its OID) and the directory it is restored to.
+    pub tablespaces: BTreeMap<String, PathBuf>,
     #[serde(skip)]
     record: BackupRecord,
     #[serde(skip)]
@@ -1077,6 +1079,7 @@ pub async fn plan_physical(
     let wal = wal_range(&record)?;
     let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target, server.timeline)?;
     super::check_target(data_dir, false)?;
+    let tablespaces = tablespace_destinations(&record, server.tablespace_dir.as_deref())?;
     Ok(PhysicalPlan {
         base_backup: record.backup_id.clone(),
         wal,
@@ -1087,9 +1090,48 @@ pub async fn plan_physical(
         archive: server.archive,
         data_dir: data_dir.to_path_buf(),
         port,
+        tablespaces,
         record,
         index: archive.index(),
     })
+}
+
+/// Where each tablespace of base backup `record` (`stats.tablespaces`: OID → original
+/// location) is restored: `dir`/OID, or its original location. Each must be missing or an
+/// empty directory: a restore never writes into another cluster's tablespace.
+fn tablespace_destinations(
+    record: &BackupRecord,
+    dir: Option<&Path>,
+) -> Result<BTreeMap<String, PathBuf>> {
+    let listed: BTreeMap<String, PathBuf> = record
+        .manifest()?
+        .source
+        .stats
+        .get("tablespaces")
+        .map(|t| serde_json::from_value(t.clone()))
+        .transpose()?
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for (oid, location) in listed {
+        let to = match dir {
+            Some(dir) => std::path::absolute(dir.join(&oid))
+                .map_err(|e| Error::io(format!("resolve {}", dir.display()), e))?,
+            None => location,
+        };
+        let used = match std::fs::read_dir(&to) {
+            Ok(mut entries) => entries.next().is_some(),
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        };
+        if used {
+            return Err(Error::invalid(format!(
+                "tablespace {oid} would be restored to {}, which is not empty",
+                to.display()
+            ))
+            .hint("give the restore's tablespaces a place of their own: --tablespace-dir DIR puts each in DIR/OID"));
+        }
+        out.insert(oid, to);
+    }
+    Ok(out)
 }
 
 /// The outcome of a physical restore: a running, recovered server.
@@ -1137,6 +1179,11 @@ pub async fn restore_physical(
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     set_mode(&dir, 0o700)?;
     let (dir2, cancel2) = (dir.clone(), cancel.clone());
+    let relocated = plan
+        .tablespaces
+        .iter()
+        .map(|(oid, to)| (Path::new("pg_tblspc").join(oid), to.clone()))
+        .collect();
     let (_, plain) = decode(
         repo,
         plan.record.manifest()?,
@@ -1147,6 +1194,7 @@ pub async fn restore_physical(
                 &dir2,
                 &ExtractOptions {
                     allow_special: false,
+                    relocated,
                 },
                 &cancel2,
             )
@@ -1409,9 +1457,10 @@ pub fn server_binary(version: &str, name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The PostgreSQL part of a restore plan.
+/// The PostgreSQL part of a restore plan (one per restore, so its size does not matter).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "mode", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)]
 pub enum PgPlan {
     Logical {
         #[serde(flatten)]

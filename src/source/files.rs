@@ -204,6 +204,8 @@ impl<R: Read> Read for Inspected<'_, R> {
 
 pub struct Walk<'a, 'w> {
     rules: Rules<'a>,
+    /// A root walked under another name: its path, and the name it has in the archive.
+    renamed: Option<(PathBuf, PathBuf)>,
     pub counts: Counts,
     /// (device, inode) → archive path of the first link seen, for files with several links.
     links: HashMap<(u64, u64), PathBuf>,
@@ -219,6 +221,7 @@ impl<'a> Walk<'a, '_> {
     pub fn new(rules: Rules<'a>, cancel: &'a Cancel) -> Self {
         Walk {
             rules,
+            renamed: None,
             counts: Counts::default(),
             links: HashMap::new(),
             cancel,
@@ -234,12 +237,27 @@ impl<'a> Walk<'a, '_> {
         self.visit(tar, root, meta, root_dev)
     }
 
+    /// Archives the directory `root` as `name`, with everything under it.
+    pub fn visit_root_as(&mut self, tar: &mut Tar<'_>, root: &Path, name: &Path) -> Result<()> {
+        self.renamed = Some((root.to_owned(), name.to_owned()));
+        let visited = self.visit_root(tar, root);
+        self.renamed = None;
+        visited
+    }
+
     fn archive_name(&self, path: &Path) -> PathBuf {
-        let path = self
-            .rules
-            .base
-            .and_then(|base| path.strip_prefix(base).ok())
-            .unwrap_or(path);
+        let renamed = self.renamed.as_ref().and_then(|(root, name)| {
+            let rest = path.strip_prefix(root).ok()?;
+            Some(name.join(rest))
+        });
+        let path = match &renamed {
+            Some(named) => named,
+            None => self
+                .rules
+                .base
+                .and_then(|base| path.strip_prefix(base).ok())
+                .unwrap_or(path),
+        };
         path.components()
             .filter(|c| matches!(c, std::path::Component::Normal(_)))
             .collect()

@@ -192,6 +192,11 @@ impl PageCheck {
         let name = match parts.as_slice() {
             ["global", name] => name,
             ["base", db, name] if digits(db) => name,
+            ["pg_tblspc", ts, version, db, name]
+                if digits(ts) && version.starts_with("PG_") && digits(db) =>
+            {
+                name
+            }
             _ => return None,
         };
         let (stem, segment) = match name.split_once('.') {
@@ -429,6 +434,10 @@ mod tests {
         assert_eq!(first("base/5/16384_vm.1"), Some(131072));
         assert_eq!(first("base/5/16384_init"), Some(0));
         assert_eq!(first("global/1262"), Some(0));
+        assert_eq!(
+            first("pg_tblspc/16390/PG_15_202209061/5/16400.1"),
+            Some(131072)
+        );
         for none in [
             "global/pg_control",
             "global/pg_filenode.map",
@@ -439,6 +448,8 @@ mod tests {
             "base/x/16384",
             "pg_xact/0000",
             "base/5/sub/16384",
+            "pg_tblspc/16390/PG_15_202209061/16400",
+            "pg_tblspc/16390/other/5/16400",
         ] {
             assert_eq!(first(none), None, "{none}");
         }

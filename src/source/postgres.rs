@@ -368,8 +368,9 @@ impl PostgresSource {
                     .value("SELECT count(*) FROM pg_tablespace WHERE oid NOT IN (1663, 1664)")?;
                 if created != "0" {
                     return Err(Error::invalid(
-                        "a tablespace was created as the backup ran, which a physical backup does not cover",
-                    ));
+                        "the cluster has a tablespace, created as the backup ran: pg_basebackup cannot stream a cluster with tablespaces to drctl",
+                    )
+                    .hint("back the cluster up from its data directory: set data-directory in the policy"));
                 }
                 streamed
             }
@@ -432,11 +433,17 @@ impl PostgresSource {
         cancel: &Cancel,
     ) -> Result<(WalRange, Stats)> {
         let conn = &self.conn;
-        refuse_tablespaces(data_dir)?;
-        let version: u32 = session
-            .value("SELECT current_setting('server_version_num')")?
-            .parse()
-            .map_err(|_| Error::failure("bad server_version_num"))?;
+        let tablespaces = linked_tablespaces(data_dir)?;
+        let row = session.value(
+            "SELECT current_setting('server_version_num') || ' ' || catalog_version_no \
+             FROM pg_control_system()",
+        )?;
+        let (version, catalog) = row
+            .split_once(' ')
+            .and_then(|(v, c)| Some((v.parse::<u32>().ok()?, c)))
+            .ok_or_else(|| Error::failure(format!("bad server version {row:?}")))?;
+        // The directory a tablespace holds this server version's files in.
+        let version_dir = format!("PG_{}_{catalog}", version / 10000);
         let (start_call, stop_call) = if version >= 150000 {
             ("pg_backup_start('drctl', true)", "pg_backup_stop(false)")
         } else {
@@ -459,10 +466,23 @@ impl PostgresSource {
             bytes: 0,
         };
         let mut tar = files::tar_builder(&mut out);
-        let left_out = |path: &Path| left_out_of_base_backup(data_dir, path);
+        // A path's name in the archive: under the data directory, or a tablespace's file as
+        // if its directory were in pg_tblspc (where a restore puts it).
+        let archived = |path: &Path| -> Option<PathBuf> {
+            if let Ok(rel) = path.strip_prefix(data_dir) {
+                return Some(rel.to_owned());
+            }
+            tablespaces.iter().find_map(|(name, dir)| {
+                let rest = path.strip_prefix(dir).ok()?;
+                Some(Path::new("pg_tblspc").join(name).join(rest))
+            })
+        };
+        let left_out = |path: &Path| {
+            archived(path).is_some_and(|rel| left_out_of_base_backup(&rel, path, &version_dir))
+        };
         let inspect = |path: &Path| -> Option<files::Seen<'_>> {
-            let rel = path.strip_prefix(data_dir).ok()?;
-            let mut file = pages.as_ref()?.file(path, rel)?;
+            let rel = archived(path)?;
+            let mut file = pages.as_ref()?.file(path, &rel)?;
             Some(Box::new(move |data: &[u8]| file.feed(data)))
         };
         let mut walk = files::Walk::new(
@@ -476,6 +496,9 @@ impl PostgresSource {
             cancel,
         );
         walk.visit_root(&mut tar, data_dir)?;
+        for (name, dir) in &tablespaces {
+            walk.visit_root_as(&mut tar, dir, &Path::new("pg_tblspc").join(name))?;
+        }
         let counts = walk.counts;
         let pages = pages.map(pgpage::PageCheck::finish).transpose()?;
         // pg_control last, as pg_basebackup sends it, read until two reads agree: the server may
@@ -510,13 +533,23 @@ impl PostgresSource {
             parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
         let label = hex::decode(label)
             .map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
-        // A tablespace created since the check (its link is not archived).
-        if !map.is_empty() {
+        // The tablespaces the server listed as the backup stopped (`OID path` lines) must be
+        // the ones read: one created or dropped meanwhile is in the backup's WAL.
+        let map = hex::decode(map)
+            .map_err(|_| Error::failure("bad tablespace map from pg_backup_stop"))?;
+        let listed: BTreeMap<String, String> = String::from_utf8_lossy(&map)
+            .lines()
+            .filter_map(|l| {
+                let (oid, location) = l.split_once(' ')?;
+                Some((oid.to_owned(), location.to_owned()))
+            })
+            .collect();
+        let read: Vec<&String> = tablespaces.iter().map(|(name, _)| name).collect();
+        if !listed.keys().eq(read) || linked_tablespaces(data_dir)? != tablespaces {
             return Err(Error::invalid(
-            "a tablespace was created as the backup started, which a physical backup does not cover",
-        ));
+                "a tablespace was created or dropped as the backup ran: take the backup again",
+            ));
         }
-        refuse_tablespaces(data_dir)?;
         let timeline = String::from_utf8_lossy(&label)
             .lines()
             .find_map(|l| l.strip_prefix("START TIMELINE: "))
@@ -575,6 +608,9 @@ impl PostgresSource {
         let mut stats = counts.into_stats();
         stats.insert("method".into(), "data-directory".into());
         stats.insert("bytes".into(), out.bytes.into());
+        if !listed.is_empty() {
+            stats.insert("tablespaces".into(), serde_json::to_value(&listed)?);
+        }
         if let Some(pages) = pages {
             stats.insert("pages_checked".into(), pages.good.into());
             stats.insert("pages_skipped".into(), pages.skipped.into());
@@ -710,17 +746,38 @@ impl Write for Counted<'_> {
     }
 }
 
-fn refuse_tablespaces(data_dir: &Path) -> Result<()> {
+/// The tablespaces outside the data directory: each link in `pg_tblspc` (named by the
+/// tablespace's OID) and the directory it leads to, by name. A tablespace directory inside
+/// `pg_tblspc` (in place) is part of the data directory's walk; one inside the data
+/// directory elsewhere is refused, as its files would be read twice.
+fn linked_tablespaces(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let dir = data_dir.join("pg_tblspc");
-    let count = std::fs::read_dir(&dir)
-        .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
-        .count();
-    if count > 0 {
-        return Err(Error::invalid(format!(
-            "the cluster has {count} tablespace(s) (pg_tblspc), which a physical backup does not cover"
-        )));
+    let listed =
+        std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    let mut out = Vec::new();
+    for entry in listed {
+        let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let link = entry.path();
+        let is_link = std::fs::symlink_metadata(&link)
+            .map_err(|e| Error::io(format!("stat {}", link.display()), e))?
+            .file_type()
+            .is_symlink();
+        if !is_link {
+            continue;
+        }
+        let target = std::fs::canonicalize(&link)
+            .map_err(|e| Error::io(format!("tablespace {}", link.display()), e))?;
+        if target.starts_with(data_dir) {
+            return Err(Error::invalid(format!(
+                "tablespace {} lies inside the data directory, at {}",
+                link.display(),
+                target.display()
+            )));
+        }
+        out.push((entry.file_name().to_string_lossy().into_owned(), target));
     }
-    Ok(())
+    out.sort();
+    Ok(out)
 }
 
 /// Appends `pg_wal/NAME`, which must be there whole (`size`, for a segment), and its
@@ -789,15 +846,13 @@ const LEFT_OUT_FILES: &[&str] = &[
     "tablespace_map",
 ];
 
-/// What the walk of a data directory leaves out, as `pg_basebackup` does: the server's
-/// runtime files, temporary files, temporary and unlogged relations (all but the init fork,
-/// from which the server resets them), symlinks (`pg_tblspc` holds none: tablespaces are
-/// refused), FIFOs and sockets. `pg_wal`, the [`EMPTIED_DIRS`] and `global/pg_control` are
-/// added separately.
-fn left_out_of_base_backup(data_dir: &Path, path: &Path) -> bool {
-    let Ok(rel) = path.strip_prefix(data_dir) else {
-        return false;
-    };
+/// What the walk of a data directory leaves out, as `pg_basebackup` does, given a path's
+/// name in the archive (`rel`): the server's runtime files, temporary files, temporary and
+/// unlogged relations (all but the init fork, from which the server resets them), a
+/// tablespace's files of other server versions than `version_dir`'s, the links in
+/// `pg_tblspc` (their directories are walked on their own), other symlinks, FIFOs and
+/// sockets. `pg_wal`, the [`EMPTIED_DIRS`] and `global/pg_control` are added separately.
+fn left_out_of_base_backup(rel: &Path, path: &Path, version_dir: &str) -> bool {
     let parts: Vec<_> = rel.iter().map(|p| p.to_str().unwrap_or("")).collect();
     let Some(&name) = parts.last() else {
         return false;
@@ -808,7 +863,9 @@ fn left_out_of_base_backup(data_dir: &Path, path: &Path) -> bool {
     let by_name = match parts.as_slice() {
         [name] => *name == "pg_wal" || LEFT_OUT_FILES.contains(name) || EMPTIED_DIRS.contains(name),
         ["global", "pg_control"] => true,
-        ["base", _, name] => relation_left_out(path, name),
+        ["base", _, name] | ["pg_tblspc", _, _, _, name] => relation_left_out(path, name),
+        ["pg_tblspc", _, version] => *version != version_dir,
+        ["pg_tblspc", _] => path.is_symlink(),
         _ => false,
     };
     if by_name {
@@ -1428,8 +1485,18 @@ mod tests {
             "pg_wal",
             "pg_stat_tmp",
             "pg_xact",
+            "pg_tblspc/16390/PG_15_1/5",
+            "pg_tblspc/16390/PG_14_1",
         ] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::os::unix::fs::symlink("/srv/ts", d.join("pg_tblspc/16391")).unwrap();
+        for file in [
+            "pg_tblspc/16390/PG_15_1/5/16400",
+            "pg_tblspc/16390/PG_15_1/5/16400_init",
+            "pg_tblspc/16390/PG_15_1/5/16401",
+        ] {
+            std::fs::write(d.join(file), b"x").unwrap();
         }
         for file in [
             "base/5/16384",
@@ -1451,7 +1518,7 @@ mod tests {
             std::fs::write(d.join(file), b"x").unwrap();
         }
         std::os::unix::fs::symlink("/etc/hosts", d.join("server.crt")).unwrap();
-        let left_out = |p: &str| left_out_of_base_backup(d, &d.join(p));
+        let left_out = |p: &str| left_out_of_base_backup(Path::new(p), &d.join(p), "PG_15_1");
         for p in [
             "base/5/16384",
             "base/5/16384_fsm",
@@ -1465,6 +1532,9 @@ mod tests {
             "postmaster.pid",
             "postmaster.opts",
             "server.crt",
+            "pg_tblspc/16390/PG_14_1",
+            "pg_tblspc/16390/PG_15_1/5/16400",
+            "pg_tblspc/16391",
         ] {
             assert!(left_out(p), "{p} is archived");
         }
@@ -1480,6 +1550,10 @@ mod tests {
             "pg_xact/0000",
             "postgresql.auto.conf",
             "PG_VERSION",
+            "pg_tblspc/16390",
+            "pg_tblspc/16390/PG_15_1",
+            "pg_tblspc/16390/PG_15_1/5/16400_init",
+            "pg_tblspc/16390/PG_15_1/5/16401",
         ] {
             assert!(!left_out(p), "{p} is left out");
         }
