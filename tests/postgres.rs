@@ -1361,15 +1361,7 @@ fn a_page_that_fails_its_checksum_fails_the_base_backup() {
     psql(&url, "CHECKPOINT");
     let file = psql(&url, "SELECT pg_relation_filepath('t')");
     // A bit of one row in block 3 flips on disk; the clean copy in memory is never written back.
-    let disk = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(c.data.join(&file))
-        .unwrap();
-    let at = 3 * 8192 + 6000;
-    let mut byte = [0u8; 1];
-    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut byte, at).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&disk, &[byte[0] ^ 0x10], at).unwrap();
+    damage_block(&c.data.join(&file), 3);
 
     let policy = c.sb.path().join("policies/pgphys.yaml");
     let text = std::fs::read_to_string(&policy).unwrap();
@@ -1417,6 +1409,19 @@ fn a_page_that_fails_its_checksum_fails_the_base_backup() {
         ["completed", "completed", "failed", "failed"],
         "{records:?}"
     );
+}
+
+/// Flips a bit in the rows of block `block` of the relation file `path`.
+fn damage_block(path: &Path, block: u64) {
+    let disk = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let at = block * 8192 + 6000;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&disk, &mut byte, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&disk, &[byte[0] ^ 0x10], at).unwrap();
 }
 
 /// The files under `dir`, with their contents.
@@ -1489,7 +1494,7 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
         &url,
         "CREATE TABLE far (i int, pad text) WITH (autovacuum_enabled = off) TABLESPACE ts; \
          INSERT INTO far SELECT i, md5(i::text) FROM generate_series(1, 20000) i; \
-         CREATE UNLOGGED TABLE scratch TABLESPACE ts AS SELECT generate_series(1, 1000) AS i",
+         CREATE UNLOGGED TABLE scratch WITH (autovacuum_enabled = off) TABLESPACE ts AS SELECT generate_series(1, 1000) AS i",
     );
     let oid = psql(&url, "SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
     let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
@@ -1530,7 +1535,10 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
         !kinds.contains_key(&scratch),
         "the unlogged table's data was archived"
     );
-    assert!(stats["pages_checked"].as_u64().unwrap() > 150, "{stats}");
+    assert!(
+        stats["tablespaces"][&oid] == location.to_str().unwrap(),
+        "{stats}"
+    );
 
     // On the cluster's own host, the original location is the cluster's: refused before
     // anything is written.
@@ -1567,6 +1575,22 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
     );
     assert_eq!(tree(&location), live, "the cluster's tablespace changed");
     assert_eq!(psql(&url, "SELECT count(*) FROM far"), "30000");
+
+    // The tablespace's pages are checked too: a bit flipped in one of the table's blocks on
+    // disk fails the next backup, naming it.
+    psql(&url, "VACUUM FREEZE far");
+    psql(&url, "CHECKPOINT");
+    let far = psql(&url, "SELECT pg_relation_filepath('far')");
+    damage_block(
+        &location.join(far.trim_start_matches(&format!("pg_tblspc/{oid}/"))),
+        2,
+    );
+    let run = c.drctl(&["backup", "--policy", "pgphys"]).code(4);
+    assert!(
+        run.stderr.contains(&format!("{far} block 2 (checksum 0x")),
+        "{}",
+        run.stderr
+    );
 }
 
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from

@@ -133,6 +133,30 @@ impl RealDirs {
     }
 }
 
+/// Creates the directory `dir` (and its missing ancestors), or accepts an empty one: what a
+/// relocated directory's contents are written into holds nothing else.
+fn make_empty_dir(dir: &Path) -> Result<()> {
+    let io = |e| Error::io(format!("create {}", dir.display()), e);
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let empty = std::fs::symlink_metadata(dir).map_err(io)?.is_dir()
+                && std::fs::read_dir(dir).map_err(io)?.next().is_none();
+            match empty {
+                true => Ok(()),
+                false => Err(Error::invalid(format!(
+                    "{} is no longer an empty directory",
+                    dir.display()
+                ))),
+            }
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 /// Unpacks `reader` (a tar stream) into `target`, which must exist.
 pub fn extract(
     reader: impl Read,
@@ -185,8 +209,7 @@ pub fn extract(
             match kind {
                 tar::EntryType::Directory if rest.as_os_str().is_empty() => {
                     real_dirs.ensure_parent(&target, &rel, true)?;
-                    std::fs::create_dir_all(to)
-                        .map_err(|e| Error::io(format!("create {}", to.display()), e))?;
+                    make_empty_dir(to)?;
                     let link = target.join(from);
                     std::os::unix::fs::symlink(to, &link)
                         .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
@@ -376,6 +399,19 @@ fn make_special(dst: &Path, header: &tar::Header) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relocated_directory_goes_only_where_nothing_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("a/b/16390");
+        make_empty_dir(&at).unwrap();
+        make_empty_dir(&at).unwrap();
+        std::fs::write(at.join("f"), "").unwrap();
+        let e = make_empty_dir(&at).unwrap_err().to_string();
+        assert!(e.contains("is no longer an empty directory"), "{e}");
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        assert!(make_empty_dir(&dir.path().join("file")).is_err());
+    }
 
     #[test]
     fn relative_paths_are_checked() {

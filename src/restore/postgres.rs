@@ -1079,7 +1079,7 @@ pub async fn plan_physical(
     let wal = wal_range(&record)?;
     let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target, server.timeline)?;
     super::check_target(data_dir, false)?;
-    let tablespaces = tablespace_destinations(&record, server.tablespace_dir.as_deref())?;
+    let tablespaces = tablespace_destinations(&record, server.tablespace_dir.as_deref(), data_dir)?;
     Ok(PhysicalPlan {
         base_backup: record.backup_id.clone(),
         wal,
@@ -1102,6 +1102,7 @@ pub async fn plan_physical(
 fn tablespace_destinations(
     record: &BackupRecord,
     dir: Option<&Path>,
+    data_dir: &Path,
 ) -> Result<BTreeMap<String, PathBuf>> {
     let listed: BTreeMap<String, PathBuf> = record
         .manifest()?
@@ -1111,16 +1112,37 @@ fn tablespace_destinations(
         .map(|t| serde_json::from_value(t.clone()))
         .transpose()?
         .unwrap_or_default();
+    let data_dir = std::path::absolute(data_dir)
+        .map_err(|e| Error::io(format!("resolve {}", data_dir.display()), e))?;
     let mut out = BTreeMap::new();
     for (oid, location) in listed {
+        if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::integrity(format!(
+                "backup {} names a tablespace {oid:?}",
+                record.backup_id
+            )));
+        }
         let to = match dir {
             Some(dir) => std::path::absolute(dir.join(&oid))
                 .map_err(|e| Error::io(format!("resolve {}", dir.display()), e))?,
             None => location,
         };
+        if to.starts_with(&data_dir) {
+            return Err(Error::invalid(format!(
+                "tablespace {oid} would be restored to {}, inside the restored data directory",
+                to.display()
+            ))
+            .hint("give --tablespace-dir a directory outside --target"));
+        }
         let used = match std::fs::read_dir(&to) {
             Ok(mut entries) => entries.next().is_some(),
-            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("tablespace {oid}: read {}", to.display()),
+                    e,
+                ))
+            }
         };
         if used {
             return Err(Error::invalid(format!(

@@ -533,17 +533,12 @@ impl PostgresSource {
             parse_lsn(stop).ok_or_else(|| Error::failure(format!("bad stop LSN {stop:?}")))?;
         let label = hex::decode(label)
             .map_err(|_| Error::failure("bad backup_label from pg_backup_stop"))?;
-        // The tablespaces the server listed as the backup stopped (`OID path` lines) must be
-        // the ones read: one created or dropped meanwhile is in the backup's WAL.
+        // The tablespaces the server listed as the backup started (its tablespace map) must
+        // be the ones read, before the start and again now: one created or dropped meanwhile
+        // is in the backup's WAL.
         let map = hex::decode(map)
             .map_err(|_| Error::failure("bad tablespace map from pg_backup_stop"))?;
-        let listed: BTreeMap<String, String> = String::from_utf8_lossy(&map)
-            .lines()
-            .filter_map(|l| {
-                let (oid, location) = l.split_once(' ')?;
-                Some((oid.to_owned(), location.to_owned()))
-            })
-            .collect();
+        let listed = parse_tablespace_map(&String::from_utf8_lossy(&map));
         let read: Vec<&String> = tablespaces.iter().map(|(name, _)| name).collect();
         if !listed.keys().eq(read) || linked_tablespaces(data_dir)? != tablespaces {
             return Err(Error::invalid(
@@ -746,8 +741,31 @@ impl Write for Counted<'_> {
     }
 }
 
-/// The tablespaces outside the data directory: each link in `pg_tblspc` (named by the
-/// tablespace's OID) and the directory it leads to, by name. A tablespace directory inside
+/// A tablespace map (`tablespace_map`, as `pg_backup_stop` returns it): a line per
+/// tablespace, its OID, a space and its location, in which the server escapes a backslash,
+/// a line feed or a carriage return with a backslash.
+fn parse_tablespace_map(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut chars = text.chars();
+    loop {
+        let oid: String = chars.by_ref().take_while(|&c| c != ' ').collect();
+        if oid.is_empty() {
+            return out;
+        }
+        let mut location = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => location.extend(chars.next()),
+                '\n' => break,
+                c => location.push(c),
+            }
+        }
+        out.insert(oid, location);
+    }
+}
+
+/// The tablespaces outside the data directory: each link in `pg_tblspc` named by a
+/// tablespace's OID (the server ignores other names) and the directory it leads to. A tablespace directory inside
 /// `pg_tblspc` (in place) is part of the data directory's walk; one inside the data
 /// directory elsewhere is refused, as its files would be read twice.
 fn linked_tablespaces(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -762,7 +780,8 @@ fn linked_tablespaces(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             .map_err(|e| Error::io(format!("stat {}", link.display()), e))?
             .file_type()
             .is_symlink();
-        if !is_link {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_link || name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
         let target = std::fs::canonicalize(&link)
@@ -774,7 +793,7 @@ fn linked_tablespaces(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
                 target.display()
             )));
         }
-        out.push((entry.file_name().to_string_lossy().into_owned(), target));
+        out.push((name, target));
     }
     out.sort();
     Ok(out)
@@ -1557,6 +1576,15 @@ mod tests {
         ] {
             assert!(!left_out(p), "{p} is left out");
         }
+    }
+
+    #[test]
+    fn tablespace_maps_are_read_with_their_escapes() {
+        let map = parse_tablespace_map("16390 /srv/ts one\n16391 /srv/a\\\\b\\\nc\n");
+        assert_eq!(map["16390"], "/srv/ts one");
+        assert_eq!(map["16391"], "/srv/a\\b\nc");
+        assert_eq!(map.len(), 2);
+        assert!(parse_tablespace_map("").is_empty());
     }
 
     #[test]
