@@ -1591,6 +1591,30 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
         "{}",
         run.stderr
     );
+
+    // pg_basebackup cannot stream such a cluster: without data-directory it is refused.
+    let policy = c.sb.path().join("policies/pgphys.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let data_directory = format!("  data-directory: {}\n", c.data.display());
+    std::fs::write(&policy, text.replace(&data_directory, "")).unwrap();
+    let run = c.drctl(&["backup", "--policy", "pgphys"]).code(2);
+    assert!(
+        run.stderr.contains("the cluster has 1 tablespace(s)")
+            && run.stderr.contains("set data-directory"),
+        "{}",
+        run.stderr
+    );
+
+    // On another host, where the original location is free, the tablespace goes back there.
+    c.pg_ctl("stop");
+    std::fs::rename(&location, c.sb.path().join("ts-of-the-stopped-cluster")).unwrap();
+    let (run, original) = c.restore("original", &[]);
+    run.ok();
+    assert_eq!(psql(&original, "SELECT count(*) FROM far"), "30000");
+    assert_eq!(
+        psql(&original, &format!("SELECT pg_tablespace_location({oid})")),
+        location.to_str().unwrap()
+    );
 }
 
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from

@@ -338,6 +338,9 @@ impl PostgresSource {
             }
             None => None,
         };
+        if data_dir.is_none() {
+            no_tablespaces(&mut session)?;
+        }
         // The base backup carries the WAL from its start to its end, so it is consistent on
         // its own and the server does not wait for that WAL to be archived. A temporary
         // replication slot keeps the server from recycling it meanwhile; it goes with the
@@ -362,16 +365,8 @@ impl PostgresSource {
             }
             None => {
                 let streamed = self.stream_base_backup(segment_size, out, cancel)?;
-                // pg_basebackup refuses a cluster with tablespaces; one created as it ran
-                // is in the backup's WAL, which a restore would replay.
-                let created = session
-                    .value("SELECT count(*) FROM pg_tablespace WHERE oid NOT IN (1663, 1664)")?;
-                if created != "0" {
-                    return Err(Error::invalid(
-                        "the cluster has a tablespace, created as the backup ran: pg_basebackup cannot stream a cluster with tablespaces to drctl",
-                    )
-                    .hint("back the cluster up from its data directory: set data-directory in the policy"));
-                }
+                // One created as it ran is in the backup's WAL, which a restore would replay.
+                no_tablespaces(&mut session)?;
                 streamed
             }
         };
@@ -739,6 +734,20 @@ impl Write for Counted<'_> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// Refuses a cluster with tablespaces (but `pg_default` and `pg_global`), which
+/// `pg_basebackup` cannot stream as one archive.
+fn no_tablespaces(session: &mut Session) -> Result<()> {
+    let count =
+        session.value("SELECT count(*) FROM pg_tablespace WHERE oid NOT IN (1663, 1664)")?;
+    if count != "0" {
+        return Err(Error::invalid(format!(
+            "the cluster has {count} tablespace(s), which pg_basebackup cannot stream to drctl as one archive"
+        ))
+        .hint("back the cluster up from its data directory: set data-directory in the policy"));
+    }
+    Ok(())
 }
 
 /// A tablespace map (`tablespace_map`, as `pg_backup_stop` returns it): a line per
