@@ -1617,6 +1617,76 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
     );
 }
 
+/// A standby: a logical backup counts its unlogged tables as empty (the standby cannot read
+/// them, and pg_dump dumps none of their rows there) and restores with matching counts; a
+/// data-directory base backup is refused, as it reads a primary's files.
+#[test]
+fn a_standby_backs_up_logically_and_refuses_a_data_directory_backup() {
+    let mut c = Cluster::start();
+    let url = c.url();
+    psql(
+        &url,
+        "CREATE TABLE kept AS SELECT generate_series(1, 500) AS i; \
+         CREATE UNLOGGED TABLE scratch AS SELECT generate_series(1, 300) AS i",
+    );
+    let standby = c.sb.path().join("standby");
+    output_ok(
+        as_server_user(&mut Command::new(server_bin("pg_basebackup")))
+            .arg("-D")
+            .arg(&standby)
+            .args(["-R", "-X", "stream", "-d", &url]),
+    );
+    let port = free_port();
+    append(
+        &standby.join("postgresql.conf"),
+        &format!("port = {port}\n"),
+    );
+    c.pg_ctl_start(&standby);
+    let standby_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    assert_eq!(psql(&standby_url, "SELECT pg_is_in_recovery()"), "t");
+
+    c.sb.policy(
+        "replica",
+        &format!(
+            "name: replica\nsource:\n  kind: postgres\n  mode: logical\n  url: {standby_url}\n"
+        ),
+    );
+    let run = c.drctl(&["--json", "backup", "--policy", "replica"]).ok();
+    let tables = &run.json()[0]["source"]["stats"]["tables"];
+    assert_eq!(tables["public.kept"], 500, "{tables}");
+    assert_eq!(tables["public.scratch"], 0, "{tables}");
+    let copy = format!("postgres://postgres@127.0.0.1:{}/copy", c.port);
+    c.drctl(&[
+        "--json",
+        "restore",
+        "--policy",
+        "replica",
+        "--backup",
+        "latest",
+        "--to-database",
+        &copy,
+    ])
+    .ok();
+    assert_eq!(psql(&copy, "SELECT count(*) FROM kept"), "500");
+    assert_eq!(psql(&copy, "SELECT count(*) FROM scratch"), "0");
+
+    c.sb.policy(
+        "standbyphys",
+        &format!(
+            "name: standbyphys\nsource:\n  kind: postgres\n  mode: physical\n  url: {standby_url}\n  \
+             data-directory: {}\n",
+            standby.display()
+        ),
+    );
+    let run = c.drctl(&["backup", "--policy", "standbyphys"]).code(2);
+    assert!(
+        run.stderr
+            .contains("the server is a standby: drctl reads the data directory of a primary only"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// The primary region is gone: a restore in the DR region fetches the WAL it replays from
 /// there, and the restored server archives its new timeline there, where the next restore
 /// follows it.
