@@ -1645,12 +1645,7 @@ fn a_standby_backs_up_logically_and_refuses_a_data_directory_backup() {
     let standby_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     assert_eq!(psql(&standby_url, "SELECT pg_is_in_recovery()"), "t");
 
-    c.sb.policy(
-        "replica",
-        &format!(
-            "name: replica\nsource:\n  kind: postgres\n  mode: logical\n  url: {standby_url}\n"
-        ),
-    );
+    logical_policy(&c.sb, "replica", &standby_url);
     let run = c.drctl(&["--json", "backup", "--policy", "replica"]).ok();
     let tables = &run.json()[0]["source"]["stats"]["tables"];
     assert_eq!(tables["public.kept"], 500, "{tables}");

@@ -133,6 +133,15 @@ impl RealDirs {
     }
 }
 
+/// Whether the directory `dir` holds anything; a missing one holds nothing.
+pub fn holds_entries(dir: &Path) -> std::io::Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Creates the directory `dir` (and its missing ancestors), or accepts an empty one: what a
 /// relocated directory's contents are written into holds nothing else.
 fn make_empty_dir(dir: &Path) -> Result<()> {
@@ -144,7 +153,7 @@ fn make_empty_dir(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let empty = std::fs::symlink_metadata(dir).map_err(io)?.is_dir()
-                && std::fs::read_dir(dir).map_err(io)?.next().is_none();
+                && !holds_entries(dir).map_err(io)?;
             match empty {
                 true => Ok(()),
                 false => Err(Error::invalid(format!(
@@ -155,6 +164,12 @@ fn make_empty_dir(dir: &Path) -> Result<()> {
         }
         Err(e) => Err(io(e)),
     }
+}
+
+/// A directory entry's mode and mtime, applied once the archive is unpacked.
+fn mode_and_mtime(header: &tar::Header) -> Result<(u32, u64)> {
+    let read = |e| Error::io("read archive", e);
+    Ok((header.mode().map_err(read)?, header.mtime().map_err(read)?))
 }
 
 /// Unpacks `reader` (a tar stream) into `target`, which must exist.
@@ -191,66 +206,51 @@ pub fn extract(
         let rel = safe_relative(&entry.path_bytes(), "entry")?;
         let kind = entry.header().entry_type();
         stats.entries += 1;
-        if let Some((i, rest)) = opts
+        // Below a relocated directory, only directories and files, written under its
+        // destination; the directory itself becomes a link to that destination.
+        let relocated = opts
             .relocated
             .iter()
-            .enumerate()
-            .find_map(|(i, (from, _))| Some((i, rel.strip_prefix(from).ok()?.to_owned())))
-        {
-            let (from, to) = &opts.relocated[i];
-            let mode = entry
-                .header()
-                .mode()
-                .map_err(|e| Error::io("read archive", e))?;
-            let mtime = entry
-                .header()
-                .mtime()
-                .map_err(|e| Error::io("read archive", e))?;
-            match kind {
-                tar::EntryType::Directory if rest.as_os_str().is_empty() => {
-                    real_dirs.ensure_parent(&target, &rel, true)?;
-                    make_empty_dir(to)?;
-                    let link = target.join(from);
-                    std::os::unix::fs::symlink(to, &link)
-                        .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
-                    dirs.push((to.clone(), mode, mtime));
-                    stats.dirs += 1;
-                }
-                tar::EntryType::Directory => {
-                    relocated_dirs[i].ensure_parent(to, &rest, true)?;
-                    relocated_dirs[i].make_dir(to, &rest)?;
-                    dirs.push((to.join(&rest), mode, mtime));
-                    stats.dirs += 1;
-                }
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    relocated_dirs[i].ensure_parent(to, &rest, true)?;
-                    stats.files += 1;
-                    stats.bytes += entry.size();
-                    write_file(&mut entry, &to.join(&rest), as_root, &mut buf)?;
-                }
-                other => {
-                    return Err(Error::integrity(format!(
-                        "refusing archive entry {} of type {other:?} in a relocated directory",
-                        rel.display()
-                    )))
-                }
+            .zip(relocated_dirs.iter_mut())
+            .find_map(|((from, to), real)| {
+                Some((from, to, rel.strip_prefix(from).ok()?.to_owned(), real))
+            });
+        let is_dir = kind == tar::EntryType::Directory;
+        let is_file = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+        let (root, rel, real) = match relocated {
+            Some((from, to, rest, _)) if is_dir && rest.as_os_str().is_empty() => {
+                real_dirs.ensure_parent(&target, &rel, true)?;
+                make_empty_dir(to)?;
+                let link = target.join(from);
+                std::os::unix::fs::symlink(to, &link)
+                    .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
+                let (mode, mtime) = mode_and_mtime(entry.header())?;
+                dirs.push((to.clone(), mode, mtime));
+                stats.dirs += 1;
+                continue;
             }
-            continue;
-        }
-        real_dirs.ensure_parent(&target, &rel, true)?;
+            Some((_, to, rest, real)) if is_dir || is_file => (to.as_path(), rest, real),
+            Some(_) => {
+                return Err(Error::integrity(format!(
+                    "refusing archive entry {} of type {kind:?} in a relocated directory",
+                    rel.display()
+                )))
+            }
+            None => (target.as_path(), rel, &mut real_dirs),
+        };
+        real.ensure_parent(root, &rel, true)?;
         match kind {
             tar::EntryType::Directory => {
-                real_dirs.make_dir(&target, &rel)?;
-                let mode = entry.header().mode().map_err(|e| Error::io("read archive", e))?;
-                let mtime = entry.header().mtime().map_err(|e| Error::io("read archive", e))?;
-                dirs.push((target.join(&rel), mode, mtime));
+                real.make_dir(root, &rel)?;
+                let (mode, mtime) = mode_and_mtime(entry.header())?;
+                dirs.push((root.join(&rel), mode, mtime));
                 stats.dirs += 1;
                 continue;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 stats.files += 1;
                 stats.bytes += entry.size();
-                write_file(&mut entry, &target.join(&rel), as_root, &mut buf)?;
+                write_file(&mut entry, &root.join(&rel), as_root, &mut buf)?;
                 continue;
             }
             tar::EntryType::Symlink => stats.links += 1,
@@ -259,12 +259,12 @@ pub fn extract(
                     .link_name_bytes()
                     .ok_or_else(|| Error::integrity(format!("hard link {} has no target", rel.display())))?;
                 let link_rel = safe_relative(&link, "hard link target")?;
-                real_dirs.ensure_parent(&target, &link_rel, false)?;
+                real.ensure_parent(root, &link_rel, false)?;
                 stats.links += 1;
             }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {
                 // The tar crate would write these as regular files; create the node itself.
-                make_special(&target.join(&rel), entry.header())?;
+                make_special(&root.join(&rel), entry.header())?;
                 continue;
             }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
@@ -282,7 +282,7 @@ pub fn extract(
             }
         }
         let unpacked = entry
-            .unpack_in(&target)
+            .unpack_in(root)
             .map_err(|e| Error::io(format!("restore {}", rel.display()), e))?;
         if !unpacked {
             return Err(Error::integrity(format!(

@@ -30,8 +30,8 @@ use crate::repo::Repo;
 use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellable};
 use crate::source::pgwal::{Carry, CreatedTablespace, TablespaceScan};
 use crate::source::postgres::{
-    count_rows, format_lsn, parse_lsn, parse_segment, quoted_name_hex, quoted_names, relations,
-    row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
+    count_rows, format_lsn, is_digits, parse_lsn, parse_segment, quoted_name_hex, quoted_names,
+    relations, row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
     NO_TIMEOUTS,
 };
 use crate::{Error, Result};
@@ -883,13 +883,10 @@ pub async fn fetch_wal(
     })
     .await
     .and_then(|(end, _)| {
-        let name = record
-            .manifest()?
-            .source
-            .descriptor
-            .get("wal")
-            .and_then(|w| w.as_str())
-            .map_or_else(|| record.backup_id.to_string(), str::to_owned);
+        let name = match Lookup::of(record.manifest()?) {
+            Some(Lookup::Wal(name)) => name.to_owned(),
+            _ => record.backup_id.to_string(),
+        };
         check_created_tablespaces(&name, &end.created, &data_dir.join("pg_tblspc"))?;
         if let Some(new) = end.carry {
             keep_carry(&carry, carries, new)?;
@@ -959,11 +956,8 @@ fn check_created_tablespaces(
         if ts.location.is_empty() || linked.iter().any(|l| l == location) {
             continue;
         }
-        let has_data = match std::fs::read_dir(location) {
-            Ok(mut entries) => entries.next().is_some(),
-            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
-        };
-        if has_data {
+        // One that cannot be read counts as holding data.
+        if extract::holds_entries(location).unwrap_or(true) {
             let (record, before) = match ts.continued {
                 true => (
                     " (in a record begun in the WAL file before it)",
@@ -1116,7 +1110,7 @@ fn tablespace_destinations(
         .map_err(|e| Error::io(format!("resolve {}", data_dir.display()), e))?;
     let mut out = BTreeMap::new();
     for (oid, location) in listed {
-        if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+        if !is_digits(&oid) {
             return Err(Error::integrity(format!(
                 "backup {} names a tablespace {oid:?}",
                 record.backup_id
@@ -1134,16 +1128,8 @@ fn tablespace_destinations(
             ))
             .hint("give --tablespace-dir a directory outside --target"));
         }
-        let used = match std::fs::read_dir(&to) {
-            Ok(mut entries) => entries.next().is_some(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("tablespace {oid}: read {}", to.display()),
-                    e,
-                ))
-            }
-        };
+        let used = extract::holds_entries(&to)
+            .map_err(|e| Error::io(format!("tablespace {oid}: read {}", to.display()), e))?;
         if used {
             return Err(Error::invalid(format!(
                 "tablespace {oid} would be restored to {}, which is not empty",

@@ -8,6 +8,7 @@ use std::fmt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::postgres::is_digits;
 use crate::{Error, Result};
 
 const LANES: usize = 32;
@@ -63,6 +64,10 @@ pub fn page_checksum(page: &[u8], block: u32) -> u16 {
 /// Native-endian integers of the server's on-disk formats, at `at`.
 pub(super) fn u16_at(page: &[u8], at: usize) -> u16 {
     u16::from_ne_bytes([page[at], page[at + 1]])
+}
+
+pub(super) fn u64_at(page: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(page[at..at + 8].try_into().expect("8 bytes"))
 }
 
 pub(super) fn u32_at(page: &[u8], at: usize) -> u32 {
@@ -188,24 +193,23 @@ impl PageCheck {
     /// directory), or `None` for a file whose pages carry no checksum.
     fn first_block(&self, rel: &Path) -> Option<u32> {
         let parts: Vec<&str> = rel.iter().map(|p| p.to_str()).collect::<Option<_>>()?;
-        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         let name = match parts.as_slice() {
             ["global", name] => name,
-            ["base", db, name] if digits(db) => name,
+            ["base", db, name] if is_digits(db) => name,
             ["pg_tblspc", ts, version, db, name]
-                if digits(ts) && version.starts_with("PG_") && digits(db) =>
+                if is_digits(ts) && version.starts_with("PG_") && is_digits(db) =>
             {
                 name
             }
             _ => return None,
         };
         let (stem, segment) = match name.split_once('.') {
-            Some((stem, segment)) if digits(segment) => (stem, segment.parse::<u32>().ok()?),
+            Some((stem, segment)) if is_digits(segment) => (stem, segment.parse::<u32>().ok()?),
             Some(_) => return None,
             None => (*name, 0),
         };
         let (node, fork) = stem.split_once('_').unwrap_or((stem, ""));
-        if !digits(node) || !["", "fsm", "vm", "init"].contains(&fork) {
+        if !is_digits(node) || !["", "fsm", "vm", "init"].contains(&fork) {
             return None;
         }
         // As the server numbers blocks: in 32 bits.

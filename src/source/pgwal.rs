@@ -8,7 +8,7 @@
 //! next, or in the next segment. Records start at 8-byte boundaries; a page that continues
 //! a record says so (`XLP_FIRST_IS_CONTRECORD`, with the bytes left in `xlp_rem_len`).
 
-use super::pgpage::{u16_at, u32_at};
+use super::pgpage::{u16_at, u32_at, u64_at};
 
 /// A tablespace a segment's record creates.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,9 +40,11 @@ pub struct ScanEnd {
 }
 
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
-const XLP_LONG_HEADER: u16 = 0x0002;
+pub(super) const XLP_LONG_HEADER: u16 = 0x0002;
 const SHORT_PAGE_HEADER: usize = 24;
-const LONG_PAGE_HEADER: usize = 40;
+/// The long page header at the start of every segment: magic, info, timeline, page
+/// address, remaining length, padding, system identifier, segment size, page size.
+pub(super) const LONG_PAGE_HEADER: usize = 40;
 /// `XLogRecord`: total length, xid, previous record, info, resource manager, CRC.
 const RECORD_HEADER: usize = 24;
 const RM_TBLSPC_ID: u8 = 5;
@@ -59,10 +61,6 @@ const LARGEST_TABLESPACE_RECORD: usize = 1 << 16;
 
 fn align(n: usize) -> usize {
     n.div_ceil(8) * 8
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Reads a segment's bytes, in pieces of any size, for the tablespaces its records create.

@@ -15,7 +15,8 @@ use std::process::Command;
 use super::command::stream_stdout;
 pub use super::command::SqlSession as Session;
 use super::files::{self, Tar};
-use super::pgpage;
+use super::pgpage::{self, u16_at, u32_at, u64_at};
+use super::pgwal::{LONG_PAGE_HEADER, XLP_LONG_HEADER};
 use super::{Source, Stats};
 use crate::cancel::Cancel;
 use crate::config::policy::PostgresMode;
@@ -680,12 +681,7 @@ fn check_checkpoint(conn: &Conn, data_dir: &Path, start: u64) -> Result<()> {
     let control = data_dir.join("global/pg_control");
     // ControlFileData (PostgreSQL 10 and later): system_identifier, versions, state, time,
     // then the latest checkpoint's LSN at offset 32 and its redo LSN at 40.
-    let lsn_at = |bytes: &[u8], at: usize| {
-        bytes
-            .get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes)
-    };
+    let lsn_at = |bytes: &[u8], at: usize| bytes.get(..at + 8).map(|b| u64_at(b, at));
     let mut failed = None;
     for attempt in 0..5 {
         if attempt > 0 {
@@ -790,7 +786,7 @@ fn linked_tablespaces(data_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
             .file_type()
             .is_symlink();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_link || name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+        if !is_link || !is_digits(&name) {
             continue;
         }
         let target = std::fs::canonicalize(&link)
@@ -912,18 +908,17 @@ fn left_out_of_base_backup(rel: &Path, path: &Path, version_dir: &str) -> bool {
 /// A temporary relation's file (`t3_16384`), or an unlogged relation's file other than its
 /// init fork (`16384`, `16384_fsm`, `16384.1` next to `16384_init`).
 fn relation_left_out(path: &Path, name: &str) -> bool {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if let Some(rest) = name.strip_prefix('t') {
         if rest
             .split_once('_')
-            .is_some_and(|(backend, _)| digits(backend))
+            .is_some_and(|(backend, _)| is_digits(backend))
         {
             return true;
         }
     }
     let stem = name.split('.').next().unwrap_or(name);
     let (node, fork) = stem.split_once('_').unwrap_or((stem, ""));
-    if !digits(node) || fork == "init" {
+    if !is_digits(node) || fork == "init" {
         return false;
     }
     path.with_file_name(format!("{node}_init")).exists()
@@ -1178,6 +1173,11 @@ pub fn parse_segment(name: &str, segment_size: u64) -> Option<(u32, u64)> {
     Some((tli, log * (0x1_0000_0000 / segment_size) + seg))
 }
 
+/// Whether `s` is a number in decimal digits (an OID, a relation file's node or segment).
+pub fn is_digits(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn is_upper_hex(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
@@ -1227,17 +1227,15 @@ impl WalSource {
             if meta.is_file() {
                 let file = std::fs::File::open(&path)
                     .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-                let mut head = Vec::with_capacity(SEGMENT_HEAD);
+                let mut head = Vec::with_capacity(LONG_PAGE_HEADER);
                 std::io::Read::read_to_end(
-                    &mut std::io::Read::take(file, SEGMENT_HEAD as u64),
+                    &mut std::io::Read::take(file, LONG_PAGE_HEADER as u64),
                     &mut head,
                 )
                 .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
                 SegmentCheck::new(&name).check_size(&head, meta.len())?;
-                system = head
-                    .get(24..32)
-                    .and_then(|b| b.try_into().ok())
-                    .map(i64::from_ne_bytes);
+                // xlp_sysid, which the server shows as a bigint.
+                system = Some(u64_at(&head, 24) as i64);
             }
         }
         Ok(WalSource { path, name, system })
@@ -1297,7 +1295,7 @@ impl Source for WalSource {
         let mut checked = Checked {
             inner: out,
             check: &check,
-            head: Vec::with_capacity(SEGMENT_HEAD),
+            head: Vec::with_capacity(LONG_PAGE_HEADER),
         };
         let bytes = super::copy_file(&self.path, &mut checked, cancel)?;
         check.check_size(&checked.head, bytes)?;
@@ -1311,11 +1309,6 @@ impl Source for WalSource {
 fn holds_segment(name: &str) -> bool {
     !name.ends_with(".history") && !name.ends_with(".backup")
 }
-
-/// The long page header at the start of every WAL segment: magic, info, timeline, page
-/// address, remaining length, padding, system identifier, segment size, block size.
-const SEGMENT_HEAD: usize = 40;
-const XLP_LONG_HEADER: u16 = 0x0002;
 
 /// What a WAL segment must be to be archived under its name: its first page header a long
 /// header whose page address is the start of the segment the name gives, in segments of the
@@ -1336,11 +1329,11 @@ impl<'a> SegmentCheck<'a> {
     }
 
     fn check_head(&self, head: &[u8]) -> Result<()> {
-        let Some(h) = head.get(..SEGMENT_HEAD) else {
+        let Some(h) = head.get(..LONG_PAGE_HEADER) else {
             return Err(self.refused("it is too short"));
         };
-        let info = u16::from_ne_bytes([h[2], h[3]]);
-        let page = u64::from_ne_bytes(h[8..16].try_into().expect("8 bytes"));
+        let info = u16_at(h, 2);
+        let page = u64_at(h, 8);
         let size = segment_size_in(h);
         if info & XLP_LONG_HEADER == 0
             || !size.is_power_of_two()
@@ -1371,9 +1364,7 @@ impl<'a> SegmentCheck<'a> {
 
 /// `xlp_seg_size` of a long page header.
 fn segment_size_in(head: &[u8]) -> u64 {
-    head.get(32..36)
-        .map(|b| u64::from(u32::from_ne_bytes(b.try_into().expect("4 bytes"))))
-        .unwrap_or(0)
+    head.get(..36).map_or(0, |h| u64::from(u32_at(h, 32)))
 }
 
 /// Passes a WAL segment through, checking its header before the first bytes past it go on.
@@ -1385,10 +1376,10 @@ struct Checked<'a> {
 
 impl Write for Checked<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.head.len() < SEGMENT_HEAD {
-            let n = (SEGMENT_HEAD - self.head.len()).min(data.len());
+        if self.head.len() < LONG_PAGE_HEADER {
+            let n = (LONG_PAGE_HEADER - self.head.len()).min(data.len());
             self.head.extend_from_slice(&data[..n]);
-            if self.head.len() == SEGMENT_HEAD {
+            if self.head.len() == LONG_PAGE_HEADER {
                 self.check.check_head(&self.head).map_err(Error::into_io)?;
             }
         }
