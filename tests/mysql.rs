@@ -559,6 +559,21 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         "",
         "a dry run writes nothing"
     );
+    // A PostgreSQL setting is refused, not ignored.
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "at_noted"),
+            "--maintenance-work-mem",
+            "1GB",
+        ])
+        .code(2);
+    assert!(run.stderr.contains("is for PostgreSQL"), "{}", run.stderr);
     let run = sandbox
         .run(&[
             "--json",

@@ -178,7 +178,33 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     );
 
     let target = Db::later("drctl_dst");
-    let run = restore_to(&sb, &id, &target.url()).ok();
+    // Index builds run with the memory asked for: the plan says so, and the server takes
+    // the setting (one it refused would fail pg_restore's connections). A size PostgreSQL
+    // does not take is refused before anything is done.
+    let url = target.url();
+    let restore_with = |memory: &str, more: &[&str]| {
+        let args = [
+            &["--json", "restore", "--policy", "pg", "--backup", &id][..],
+            &["--to-database", &url, "--maintenance-work-mem", memory],
+            more,
+        ]
+        .concat();
+        sb.run(&args)
+    };
+    let plan = restore_with("256mb", &["--dry-run"]).ok().json();
+    assert_eq!(
+        plan[0]["postgres"]["maintenance_work_mem"], "256MB",
+        "{plan:?}"
+    );
+    for bad in ["512KB", "0", "1.5GB", "2TB", "lots"] {
+        let run = restore_with(bad, &[]).code(2);
+        assert!(
+            run.stdout.contains("maintenance_work_mem"),
+            "{bad}: {}",
+            run.stdout
+        );
+    }
+    let run = restore_with("1MB", &[]).ok();
     let report = &run.json()[0]["postgres"];
     assert_eq!(report["created"], true);
     assert_eq!(report["tables"]["public.accounts"], 5000);
@@ -663,8 +689,18 @@ fn postgres_policies_are_validated_with_file_and_field() {
     sb.policy(
         "datadir",
         "name: datadir\nsource:\n  kind: postgres\n  mode: logical\n  url: postgres://app@db/app\n  \
-         data-directory: /var/lib/postgresql/15/main\n  verify-checksums: false\n",
+         data-directory: /var/lib/postgresql/15/main\n  verify-checksums: false\n  \
+         archive-push-queue-max: 4GB\n",
     );
+    for (name, max) in [("tiny", "8MB"), ("unit", "4 GiB"), ("fraction", "1.5GB")] {
+        sb.policy(
+            name,
+            &format!(
+                "name: {name}\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://app@db/app\n  \
+                 archive-push-queue-max: {max}\n"
+            ),
+        );
+    }
     sb.policy(
         "relative",
         "name: relative\nsource:\n  kind: postgres\n  mode: physical\n  url: postgres://app@db/app\n  \
@@ -706,6 +742,24 @@ fn postgres_policies_are_validated_with_file_and_field() {
         out.contains(
             "relative.yaml: source.data-directory: give the data directory as an absolute path"
         ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "datadir.yaml: source.archive-push-queue-max: only a physical backup archives WAL"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("tiny.yaml: source.archive-push-queue-max: 8MB is less than one WAL segment"),
+        "{out}"
+    );
+    assert!(
+        out.contains("unit.yaml: source: \"4 GiB\": the unit must be kB, MB, GB or TB"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fraction.yaml: source: \"1.5GB\": the unit must be"),
         "{out}"
     );
 }
@@ -1908,6 +1962,70 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
     std::fs::write(&object, &stored).unwrap();
     fetch(&[]);
     assert!(!fresh.exists());
+}
+
+#[test]
+fn wal_beyond_archive_push_queue_max_is_dropped_and_verify_reports_the_gap() {
+    let c = Cluster::start_with("", "  archive-push-queue-max: 48MB\n");
+    psql(&c.url(), "CREATE TABLE t (id int)");
+    let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
+    let base = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
+    c.switch_wal();
+    // Archiving stops (no archive command): four segments of 16MB queue up.
+    let set = |command: &str| {
+        psql(&c.url(), command);
+        psql(&c.url(), "SELECT pg_reload_conf()");
+    };
+    set("ALTER SYSTEM SET archive_command = ''");
+    let queued: Vec<String> = (0..4)
+        .map(|_| {
+            psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 1000)");
+            psql(&c.url(), "SELECT pg_walfile_name(pg_switch_wal())")
+        })
+        .collect();
+    // Back to drctl: the oldest is pushed with 64MB waiting, more than 48MB, and is
+    // dropped; each of the others with 48MB or less, and is archived.
+    set("ALTER SYSTEM RESET archive_command");
+    let last = &queued[3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while psql(
+        &c.url(),
+        "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+    ) < *last
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{last} was not archived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let list = c.drctl(&["--json", "list", "--limit", "1000"]).ok().json();
+    let archived: Vec<&str> = list
+        .iter()
+        .filter_map(|r| r["manifest"]["source"]["descriptor"]["wal"].as_str())
+        .collect();
+    assert!(!archived.contains(&queued[0].as_str()), "{archived:?}");
+    for name in &queued[1..] {
+        assert!(archived.contains(&name.as_str()), "{name}: {archived:?}");
+    }
+    let log = std::fs::read_to_string(c.data.join("server.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "WAL segment {} dropped, not archived: 64MB",
+            queued[0]
+        )),
+        "{log}"
+    );
+    // The server counts the dropped segment as archived and recycles it; the archive has a
+    // gap there, which verify reports.
+    let run = c.drctl(&["verify", &base]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stdout.contains(queued[0].as_str()) || run.stderr.contains(queued[0].as_str()),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
 }
 
 #[test]

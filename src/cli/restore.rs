@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::{human_bytes, Ctx};
 use crate::format::Name;
-use crate::restore::postgres::Timeline;
+use crate::restore::postgres::{IndexMemory, Timeline};
 use crate::restore::{RecoveryTarget, RestoreRequest, Selector, ServerOptions, Target};
 use crate::{Error, Result};
 
@@ -44,6 +44,11 @@ pub struct Args {
     /// (PGPASSWORD, MYSQL_PWD) or a password file, never from the command line.
     #[arg(long, value_name = "URL")]
     pub to_database: Option<String>,
+    /// PostgreSQL logical restores: maintenance_work_mem of each session that builds
+    /// indexes and constraints (e.g. 256MB, 2GB; one session per core). Default: 1GB, at
+    /// most 2GB over all sessions; lower it for a server short of memory.
+    #[arg(long, value_name = "SIZE", requires = "to_database")]
+    pub maintenance_work_mem: Option<String>,
     /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)
     /// instead of to the end.
     #[arg(long, value_name = "TIME", conflicts_with = "lsn")]
@@ -114,6 +119,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         (None, false, Some(url)) => Target::Database {
             url: database_url(url)?,
             overwrite: args.overwrite,
+            maintenance_work_mem: args
+                .maintenance_work_mem
+                .as_deref()
+                .map(IndexMemory::parse)
+                .transpose()?,
         },
         _ => {
             return Err(Error::invalid(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::Ctx;
 use crate::backup::Job;
 use crate::config::policy::PostgresMode;
-use crate::config::{Policy, SourceConfig};
+use crate::config::{ByteSize, Policy, SourceConfig};
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
 use crate::pipeline::HashReader;
@@ -95,17 +95,35 @@ fn check_policy(policy: &Policy) -> Result<()> {
 }
 
 async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
-    let repo = ctx.repo_in(args.region.as_deref()).await?;
-    let mut policy = Policy::load(&repo.settings, &args.policy)?;
+    // The queue is checked before the repository is opened: a backlog is what an archive
+    // that cannot be reached leaves.
+    let mut policy = Policy::load(&ctx.settings()?, &args.policy)?;
     check_policy(&policy)?;
+    let source = WalSource::new(args.path.clone())?;
+    let name = source.name().to_owned();
+    if let Some((queue, max)) = over_queue_max(&policy, &source)? {
+        tracing::warn!(
+            "WAL segment {name} dropped, not archived: {} of WAL waits for archiving, more than \
+             archive-push-queue-max ({max}) of policy {}; point-in-time recovery past the \
+             previous segment needs a new base backup (drctl backup --policy {})",
+            ByteSize(queue),
+            policy.name,
+            policy.name
+        );
+        ctx.emit(
+            "wal_push",
+            &serde_json::json!({ "wal": name, "dropped": true, "queue_bytes": queue }),
+            || format!("WAL file {name} dropped: the archive queue exceeds archive-push-queue-max"),
+        );
+        return Ok(());
+    }
+    let repo = ctx.repo_in(args.region.as_deref()).await?;
     if args.region.is_some() {
         // As the copies in that region are: no replicas of their own, and encrypted at rest
         // with the bucket's default key (SSE-KMS keys are regional).
         policy.replicas.clear();
         policy.storage.sse_kms_key_id = None;
     }
-    let source = WalSource::new(args.path.clone())?;
-    let name = source.name().to_owned();
     // Under the lease, so that two pushes of one name cannot both find it missing.
     let lease = LeaseGuard::acquire(
         repo.registry.clone(),
@@ -129,6 +147,22 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
         },
     );
     Ok(())
+}
+
+/// The WAL waiting for archiving and the policy's archive-push-queue-max, when the one
+/// exceeds the other and `source` is a segment, which is then dropped.
+fn over_queue_max(policy: &Policy, source: &WalSource) -> Result<Option<(u64, ByteSize)>> {
+    let SourceConfig::Postgres {
+        archive_push_queue_max: Some(max),
+        ..
+    } = &policy.source
+    else {
+        return Ok(None);
+    };
+    Ok(source
+        .archive_queue()?
+        .filter(|queue| *queue > max.0)
+        .map(|queue| (queue, *max)))
 }
 
 /// Archives the file `source` reads unless it is archived already; either way, copies it

@@ -151,6 +151,70 @@ pub fn problems_error(problems: &[Problem]) -> Error {
         .hint("fix the listed fields; `drctl policy validate` checks every file at once")
 }
 
+/// A size in bytes, written as PostgreSQL and pgBackRest write sizes: a whole number with
+/// kB, MB, GB or TB (powers of 1024, in any case); in a policy, a bare number is bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `s`, where a bare number counts units of `bare` bytes.
+    pub fn parse(s: &str, bare: u64) -> std::result::Result<ByteSize, String> {
+        let t = s.trim();
+        let digits = t.len() - t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (number, unit) = t.split_at(digits);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a whole number with a unit such as MB or GB"))?;
+        let scale = match unit.trim().to_ascii_lowercase().as_str() {
+            "" => bare,
+            "kb" => 1 << 10,
+            "mb" => 1 << 20,
+            "gb" => 1 << 30,
+            "tb" => 1 << 40,
+            _ => return Err(format!("{s:?}: the unit must be kB, MB, GB or TB")),
+        };
+        n.checked_mul(scale)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    /// In the largest unit that divides it exactly, as it parses back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        match ["TB", "GB", "MB", "kB"]
+            .iter()
+            .zip([40, 30, 20, 10])
+            .find(|(_, shift)| n != 0 && n.trailing_zeros() >= *shift)
+        {
+            Some((unit, shift)) => write!(f, "{}{unit}", n >> shift),
+            None => write!(f, "{n}"),
+        }
+    }
+}
+
+impl serde::Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<ByteSize, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Bytes(u64),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Bytes(n) => Ok(ByteSize(n)),
+            Written::Text(s) => ByteSize::parse(&s, 1).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Resolves `p` against `base` unless it is absolute.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -172,5 +236,31 @@ pub fn load_all(config_path: &Path) -> Result<(Settings, Vec<Policy>)> {
         Ok((settings, policies))
     } else {
         Err(problems_error(&problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteSize;
+
+    #[test]
+    fn sizes_read_as_postgresql_writes_them_and_print_as_they_read() {
+        for (s, bare, bytes, shown) in [
+            ("4GB", 1, 4 << 30, "4GB"),
+            (" 512 mb ", 1, 512 << 20, "512MB"),
+            ("1536MB", 1, 1536 << 20, "1536MB"),
+            ("1tb", 1, 1 << 40, "1TB"),
+            ("1500kB", 1, 1500 << 10, "1500kB"),
+            ("1000", 1, 1000, "1000"),
+            ("1024", 1024, 1 << 20, "1MB"),
+            ("0", 1, 0, "0"),
+        ] {
+            let size = ByteSize::parse(s, bare).unwrap();
+            assert_eq!(size, ByteSize(bytes), "{s}");
+            assert_eq!(size.to_string(), shown, "{s}");
+        }
+        for bad in ["", "GB", "1.5GB", "-1GB", "1 GiB", "1GB2", "99999999999TB"] {
+            assert!(ByteSize::parse(bad, 1).is_err(), "{bad:?}");
+        }
     }
 }

@@ -75,6 +75,17 @@ pub enum SourceConfig {
         /// with data checksums), failing the backup on a damaged page; as `pg_basebackup`.
         #[serde(default = "checked", rename = "verify-checksums")]
         verify_checksums: bool,
+        /// Physical mode: when more WAL than this waits for archiving (segments marked
+        /// ready in `pg_wal/archive_status`), `drctl wal push` drops the oldest segment
+        /// instead of archiving it, so that an archive that is down or too slow cannot fill
+        /// the server's disk; point-in-time recovery past a dropped segment then needs a new
+        /// base backup. As pgBackRest's `archive-push-queue-max`; unset, nothing is dropped.
+        #[serde(
+            default,
+            rename = "archive-push-queue-max",
+            skip_serializing_if = "Option::is_none"
+        )]
+        archive_push_queue_max: Option<super::ByteSize>,
     },
     /// A MariaDB/MySQL database: full backups with mariadb-dump, incremental ones from the
     /// server's binary logs.
@@ -467,6 +478,7 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
             password_env,
             data_directory,
             verify_checksums,
+            archive_push_queue_max,
         } => {
             check_postgres_url(p, *mode, url);
             check_password(p, password_file, password_env);
@@ -475,6 +487,17 @@ fn check_source(p: &mut Problems, source: &SourceConfig) {
                     "source.verify-checksums",
                     "only a physical backup reads pages; remove it",
                 );
+            }
+            match archive_push_queue_max {
+                Some(_) if *mode != PostgresMode::Physical => p.add(
+                    "source.archive-push-queue-max",
+                    "only a physical backup archives WAL; remove it",
+                ),
+                Some(max) if max.0 < 16 << 20 => p.add(
+                    "source.archive-push-queue-max",
+                    format!("{max} is less than one WAL segment of the default size (16MB): give room for many segments, e.g. 4GB"),
+                ),
+                _ => {}
             }
             match data_directory {
                 Some(_) if *mode != PostgresMode::Physical => p.add(

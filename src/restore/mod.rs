@@ -57,7 +57,14 @@ pub enum Target {
     /// Write the artifact to standard output.
     Stdout,
     /// Load a database backup into a database server (`postgres://…`, `mysql://…`).
-    Database { url: String, overwrite: bool },
+    Database {
+        url: String,
+        overwrite: bool,
+        /// PostgreSQL: `maintenance_work_mem` of the sessions that build indexes and
+        /// constraints, instead of drctl's default ([`postgres::IndexMemory`]).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        maintenance_work_mem: Option<postgres::IndexMemory>,
+    },
 }
 
 /// How far a restore replays a backup's log chain (WAL, binary logs).
@@ -178,7 +185,20 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
         None
     };
     let mysql = match (&target, record.source_kind.as_str()) {
-        (Target::Database { url, overwrite }, "mysql") => {
+        (
+            Target::Database {
+                url,
+                overwrite,
+                maintenance_work_mem,
+            },
+            "mysql",
+        ) => {
+            if maintenance_work_mem.is_some() {
+                return Err(Error::invalid(format!(
+                    "backup {} is a MariaDB/MySQL backup: --maintenance-work-mem is for PostgreSQL restores",
+                    record.backup_id
+                )));
+            }
             let (last, my) =
                 mysql::plan(repo, record, &selector, url, *overwrite, &recovery).await?;
             record = last;

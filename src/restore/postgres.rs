@@ -21,6 +21,7 @@ use super::extract::{self, ExtractOptions};
 use super::{compare_rows, decode, RecoveryTarget, RowCheck, Selector, ServerOptions, Target};
 use super::{pgcopy, pgdump};
 use crate::cancel::{Cancel, Temporary};
+use crate::config::ByteSize;
 use crate::crypto::Identities;
 use crate::format::manifest::BackupType;
 use crate::format::{BackupId, Name};
@@ -175,7 +176,7 @@ enum Loaded {
     File(pgdump::Written),
 }
 
-/// Restores a logical backup into the database `target` names, checked by
+/// Restores a logical backup into the database the plan names, checked by
 /// [`check_database_target`].
 ///
 /// Into a new or empty database the dump is streamed: `pg_restore` creates the schema from
@@ -189,15 +190,22 @@ enum Loaded {
 /// with large objects or one this module does not read, the dump is decoded into a private
 /// temporary file (mode 0600, removed afterwards) for `pg_restore -j`, then every table's
 /// rows are counted.
+///
+/// The sessions of `pg_restore` run with `maintenance_work_mem` set to `memory`.
 async fn restore_logical(
     repo: &Repo,
-    record: &BackupRecord,
-    target: &Conn,
-    state: &DatabaseTarget,
+    plan: &LogicalPlan,
     identities: Arc<Identities>,
     created: &Arc<AtomicBool>,
     cancel: &Cancel,
 ) -> Result<LogicalReport> {
+    let LogicalPlan {
+        database: state,
+        maintenance_work_mem: memory,
+        conn: target,
+        record,
+    } = plan;
+    let memory = *memory;
     let started = std::time::Instant::now();
     let manifest = record.manifest()?;
     let file = Temporary::new(std::env::temp_dir().join(format!(
@@ -257,7 +265,7 @@ async fn restore_logical(
             .filter(|e| e.section == pgdump::Section::PreData && !e.is_grant())
             .map(|e| e.dump_id)
             .collect();
-        pg_restore_list(&conn, &[], &path, &schema, &cancel_thread)?;
+        pg_restore_list(&conn, &[], &path, &schema, memory, &cancel_thread)?;
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "schema restored");
         let rows = loader.load(&mut archive, &cancel_thread)?;
         tracing::info!(
@@ -286,7 +294,7 @@ async fn restore_logical(
                     })
                     .map(|e| e.dump_id)
                     .collect();
-                pg_restore_list(&conn, &["-j", &jobs], file.path(), &rest, &cancel)?;
+                pg_restore_list(&conn, &["-j", &jobs], file.path(), &rest, memory, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "indexes and constraints restored"
@@ -303,7 +311,7 @@ async fn restore_logical(
                 if overwrite {
                     args.extend(["--clean", "--if-exists"]);
                 }
-                pg_restore(&conn, &args, file.path(), &cancel)?;
+                pg_restore(&conn, &args, file.path(), memory, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "pg_restore finished"
@@ -448,6 +456,7 @@ fn pg_restore_list(
     args: &[&str],
     file: &Path,
     ids: &[i64],
+    memory: IndexMemory,
     cancel: &Cancel,
 ) -> Result<()> {
     let list = Temporary::new(file.with_extension("list"));
@@ -457,13 +466,26 @@ fn pg_restore_list(
         .map_err(|e| Error::io(format!("write {}", list.path().display()), e))?;
     let list_path = list.path().to_string_lossy().into_owned();
     let args: Vec<&str> = args.iter().copied().chain(["-L", &list_path]).collect();
-    pg_restore(conn, &args, file, cancel)
+    pg_restore(conn, &args, file, memory, cancel)
 }
 
-/// Runs `pg_restore` on `file` into the target, stopping at the first error.
-fn pg_restore(target: &Conn, args: &[&str], file: &Path, cancel: &Cancel) -> Result<()> {
+/// Runs `pg_restore` on `file` into the target, stopping at the first error, with
+/// `memory` for its sessions' index builds (options in PGOPTIONS come after, and win).
+fn pg_restore(
+    target: &Conn,
+    args: &[&str],
+    file: &Path,
+    memory: IndexMemory,
+    cancel: &Cancel,
+) -> Result<()> {
     let mut cmd = target.command("pg_restore");
-    cmd.arg("--exit-on-error")
+    let mut options = memory.option();
+    if let Some(theirs) = std::env::var_os("PGOPTIONS") {
+        options.push(' ');
+        options.push_str(&theirs.to_string_lossy());
+    }
+    cmd.env("PGOPTIONS", options)
+        .arg("--exit-on-error")
         .args(args)
         .args(["-d", &target.url])
         .arg(file);
@@ -476,6 +498,61 @@ fn pg_restore(target: &Conn, args: &[&str], file: &Path, cancel: &Cancel) -> Res
 /// Parallel jobs for pg_restore and the row counts: one per core.
 fn jobs() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `maintenance_work_mem` for the sessions of a logical restore, which is what building an
+/// index (and checking a foreign key) may sort in memory before spilling to disk; in kB.
+///
+/// The server's own default (64MB) spills the sort of a few million rows. A restore sets
+/// more by default, as a session-only setting: 1GB per session, at most 2GB over all the
+/// sessions that build indexes at once (one per core). The server only takes what a sort
+/// needs, so small indexes use little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexMemory(u64);
+
+impl IndexMemory {
+    const DEFAULT_EACH: u64 = 1 << 20;
+    const DEFAULT_TOTAL: u64 = 2 << 20;
+    /// PostgreSQL's limits for the setting.
+    const MIN: u64 = 1024;
+    const MAX: u64 = i32::MAX as u64;
+
+    /// The default for `sessions` sessions building indexes at once.
+    pub fn default_for(sessions: usize) -> IndexMemory {
+        let each = Self::DEFAULT_TOTAL / sessions.max(1) as u64;
+        IndexMemory(each.clamp(64 << 10, Self::DEFAULT_EACH))
+    }
+
+    /// A size in PostgreSQL's notation: a whole number with kB, MB, GB or TB (units in any
+    /// case; a bare number is kB, as in postgresql.conf).
+    pub fn parse(s: &str) -> Result<IndexMemory> {
+        let bad = |why: String| {
+            Error::invalid(format!("maintenance_work_mem: {why}"))
+                .hint("give a size such as 512MB or 2GB")
+        };
+        let kb = ByteSize::parse(s, 1024).map_err(bad)?.0 >> 10;
+        if !(Self::MIN..=Self::MAX).contains(&kb) {
+            return Err(bad(format!("{s:?}: PostgreSQL takes 1MB to 2147483647kB")));
+        }
+        Ok(IndexMemory(kb))
+    }
+
+    /// The session setting, for PGOPTIONS.
+    fn option(self) -> String {
+        format!("-c maintenance_work_mem={}kB", self.0)
+    }
+}
+
+impl std::fmt::Display for IndexMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        ByteSize(self.0 << 10).fmt(f)
+    }
+}
+
+impl Serialize for IndexMemory {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// Creates a new file only the current user can read.
@@ -1470,15 +1547,21 @@ pub fn server_binary(version: &str, name: &str) -> PathBuf {
 #[serde(tag = "mode", rename_all = "lowercase")]
 #[allow(clippy::large_enum_variant)]
 pub enum PgPlan {
-    Logical {
-        #[serde(flatten)]
-        database: DatabaseTarget,
-        #[serde(skip)]
-        conn: Conn,
-        #[serde(skip)]
-        record: BackupRecord,
-    },
+    Logical(LogicalPlan),
     Physical(PhysicalPlan),
+}
+
+/// A logical restore: the dump of `record` into the database `conn` names.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogicalPlan {
+    #[serde(flatten)]
+    database: DatabaseTarget,
+    /// For the sessions that build indexes and constraints.
+    maintenance_work_mem: IndexMemory,
+    #[serde(skip)]
+    conn: Conn,
+    #[serde(skip)]
+    record: BackupRecord,
 }
 
 /// What a PostgreSQL restore did.
@@ -1493,10 +1576,15 @@ impl PgPlan {
     /// One line for `--dry-run`.
     pub fn describe(&self) -> String {
         match self {
-            PgPlan::Logical { database, .. } => format!(
-                "database {} {}; pg_restore stops at the first error, then row counts are compared with the manifest",
+            PgPlan::Logical(LogicalPlan {
+                database,
+                maintenance_work_mem,
+                ..
+            }) => format!(
+                "database {} {}; pg_restore stops at the first error and builds indexes with maintenance_work_mem {maintenance_work_mem} in each of {} sessions, then row counts are compared with the manifest",
                 database.database,
-                if database.exists { "exists" } else { "will be created" }
+                if database.exists { "exists" } else { "will be created" },
+                jobs()
             ),
             PgPlan::Physical(p) => {
                 let to = match &p.target {
@@ -1551,7 +1639,14 @@ pub async fn plan(
     let id = record.backup_id.clone();
     let policy = record.policy.clone();
     match (mode(&record), target) {
-        (Some("logical"), Target::Database { url, overwrite }) => {
+        (
+            Some("logical"),
+            Target::Database {
+                url,
+                overwrite,
+                maintenance_work_mem,
+            },
+        ) => {
             if recovery != &RecoveryTarget::Latest {
                 return Err(Error::invalid(format!(
                     "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
@@ -1561,11 +1656,13 @@ pub async fn plan(
             let database = check_database_target(&conn, *overwrite)?;
             Ok((
                 record.clone(),
-                Some(PgPlan::Logical {
+                Some(PgPlan::Logical(LogicalPlan {
                     database,
+                    maintenance_work_mem: maintenance_work_mem
+                        .unwrap_or_else(|| IndexMemory::default_for(jobs())),
                     conn,
                     record,
-                }),
+                })),
             ))
         }
         // The dump itself, for pg_restore by hand.
@@ -1609,18 +1706,13 @@ pub async fn execute(
     cancel: &Cancel,
 ) -> Result<(PgReport, Option<RowCheck>)> {
     match plan {
-        PgPlan::Logical {
-            database,
-            conn,
-            record,
-        } => {
+        PgPlan::Logical(plan) => {
             let created = Arc::new(AtomicBool::new(false));
-            let restored =
-                restore_logical(repo, record, conn, database, identities, &created, cancel).await;
+            let restored = restore_logical(repo, plan, identities, &created, cancel).await;
             let report = match restored {
                 Ok(report) => report,
                 Err(e) => {
-                    let (conn, database) = (conn.clone(), database.clone());
+                    let (conn, database) = (plan.conn.clone(), plan.database.clone());
                     let created = created.load(Ordering::SeqCst);
                     return Err(tokio::task::spawn_blocking(move || {
                         abandon(&conn, &database, created, e)
@@ -1630,8 +1722,8 @@ pub async fn execute(
                 }
             };
             let rows = compare_rows(
-                &record.backup_id,
-                &record.manifest()?.source.stats,
+                &plan.record.backup_id,
+                &plan.record.manifest()?.source.stats,
                 &report.tables,
                 &format!("database {}", report.database),
             )?;
@@ -1664,6 +1756,39 @@ pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_memory_reads_postgresql_sizes_and_defaults_to_two_gigabytes_in_all() {
+        for (s, kb, shown) in [
+            ("1GB", 1 << 20, "1GB"),
+            ("256mb", 256 << 10, "256MB"),
+            (" 1536 MB ", 1536 << 10, "1536MB"),
+            ("1024", 1024, "1MB"),
+            ("1500kB", 1500, "1500kB"),
+            ("1tb", 1 << 30, "1TB"),
+            ("2147483647kB", 2147483647, "2147483647kB"),
+        ] {
+            let m = IndexMemory::parse(s).unwrap();
+            assert_eq!(m, IndexMemory(kb), "{s}");
+            assert_eq!(m.to_string(), shown, "{s}");
+        }
+        assert_eq!(
+            IndexMemory::parse("512MB").unwrap().option(),
+            "-c maintenance_work_mem=524288kB"
+        );
+        for bad in [
+            "", "0", "1023kB", "2TB", "1.5GB", "-1GB", "1 GiB", "GB", "1GB2",
+        ] {
+            assert!(IndexMemory::parse(bad).is_err(), "{bad:?}");
+        }
+        let mb = |n: u64| IndexMemory(n << 10);
+        assert_eq!(IndexMemory::default_for(0), mb(1024));
+        assert_eq!(IndexMemory::default_for(1), mb(1024));
+        assert_eq!(IndexMemory::default_for(2), mb(1024));
+        assert_eq!(IndexMemory::default_for(3), IndexMemory((2 << 20) / 3));
+        assert_eq!(IndexMemory::default_for(8), mb(256));
+        assert_eq!(IndexMemory::default_for(64), mb(64));
+    }
 
     #[test]
     fn the_last_records_segments_ended_in_are_kept() {

@@ -74,6 +74,7 @@ pub fn open(policy: &Policy) -> Result<Box<dyn Source>> {
             password_env,
             data_directory,
             verify_checksums,
+            ..
         } => Box::new(postgres::PostgresSource::new(
             *mode,
             postgres::Conn::new(url, password_file.as_deref(), password_env.as_deref())?,

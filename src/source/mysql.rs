@@ -502,29 +502,42 @@ impl MysqlSource {
         // Close the current log, then, in one consistent snapshot, note the position it
         // corresponds to and count rows: the range ends exactly where the counts were taken.
         // Checksums of InnoDB base tables only: others are not read in the snapshot, or
-        // (system-versioned) hold history a restore does not.
-        let tables = self.conn.query(
-            Some(&self.conn.database),
-            "SELECT table_name, table_type = 'BASE TABLE' AND engine = 'InnoDB' \
-             FROM information_schema.tables WHERE table_schema = DATABASE() \
-             AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED') ORDER BY 1",
-        )?;
-        let mut sql = vec![
-            "FLUSH BINARY LOGS".to_owned(),
-            "START TRANSACTION WITH CONSISTENT SNAPSHOT".to_owned(),
-            "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
-            "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
-        ];
+        // (system-versioned) hold history a restore does not. The list of tables cannot be
+        // read in the snapshot (the data dictionary is not versioned), so it is read before
+        // and after, and the counts are taken again if a table came or went meanwhile.
+        let list = || {
+            self.conn.query(
+                Some(&self.conn.database),
+                "SELECT table_name, table_type = 'BASE TABLE' AND engine = 'InnoDB' \
+                 FROM information_schema.tables WHERE table_schema = DATABASE() \
+                 AND table_type IN ('BASE TABLE', 'SYSTEM VERSIONED') ORDER BY 1",
+            )
+        };
+        let count = |tables: &Vec<Vec<String>>| {
+            let mut sql = vec![
+                "FLUSH BINARY LOGS".to_owned(),
+                "START TRANSACTION WITH CONSISTENT SNAPSHOT".to_owned(),
+                "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
+                "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
+            ];
+            let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
+            sql.extend(count_sql(&names));
+            let checksummed: Vec<String> = tables
+                .iter()
+                .filter(|t| t.get(1).map(String::as_str) == Some("1"))
+                .map(|t| t[0].clone())
+                .collect();
+            sql.extend(checksum_sql(&checksummed));
+            sql.push("COMMIT".into());
+            self.conn.query(Some(&self.conn.database), &sql.join(";"))
+        };
+        let (tables, rows) = with_stable_tables(list, count, 3).map_err(|e| {
+            e.context(format!(
+                "count the rows of {} for the incremental backup",
+                self.conn
+            ))
+        })?;
         let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
-        sql.extend(count_sql(&names));
-        let checksummed: Vec<String> = tables
-            .iter()
-            .filter(|t| t.get(1).map(String::as_str) == Some("1"))
-            .map(|t| t[0].clone())
-            .collect();
-        sql.extend(checksum_sql(&checksummed));
-        sql.push("COMMIT".into());
-        let rows = self.conn.query(Some(&self.conn.database), &sql.join(";"))?;
         let (version, checksums) = parse_checksums(&self.conn.database, &rows);
         let now = rows
             .iter()
@@ -806,6 +819,35 @@ impl TwinSnapshot {
     }
 }
 
+/// Runs `count` on the tables `list` gives until the list is the same after the count as
+/// before it (at most `attempts` times): a table created or dropped meanwhile would be
+/// missing from the counts, or fail them. A count that fails with the tables unchanged
+/// fails.
+fn with_stable_tables<T: PartialEq, R>(
+    mut list: impl FnMut() -> Result<T>,
+    mut count: impl FnMut(&T) -> Result<R>,
+    attempts: usize,
+) -> Result<(T, R)> {
+    for attempt in 1.. {
+        let before = list()?;
+        let counted = count(&before);
+        if list()? == before {
+            return counted.map(|r| (before, r));
+        }
+        if attempt >= attempts {
+            break;
+        }
+        tracing::info!(
+            attempt,
+            "tables were created or dropped while rows were counted; counting again"
+        );
+    }
+    Err(Error::failure(format!(
+        "tables were created or dropped while rows were counted, {attempts} times"
+    ))
+    .hint("run the backup again once the schema changes are done"))
+}
+
 /// Whether the binary log holds nothing between the snapshot's position `ours` and the
 /// dump's later one in the same file but the checkpoints the server writes in the background
 /// after switching logs, which change no data.
@@ -1049,6 +1091,48 @@ impl Write for DumpScanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_taken_again_until_no_table_came_or_went() {
+        use std::cell::RefCell;
+        // Lists as the server gives them, one per call; the first `fails` counts fail.
+        let run = |lists: Vec<Vec<&'static str>>, fails: usize| {
+            let lists = RefCell::new(lists.into_iter());
+            let counts = RefCell::new(0);
+            let result = with_stable_tables(
+                || Ok(lists.borrow_mut().next().expect("listed too often")),
+                |tables: &Vec<&str>| {
+                    *counts.borrow_mut() += 1;
+                    if *counts.borrow() <= fails {
+                        Err(Error::failure("Table 'app.gone' doesn't exist"))
+                    } else {
+                        Ok(tables.len())
+                    }
+                },
+                3,
+            );
+            (result, counts.into_inner())
+        };
+        let (a, ab) = (vec!["a"], vec!["a", "b"]);
+        // Unchanged: one count.
+        let (r, n) = run(vec![a.clone(), a.clone()], 0);
+        assert_eq!((r.unwrap(), n), ((a.clone(), 1), 1));
+        // A table created during the first count: counted again, with it.
+        let (r, n) = run(vec![a.clone(), ab.clone(), ab.clone(), ab.clone()], 0);
+        assert_eq!((r.unwrap(), n), ((ab.clone(), 2), 2));
+        // A table dropped during a count, which it failed: counted again, without it.
+        let (r, n) = run(vec![ab.clone(), a.clone(), a.clone(), a.clone()], 1);
+        assert_eq!((r.unwrap(), n), ((a.clone(), 1), 2));
+        // A failure with the tables unchanged fails.
+        let (r, n) = run(vec![a.clone(), a.clone()], 1);
+        assert!(r.unwrap_err().to_string().contains("doesn't exist") && n == 1);
+        // Changing every time: three counts, then a failure that says so.
+        let (r, n) = run(
+            vec![a.clone(), ab.clone(), a.clone(), ab.clone(), a.clone(), ab],
+            0,
+        );
+        assert!(r.unwrap_err().to_string().contains("3 times") && n == 3);
+    }
 
     #[test]
     fn positions_apart_by_binlog_checkpoints_only_are_the_same() {

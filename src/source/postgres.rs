@@ -1254,6 +1254,37 @@ impl WalSource {
     pub fn system_identifier(&self) -> Option<i64> {
         self.system
     }
+
+    /// For a whole segment, the WAL waiting for the archive command, this segment included:
+    /// PostgreSQL marks each segment it has not archived yet with a `NAME.ready` note in
+    /// `archive_status` beside it (`%p` is `pg_wal/NAME`), and every segment of a cluster
+    /// has this one's size. `None` for other WAL files (history, backup labels, partial
+    /// segments), which are small and never dropped.
+    pub fn archive_queue(&self) -> Result<Option<u64>> {
+        if self.name.len() != 24 {
+            return Ok(None);
+        }
+        let size = std::fs::metadata(&self.path)
+            .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))?
+            .len();
+        let status = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join("archive_status"),
+            _ => PathBuf::from("archive_status"),
+        };
+        let read = |e| Error::io(format!("read {}", status.display()), e);
+        let mut ready = 0;
+        for entry in std::fs::read_dir(&status).map_err(read)? {
+            let name = entry.map_err(read)?.file_name();
+            if name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".ready"))
+                .is_some_and(|n| n.len() == 24 && is_upper_hex(n))
+            {
+                ready += 1;
+            }
+        }
+        Ok(Some(ready * size))
+    }
 }
 
 impl Source for WalSource {
