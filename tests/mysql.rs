@@ -559,35 +559,20 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         "",
         "a dry run writes nothing"
     );
+    let restore_at_noted = |more: &[&str]| {
+        let to = server.url("root", "at_noted");
+        let args = [
+            &["--json", "restore", "--policy", "app", "--backup", "latest"][..],
+            &["--to-database", &to],
+            more,
+        ]
+        .concat();
+        sandbox.run(&args)
+    };
     // A PostgreSQL setting is refused, not ignored.
-    let run = sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "at_noted"),
-            "--maintenance-work-mem",
-            "1GB",
-        ])
-        .code(2);
-    assert!(run.stderr.contains("is for PostgreSQL"), "{}", run.stderr);
-    let run = sandbox
-        .run(&[
-            "--json",
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "at_noted"),
-            "--until",
-            &until,
-        ])
-        .ok();
+    let run = restore_at_noted(&["--maintenance-work-mem", "1GB"]).code(2);
+    assert!(run.stdout.contains("is for PostgreSQL"), "{}", run.stdout);
+    let run = restore_at_noted(&["--until", &until]).ok();
     assert_eq!(ids(&server, "at_noted"), (1..=15).collect::<Vec<_>>());
     let report = &run.json()[0];
     assert_eq!(

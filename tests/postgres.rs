@@ -178,33 +178,66 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     );
 
     let target = Db::later("drctl_dst");
-    // Index builds run with the memory asked for: the plan says so, and the server takes
-    // the setting (one it refused would fail pg_restore's connections). A size PostgreSQL
-    // does not take is refused before anything is done.
     let url = target.url();
-    let restore_with = |memory: &str, more: &[&str]| {
+    let restore_with = |to: &str, memory: &str, more: &[&str]| {
         let args = [
             &["--json", "restore", "--policy", "pg", "--backup", &id][..],
-            &["--to-database", &url, "--maintenance-work-mem", memory],
+            &["--to-database", to, "--maintenance-work-mem", memory],
             more,
         ]
         .concat();
         sb.run(&args)
     };
-    let plan = restore_with("256mb", &["--dry-run"]).ok().json();
+    // Index builds get 1GB per session, at most 2GB in all, where the server has less
+    // (this one has its default, 64MB); the plan says so.
+    let plan = sb
+        .run(&[
+            "--json",
+            "restore",
+            "--policy",
+            "pg",
+            "--backup",
+            &id,
+            "--to-database",
+            &url,
+            "--dry-run",
+        ])
+        .ok()
+        .json();
+    let cores = std::thread::available_parallelism().unwrap().get() as u64;
+    let each_mb = (2048 / cores).min(1024);
+    let want = match each_mb {
+        1024 => serde_json::json!("1GB"),
+        mb if mb > 64 => serde_json::json!(format!("{mb}MB")),
+        _ => serde_json::Value::Null,
+    };
+    assert_eq!(
+        plan[0]["postgres"]["maintenance_work_mem"], want,
+        "{plan:?}"
+    );
+    // Asked for, a size is set; one PostgreSQL does not take is refused before anything is
+    // done, and so is one the URL's own options would override.
+    let plan = restore_with(&url, "256mb", &["--dry-run"]).ok().json();
     assert_eq!(
         plan[0]["postgres"]["maintenance_work_mem"], "256MB",
         "{plan:?}"
     );
     for bad in ["512KB", "0", "1.5GB", "2TB", "lots"] {
-        let run = restore_with(bad, &[]).code(2);
+        let run = restore_with(&url, bad, &[]).code(2);
         assert!(
             run.stdout.contains("maintenance_work_mem"),
             "{bad}: {}",
             run.stdout
         );
     }
-    let run = restore_with("1MB", &[]).ok();
+    let with_options = format!("{url}?options=-c%20work_mem%3D8MB");
+    let run = restore_with(&with_options, "256MB", &["--dry-run"]).code(2);
+    assert!(run.stdout.contains("options parameter"), "{}", run.stdout);
+    // The server takes the setting a restore passes (one it refused would fail
+    // pg_restore's connections).
+    let small = Db::later("drctl_dst_small");
+    restore_with(&small.url(), "1MB", &[]).ok();
+    let run = restore_to(&sb, &id, &url).ok();
     let report = &run.json()[0]["postgres"];
     assert_eq!(report["created"], true);
     assert_eq!(report["tables"]["public.accounts"], 5000);
@@ -212,6 +245,7 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     assert_eq!(run.json()[0]["rows"]["rows"], 5123);
     psql(&source.url(), "DELETE FROM accounts WHERE id = 5001");
     assert_eq!(content(&target.url()), content(&source.url()));
+    assert_eq!(content(&small.url()), content(&source.url()));
     assert_eq!(
         psql(
             &target.url(),
@@ -759,7 +793,7 @@ fn postgres_policies_are_validated_with_file_and_field() {
         "{out}"
     );
     assert!(
-        out.contains("fraction.yaml: source: \"1.5GB\": the unit must be"),
+        out.contains("fraction.yaml: source: \"1.5GB\" is not a whole number"),
         "{out}"
     );
 }
@@ -1844,7 +1878,9 @@ fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
 
 #[test]
 fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
-    let c = Cluster::start();
+    // With a queue limit of one segment: the server's own pushes (one segment waiting) are
+    // under it, and a copy outside pg_wal has no queue to measure, so nothing is dropped.
+    let c = Cluster::start_with("", "  archive-push-queue-max: 16MB\n");
     c.switch_wal();
     let list = c.drctl(&["--json", "list"]).ok().json();
     let first = list
@@ -1977,12 +2013,27 @@ fn wal_beyond_archive_push_queue_max_is_dropped_and_verify_reports_the_gap() {
         psql(&c.url(), "SELECT pg_reload_conf()");
     };
     set("ALTER SYSTEM SET archive_command = ''");
+    // The archiver reads its new command on its own time.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = psql(&c.url(), "SELECT last_archived_wal FROM pg_stat_archiver");
     let queued: Vec<String> = (0..4)
         .map(|_| {
             psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 1000)");
             psql(&c.url(), "SELECT pg_walfile_name(pg_switch_wal())")
         })
         .collect();
+    let ready = || {
+        psql(
+            &c.url(),
+            "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'",
+        )
+    };
+    assert_eq!(ready(), "4");
+    assert_eq!(
+        psql(&c.url(), "SELECT last_archived_wal FROM pg_stat_archiver"),
+        before,
+        "the archiver took a segment with its old command"
+    );
     // Back to drctl: the oldest is pushed with 64MB waiting, more than 48MB, and is
     // dropped; each of the others with 48MB or less, and is archived.
     set("ALTER SYSTEM RESET archive_command");
@@ -2011,7 +2062,7 @@ fn wal_beyond_archive_push_queue_max_is_dropped_and_verify_reports_the_gap() {
     let log = std::fs::read_to_string(c.data.join("server.log")).unwrap();
     assert!(
         log.contains(&format!(
-            "WAL segment {} dropped, not archived: 64MB",
+            "WAL segment {} dropped, not archived by this push: 64MB",
             queued[0]
         )),
         "{log}"

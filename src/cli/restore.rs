@@ -46,7 +46,8 @@ pub struct Args {
     pub to_database: Option<String>,
     /// PostgreSQL logical restores: maintenance_work_mem of each session that builds
     /// indexes and constraints (e.g. 256MB, 2GB; one session per core). Default: 1GB, at
-    /// most 2GB over all sessions; lower it for a server short of memory.
+    /// most 2GB over all sessions, where the server's own setting is lower; lower it for a
+    /// server short of memory.
     #[arg(long, value_name = "SIZE", requires = "to_database")]
     pub maintenance_work_mem: Option<String>,
     /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)

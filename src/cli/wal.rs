@@ -103,12 +103,11 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     let name = source.name().to_owned();
     if let Some((queue, max)) = over_queue_max(&policy, &source)? {
         tracing::warn!(
-            "WAL segment {name} dropped, not archived: {} of WAL waits for archiving, more than \
-             archive-push-queue-max ({max}) of policy {}; point-in-time recovery past the \
-             previous segment needs a new base backup (drctl backup --policy {})",
+            "WAL segment {name} dropped, not archived by this push: {} of WAL waits for \
+             archiving, more than archive-push-queue-max ({max}) of policy {}; point-in-time \
+             recovery past the previous segment needs a new base backup of the cluster",
             ByteSize(queue),
             policy.name,
-            policy.name
         );
         ctx.emit(
             "wal_push",
@@ -137,7 +136,7 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     let (backup_id, already_archived) = crate::backup::release(lease, pushed).await?;
     ctx.emit(
         "wal_push",
-        &serde_json::json!({ "wal": name, "backup_id": backup_id, "already_archived": already_archived }),
+        &serde_json::json!({ "wal": name, "backup_id": backup_id, "already_archived": already_archived, "dropped": false }),
         || {
             if already_archived {
                 format!("WAL file {name} is already archived as backup {backup_id}")

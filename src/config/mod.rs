@@ -164,7 +164,9 @@ impl ByteSize {
         let (number, unit) = t.split_at(digits);
         let n: u64 = number
             .parse()
-            .map_err(|_| format!("{s:?} is not a whole number with a unit such as MB or GB"))?;
+            .ok()
+            .filter(|_| !unit.starts_with(['.', ',']))
+            .ok_or_else(|| format!("{s:?} is not a whole number with a unit such as MB or GB"))?;
         let scale = match unit.trim().to_ascii_lowercase().as_str() {
             "" => bare,
             "kb" => 1 << 10,
@@ -203,7 +205,7 @@ impl serde::Serialize for ByteSize {
 impl<'de> serde::Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<ByteSize, D::Error> {
         #[derive(serde::Deserialize)]
-        #[serde(untagged)]
+        #[serde(untagged, expecting = "a size such as 512MB or 4GB")]
         enum Written {
             Bytes(u64),
             Text(String),

@@ -76,8 +76,8 @@ pub enum SourceConfig {
         #[serde(default = "checked", rename = "verify-checksums")]
         verify_checksums: bool,
         /// Physical mode: when more WAL than this waits for archiving (segments marked
-        /// ready in `pg_wal/archive_status`), `drctl wal push` drops the oldest segment
-        /// instead of archiving it, so that an archive that is down or too slow cannot fill
+        /// ready in `pg_wal/archive_status`), `drctl wal push` drops the segment it was
+        /// given instead of archiving it, so that an archive that is down or too slow cannot fill
         /// the server's disk; point-in-time recovery past a dropped segment then needs a new
         /// base backup. As pgBackRest's `archive-push-queue-max`; unset, nothing is dropped.
         #[serde(

@@ -70,6 +70,9 @@ pub struct DatabaseTarget {
     pub exists: bool,
     /// Relations outside the system schemas.
     pub relations: u64,
+    /// The server's `maintenance_work_mem` for the restoring role.
+    #[serde(skip)]
+    pub maintenance_work_mem: IndexMemory,
 }
 
 fn sql_literal(s: &str) -> String {
@@ -91,7 +94,14 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         sql_literal(&database)
     ))? != "0";
+    let setting =
+        admin.value("SELECT setting FROM pg_settings WHERE name = 'maintenance_work_mem'")?;
     admin.close()?;
+    let maintenance_work_mem = setting.parse().map(IndexMemory).map_err(|_| {
+        Error::failure(format!(
+            "the server reports maintenance_work_mem as {setting:?}, not a number of kB"
+        ))
+    })?;
     let relations = if exists {
         let mut s = target.session()?;
         let n = s.value(
@@ -113,6 +123,7 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
         database,
         exists,
         relations,
+        maintenance_work_mem,
     })
 }
 
@@ -191,7 +202,7 @@ enum Loaded {
 /// temporary file (mode 0600, removed afterwards) for `pg_restore -j`, then every table's
 /// rows are counted.
 ///
-/// The sessions of `pg_restore` run with `maintenance_work_mem` set to `memory`.
+/// The sessions of `pg_restore` run with the plan's `maintenance_work_mem`, if it has one.
 async fn restore_logical(
     repo: &Repo,
     plan: &LogicalPlan,
@@ -456,7 +467,7 @@ fn pg_restore_list(
     args: &[&str],
     file: &Path,
     ids: &[i64],
-    memory: IndexMemory,
+    memory: Option<IndexMemory>,
     cancel: &Cancel,
 ) -> Result<()> {
     let list = Temporary::new(file.with_extension("list"));
@@ -470,22 +481,25 @@ fn pg_restore_list(
 }
 
 /// Runs `pg_restore` on `file` into the target, stopping at the first error, with
-/// `memory` for its sessions' index builds (options in PGOPTIONS come after, and win).
+/// `memory` (if any) for its sessions' index builds (options in PGOPTIONS come after, and
+/// win).
 fn pg_restore(
     target: &Conn,
     args: &[&str],
     file: &Path,
-    memory: IndexMemory,
+    memory: Option<IndexMemory>,
     cancel: &Cancel,
 ) -> Result<()> {
     let mut cmd = target.command("pg_restore");
-    let mut options = memory.option();
-    if let Some(theirs) = std::env::var_os("PGOPTIONS") {
-        options.push(' ');
-        options.push_str(&theirs.to_string_lossy());
+    if let Some(memory) = memory {
+        let mut options = std::ffi::OsString::from(memory.option());
+        if let Some(theirs) = std::env::var_os("PGOPTIONS") {
+            options.push(" ");
+            options.push(theirs);
+        }
+        cmd.env("PGOPTIONS", options);
     }
-    cmd.env("PGOPTIONS", options)
-        .arg("--exit-on-error")
+    cmd.arg("--exit-on-error")
         .args(args)
         .args(["-d", &target.url])
         .arg(file);
@@ -505,8 +519,8 @@ fn jobs() -> usize {
 ///
 /// The server's own default (64MB) spills the sort of a few million rows. A restore sets
 /// more by default, as a session-only setting: 1GB per session, at most 2GB over all the
-/// sessions that build indexes at once (one per core). The server only takes what a sort
-/// needs, so small indexes use little.
+/// sessions that build indexes at once (one per core), unless the server is set to as much
+/// already. The server only takes what a sort needs, so small indexes use little.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexMemory(u64);
 
@@ -517,10 +531,11 @@ impl IndexMemory {
     const MIN: u64 = 1024;
     const MAX: u64 = i32::MAX as u64;
 
-    /// The default for `sessions` sessions building indexes at once.
-    pub fn default_for(sessions: usize) -> IndexMemory {
-        let each = Self::DEFAULT_TOTAL / sessions.max(1) as u64;
-        IndexMemory(each.clamp(64 << 10, Self::DEFAULT_EACH))
+    /// The default for `sessions` sessions building indexes at once, on a server set to
+    /// `server`: `None` where that is as much.
+    pub fn default_for(sessions: usize, server: IndexMemory) -> Option<IndexMemory> {
+        let each = (Self::DEFAULT_TOTAL / sessions.max(1) as u64).min(Self::DEFAULT_EACH);
+        (each > server.0).then_some(IndexMemory(each))
     }
 
     /// A size in PostgreSQL's notation: a whole number with kB, MB, GB or TB (units in any
@@ -1556,8 +1571,9 @@ pub enum PgPlan {
 pub struct LogicalPlan {
     #[serde(flatten)]
     database: DatabaseTarget,
-    /// For the sessions that build indexes and constraints.
-    maintenance_work_mem: IndexMemory,
+    /// For the sessions that build indexes and constraints, instead of the server's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maintenance_work_mem: Option<IndexMemory>,
     #[serde(skip)]
     conn: Conn,
     #[serde(skip)]
@@ -1581,10 +1597,14 @@ impl PgPlan {
                 maintenance_work_mem,
                 ..
             }) => format!(
-                "database {} {}; pg_restore stops at the first error and builds indexes with maintenance_work_mem {maintenance_work_mem} in each of {} sessions, then row counts are compared with the manifest",
+                "database {} {}; pg_restore stops at the first error and builds indexes in {} sessions with maintenance_work_mem {} each, then row counts are compared with the manifest",
                 database.database,
                 if database.exists { "exists" } else { "will be created" },
-                jobs()
+                jobs(),
+                match maintenance_work_mem {
+                    Some(m) => m.to_string(),
+                    None => format!("{} (the server's)", database.maintenance_work_mem),
+                },
             ),
             PgPlan::Physical(p) => {
                 let to = match &p.target {
@@ -1654,12 +1674,25 @@ pub async fn plan(
             }
             let conn = Conn::new(url, None, None)?;
             let database = check_database_target(&conn, *overwrite)?;
+            // Options in the URL replace PGOPTIONS, where the setting would go.
+            let in_url = url::Url::parse(url)
+                .is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "options"));
+            let maintenance_work_mem = match maintenance_work_mem {
+                Some(_) if in_url => {
+                    return Err(Error::invalid(
+                        "--to-database has an options parameter, which replaces the one --maintenance-work-mem would set",
+                    )
+                    .hint("add -c maintenance_work_mem=SIZE to the URL's options instead"))
+                }
+                Some(m) => Some(*m),
+                None if in_url => None,
+                None => IndexMemory::default_for(jobs(), database.maintenance_work_mem),
+            };
             Ok((
                 record.clone(),
                 Some(PgPlan::Logical(LogicalPlan {
                     database,
-                    maintenance_work_mem: maintenance_work_mem
-                        .unwrap_or_else(|| IndexMemory::default_for(jobs())),
+                    maintenance_work_mem,
                     conn,
                     record,
                 })),
@@ -1758,7 +1791,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn index_memory_reads_postgresql_sizes_and_defaults_to_two_gigabytes_in_all() {
+    fn index_memory_reads_postgresql_sizes_and_defaults_to_two_gigabytes_in_all_over_the_servers_own(
+    ) {
         for (s, kb, shown) in [
             ("1GB", 1 << 20, "1GB"),
             ("256mb", 256 << 10, "256MB"),
@@ -1782,12 +1816,21 @@ mod tests {
             assert!(IndexMemory::parse(bad).is_err(), "{bad:?}");
         }
         let mb = |n: u64| IndexMemory(n << 10);
-        assert_eq!(IndexMemory::default_for(0), mb(1024));
-        assert_eq!(IndexMemory::default_for(1), mb(1024));
-        assert_eq!(IndexMemory::default_for(2), mb(1024));
-        assert_eq!(IndexMemory::default_for(3), IndexMemory((2 << 20) / 3));
-        assert_eq!(IndexMemory::default_for(8), mb(256));
-        assert_eq!(IndexMemory::default_for(64), mb(64));
+        let server = mb(64);
+        assert_eq!(IndexMemory::default_for(0, server), Some(mb(1024)));
+        assert_eq!(IndexMemory::default_for(1, server), Some(mb(1024)));
+        assert_eq!(IndexMemory::default_for(2, server), Some(mb(1024)));
+        assert_eq!(
+            IndexMemory::default_for(3, server),
+            Some(IndexMemory((2 << 20) / 3))
+        );
+        assert_eq!(IndexMemory::default_for(8, server), Some(mb(256)));
+        // Never more than 2GB in all, and never less than the server's own.
+        assert_eq!(IndexMemory::default_for(32, server), None);
+        assert_eq!(IndexMemory::default_for(64, server), None);
+        assert_eq!(IndexMemory::default_for(2, mb(1024)), None);
+        assert_eq!(IndexMemory::default_for(2, mb(2048)), None);
+        assert_eq!(IndexMemory::default_for(2, mb(512)), Some(mb(1024)));
     }
 
     #[test]

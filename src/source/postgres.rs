@@ -1259,7 +1259,8 @@ impl WalSource {
     /// PostgreSQL marks each segment it has not archived yet with a `NAME.ready` note in
     /// `archive_status` beside it (`%p` is `pg_wal/NAME`), and every segment of a cluster
     /// has this one's size. `None` for other WAL files (history, backup labels, partial
-    /// segments), which are small and never dropped.
+    /// segments), which are small and never dropped, and for a file outside a `pg_wal`
+    /// (one pushed by hand, a pipe), whose queue is unknown.
     pub fn archive_queue(&self) -> Result<Option<u64>> {
         if self.name.len() != 24 {
             return Ok(None);
@@ -1272,8 +1273,17 @@ impl WalSource {
             _ => PathBuf::from("archive_status"),
         };
         let read = |e| Error::io(format!("read {}", status.display()), e);
+        let entries = match std::fs::read_dir(&status) {
+            Ok(entries) if size > 0 => entries,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(dir = %status.display(), "no archive status beside the segment: its queue is unknown");
+                return Ok(None);
+            }
+            Err(e) => return Err(read(e)),
+        };
         let mut ready = 0;
-        for entry in std::fs::read_dir(&status).map_err(read)? {
+        for entry in entries {
             let name = entry.map_err(read)?.file_name();
             if name
                 .to_str()
