@@ -158,10 +158,18 @@ fn over_queue_max(policy: &Policy, source: &WalSource) -> Result<Option<(u64, By
     else {
         return Ok(None);
     };
-    Ok(source
-        .archive_queue()?
-        .filter(|queue| *queue > max.0)
-        .map(|queue| (queue, *max)))
+    match source.archive_queue()? {
+        Some((_, segment)) if segment > max.0 => {
+            tracing::warn!(
+                "archive-push-queue-max ({max}) of policy {} is less than one WAL segment of this cluster ({}): it is ignored",
+                policy.name,
+                ByteSize(segment)
+            );
+            Ok(None)
+        }
+        Some((queue, _)) if queue > max.0 => Ok(Some((queue, *max))),
+        _ => Ok(None),
+    }
 }
 
 /// Archives the file `source` reads unless it is archived already; either way, copies it

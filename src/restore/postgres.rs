@@ -94,25 +94,29 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
         "SELECT count(*) FROM pg_database WHERE datname = {}",
         sql_literal(&database)
     ))? != "0";
-    let setting =
-        admin.value("SELECT setting FROM pg_settings WHERE name = 'maintenance_work_mem'")?;
-    admin.close()?;
-    let maintenance_work_mem = setting.parse().map(IndexMemory).map_err(|_| {
-        Error::failure(format!(
-            "the server reports maintenance_work_mem as {setting:?}, not a number of kB"
-        ))
-    })?;
-    let relations = if exists {
+    // The setting as the restore's sessions will find it (with the database's own, where
+    // it exists, and PGOPTIONS's).
+    const SETTING: &str = "SELECT setting FROM pg_settings WHERE name = 'maintenance_work_mem'";
+    let (relations, setting) = if exists {
+        admin.close()?;
         let mut s = target.session()?;
         let n = s.value(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'",
         )?;
+        let setting = s.value(SETTING)?;
         s.close()?;
-        n.parse().unwrap_or(u64::MAX)
+        (n.parse().unwrap_or(u64::MAX), setting)
     } else {
-        0
+        let setting = admin.value(SETTING)?;
+        admin.close()?;
+        (0, setting)
     };
+    let maintenance_work_mem = setting.parse().map(IndexMemory).map_err(|_| {
+        Error::failure(format!(
+            "the server reports maintenance_work_mem as {setting:?}, not a number of kB"
+        ))
+    })?;
     if relations > 0 && !overwrite {
         return Err(Error::invalid(format!(
             "target database {database} is not empty ({relations} relations)"
@@ -531,10 +535,11 @@ impl IndexMemory {
     const MIN: u64 = 1024;
     const MAX: u64 = i32::MAX as u64;
 
-    /// The default for `sessions` sessions building indexes at once, on a server set to
-    /// `server`: `None` where that is as much.
+    /// The default for `sessions` sessions building indexes at once (in whole MB), on a
+    /// server set to `server`: `None` where that is as much.
     pub fn default_for(sessions: usize, server: IndexMemory) -> Option<IndexMemory> {
-        let each = (Self::DEFAULT_TOTAL / sessions.max(1) as u64).min(Self::DEFAULT_EACH);
+        let mb = (Self::DEFAULT_TOTAL >> 10) / sessions.max(1) as u64;
+        let each = (mb << 10).min(Self::DEFAULT_EACH);
         (each > server.0).then_some(IndexMemory(each))
     }
 
@@ -1686,6 +1691,13 @@ pub async fn plan(
                 }
                 Some(m) => Some(*m),
                 None if in_url => None,
+                // The environment's setting would win over the default: it is the one the
+                // server reported.
+                None if std::env::var_os("PGOPTIONS")
+                    .is_some_and(|o| o.to_string_lossy().contains("maintenance_work_mem")) =>
+                {
+                    None
+                }
                 None => IndexMemory::default_for(jobs(), database.maintenance_work_mem),
             };
             Ok((
@@ -1820,10 +1832,7 @@ mod tests {
         assert_eq!(IndexMemory::default_for(0, server), Some(mb(1024)));
         assert_eq!(IndexMemory::default_for(1, server), Some(mb(1024)));
         assert_eq!(IndexMemory::default_for(2, server), Some(mb(1024)));
-        assert_eq!(
-            IndexMemory::default_for(3, server),
-            Some(IndexMemory((2 << 20) / 3))
-        );
+        assert_eq!(IndexMemory::default_for(3, server), Some(mb(682)));
         assert_eq!(IndexMemory::default_for(8, server), Some(mb(256)));
         // Never more than 2GB in all, and never less than the server's own.
         assert_eq!(IndexMemory::default_for(32, server), None);

@@ -821,8 +821,9 @@ impl TwinSnapshot {
 
 /// Runs `count` on the tables `list` gives until the list is the same after the count as
 /// before it (at most `attempts` times): a table created or dropped meanwhile would be
-/// missing from the counts, or fail them. A count that fails with the tables unchanged
-/// fails.
+/// missing from the counts, or fail them. So is a count that a table rebuilt meanwhile
+/// (TRUNCATE, a copying ALTER) failed, as InnoDB asks. Any other failure with the tables
+/// unchanged fails.
 fn with_stable_tables<T: PartialEq, R>(
     mut list: impl FnMut() -> Result<T>,
     mut count: impl FnMut(&T) -> Result<R>,
@@ -831,7 +832,9 @@ fn with_stable_tables<T: PartialEq, R>(
     for attempt in 1.. {
         let before = list()?;
         let counted = count(&before);
-        if list()? == before {
+        let rebuilt =
+            matches!(&counted, Err(e) if e.to_string().contains("Table definition has changed"));
+        if !rebuilt && list()? == before {
             return counted.map(|r| (before, r));
         }
         if attempt >= attempts {
@@ -839,11 +842,11 @@ fn with_stable_tables<T: PartialEq, R>(
         }
         tracing::info!(
             attempt,
-            "tables were created or dropped while rows were counted; counting again"
+            "tables were created, dropped or rebuilt while rows were counted; counting again"
         );
     }
     Err(Error::failure(format!(
-        "tables were created or dropped while rows were counted, {attempts} times"
+        "tables were created, dropped or rebuilt while rows were counted, {attempts} times"
     ))
     .hint("run the backup again once the schema changes are done"))
 }
@@ -1126,6 +1129,23 @@ mod tests {
         // A failure with the tables unchanged fails.
         let (r, n) = run(vec![a.clone(), a.clone()], 1);
         assert!(r.unwrap_err().to_string().contains("doesn't exist") && n == 1);
+        // A table rebuilt during the first count, with the same name.
+        let lists = RefCell::new(vec![a.clone(), a.clone(), a.clone()].into_iter());
+        let tries = RefCell::new(0);
+        let r = with_stable_tables(
+            || Ok(lists.borrow_mut().next().expect("listed too often")),
+            |tables: &Vec<&str>| {
+                *tries.borrow_mut() += 1;
+                match *tries.borrow() {
+                    1 => Err(Error::failure(
+                        "ERROR 1412 (HY000): Table definition has changed, please retry transaction",
+                    )),
+                    _ => Ok(tables.len()),
+                }
+            },
+            3,
+        );
+        assert_eq!((r.unwrap(), tries.into_inner()), ((a.clone(), 1), 2));
         // Changing every time: three counts, then a failure that says so.
         let (r, n) = run(
             vec![a.clone(), ab.clone(), a.clone(), ab.clone(), a.clone(), ab],

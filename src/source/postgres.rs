@@ -1258,10 +1258,11 @@ impl WalSource {
     /// For a whole segment, the WAL waiting for the archive command, this segment included:
     /// PostgreSQL marks each segment it has not archived yet with a `NAME.ready` note in
     /// `archive_status` beside it (`%p` is `pg_wal/NAME`), and every segment of a cluster
-    /// has this one's size. `None` for other WAL files (history, backup labels, partial
-    /// segments), which are small and never dropped, and for a file outside a `pg_wal`
-    /// (one pushed by hand, a pipe), whose queue is unknown.
-    pub fn archive_queue(&self) -> Result<Option<u64>> {
+    /// has this one's size. Returns the bytes waiting and the segment size; `None` for
+    /// other WAL files (history, backup labels, partial segments), which are small and
+    /// never dropped, and for a file outside a `pg_wal` (one pushed by hand, a pipe) or
+    /// beside an `archive_status` that cannot be read, whose queue is unknown.
+    pub fn archive_queue(&self) -> Result<Option<(u64, u64)>> {
         if self.name.len() != 24 {
             return Ok(None);
         }
@@ -1272,7 +1273,10 @@ impl WalSource {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join("archive_status"),
             _ => PathBuf::from("archive_status"),
         };
-        let read = |e| Error::io(format!("read {}", status.display()), e);
+        let unknown = |e: std::io::Error| {
+            tracing::warn!(dir = %status.display(), error = %e, "cannot read the archive status beside the segment: its queue is unknown");
+            Ok(None)
+        };
         let entries = match std::fs::read_dir(&status) {
             Ok(entries) if size > 0 => entries,
             Ok(_) => return Ok(None),
@@ -1280,11 +1284,14 @@ impl WalSource {
                 tracing::debug!(dir = %status.display(), "no archive status beside the segment: its queue is unknown");
                 return Ok(None);
             }
-            Err(e) => return Err(read(e)),
+            Err(e) => return unknown(e),
         };
         let mut ready = 0;
         for entry in entries {
-            let name = entry.map_err(read)?.file_name();
+            let name = match entry {
+                Ok(entry) => entry.file_name(),
+                Err(e) => return unknown(e),
+            };
             if name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".ready"))
@@ -1293,7 +1300,7 @@ impl WalSource {
                 ready += 1;
             }
         }
-        Ok(Some(ready * size))
+        Ok(Some((ready * size, size)))
     }
 }
 
