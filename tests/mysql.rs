@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::Sandbox;
+use common::{file_contents, Sandbox};
 
 /// A scratch MariaDB server, killed when dropped.
 struct Server {
@@ -410,8 +410,7 @@ fn mysql_full_backup_round_trip_checks_row_counts_and_keeps_the_password_out() {
     assert!(stats["checksums"]["items"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(stats["checksums"].as_object().unwrap().len(), 2, "{m}");
     assert!(stats["server_version"].is_string(), "{m}");
-    for entry in walk(sandbox.path()) {
-        let bytes = std::fs::read(&entry).unwrap();
+    for (entry, bytes) in file_contents(sandbox.path()) {
         assert!(
             !String::from_utf8_lossy(&bytes).contains("pw-s3cret"),
             "password in {}",
@@ -483,19 +482,6 @@ fn tampered_checksum_fails_the_restore(
     );
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     let server = Server::start();
@@ -532,22 +518,19 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     insert(&server, "app", 21..=25);
     let newer = sandbox.backup("app");
 
+    // `drctl --json restore` of `backup` into the database `db`.
+    let restore_into = |backup: &str, db: &str, more: &[&str]| {
+        let to = server.url("root", db);
+        let args = [
+            &["--json", "restore", "--policy", "app", "--backup", backup][..],
+            &["--to-database", &to],
+            more,
+        ]
+        .concat();
+        sandbox.run(&args)
+    };
     let until = noted.to_rfc3339();
-    let run = sandbox
-        .run(&[
-            "--json",
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "at_noted"),
-            "--until",
-            &until,
-            "--dry-run",
-        ])
-        .ok();
+    let run = restore_into("latest", "at_noted", &["--until", &until, "--dry-run"]).ok();
     let plan = &run.json()[0];
     assert_eq!(
         plan["mysql"]["chain"],
@@ -559,20 +542,10 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         "",
         "a dry run writes nothing"
     );
-    let restore_at_noted = |more: &[&str]| {
-        let to = server.url("root", "at_noted");
-        let args = [
-            &["--json", "restore", "--policy", "app", "--backup", "latest"][..],
-            &["--to-database", &to],
-            more,
-        ]
-        .concat();
-        sandbox.run(&args)
-    };
     // A PostgreSQL setting is refused, not ignored.
-    let run = restore_at_noted(&["--maintenance-work-mem", "1GB"]).code(2);
+    let run = restore_into("latest", "at_noted", &["--maintenance-work-mem", "1GB"]).code(2);
     assert!(run.stdout.contains("is for PostgreSQL"), "{}", run.stdout);
-    let run = restore_at_noted(&["--until", &until]).ok();
+    let run = restore_into("latest", "at_noted", &["--until", &until]).ok();
     assert_eq!(ids(&server, "at_noted"), (1..=15).collect::<Vec<_>>());
     let report = &run.json()[0];
     assert_eq!(
@@ -585,62 +558,19 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     let local = noted
         .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600 + 1800).unwrap())
         .to_rfc3339();
-    sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "at_noted_ist"),
-            "--until",
-            &local,
-        ])
-        .ok();
+    restore_into("latest", "at_noted_ist", &["--until", &local]).ok();
     assert_eq!(ids(&server, "at_noted_ist"), (1..=15).collect::<Vec<_>>());
 
-    let run = sandbox
-        .run(&[
-            "--json",
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "latest"),
-        ])
-        .ok();
+    let run = restore_into("latest", "latest", &[]).ok();
     assert_eq!(ids(&server, "latest"), (1..=25).collect::<Vec<_>>());
     assert_eq!(run.json()[0]["rows"]["rows"], 25);
     assert_eq!(run.json()[0]["chain"], serde_json::json!([newer]));
 
-    sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            &second,
-            "--to-database",
-            &server.url("root", "second"),
-        ])
-        .ok();
+    restore_into(&second, "second", &[]).ok();
     assert_eq!(ids(&server, "second"), (1..=20).collect::<Vec<_>>());
 
     // The first incremental alone: its chain ends at row 10.
-    sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            &first,
-            "--to-database",
-            &server.url("root", "first"),
-        ])
-        .ok();
+    restore_into(&first, "first", &[]).ok();
     assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
 
     // A checksum that does not match the restored table fails the restore (exit 4).

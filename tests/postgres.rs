@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{moto, output_ok, Run, Sandbox};
+use common::{file_contents, moto, output_ok, Run, Sandbox};
 use drctl::source::postgres::{parse_segment, segment_name};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
@@ -1515,20 +1515,6 @@ fn damage_block(path: &Path, block: u64) {
     std::os::unix::fs::FileExt::write_all_at(&disk, &[byte[0] ^ 0x10], at).unwrap();
 }
 
-/// The files under `dir`, with their contents.
-fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(tree(&path));
-        } else {
-            out.insert(path.clone(), std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
-
 /// A restore does not replay a `CREATE TABLESPACE` into a directory that holds data on its
 /// host (on the cluster's own host, the cluster's tablespace); into an empty one it does.
 #[test]
@@ -1544,7 +1530,7 @@ fn a_restore_does_not_replay_a_tablespace_into_a_directory_with_data() {
     );
     let noted = a_moment_apart();
     c.switch_wal();
-    let live = tree(&location);
+    let live = file_contents(&location);
     assert!(!live.is_empty());
 
     let (run, _) = c.restore("here", &[]);
@@ -1560,14 +1546,18 @@ fn a_restore_does_not_replay_a_tablespace_into_a_directory_with_data() {
         )),
         "{said}"
     );
-    assert_eq!(tree(&location), live, "the cluster's tablespace changed");
+    assert_eq!(
+        file_contents(&location),
+        live,
+        "the cluster's tablespace changed"
+    );
     assert_eq!(psql(&url, "SELECT count(*) FROM far"), "1000");
 
     // Once the cluster has dropped it, the location is empty and recovery fills it.
     psql(&url, "DROP TABLE far");
     psql(&url, "DROP TABLESPACE ts");
     c.switch_wal();
-    assert!(tree(&location).is_empty());
+    assert!(file_contents(&location).is_empty());
     let (run, restored) = c.restore("there", &["--until", &noted]);
     run.ok();
     assert_eq!(psql(&restored, "SELECT count(*) FROM far"), "1000");
@@ -1599,7 +1589,7 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
     );
     c.switch_wal();
     psql(&url, "CHECKPOINT");
-    let live = tree(&location);
+    let live = file_contents(&location);
 
     // The archive holds the tablespace's files under pg_tblspc/OID, not the link.
     let id = run.json()[0]["backup_id"].as_str().unwrap().to_owned();
@@ -1664,7 +1654,11 @@ fn a_tablespace_is_backed_up_and_restored_to_a_directory_of_its_own() {
         &restored,
         "INSERT INTO far VALUES (0, 'restored'); CHECKPOINT",
     );
-    assert_eq!(tree(&location), live, "the cluster's tablespace changed");
+    assert_eq!(
+        file_contents(&location),
+        live,
+        "the cluster's tablespace changed"
+    );
     assert_eq!(psql(&url, "SELECT count(*) FROM far"), "30000");
 
     // The tablespace's pages are checked too: a bit flipped in one of the table's blocks on

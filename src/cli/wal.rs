@@ -101,7 +101,7 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     check_policy(&policy)?;
     let source = WalSource::new(args.path.clone())?;
     let name = source.name().to_owned();
-    if let Some((queue, max)) = over_queue_max(&policy, &source)? {
+    if let Some((queue, max)) = over_queue_max(&policy, &source) {
         tracing::warn!(
             "WAL segment {name} dropped, not archived by this push: {} of WAL waits for \
              archiving, more than archive-push-queue-max ({max}) of policy {}; point-in-time \
@@ -150,25 +150,25 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
 
 /// The WAL waiting for archiving and the policy's archive-push-queue-max, when the one
 /// exceeds the other and `source` is a segment, which is then dropped.
-fn over_queue_max(policy: &Policy, source: &WalSource) -> Result<Option<(u64, ByteSize)>> {
+fn over_queue_max(policy: &Policy, source: &WalSource) -> Option<(u64, ByteSize)> {
     let SourceConfig::Postgres {
         archive_push_queue_max: Some(max),
         ..
     } = &policy.source
     else {
-        return Ok(None);
+        return None;
     };
     match source.archive_queue()? {
-        Some((_, segment)) if segment > max.0 => {
+        (_, segment) if segment > max.0 => {
             tracing::warn!(
                 "archive-push-queue-max ({max}) of policy {} is less than one WAL segment of this cluster ({}): it is ignored",
                 policy.name,
                 ByteSize(segment)
             );
-            Ok(None)
+            None
         }
-        Some((queue, _)) if queue > max.0 => Ok(Some((queue, *max))),
-        _ => Ok(None),
+        (queue, _) if queue > max.0 => Some((queue, *max)),
+        _ => None,
     }
 }
 

@@ -1098,8 +1098,9 @@ mod tests {
     #[test]
     fn counts_are_taken_again_until_no_table_came_or_went() {
         use std::cell::RefCell;
-        // Lists as the server gives them, one per call; the first `fails` counts fail.
-        let run = |lists: Vec<Vec<&'static str>>, fails: usize| {
+        // Lists as the server gives them, one per call; the first `fails` counts fail with
+        // the server's error `why`.
+        let run_failing = |lists: Vec<Vec<&'static str>>, fails: usize, why: &str| {
             let lists = RefCell::new(lists.into_iter());
             let counts = RefCell::new(0);
             let result = with_stable_tables(
@@ -1107,7 +1108,7 @@ mod tests {
                 |tables: &Vec<&str>| {
                     *counts.borrow_mut() += 1;
                     if *counts.borrow() <= fails {
-                        Err(Error::failure("Table 'app.gone' doesn't exist"))
+                        Err(Error::failure(why))
                     } else {
                         Ok(tables.len())
                     }
@@ -1116,6 +1117,7 @@ mod tests {
             );
             (result, counts.into_inner())
         };
+        let run = |lists, fails| run_failing(lists, fails, "Table 'app.gone' doesn't exist");
         let (a, ab) = (vec!["a"], vec!["a", "b"]);
         // Unchanged: one count.
         let (r, n) = run(vec![a.clone(), a.clone()], 0);
@@ -1130,22 +1132,12 @@ mod tests {
         let (r, n) = run(vec![a.clone(), a.clone()], 1);
         assert!(r.unwrap_err().to_string().contains("doesn't exist") && n == 1);
         // A table rebuilt during the first count, with the same name.
-        let lists = RefCell::new(vec![a.clone(), a.clone(), a.clone()].into_iter());
-        let tries = RefCell::new(0);
-        let r = with_stable_tables(
-            || Ok(lists.borrow_mut().next().expect("listed too often")),
-            |tables: &Vec<&str>| {
-                *tries.borrow_mut() += 1;
-                match *tries.borrow() {
-                    1 => Err(Error::failure(
-                        "ERROR 1412 (HY000): Table definition has changed, please retry transaction",
-                    )),
-                    _ => Ok(tables.len()),
-                }
-            },
-            3,
+        let (r, n) = run_failing(
+            vec![a.clone(), a.clone(), a.clone()],
+            1,
+            "ERROR 1412 (HY000): Table definition has changed, please retry transaction",
         );
-        assert_eq!((r.unwrap(), tries.into_inner()), ((a.clone(), 1), 2));
+        assert_eq!((r.unwrap(), n), ((a.clone(), 1), 2));
         // Changing every time: three counts, then a failure that says so.
         let (r, n) = run(
             vec![a.clone(), ab.clone(), a.clone(), ab.clone(), a.clone(), ab],

@@ -1164,7 +1164,7 @@ pub fn segment_name(timeline: u32, segno: u64, segment_size: u64) -> String {
 
 /// Timeline and segment number of a segment file name.
 pub fn parse_segment(name: &str, segment_size: u64) -> Option<(u32, u64)> {
-    if name.len() != 24 || !is_upper_hex(name) {
+    if !is_segment_name(name) {
         return None;
     }
     let tli = u32::from_str_radix(&name[..8], 16).ok()?;
@@ -1176,6 +1176,11 @@ pub fn parse_segment(name: &str, segment_size: u64) -> Option<(u32, u64)> {
 /// Whether `s` is a number in decimal digits (an OID, a relation file's node or segment).
 pub fn is_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether `name` names a whole segment (not a partial one, nor a history file).
+fn is_segment_name(name: &str) -> bool {
+    name.len() == 24 && is_upper_hex(name)
 }
 
 fn is_upper_hex(s: &str) -> bool {
@@ -1202,6 +1207,8 @@ pub struct WalSource {
     name: String,
     /// The cluster's system identifier, from the header of a segment checked up front.
     system: Option<i64>,
+    /// The size of that segment's file.
+    size: Option<u64>,
 }
 
 impl WalSource {
@@ -1220,7 +1227,7 @@ impl WalSource {
             .to_owned();
         // A segment in pg_wal is checked before anything is recorded; a file that is not
         // regular (a pipe) only as it streams.
-        let mut system = None;
+        let (mut system, mut size) = (None, None);
         if holds_segment(&name) {
             let meta = std::fs::metadata(&path)
                 .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
@@ -1236,9 +1243,15 @@ impl WalSource {
                 SegmentCheck::new(&name).check_size(&head, meta.len())?;
                 // xlp_sysid, which the server shows as a bigint.
                 system = Some(u64_at(&head, 24) as i64);
+                size = Some(meta.len());
             }
         }
-        Ok(WalSource { path, name, system })
+        Ok(WalSource {
+            path,
+            name,
+            system,
+            size,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -1262,27 +1275,23 @@ impl WalSource {
     /// other WAL files (history, backup labels, partial segments), which are small and
     /// never dropped, and for a file outside a `pg_wal` (one pushed by hand, a pipe) or
     /// beside an `archive_status` that cannot be read, whose queue is unknown.
-    pub fn archive_queue(&self) -> Result<Option<(u64, u64)>> {
-        if self.name.len() != 24 {
-            return Ok(None);
-        }
-        let size = std::fs::metadata(&self.path)
-            .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))?
-            .len();
+    pub fn archive_queue(&self) -> Option<(u64, u64)> {
+        let size = self
+            .size
+            .filter(|&s| s > 0 && is_segment_name(&self.name))?;
         let status = match self.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join("archive_status"),
             _ => PathBuf::from("archive_status"),
         };
         let unknown = |e: std::io::Error| {
             tracing::warn!(dir = %status.display(), error = %e, "cannot read the archive status beside the segment: its queue is unknown");
-            Ok(None)
+            None
         };
         let entries = match std::fs::read_dir(&status) {
-            Ok(entries) if size > 0 => entries,
-            Ok(_) => return Ok(None),
+            Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::debug!(dir = %status.display(), "no archive status beside the segment: its queue is unknown");
-                return Ok(None);
+                return None;
             }
             Err(e) => return unknown(e),
         };
@@ -1295,12 +1304,12 @@ impl WalSource {
             if name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".ready"))
-                .is_some_and(|n| n.len() == 24 && is_upper_hex(n))
+                .is_some_and(is_segment_name)
             {
                 ready += 1;
             }
         }
-        Ok(Some((ready * size, size)))
+        Some((ready * size, size))
     }
 }
 

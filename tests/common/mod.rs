@@ -291,6 +291,20 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
     out
 }
 
+/// The files under `dir` (following links to directories), with their contents.
+pub fn file_contents(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(file_contents(&path));
+        } else {
+            out.insert(path.clone(), std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
 pub fn assert_same_tree(expected: &Path, actual: &Path) {
     let (a, b) = (snapshot(expected), snapshot(actual));
     assert!(!a.is_empty(), "empty source tree {}", expected.display());
