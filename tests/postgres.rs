@@ -190,20 +190,18 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     };
     // Index builds get 1GB per session, at most 2GB in all, where the server has less
     // (this one has its default, 64MB); the plan says so.
-    let plan = sb
-        .run(&[
-            "--json",
-            "restore",
-            "--policy",
-            "pg",
-            "--backup",
-            &id,
-            "--to-database",
-            &url,
-            "--dry-run",
-        ])
-        .ok()
-        .json();
+    let dry_run = [
+        "--json",
+        "restore",
+        "--policy",
+        "pg",
+        "--backup",
+        &id,
+        "--to-database",
+        &url,
+        "--dry-run",
+    ];
+    let plan = sb.run(&dry_run).ok().json();
     let cores = std::thread::available_parallelism().unwrap().get() as u64;
     let each_mb = (2048 / cores).min(1024);
     let server_kb: u64 = psql(
@@ -218,6 +216,15 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
         1024 => assert_eq!(set, Some(&serde_json::json!("1GB")), "{plan:?}"),
         mb => assert_eq!(set, Some(&serde_json::json!(format!("{mb}MB"))), "{plan:?}"),
     }
+    // A PGOPTIONS that sets it comes after the default and would win: no default then, even
+    // where it is less.
+    let mut cmd = sb.cmd(&dry_run);
+    cmd.env("PGOPTIONS", "-c maintenance_work_mem=32MB");
+    let plan = Run::from(cmd.output().unwrap()).ok().json();
+    assert!(
+        plan[0]["postgres"].get("maintenance_work_mem").is_none(),
+        "{plan:?}"
+    );
     // Asked for, a size is set; one PostgreSQL does not take is refused before anything is
     // done, and so is one the URL's own options would override.
     let plan = restore_with(&url, "256mb", &["--dry-run"]).ok().json();
