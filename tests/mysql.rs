@@ -277,6 +277,8 @@ fn manifest(sandbox: &Sandbox, id: &str) -> serde_json::Value {
 #[test]
 fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
     let server = Server::start();
+    // At READ COMMITTED, as many servers are set: the snapshots are REPEATABLE READ anyway.
+    server.sql(None, "SET GLOBAL tx_isolation = 'READ-COMMITTED'");
     seed(&server, "busy");
     server.sql(
         Some("busy"),
@@ -292,7 +294,8 @@ fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
         "CREATE TABLE notes (id INT PRIMARY KEY) ENGINE = MyISAM; \
          CREATE TABLE prices (id INT PRIMARY KEY, p INT) WITH SYSTEM VERSIONING; \
          INSERT INTO prices VALUES (1, 10), (2, 20); UPDATE prices SET p = 11 WHERE id = 1; \
-         CREATE TABLE stop_fill (x INT)",
+         CREATE TABLE stop_fill (x INT); \
+         CREATE EVENT tidy ON SCHEDULE EVERY 1 DAY DISABLE DO DELETE FROM notes WHERE id < 0",
     );
     // A writer commits one row at a time into two dumped tables for the whole backup, until
     // a row in `stop_fill` tells it to stop.
@@ -360,6 +363,14 @@ fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
             .sql(Some("busy_copy"), "SELECT COUNT(*) FROM empty_one")
             .trim(),
         dumped.to_string()
+    );
+    // Scheduled events are part of the database.
+    assert_eq!(
+        server.sql(
+            None,
+            "SELECT event_name, status FROM information_schema.events WHERE event_schema = 'busy_copy'"
+        ),
+        "tidy\tDISABLED\n"
     );
 }
 
@@ -488,6 +499,28 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     let (sandbox, full) = app_with_a_full_backup(&server);
 
     insert(&server, "app", 6..=10);
+    // A statement of the binary log with a NUL and a CR LF in it, which the replay keeps.
+    let mut client = server
+        .client(Some("app"))
+        .arg("--binary-mode")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        client.stdin.as_mut().unwrap(),
+        b"CREATE TABLE odd (v VARBINARY(10) DEFAULT 'a\0b') COMMENT 'one\r\ntwo'",
+    )
+    .unwrap();
+    drop(client.stdin.take());
+    assert!(client.wait().unwrap().success());
+    let odd = |db: &str| {
+        server.sql(
+            Some(db),
+            "INSERT INTO odd () VALUES (); SELECT HEX(v) FROM odd; \
+             SELECT HEX(table_comment) FROM information_schema.tables WHERE table_name = 'odd' \
+             AND table_schema = DATABASE()",
+        )
+    };
     let run = sandbox
         .run(&["--json", "backup", "--policy", "app", "--incremental"])
         .ok();
@@ -569,9 +602,24 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
     restore_into(&second, "second", &[]).ok();
     assert_eq!(ids(&server, "second"), (1..=20).collect::<Vec<_>>());
 
-    // The first incremental alone: its chain ends at row 10.
-    restore_into(&first, "first", &[]).ok();
+    // The first incremental alone: its chain ends at row 10. Through `localhost` with a
+    // port, which is that port over TCP, not the default server's socket.
+    let via_localhost = format!("mysql://root@localhost:{}/first", server.port);
+    sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "app",
+            "--backup",
+            &first,
+            "--to-database",
+            &via_localhost,
+        ])
+        .ok();
     assert_eq!(ids(&server, "first"), (1..=10).collect::<Vec<_>>());
+    let replayed = odd("first");
+    assert_eq!(replayed, odd("app"));
+    assert_eq!(replayed, "610062\n6F6E650D0A74776F\n");
 
     // A checksum that does not match the restored table fails the restore (exit 4).
     tampered_checksum_fails_the_restore(&server, &sandbox, "app", &first, "t", "first");

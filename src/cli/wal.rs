@@ -101,7 +101,14 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     check_policy(&policy)?;
     let source = WalSource::new(args.path.clone())?;
     let name = source.name().to_owned();
-    if let Some((queue, max)) = over_queue_max(&policy, &source) {
+    let queue_max = match &policy.source {
+        SourceConfig::Postgres {
+            archive_push_queue_max,
+            ..
+        } => *archive_push_queue_max,
+        _ => None,
+    };
+    if let Some((queue, max)) = over_queue_max(queue_max, &policy.name, &source) {
         tracing::warn!(
             "WAL segment {name} dropped, not archived by this push: {} of WAL waits for \
              archiving, more than archive-push-queue-max ({max}) of policy {}; point-in-time \
@@ -148,26 +155,23 @@ async fn push(ctx: &Ctx, args: PushArgs) -> Result<()> {
     Ok(())
 }
 
-/// The WAL waiting for archiving and the policy's archive-push-queue-max, when the one
-/// exceeds the other and `source` is a segment, which is then dropped.
-fn over_queue_max(policy: &Policy, source: &WalSource) -> Option<(u64, ByteSize)> {
-    let SourceConfig::Postgres {
-        archive_push_queue_max: Some(max),
-        ..
-    } = &policy.source
-    else {
-        return None;
-    };
+/// The WAL waiting for archiving and the archive-push-queue-max `max` of `policy`, when the
+/// one exceeds the other and `source` is a segment, which is then dropped.
+fn over_queue_max(
+    max: Option<ByteSize>,
+    policy: &Name,
+    source: &WalSource,
+) -> Option<(u64, ByteSize)> {
+    let max = max?;
     match source.archive_queue()? {
         (_, segment) if segment > max.0 => {
             tracing::warn!(
-                "archive-push-queue-max ({max}) of policy {} is less than one WAL segment of this cluster ({}): it is ignored",
-                policy.name,
+                "archive-push-queue-max ({max}) of policy {policy} is less than one WAL segment of this cluster ({}): it is ignored",
                 ByteSize(segment)
             );
             None
         }
-        (queue, _) if queue > max.0 => Some((queue, *max)),
+        (queue, _) if queue > max.0 => Some((queue, max)),
         _ => None,
     }
 }
@@ -317,5 +321,36 @@ fn note_missing(path: &std::path::Path, name: &str) {
         .and_then(|mut f| f.write_all(format!("{name}\n").as_bytes()));
     if let Err(e) = noted {
         tracing::warn!(error = %e, path = %path.display(), "could not note a missing WAL file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::postgres::tests::segment_file;
+
+    #[test]
+    fn a_segment_is_dropped_only_with_more_than_the_limit_waiting_and_a_limit_of_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+        let policy = Name::parse("pg").unwrap();
+        // 32MB segments, three waiting: 96MB.
+        let name = "000000010000000000000001";
+        let source = WalSource::new(segment_file(&wal, name, 32 << 20)).unwrap();
+        for segno in 1..=3 {
+            let note = format!("0000000100000000000000{segno:02X}.ready");
+            std::fs::write(wal.join("archive_status").join(note), b"").unwrap();
+        }
+        let limit = |s: &str| Some(ByteSize::parse(s, 1).unwrap());
+        assert_eq!(over_queue_max(None, &policy, &source), None);
+        assert_eq!(
+            over_queue_max(limit("64MB"), &policy, &source),
+            Some((96 << 20, ByteSize(64 << 20)))
+        );
+        assert_eq!(over_queue_max(limit("96MB"), &policy, &source), None);
+        assert_eq!(over_queue_max(limit("1GB"), &policy, &source), None);
+        // Less than one segment: ignored, or every segment would be dropped.
+        assert_eq!(over_queue_max(limit("16MB"), &policy, &source), None);
     }
 }

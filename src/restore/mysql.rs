@@ -430,7 +430,13 @@ fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
 
 fn client(conn: &Conn) -> Command {
     let mut cmd = conn.command("mariadb");
-    cmd.args(["--batch", &format!("--database={}", conn.database)]);
+    // Binary mode: a statement of the binary log may hold any byte, a NUL or a CR LF
+    // included, which the client would otherwise refuse or rewrite.
+    cmd.args([
+        "--batch",
+        "--binary-mode",
+        &format!("--database={}", conn.database),
+    ]);
     cmd
 }
 

@@ -32,6 +32,11 @@ pub struct Conn {
     pub user: String,
     pub database: String,
     password: Option<String>,
+    /// Whether the tools connect over TCP to the port: always but to `localhost` without a
+    /// port, which is the server's socket (as for the clients, and as root's socket
+    /// authentication needs). With a port, `localhost` means that port, never the socket of
+    /// whichever server has the default one.
+    tcp: bool,
 }
 
 impl fmt::Debug for Conn {
@@ -82,6 +87,7 @@ impl Conn {
             name => super::url_decode(name),
         };
         Ok(Conn {
+            tcp: host != "localhost" || u.port().is_some(),
             host,
             port: u.port().unwrap_or(3306),
             user,
@@ -117,10 +123,10 @@ impl Conn {
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         cmd.arg(format!("--host={}", self.host))
-            .arg(format!("--port={}", self.port))
             .arg(format!("--user={}", self.user));
-        if self.host != "localhost" {
-            cmd.arg("--protocol=TCP");
+        if self.tcp {
+            cmd.arg(format!("--port={}", self.port))
+                .arg("--protocol=TCP");
         }
         if let Some(p) = &self.password {
             cmd.env("MYSQL_PWD", p);
@@ -416,6 +422,7 @@ impl MysqlSource {
             "--quick",
             "--routines",
             "--triggers",
+            "--events",
         ]);
         if binlog {
             cmd.arg("--master-data=2");
@@ -516,6 +523,7 @@ impl MysqlSource {
         let count = |tables: &Vec<Vec<String>>| {
             let mut sql = vec![
                 "FLUSH BINARY LOGS".to_owned(),
+                SNAPSHOT_ISOLATION.to_owned(),
                 "START TRANSACTION WITH CONSISTENT SNAPSHOT".to_owned(),
                 "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
                 "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
@@ -701,6 +709,11 @@ struct TwinSnapshot {
     holder: std::thread::JoinHandle<Result<bool>>,
 }
 
+/// Set before each snapshot transaction: InnoDB takes a consistent snapshot only at
+/// REPEATABLE READ, and the session inherits the server's level (READ COMMITTED on many).
+/// As `mariadb-dump --single-transaction` sets for its own.
+const SNAPSHOT_ISOLATION: &str = "SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ";
+
 /// The longest commits are held off, and the longest `BACKUP STAGE` waits for running DDL.
 const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -729,6 +742,7 @@ impl TwinSnapshot {
             Ok(late)
         });
         let mut session = conn.session()?;
+        session.query(SNAPSHOT_ISOLATION)?;
         session.query("START TRANSACTION WITH CONSISTENT SNAPSHOT")?;
         let status: Vec<Vec<String>> = session
             .query("SHOW STATUS LIKE 'binlog_snapshot_%'")?
@@ -1036,7 +1050,12 @@ impl<'a> DumpScanner<'a> {
         {
             self.tables.entry(table).or_default();
             self.snapshot_by.get_or_insert_with(Utc::now);
-        } else if let Some(rest) = line.strip_prefix(b"-- CHANGE MASTER TO ") {
+        } else if let Some(rest) = line
+            .strip_prefix(b"-- CHANGE MASTER TO ")
+            .filter(|_| self.binlog.is_none() && self.tables.is_empty() && !self.in_routine)
+        {
+            // The dump's own, which comes before any table; not a line of a routine's body
+            // or of a table's data.
             self.binlog = parse_change_master(&String::from_utf8_lossy(rest));
             self.snapshot_by.get_or_insert_with(Utc::now);
         }

@@ -84,6 +84,8 @@ impl Conn {
     /// A client tool command with the password in its environment.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
+        // Never a password prompt on the terminal, which would hold the run up unseen.
+        cmd.arg("--no-password");
         if let Some(p) = &self.password {
             cmd.env("PGPASSWORD", p);
         }
@@ -1491,7 +1493,7 @@ pub fn parse_history(text: &str) -> Result<Vec<TimelineSwitch>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1549,6 +1551,66 @@ mod tests {
             assert_eq!(e.kind(), crate::error::ErrorKind::InvalidInput, "{e}");
             assert!(e.to_string().contains("is not that WAL segment"), "{e}");
         }
+    }
+
+    /// A sparse WAL segment file of `size` bytes named `name` (timeline 1) in `dir`.
+    pub(crate) fn segment_file(dir: &Path, name: &str, size: u32) -> PathBuf {
+        let (_, segno) = parse_segment(name, size.into()).unwrap();
+        let mut head = vec![0u8; LONG_PAGE_HEADER];
+        head[2..4].copy_from_slice(&XLP_LONG_HEADER.to_ne_bytes());
+        head[8..16].copy_from_slice(&(segno * u64::from(size)).to_ne_bytes());
+        head[32..36].copy_from_slice(&size.to_ne_bytes());
+        let path = dir.join(name);
+        std::fs::write(&path, &head).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(size.into())
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn the_archive_queue_is_the_segments_marked_ready_beside_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        let status = wal.join("archive_status");
+        std::fs::create_dir_all(&status).unwrap();
+        let name = "000000010000000000000003";
+        let source = WalSource::new(segment_file(&wal, name, 1 << 20)).unwrap();
+        // No status notes yet: nothing waits, as after a crash that lost them.
+        assert_eq!(source.archive_queue(), Some((0, 1 << 20)));
+        for note in [
+            "000000010000000000000003.ready",
+            "000000010000000000000004.ready",
+            "000000020000000000000004.ready",
+            // Archived already, or not segments: not counted.
+            "000000010000000000000002.done",
+            "00000002.history.ready",
+            "000000010000000000000001.00000028.backup.ready",
+            "000000010000000000000005.partial.ready",
+            "stray.ready",
+        ] {
+            std::fs::write(status.join(note), b"").unwrap();
+        }
+        assert_eq!(source.archive_queue(), Some((3 << 20, 1 << 20)));
+        // History files and partial segments are never dropped: they have no queue.
+        std::fs::copy(wal.join(name), wal.join(format!("{name}.partial"))).unwrap();
+        std::fs::write(
+            wal.join("00000002.history"),
+            b"1\t0/3000000\tno recovery target\n",
+        )
+        .unwrap();
+        for other in ["00000002.history", "000000010000000000000003.partial"] {
+            let source = WalSource::new(wal.join(other)).unwrap();
+            assert_eq!(source.archive_queue(), None, "{other}");
+        }
+        // A status that cannot be read: the queue is unknown.
+        std::fs::remove_dir_all(&status).unwrap();
+        assert_eq!(source.archive_queue(), None);
+        std::fs::write(&status, b"not a directory").unwrap();
+        assert_eq!(source.archive_queue(), None);
     }
 
     #[test]
