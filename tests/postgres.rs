@@ -595,6 +595,98 @@ fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
     }
 }
 
+/// Every index, constraint and index comment of schema `public`, with whether it is valid.
+fn indexes_and_constraints(url: &str) -> String {
+    psql(
+        url,
+        "SELECT string_agg(d, E'\\n' ORDER BY d) FROM ( \
+           SELECT pg_get_indexdef(indexrelid) || ' ' || indisvalid || ' ' \
+                  || coalesce(obj_description(indexrelid, 'pg_class'), '') AS d \
+           FROM pg_index WHERE indrelid::regclass::text NOT LIKE 'pg\\_%' \
+           UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) || ' ' || convalidated \
+           FROM pg_constraint WHERE connamespace = 'public'::regnamespace) s",
+    )
+}
+
+#[test]
+fn logical_restore_rebuilds_every_index_and_constraint_as_the_source_has_it() {
+    let source = Db::new("drctl_src");
+    psql(
+        &source.url(),
+        "CREATE FUNCTION norm(text) RETURNS text IMMUTABLE LANGUAGE sql AS 'SELECT lower($1)';
+         CREATE TABLE customers (id int PRIMARY KEY, name text UNIQUE);
+         CREATE INDEX customers_norm ON customers (norm(name));
+         COMMENT ON INDEX customers_norm IS 'by normalised name';
+         CREATE TABLE orders (id int PRIMARY KEY, customer int NOT NULL REFERENCES customers, note text);
+         CREATE INDEX orders_customer ON orders (customer);
+         CREATE TABLE events (at date NOT NULL, id int NOT NULL, PRIMARY KEY (at, id)) PARTITION BY RANGE (at);
+         CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         CREATE INDEX events_id ON events (id);
+         INSERT INTO customers SELECT g, 'Name ' || g FROM generate_series(1, 2000) g;
+         INSERT INTO orders SELECT g, 1 + g % 2000, md5(g::text) FROM generate_series(1, 20000) g;
+         INSERT INTO events SELECT date '2025-06-01' + g % 400, g FROM generate_series(1, 5000) g;",
+    );
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+    let target = Db::later("drctl_dst");
+    restore_to(&sb, &id, &target.url()).ok();
+    // All there, once each, valid, as in the source.
+    let restored = indexes_and_constraints(&target.url());
+    assert_eq!(restored, indexes_and_constraints(&source.url()));
+    for name in [
+        "orders_customer_fkey",
+        "events_pkey",
+        "events_2025_id_idx",
+        "by normalised name",
+    ] {
+        assert!(restored.contains(name), "{name}: {restored}");
+    }
+    assert!(!restored.contains(" false"), "{restored}");
+}
+
+/// An index the target cannot build fails the restore: the error is the index's, and the
+/// database the restore created is dropped.
+#[test]
+fn logical_restore_fails_on_an_index_the_target_cannot_build() {
+    let source = Db::new("drctl_src");
+    psql(
+        &source.url(),
+        &format!(
+            "CREATE FUNCTION picky(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN \
+               IF current_database() <> '{}' THEN \
+                 RAISE EXCEPTION 'picky refuses database %', current_database(); \
+               END IF; RETURN $1; END $$; \
+             CREATE TABLE a_first (id int); CREATE INDEX a_first_picky ON a_first (picky(id)); \
+             CREATE TABLE b_then (id int PRIMARY KEY); \
+             INSERT INTO a_first SELECT generate_series(1, 1000); \
+             INSERT INTO b_then SELECT generate_series(1, 1000);",
+            source.name
+        ),
+    );
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+    let target = Db::later("drctl_dst");
+    let run = restore_to(&sb, &id, &target.url()).code(1);
+    assert!(
+        run.stderr.contains("picky refuses database"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+                target.name
+            )
+        ),
+        "0"
+    );
+}
+
 #[test]
 fn logical_restore_stops_at_the_first_error() {
     let source = Db::new("drctl_src");
