@@ -601,6 +601,17 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
 
     restore_into(&second, "second", &[]).ok();
     assert_eq!(ids(&server, "second"), (1..=20).collect::<Vec<_>>());
+    // A time after the chain's end reaches its end only, and says so.
+    let run = restore_into(&second, "past_second", &["--until", "2100-01-01T00:00:00Z"]).ok();
+    assert_eq!(ids(&server, "past_second"), (1..=20).collect::<Vec<_>>());
+    assert!(
+        run.stderr.contains(&format!("is after backup {second}"))
+            && run
+                .stderr
+                .contains("what was written since is in no backup"),
+        "{}",
+        run.stderr
+    );
 
     // The first incremental alone: its chain ends at row 10. Through `localhost` with a
     // port, which is that port over TCP, not the default server's socket.

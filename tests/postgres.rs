@@ -493,6 +493,24 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
         .ok();
     assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
+
+    // A database with no tables but a schema (as a failed restore may leave) is not empty
+    // either; with --overwrite the dump's own objects are dropped and restored.
+    let leftover = Db::new("drctl_dst");
+    psql(
+        &leftover.url(),
+        "CREATE SCHEMA audit; CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    );
+    let url = leftover.url();
+    let run = sb.run(&[&args[..], &[url.as_str()]].concat()).code(2);
+    assert!(
+        run.stderr.contains("is not empty (2 relations, schemas"),
+        "{}",
+        run.stderr
+    );
+    sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
+        .ok();
+    assert_eq!(content(&url), content(&source.url()));
 }
 
 /// An interrupted restore stops pg_restore and removes the decoded dump it wrote to TMPDIR,
@@ -694,9 +712,10 @@ fn logical_restore_stops_at_the_first_error() {
     let sb = Sandbox::new();
     logical_policy(&sb, "pg", &source.url());
     sb.backup("pg");
-    // The target has a conflicting object the dump does not drop: the first CREATE fails.
+    // The target has a conflicting object the dump does not hold: a type where the dump has
+    // the table accounts, which fails the first statement about it (dropping its key).
     let target = Db::new("drctl_dst");
-    psql(&target.url(), "CREATE SCHEMA audit");
+    psql(&target.url(), "CREATE TYPE accounts AS (x int)");
     let run = sb
         .run(&[
             "restore",
@@ -710,12 +729,16 @@ fn logical_restore_stops_at_the_first_error() {
         ])
         .code(1);
     assert!(run.stderr.contains("pg_restore"), "{}", run.stderr);
-    assert!(run.stderr.contains("audit"), "{}", run.stderr);
-    // It stopped there: the tables that come after the schema were not created.
+    assert!(
+        run.stderr.contains("\"accounts\" is a composite type"),
+        "{}",
+        run.stderr
+    );
+    // It stopped there: no table was created.
     assert_eq!(
         psql(
             &target.url(),
-            "SELECT count(*) FROM pg_tables WHERE tablename = 'accounts'"
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('accounts', 'empty_table')"
         ),
         "0"
     );

@@ -51,7 +51,9 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", requires = "to_database")]
     pub maintenance_work_mem: Option<String>,
     /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)
-    /// instead of to the end.
+    /// instead of to the end. PostgreSQL replays the transactions committed by then.
+    /// MariaDB/MySQL binary logs keep whole seconds: every event of that second is replayed,
+    /// so to leave out a statement, give a time in the second before it.
     #[arg(long, value_name = "TIME", conflicts_with = "lsn")]
     pub until: Option<String>,
     /// Replay PostgreSQL WAL up to this log sequence number (e.g. 16/B374D848).

@@ -113,6 +113,17 @@ pub async fn plan(
     // restore replays to that point.
     let last = manifests.last().expect("a chain has a full backup");
     let check_rows = until.is_none_or(|t| t >= taken_at(last));
+    if let Some(t) = until.filter(|&t| t > taken_at(last)) {
+        tracing::warn!(
+            "--until {t} is after backup {} (the newest of its chain, taken {}): the restore \
+             reaches that time only; what was written since is in no backup",
+            last.backup_id,
+            taken_at(last)
+        );
+    }
+    // Then the chain is replayed to its end (mariadb-binlog takes no --stop-datetime past
+    // 2038 and replays nothing).
+    let until = until.filter(|&t| t < taken_at(last));
 
     let conn = target(url)?;
     let c = conn.clone();

@@ -68,8 +68,8 @@ pub struct LogicalReport {
 pub struct DatabaseTarget {
     pub database: String,
     pub exists: bool,
-    /// Relations outside the system schemas.
-    pub relations: u64,
+    /// Objects outside the system schemas (see [`USER_OBJECTS`]).
+    pub objects: u64,
     /// The server's `maintenance_work_mem` for the restoring role.
     #[serde(skip)]
     pub maintenance_work_mem: IndexMemory,
@@ -97,13 +97,10 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
     // The setting as the restore's sessions will find it (with the database's own, where
     // it exists, and PGOPTIONS's).
     const SETTING: &str = "SELECT setting FROM pg_settings WHERE name = 'maintenance_work_mem'";
-    let (relations, setting) = if exists {
+    let (objects, setting) = if exists {
         admin.close()?;
         let mut s = target.session()?;
-        let n = s.value(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'",
-        )?;
+        let n = s.value(USER_OBJECTS)?;
         let setting = s.value(SETTING)?;
         s.close()?;
         (n.parse().unwrap_or(u64::MAX), setting)
@@ -117,19 +114,32 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
             "the server reports maintenance_work_mem as {setting:?}, not a number of kB"
         ))
     })?;
-    if relations > 0 && !overwrite {
+    if objects > 0 && !overwrite {
         return Err(Error::invalid(format!(
-            "target database {database} is not empty ({relations} relations)"
+            "target database {database} is not empty ({objects} relations, schemas, functions, \
+             types or extensions)"
         ))
         .hint("restore into a new or empty database, or pass --overwrite to drop and recreate the objects the dump holds"));
     }
     Ok(DatabaseTarget {
         database,
         exists,
-        relations,
+        objects,
         maintenance_work_mem,
     })
 }
+
+/// What makes a database not empty: relations, schemas (but `public`), functions and types
+/// outside the system's schemas, and extensions (but PL/pgSQL, in every new database). A
+/// failed restore may leave any of them, and a restore over them needs `pg_restore --clean`.
+const USER_OBJECTS: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespace \
+     WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%') \
+     SELECT (SELECT count(*) FROM pg_class WHERE relnamespace IN (SELECT oid FROM user_ns)) \
+     + (SELECT count(*) FROM user_ns WHERE nspname <> 'public') \
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace IN (SELECT oid FROM user_ns)) \
+     + (SELECT count(*) FROM pg_type WHERE typnamespace IN (SELECT oid FROM user_ns) \
+        AND typrelid = 0 AND typcategory <> 'A') \
+     + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')";
 
 /// Creates the database a checked target found missing, and notes in `created` that this
 /// run did (a database that appeared meanwhile fails the creation and is not this run's).
@@ -244,7 +254,7 @@ async fn restore_logical(
         None => Ok(()),
     };
     let (path, conn, cancel_thread) = (file.path().to_path_buf(), target.clone(), cancel.clone());
-    let overwrite = state.relations > 0;
+    let overwrite = state.objects > 0;
     let sink_finish_creation = finish_creation.clone();
     let decoded = decode(repo, manifest, identities, move |reader| {
         let opened = pgdump::open(reader);
