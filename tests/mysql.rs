@@ -699,6 +699,16 @@ fn mysql_incremental_refuses_binary_logs_that_were_reset_since_its_parent() {
         .ok();
 }
 
+/// A restore into `app_copy` that was refused (exit 2, saying each of `said`) before the
+/// database was created.
+fn refused_before_app_copy_is_touched(server: &Server, run: common::Run, said: &[&str]) {
+    let run = run.code(2);
+    for s in said {
+        assert!(run.stderr.contains(s), "{s}: {}", run.stderr);
+    }
+    assert_eq!(server.sql(None, "SHOW DATABASES LIKE 'app_copy'"), "");
+}
+
 #[test]
 fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() {
     let server = Server::start();
@@ -721,17 +731,10 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
             &server.url("root", db),
         ])
     };
-    let run = restore("app_copy").code(2);
-    assert!(
-        run.stderr.contains("names database app itself")
-            && run.stderr.contains("CREATE TABLE app.extra"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(
-        server.sql(None, "SHOW DATABASES LIKE 'app_copy'"),
-        "",
-        "refused before the target is touched"
+    refused_before_app_copy_is_touched(
+        &server,
+        restore("app_copy"),
+        &["names database app itself", "CREATE TABLE app.extra"],
     );
     // Into a database of the same name (on another server; here, the source dropped) the
     // statement replays as it was logged.
@@ -742,6 +745,48 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
         server.sql(None, "SHOW TABLES FROM app LIKE 'extra'"),
         "extra\n"
     );
+}
+
+#[test]
+fn mysql_replay_refuses_statements_that_change_accounts_or_databases() {
+    let server = Server::start();
+    let (sandbox, _) = app_with_a_full_backup(&server);
+    insert(&server, "app", 6..=7);
+    // Binary log timestamps are whole seconds: keep the noted time clear of both sides.
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    // Logged for `app`, the sessions' default database, though they change the server.
+    server.sql(
+        Some("app"),
+        "/* grants */ CREATE USER reader; GRANT SELECT ON app.* TO reader",
+    );
+    insert(&server, "app", 8..=9);
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+    let restore = |more: &[&str]| {
+        let to = server.url("root", "app_copy");
+        let args = [
+            &["restore", "--policy", "app", "--backup", "latest"][..],
+            &["--to-database", &to],
+            more,
+        ]
+        .concat();
+        sandbox.run(&args)
+    };
+    refused_before_app_copy_is_touched(
+        &server,
+        restore(&[]),
+        &[
+            "changes the server, not database app",
+            "CREATE USER reader",
+            "--until",
+        ],
+    );
+    // Up to a time before them, the chain replays.
+    restore(&["--until", &before.to_rfc3339()]).ok();
+    assert_eq!(ids(&server, "app_copy"), (1..=7).collect::<Vec<_>>());
 }
 
 #[test]

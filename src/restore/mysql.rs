@@ -288,14 +288,12 @@ pub async fn execute(
         let ((binlogs, dir), _) = decode(repo, manifest, identities.clone(), sink)
             .await
             .map_err(context(manifest))?;
-        if source_db != conn.database {
-            let command = binlogs.command(dir.path(), &conn, &source_db, until);
-            let (source_db, target_db, cancel) =
-                (source_db.clone(), conn.database.clone(), cancel.clone());
-            blocking(move || refuse_qualified(command, &source_db, &target_db, &cancel))
-                .await
-                .map_err(context(manifest))?;
-        }
+        let command = binlogs.command(dir.path(), &conn, &source_db, until);
+        let (source_db, target_db, cancel) =
+            (source_db.clone(), conn.database.clone(), cancel.clone());
+        blocking(move || check_replay(command, &source_db, &target_db, &cancel))
+            .await
+            .map_err(context(manifest))?;
         incrementals.push((manifest, binlogs, dir));
     }
 
@@ -554,12 +552,17 @@ impl Binlogs {
     }
 }
 
-/// `--rewrite-db` renames the database of row events and the default database of
-/// statements, but not a database a statement names itself (`ALTER TABLE shop.orders`):
-/// replayed into another database on the same server, such a statement would change the
-/// source database. Reads what `binlog` would replay and refuses if a statement names
-/// `source_db`; runs before the target is touched.
-fn refuse_qualified(
+/// Reads what `binlog` would replay into `target_db` and refuses, before the target is
+/// touched, a statement that would change more than that database:
+/// - one that changes accounts, privileges or databases themselves (`GRANT`, `CREATE USER`,
+///   `DROP DATABASE` ...), which the binary logs hold for the source database when it was
+///   the session's default database; a restore of one database never changes the server's
+///   accounts or other databases;
+/// - replayed into another database than `source_db`, one that names `source_db` itself
+///   (`ALTER TABLE shop.orders`): `--rewrite-db` renames the database of row events and the
+///   default database of statements, but not that, so on the same server the statement would
+///   change the source database.
+fn check_replay(
     mut binlog: Command,
     source_db: &str,
     target_db: &str,
@@ -568,16 +571,41 @@ fn refuse_qualified(
     let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
     let stderr = collect_stderr(&mut child);
     let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
-    let mut found = None;
+    let renamed = source_db != target_db;
+    let (mut found, mut at, mut starts) = (None, String::new(), false);
     for line in out.split(b'\n') {
         cancel.check()?;
         let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
         let line = String::from_utf8_lossy(&line);
-        // Comments (event headers) and row events (base64, which has no dots) name nothing.
-        if !line.starts_with('#') && names_database(&line, source_db) {
-            found = Some(line.chars().take(200).collect::<String>());
+        // Comments are event headers (`#261201 09:30:00 server id 1 ...`, in UTC), which
+        // name nothing; row events are base64, which has no dots.
+        if let Some(header) = line.strip_prefix('#') {
+            if header.starts_with(|c: char| c.is_ascii_digit()) {
+                at = header
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+            }
+            continue;
+        }
+        let statement: String = line.chars().take(200).collect();
+        if starts && changes_the_server(&line) {
+            found = Some(format!(
+                "the binary logs hold a statement that changes the server, not database \
+                 {source_db} (logged {at} UTC): {statement}"
+            ));
+        } else if renamed && names_database(&line, source_db) {
+            found = Some(format!(
+                "the binary logs hold a statement that names database {source_db} itself; \
+                 replayed into {target_db} it would change {source_db}: {statement}"
+            ));
+        }
+        if found.is_some() {
             break;
         }
+        // Each statement follows the lines that set its session up, which end so.
+        starts = line.ends_with("/*!*/;");
     }
     if found.is_some() {
         let _ = child.kill();
@@ -585,17 +613,47 @@ fn refuse_qualified(
     let status = child
         .wait()
         .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
-    if let Some(statement) = found {
-        return Err(Error::invalid(format!(
-            "the binary logs hold a statement that names database {source_db} itself; \
-             replayed into {target_db} it would change {source_db}: {statement}"
-        ))
-        .hint(format!(
-            "restore into a database named {source_db} on another server, or restore the full \
-             backup alone (--backup with its ID)"
+    if let Some(why) = found {
+        return Err(Error::invalid(why).hint(format!(
+            "restore to a time before the statement with --until, or restore the full backup \
+             alone (--backup with its ID){}",
+            if renamed {
+                format!("; a database named {source_db} on another server takes the rest")
+            } else {
+                String::new()
+            }
         )));
     }
     check_status("mariadb-binlog", status, &stderr.join().unwrap_or_default())
+}
+
+/// Whether `line`, the start of a statement, changes accounts, privileges or databases
+/// rather than what is in one.
+fn changes_the_server(line: &str) -> bool {
+    let mut rest = line.trim_start();
+    // Leading comments, but for MariaDB's executable ones (`/*!`).
+    while let Some(comment) = rest.strip_prefix("/*").filter(|c| !c.starts_with('!')) {
+        match comment.find("*/") {
+            Some(end) => rest = comment[end + 2..].trim_start(),
+            None => return false,
+        }
+    }
+    let words: Vec<String> = rest
+        .split_whitespace()
+        .take(4)
+        .map(str::to_ascii_uppercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let object = match words.as_slice() {
+        ["GRANT" | "REVOKE", ..] => return true,
+        ["SET", "PASSWORD" | "DEFAULT", ..] => return true,
+        ["CREATE", "OR", "REPLACE", object, ..] => *object,
+        ["CREATE" | "DROP" | "ALTER" | "RENAME", object, ..] => *object,
+        _ => return false,
+    };
+    // The first word may run into the name or a parenthesis (`DATABASE`x`).
+    let object = object.split(['`', '(']).next().unwrap_or_default();
+    matches!(object, "USER" | "ROLE" | "DATABASE" | "SCHEMA")
 }
 
 /// Whether SQL text `line` qualifies a name with database `db` (`db.t` or `` `db`.t ``,
@@ -657,7 +715,47 @@ fn pipe(mut a: Command, mut b: Command, cancel: &Cancel) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::names_database;
+    use super::{changes_the_server, names_database};
+
+    #[test]
+    fn statements_that_change_accounts_or_databases_are_found() {
+        for line in [
+            "GRANT SELECT ON app.* TO reader",
+            "revoke all on *.* from x",
+            "CREATE USER 'a'@'%' IDENTIFIED BY 'x'",
+            "CREATE OR REPLACE USER a",
+            "create role r",
+            "DROP USER IF EXISTS a",
+            "ALTER USER a ACCOUNT LOCK",
+            "RENAME USER a TO b",
+            "SET PASSWORD FOR a = PASSWORD('x')",
+            "SET DEFAULT ROLE r FOR a",
+            "DROP DATABASE app",
+            "drop database `app`",
+            "CREATE DATABASE IF NOT EXISTS other",
+            "CREATE SCHEMA`x`",
+            "ALTER DATABASE other CHARACTER SET utf8mb4",
+            "/* migration 12 */ GRANT SELECT ON app.t TO r",
+            "  /* a */ /* b */ DROP DATABASE x",
+        ] {
+            assert!(changes_the_server(line), "{line}");
+        }
+        for line in [
+            "CREATE TABLE users (id INT)",
+            "ALTER TABLE users ADD role INT",
+            "DROP TABLE database_log",
+            "CREATE OR REPLACE VIEW roles AS SELECT 1",
+            "SET TIMESTAMP=1764610200/*!*/;",
+            "SET @@session.pseudo_thread_id=5/*!*/;",
+            "INSERT INTO grants VALUES (1)",
+            "BINLOG '",
+            "/*!50001 CREATE ALGORITHM=UNDEFINED VIEW v AS SELECT 1 */",
+            "/* unterminated",
+            "",
+        ] {
+            assert!(!changes_the_server(line), "{line}");
+        }
+    }
 
     #[test]
     fn statements_that_name_a_database_are_found() {
