@@ -771,7 +771,8 @@ impl TwinSnapshot {
     }
 
     /// A writer that passes the dump to `scan` and lets commits go once the dump has
-    /// reached its first table, by which time its transaction is open.
+    /// reached its binary log position or its first table, by which time its transaction is
+    /// open (a database without tables holds commits up no longer than that).
     fn releasing<'s, 'o>(&'s mut self, scan: &'s mut DumpScanner<'o>) -> Releasing<'s, 'o> {
         Releasing { twin: self, scan }
     }
@@ -788,7 +789,7 @@ impl TwinSnapshot {
             .map_err(|_| Error::failure("the BACKUP STAGE thread panicked"))??;
         if late {
             tracing::warn!(
-                "no table checksums for this dump: mariadb-dump did not reach its first table within {} s, so commits were let go before its snapshot was sure to be open",
+                "no table checksums for this dump: mariadb-dump did not reach its binary log position or first table within {} s, so commits were let go before its snapshot was sure to be open",
                 HOLD_LIMIT.as_secs()
             );
             return Ok(None);
@@ -918,7 +919,7 @@ struct Releasing<'s, 'o> {
 impl Write for Releasing<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.scan.write(buf)?;
-        if !self.scan.tables.is_empty() {
+        if self.scan.snapshot_by.is_some() {
             self.twin.release();
         }
         Ok(n)
