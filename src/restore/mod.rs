@@ -324,12 +324,13 @@ pub struct RowCheck {
 
 /// Compares the `tables` row counts of a manifest's stats with a restored database's; any
 /// difference (a table missing, extra, or with another count) is an integrity error naming
-/// each one.
+/// each one. Names match by their `key` (what tells tables apart, whatever their quoting).
 pub fn compare_rows(
     backup_id: &BackupId,
     stats: &crate::source::Stats,
     actual: &std::collections::BTreeMap<String, u64>,
     target: &str,
+    key: fn(&str) -> String,
 ) -> Result<RowCheck> {
     let expected: std::collections::BTreeMap<String, u64> = stats
         .get("tables")
@@ -345,17 +346,20 @@ pub fn compare_rows(
                 "backup {backup_id}: the manifest records no row counts"
             ))
         })?;
+    let restored: std::collections::BTreeMap<String, (&String, u64)> =
+        actual.iter().map(|(t, n)| (key(t), (t, *n))).collect();
+    let backed_up: std::collections::BTreeSet<String> = expected.keys().map(|t| key(t)).collect();
     let mut differences = Vec::new();
     for (table, want) in &expected {
-        match actual.get(table) {
-            Some(got) if got == want => {}
-            Some(got) => differences.push(format!(
+        match restored.get(&key(table)) {
+            Some((_, got)) if got == want => {}
+            Some((_, got)) => differences.push(format!(
                 "table {table}: {want} rows at backup, {got} restored"
             )),
             None => differences.push(format!("table {table} ({want} rows at backup) is missing")),
         }
     }
-    for table in actual.keys().filter(|t| !expected.contains_key(*t)) {
+    for (_, (table, _)) in restored.iter().filter(|(k, _)| !backed_up.contains(*k)) {
         differences.push(format!("table {table} was not in the backup"));
     }
     if !differences.is_empty() {

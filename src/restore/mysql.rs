@@ -348,6 +348,7 @@ pub async fn execute(
             &last.source.stats,
             &actual,
             &conn.to_string(),
+            str::to_owned,
         )?;
         compare_checksums(&conn, last).await?;
         Some(rows)

@@ -32,8 +32,8 @@ use crate::source::command::{check_status, collect_stderr, spawn, wait_cancellab
 use crate::source::pgwal::{Carry, CreatedTablespace, TablespaceScan};
 use crate::source::postgres::{
     count_rows, format_lsn, is_digits, parse_lsn, parse_segment, quoted_name_hex, quoted_names,
-    relations, row_counts_parallel, segment_name, tables, Conn, Session, TimelineSwitch, WalRange,
-    NO_TIMEOUTS,
+    relations, row_counts_parallel, segment_name, table_key, tables, Conn, Session, TimelineSwitch,
+    WalRange, NO_TIMEOUTS,
 };
 use crate::{Error, Result};
 
@@ -1781,7 +1781,15 @@ pub async fn execute(
                 &plan.record.manifest()?.source.stats,
                 &report.tables,
                 &format!("database {}", report.database),
-            )?;
+                table_key,
+            )
+            .map_err(|e| {
+                let hint = format!(
+                    "database {} holds the restore as it came out; drop it or restore again with --overwrite",
+                    report.database
+                );
+                e.hint(hint)
+            })?;
             Ok((PgReport::Logical(report), Some(rows)))
         }
         PgPlan::Physical(p) => Ok((

@@ -151,6 +151,7 @@ pub async fn execute(
         &plan.stats,
         &actual,
         &path.display().to_string(),
+        str::to_owned,
     )?;
     let persisted = if *overwrite {
         release_target(path)?;

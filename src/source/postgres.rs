@@ -137,6 +137,42 @@ pub fn quoted_name_hex(schema: &str, table: &str) -> String {
     format!("encode(convert_to(format('%I.%I', {schema}, {table}), 'UTF8'), 'hex')")
 }
 
+/// What tells a table apart, from its name as [`quoted_name_hex`] gives it: its schema's and
+/// its own name, unquoted. The servers that count rows at backup and at restore may quote
+/// names differently (each version its own keywords; `quote_all_identifiers`). A name that
+/// does not parse is its own key.
+pub fn table_key(quoted: &str) -> String {
+    /// One identifier at the start of `s`, unquoted, and the rest.
+    fn ident(s: &str) -> Option<(String, &str)> {
+        match s.strip_prefix('"') {
+            Some(mut rest) => {
+                let mut name = String::new();
+                loop {
+                    let end = rest.find('"')?;
+                    name.push_str(&rest[..end]);
+                    rest = &rest[end + 1..];
+                    match rest.strip_prefix('"') {
+                        Some(more) => {
+                            name.push('"');
+                            rest = more;
+                        }
+                        None => return Some((name, rest)),
+                    }
+                }
+            }
+            None => {
+                let end = s.find('.').unwrap_or(s.len());
+                Some((s[..end].to_owned(), &s[end..]))
+            }
+        }
+    }
+    let parsed = ident(quoted).and_then(|(schema, rest)| {
+        let (table, rest) = ident(rest.strip_prefix('.')?)?;
+        rest.is_empty().then(|| format!("{schema}\0{table}"))
+    });
+    parsed.unwrap_or_else(|| quoted.to_owned())
+}
+
 /// Runs `sql`, whose rows are names from [`quoted_name_hex`], and decodes them.
 pub fn quoted_names(session: &mut Session, sql: &str) -> Result<Vec<String>> {
     session
@@ -1611,6 +1647,32 @@ pub(crate) mod tests {
         assert_eq!(source.archive_queue(), None);
         std::fs::write(&status, b"not a directory").unwrap();
         assert_eq!(source.archive_queue(), None);
+    }
+
+    #[test]
+    fn a_table_is_known_by_its_names_however_quoted() {
+        let same = [
+            ("public.accounts", "\"public\".\"accounts\""),
+            ("public.\"json_object\"", "public.json_object"),
+            ("audit.\"Event Log\"", "\"audit\".\"Event Log\""),
+            ("s.\"a.b\"", "\"s\".\"a.b\""),
+            ("s.\"say \"\"hi\"\"\"", "\"s\".\"say \"\"hi\"\"\""),
+        ];
+        for (a, b) in same {
+            assert_eq!(table_key(a), table_key(b), "{a} {b}");
+        }
+        assert_eq!(table_key("s.\"say \"\"hi\"\"\""), "s\0say \"hi\"");
+        for (a, b) in [
+            ("public.\"Accounts\"", "public.accounts"),
+            ("s.\"a.b\"", "s.a.b"),
+            ("a.b", "\"a.b\""),
+        ] {
+            assert_ne!(table_key(a), table_key(b), "{a} {b}");
+        }
+        // What does not parse stays itself.
+        for odd in ["", "nodot", "\"open", "a.b.c", "s.\"x\"y"] {
+            assert_eq!(table_key(odd), odd);
+        }
     }
 
     #[test]
