@@ -528,16 +528,17 @@ fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
     sb.backup("pg");
     let tmp = sb.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
+    // Decoded dumps in TMPDIR, where each is in a private directory of its own.
     let dumps = || {
-        std::fs::read_dir(&tmp)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".pgdump")
-            })
+        let entries = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.map(|e| e.unwrap().path()).collect())
+                .unwrap_or_default()
+        };
+        entries(&tmp)
+            .iter()
+            .flat_map(|e| entries(e))
+            .filter(|f| f.to_string_lossy().ends_with(".pgdump"))
             .count()
     };
     let restoring = || {
@@ -592,6 +593,11 @@ fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(dumps(), 0, "the decoded dump is left in TMPDIR");
+        assert_eq!(
+            std::fs::read_dir(&tmp).unwrap().count(),
+            0,
+            "its directory is left in TMPDIR"
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         while restoring() {
             assert!(

@@ -213,7 +213,7 @@ enum Loaded {
 ///
 /// Over existing objects (`--overwrite`, which needs `pg_restore --clean`), or for a dump
 /// with large objects or one this module does not read, the dump is decoded into a private
-/// temporary file (mode 0600, removed afterwards) for `pg_restore -j`, then every table's
+/// temporary file (mode 0600, in a private directory, removed afterwards) for `pg_restore -j`, then every table's
 /// rows are counted.
 ///
 /// The sessions of `pg_restore` run with the plan's `maintenance_work_mem`, if it has one.
@@ -233,11 +233,9 @@ async fn restore_logical(
     let memory = *memory;
     let started = std::time::Instant::now();
     let manifest = record.manifest()?;
-    let file = Temporary::new(std::env::temp_dir().join(format!(
-        "drctl-restore-{}-{}.pgdump",
-        record.backup_id,
-        std::process::id()
-    )));
+    // In a private directory of its own: a name in TMPDIR could be taken already.
+    let file = Temporary::dir()?;
+    let dump = file.path().join(format!("{}.pgdump", record.backup_id));
     // A missing database is created while the dump's first bytes arrive. Whatever happens
     // to the dump, the creation has ended before the restore does, so that a failed restore
     // can drop what it created.
@@ -253,7 +251,7 @@ async fn restore_logical(
             .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked"))),
         None => Ok(()),
     };
-    let (path, conn, cancel_thread) = (file.path().to_path_buf(), target.clone(), cancel.clone());
+    let (path, conn, cancel_thread) = (dump.clone(), target.clone(), cancel.clone());
     let overwrite = state.objects > 0;
     let sink_finish_creation = finish_creation.clone();
     let decoded = decode(repo, manifest, identities, move |reader| {
@@ -319,7 +317,7 @@ async fn restore_logical(
                     })
                     .map(|e| e.dump_id)
                     .collect();
-                pg_restore_list(&conn, &["-j", &jobs], file.path(), &rest, memory, &cancel)?;
+                pg_restore_list(&conn, &["-j", &jobs], &dump, &rest, memory, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "indexes and constraints restored"
@@ -336,7 +334,7 @@ async fn restore_logical(
                 if overwrite {
                     args.extend(["--clean", "--if-exists"]);
                 }
-                pg_restore(&conn, &args, file.path(), memory, &cancel)?;
+                pg_restore(&conn, &args, &dump, memory, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "pg_restore finished"
