@@ -671,6 +671,60 @@ fn logical_restore_rebuilds_every_index_and_constraint_as_the_source_has_it() {
 }
 
 #[test]
+fn a_created_database_gets_the_dumps_settings_comment_and_privileges_an_existing_one_keeps_its_own()
+{
+    let source = Db::new("drctl_src");
+    psql(
+        &source.url(),
+        &format!(
+            "ALTER DATABASE {0} SET search_path = app, public; \
+             ALTER ROLE postgres IN DATABASE {0} SET work_mem = '8MB'; \
+             COMMENT ON DATABASE {0} IS 'the {0} database'; \
+             REVOKE CONNECT ON DATABASE {0} FROM PUBLIC",
+            source.name
+        ),
+    );
+    fill(&source.url());
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+    let about = |db: &str| {
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT (SELECT string_agg(coalesce(r.rolname, '*') || ':' || array_to_string(s.setconfig, ','), ' ' ORDER BY 1) \
+                   FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid) \
+                 || ' | ' || coalesce(shobj_description(d.oid, 'pg_database'), '') \
+                 || ' | ' || coalesce((SELECT string_agg(a::text, ',' ORDER BY a::text) FROM unnest(datacl) a), 'default') \
+                 FROM pg_database d WHERE datname = '{db}'"
+            ),
+        )
+    };
+    let created = Db::later("drctl_dst");
+    let run = restore_to(&sb, &id, &created.url()).ok();
+    assert!(!run.stderr.contains("not applied"), "{}", run.stderr);
+    assert_eq!(about(&created.name), about(&source.name));
+    assert!(about(&created.name).contains("*:search_path=app, public"));
+    assert!(
+        !about(&created.name).contains("=Tc/"),
+        "{}",
+        about(&created.name)
+    );
+    // An existing database keeps what it has; the restore says what it left.
+    let existing = Db::new("drctl_dst");
+    let before = about(&existing.name);
+    let run = restore_to(&sb, &id, &existing.url()).ok();
+    assert!(
+        run.stderr
+            .contains("are not applied to the existing database")
+            && run.stderr.contains("REVOKE CONNECT"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(about(&existing.name), before);
+}
+
+#[test]
 fn row_counts_match_whatever_quoting_each_server_gives_the_names() {
     // The source database quotes every name, as a server of another version quotes its
     // own keywords: the counts still match the restored tables'.

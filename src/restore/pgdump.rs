@@ -58,7 +58,8 @@ pub struct Entry {
     pub namespace: Option<String>,
     pub tag: String,
     /// The SQL that creates it, kept only for the entries that set up a session
-    /// (`ENCODING`, `STDSTRINGS`, `SEARCHPATH`).
+    /// (`ENCODING`, `STDSTRINGS`, `SEARCHPATH`) and those about the database itself (see
+    /// [`Entry::is_about_the_database`]).
     pub definition: Option<String>,
     /// For table data: the `COPY ... FROM stdin;` statement its rows are for.
     pub copy: Option<String>,
@@ -79,6 +80,15 @@ impl Entry {
     /// Whether `pg_restore` applies it in its last pass, after everything else.
     pub fn is_grant(&self) -> bool {
         matches!(self.desc.as_str(), "ACL" | "DEFAULT ACL" | "ACL LANGUAGE")
+    }
+
+    /// Whether it is about the database rather than what is in it: its settings (`ALTER
+    /// DATABASE ... SET`, `ALTER ROLE ... IN DATABASE ... SET`), comment, privileges and
+    /// security labels, which `pg_restore` restores only with `--create`.
+    pub fn is_about_the_database(&self) -> bool {
+        self.desc == "DATABASE PROPERTIES"
+            || (matches!(self.desc.as_str(), "COMMENT" | "ACL" | "SECURITY LABEL")
+                && self.tag.starts_with("DATABASE "))
     }
 
     /// Whether the archive holds a data block for this entry.
@@ -543,11 +553,9 @@ impl Input<'_> {
             if !seen.insert(dump_id) {
                 return unsupported(format!("TOC entry {dump_id} listed twice"));
             }
-            entries.push(Entry {
+            let mut entry = Entry {
                 dump_id,
-                definition: definition
-                    .filter(|_| SESSION_SETUP.contains(&desc.as_str()))
-                    .map(|d| String::from_utf8_lossy(&d).into_owned()),
+                definition: None,
                 desc,
                 section,
                 namespace,
@@ -555,7 +563,11 @@ impl Input<'_> {
                 copy,
                 slot_at,
                 flag,
-            });
+            };
+            if SESSION_SETUP.contains(&entry.desc.as_str()) || entry.is_about_the_database() {
+                entry.definition = definition.map(|d| String::from_utf8_lossy(&d).into_owned());
+            }
+            entries.push(entry);
         }
         Ok(entries)
     }

@@ -258,6 +258,7 @@ async fn restore_logical(
         let opened = pgdump::open(reader);
         sink_finish_creation()?;
         let mut archive = opened?;
+        let level = archive.toc().ok().and_then(DatabaseLevel::of);
         let out = create_private(&path)?;
         // Before anything is written, the connections that load the data: if they cannot
         // be made, pg_restore's own may still be.
@@ -275,7 +276,7 @@ async fn restore_logical(
             },
         };
         let Some(loader) = loader else {
-            return Ok(Loaded::File(archive.write_file(&out, &cancel_thread)?));
+            return Ok((Loaded::File(archive.write_file(&out, &cancel_thread)?), level));
         };
         std::io::Write::write_all(&mut &out, archive.head())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
@@ -295,14 +296,14 @@ async fn restore_logical(
             seconds = started.elapsed().as_secs_f64(),
             "table data loaded"
         );
-        Ok(Loaded::Streamed { entries, rows })
+        Ok((Loaded::Streamed { entries, rows }, level))
     })
     .await;
     let creation = finish_creation();
     let decoded = decoded.and_then(|d| creation.map(|()| d));
-    let (loaded, plain) =
+    let ((loaded, level), plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
-    let (conn, cancel) = (target.clone(), cancel.clone());
+    let (conn, cancel, created) = (target.clone(), cancel.clone(), !state.exists);
     let streamed = matches!(loaded, Loaded::Streamed { .. });
     let tables = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, u64>> {
         let jobs = jobs().to_string();
@@ -348,6 +349,9 @@ async fn restore_logical(
             }
         };
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "rows counted");
+        if let Some(level) = level {
+            level.apply(&conn, created);
+        }
         Ok(tables)
     })
     .await
@@ -362,6 +366,94 @@ async fn restore_logical(
         tables,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What a dump says about the database itself rather than what is in it (see
+/// [`pgdump::Entry::is_about_the_database`]), which `pg_restore` leaves out of a restore into
+/// a database it does not create.
+struct DatabaseLevel {
+    /// The database's name in the dump.
+    name: String,
+    statements: Vec<String>,
+}
+
+impl DatabaseLevel {
+    fn of(entries: &[pgdump::Entry]) -> Option<DatabaseLevel> {
+        let name = entries.iter().find(|e| e.desc == "DATABASE")?.tag.clone();
+        let statements: Vec<String> = entries
+            .iter()
+            .filter(|e| e.is_about_the_database())
+            .filter_map(|e| e.definition.clone())
+            .filter(|d| !d.trim().is_empty())
+            .collect();
+        (!statements.is_empty()).then_some(DatabaseLevel { name, statements })
+    }
+
+    /// Applies the statements to the database `target` names, under its name, if this
+    /// restore `created` it; an existing database keeps its own. Warns of what was not
+    /// applied, which does not fail the restore: its data is whole.
+    fn apply(&self, target: &Conn, created: bool) {
+        let database = target.database().unwrap_or_default();
+        if !created {
+            tracing::warn!(
+                database = %database,
+                statements = %self.statements.join(" "),
+                "the dump's settings, comment and privileges of database {} are not applied to \
+                 the existing database; apply those wanted by hand",
+                self.name
+            );
+            return;
+        }
+        let to = format!("DATABASE {}", sql_ident(&database));
+        // As pg_dump quotes the name: only where it must (the server's own rules), or
+        // always.
+        let quoted = target
+            .session()
+            .and_then(|mut s| s.value(&format!("SELECT quote_ident({})", sql_literal(&self.name))))
+            .unwrap_or_else(|_| sql_ident(&self.name));
+        let from = [
+            format!("DATABASE {}", sql_ident(&self.name)),
+            format!("DATABASE {quoted}"),
+        ];
+        for statement in &self.statements {
+            let renamed = rename_database(statement, &from, &to);
+            match target.session().and_then(|mut s| {
+                s.query(renamed.trim_end().trim_end_matches(';'))?;
+                s.close()
+            }) {
+                Ok(()) => {
+                    tracing::info!(statement = %renamed.trim_end(), "applied to the restored database")
+                }
+                Err(e) => tracing::warn!(
+                    statement = %renamed.trim_end(),
+                    error = %e,
+                    "a setting, comment or privilege of the database in the dump could not be \
+                     applied to the restored database; apply it by hand if wanted"
+                ),
+            }
+        }
+    }
+}
+
+/// `statement` with each of `from` (`DATABASE name` as it may be written) that ends there,
+/// not inside a longer name, replaced by `to`.
+fn rename_database(statement: &str, from: &[String], to: &str) -> String {
+    let mut out = statement.to_owned();
+    for f in from {
+        let mut done = String::new();
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(f.as_str()) {
+            let end = i + f.len();
+            let whole =
+                !rest[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$');
+            done.push_str(&rest[..i]);
+            done.push_str(if whole { to } else { f });
+            rest = &rest[end..];
+        }
+        done.push_str(rest);
+        out = done;
+    }
+    out
 }
 
 /// Whether a dump can be streamed into the target: if so, the statements that set up a
@@ -1856,6 +1948,32 @@ mod tests {
         assert_eq!(IndexMemory::default_for(2, mb(1024)), None);
         assert_eq!(IndexMemory::default_for(2, mb(2048)), None);
         assert_eq!(IndexMemory::default_for(2, mb(512)), Some(mb(1024)));
+    }
+
+    #[test]
+    fn a_database_statement_is_renamed_where_it_names_the_database() {
+        let from = ["DATABASE \"app\"".to_owned(), "DATABASE app".to_owned()];
+        let to = "DATABASE \"app copy\"";
+        for (statement, want) in [
+            (
+                "ALTER DATABASE app SET search_path TO 'app', 'public';",
+                "ALTER DATABASE \"app copy\" SET search_path TO 'app', 'public';",
+            ),
+            (
+                "REVOKE CONNECT,TEMPORARY ON DATABASE app FROM PUBLIC;\nGRANT TEMPORARY ON DATABASE app TO PUBLIC;",
+                "REVOKE CONNECT,TEMPORARY ON DATABASE \"app copy\" FROM PUBLIC;\nGRANT TEMPORARY ON DATABASE \"app copy\" TO PUBLIC;",
+            ),
+            (
+                "COMMENT ON DATABASE \"app\" IS 'not DATABASE application';",
+                "COMMENT ON DATABASE \"app copy\" IS 'not DATABASE application';",
+            ),
+            (
+                "ALTER ROLE r IN DATABASE app SET work_mem TO '8MB';",
+                "ALTER ROLE r IN DATABASE \"app copy\" SET work_mem TO '8MB';",
+            ),
+        ] {
+            assert_eq!(rename_database(statement, &from, to), want);
+        }
     }
 
     #[test]
