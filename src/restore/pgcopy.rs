@@ -120,6 +120,7 @@ fn send_all(
     let sent = (|| -> Result<Sent> {
         let mut piece: Vec<u8> = Vec::with_capacity(2 * PIECE);
         while let Some((kind, dump_id)) = archive.next_block()? {
+            cancel.check()?;
             let at = archive.position();
             let Some(copy) = statements.get(&dump_id).filter(|_| kind == BLOCK_DATA) else {
                 return Err(pgdump::damaged(

@@ -222,7 +222,7 @@ impl Archive<'_> {
             writer.put(&[kind])?;
             writer.int(dump_id, ints)?;
             if kind == BLOCK_DATA {
-                join.block(&mut input, &mut writer)?;
+                join.block(&mut input, &mut writer, cancel)?;
             } else {
                 loop {
                     let at = input.pos;
@@ -231,7 +231,7 @@ impl Archive<'_> {
                     if oid == 0 {
                         break;
                     }
-                    join.block(&mut input, &mut writer)?;
+                    join.block(&mut input, &mut writer, cancel)?;
                 }
             }
             starts.push((dump_id, start, read_at));
@@ -613,7 +613,13 @@ struct Joiner {
 
 impl Joiner {
     /// Copies length-prefixed chunks up to the zero length that ends them.
-    fn block(&mut self, input: &mut Input<'_>, out: &mut Output<'_>) -> Result<()> {
+    /// Copies one data block's chunks, joined; stops if `cancel` is set meanwhile.
+    fn block(
+        &mut self,
+        input: &mut Input<'_>,
+        out: &mut Output<'_>,
+        cancel: &Cancel,
+    ) -> Result<()> {
         loop {
             let (at, len) = input.chunk_len()?;
             if len == 0 {
@@ -621,6 +627,7 @@ impl Joiner {
             }
             self.chunks_in += 1;
             if self.buf.len() + len > JOINED_CHUNK {
+                cancel.check()?;
                 self.flush(out, input.ints)?;
             }
             input
