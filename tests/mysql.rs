@@ -608,7 +608,7 @@ fn mysql_point_in_time_restore_replays_binlogs_up_to_the_given_time() {
         run.stderr.contains(&format!("is after backup {second}"))
             && run
                 .stderr
-                .contains("what was written since is in no backup"),
+                .contains("what was written since is not in the backups it applies"),
         "{}",
         run.stderr
     );
@@ -756,11 +756,18 @@ fn mysql_replay_refuses_statements_that_change_accounts_or_databases() {
     std::thread::sleep(Duration::from_millis(1100));
     let before = chrono::Utc::now();
     std::thread::sleep(Duration::from_millis(1100));
-    // Logged for `app`, the sessions' default database, though they change the server.
-    server.sql(
-        Some("app"),
-        "/* grants */ CREATE USER reader; GRANT SELECT ON app.* TO reader",
-    );
+    // Logged for `app`, the sessions' default database, though they change the server;
+    // with the comments that come before, as the client sends them.
+    let run = server
+        .client(Some("app"))
+        .arg("--comments")
+        .args([
+            "-e",
+            "-- grants\n/* for reports */ CREATE\n  USER reader; GRANT SELECT ON app.* TO reader",
+        ])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
     insert(&server, "app", 8..=9);
     sandbox
         .run(&["backup", "--policy", "app", "--incremental"])
@@ -780,8 +787,8 @@ fn mysql_replay_refuses_statements_that_change_accounts_or_databases() {
         restore(&[]),
         &[
             "changes the server, not database app",
-            "CREATE USER reader",
-            "--until",
+            "/* for reports */ CREATE\n  USER reader\n",
+            "replays up to it",
         ],
     );
     // Up to a time before them, the chain replays.

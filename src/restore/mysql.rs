@@ -115,8 +115,9 @@ pub async fn plan(
     let check_rows = until.is_none_or(|t| t >= taken_at(last));
     if let Some(t) = until.filter(|&t| t > taken_at(last)) {
         tracing::warn!(
-            "--until {t} is after backup {} (the newest of its chain, taken {}): the restore \
-             reaches that time only; what was written since is in no backup",
+            "--until {t} is after backup {} (the last this restore applies, taken {}): the \
+             restore reaches that time only; what was written since is not in the backups it \
+             applies",
             last.backup_id,
             taken_at(last)
         );
@@ -334,7 +335,7 @@ pub async fn execute(
     for (manifest, binlogs, dir) in incrementals {
         let command = binlogs.command(dir.path(), &conn, &source_db, until);
         let (c, cancel) = (conn.clone(), cancel.clone());
-        blocking(move || pipe(command, client(&c), &cancel))
+        blocking(move || pipe(command, replay_client(&c), &cancel))
             .await
             .map_err(context(manifest))?;
     }
@@ -440,13 +441,16 @@ fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
 
 fn client(conn: &Conn) -> Command {
     let mut cmd = conn.command("mariadb");
-    // Binary mode: a statement of the binary log may hold any byte, a NUL or a CR LF
-    // included, which the client would otherwise refuse or rewrite.
-    cmd.args([
-        "--batch",
-        "--binary-mode",
-        &format!("--database={}", conn.database),
-    ]);
+    cmd.args(["--batch", &format!("--database={}", conn.database)]);
+    cmd
+}
+
+/// The client for a binary log's statements, which may hold any byte, a NUL or a CR LF
+/// included: in binary mode, which takes them as they are instead of refusing or rewriting
+/// them (mariadb-dump's output needs no such mode).
+fn replay_client(conn: &Conn) -> Command {
+    let mut cmd = client(conn);
+    cmd.arg("--binary-mode");
     cmd
 }
 
@@ -573,40 +577,76 @@ fn check_replay(
     let stderr = collect_stderr(&mut child);
     let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
     let renamed = source_db != target_db;
-    let (mut found, mut at, mut starts) = (None, String::new(), false);
+    let own = (!renamed).then_some(source_db);
+    let mut found = None;
+    // The time of the event being read, from its header.
+    let mut at = None;
+    // After a line that ends a statement (`/*!*/;`, the delimiter mariadb-binlog sets), the
+    // next line that is not an event header starts one; its head (comments included) is
+    // kept until its end.
+    let (mut starts, mut statement): (bool, Option<String>) = (false, None);
     for line in out.split(b'\n') {
         cancel.check()?;
         let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
         let line = String::from_utf8_lossy(&line);
-        // Comments are event headers (`#261201 09:30:00 server id 1 ...`, in UTC), which
-        // name nothing; row events are base64, which has no dots.
-        if let Some(header) = line.strip_prefix('#') {
-            if header.starts_with(|c: char| c.is_ascii_digit()) {
-                at = header
+        if statement.is_none() {
+            // Event headers (`#261201  9:30:00 server id 1 ...`, in UTC) name nothing.
+            if let Some(header) = line.strip_prefix('#') {
+                let time = header
                     .split_whitespace()
                     .take(2)
                     .collect::<Vec<_>>()
                     .join(" ");
+                if let Ok(t) = chrono::NaiveDateTime::parse_from_str(&time, "%y%m%d %H:%M:%S") {
+                    at = Some(t.and_utc());
+                }
+                continue;
             }
-            continue;
+            if !starts {
+                // Before the first statement: the delimiter is being set.
+                starts = line.ends_with("/*!*/;");
+                continue;
+            }
+            statement = Some(String::new());
         }
-        let statement: String = line.chars().take(200).collect();
-        if starts && changes_the_server(&line) {
-            found = Some(format!(
-                "the binary logs hold a statement that changes the server, not database \
-                 {source_db} (logged {at} UTC): {statement}"
-            ));
-        } else if renamed && names_database(&line, source_db) {
+        let text = statement.as_mut().expect("a statement");
+        if text.len() < STATEMENT_HEAD {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        // Row events are base64, which has no dots.
+        if renamed && names_database(&line, source_db) {
             found = Some(format!(
                 "the binary logs hold a statement that names database {source_db} itself; \
-                 replayed into {target_db} it would change {source_db}: {statement}"
+                 replayed into {target_db} it would change {source_db}: {}",
+                line.chars().take(200).collect::<String>()
             ));
-        }
-        if found.is_some() {
             break;
         }
-        // Each statement follows the lines that set its session up, which end so.
         starts = line.ends_with("/*!*/;");
+        if starts {
+            let text = statement.take().expect("a statement");
+            if changes_the_server(&text, own) {
+                let when = at.map_or("at an unknown time".to_owned(), |t| {
+                    format!(
+                        "at {} (--until {} replays up to it)",
+                        t.to_rfc3339(),
+                        (t - chrono::Duration::seconds(1)).to_rfc3339()
+                    )
+                });
+                found = Some(format!(
+                    "the binary logs hold a statement that changes the server, not database \
+                     {source_db}, logged {when}: {}",
+                    text.trim_end()
+                        .trim_end_matches("/*!*/;")
+                        .trim()
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                ));
+                break;
+            }
+        }
     }
     if found.is_some() {
         let _ = child.kill();
@@ -628,33 +668,82 @@ fn check_replay(
     check_status("mariadb-binlog", status, &stderr.join().unwrap_or_default())
 }
 
-/// Whether `line`, the start of a statement, changes accounts, privileges or databases
-/// rather than what is in one.
-fn changes_the_server(line: &str) -> bool {
-    let mut rest = line.trim_start();
-    // Leading comments, but for MariaDB's executable ones (`/*!`).
-    while let Some(comment) = rest.strip_prefix("/*").filter(|c| !c.starts_with('!')) {
-        match comment.find("*/") {
-            Some(end) => rest = comment[end + 2..].trim_start(),
-            None => return false,
-        }
-    }
-    let words: Vec<String> = rest
-        .split_whitespace()
-        .take(4)
-        .map(str::to_ascii_uppercase)
-        .collect();
+/// How much of a statement's text is kept to tell what it does.
+const STATEMENT_HEAD: usize = 4096;
+
+/// Whether `statement` (its text, or its head) changes accounts, privileges or databases
+/// rather than what is in one. `ALTER DATABASE` of the session's database (no name) changes
+/// the restored one, as does one naming `own`, the source database when the restore keeps
+/// its name.
+fn changes_the_server(statement: &str, own: Option<&str>) -> bool {
+    let words = leading_words(statement, 5);
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let object = match words.as_slice() {
+    let (object, rest) = match words.as_slice() {
         ["GRANT" | "REVOKE", ..] => return true,
         ["SET", "PASSWORD" | "DEFAULT", ..] => return true,
-        ["CREATE", "OR", "REPLACE", object, ..] => *object,
-        ["CREATE" | "DROP" | "ALTER" | "RENAME", object, ..] => *object,
+        ["CREATE", "OR", "REPLACE", object, rest @ ..] => (*object, rest),
+        ["CREATE" | "DROP" | "ALTER" | "RENAME", object, rest @ ..] => (*object, rest),
         _ => return false,
     };
-    // The first word may run into the name or a parenthesis (`DATABASE`x`).
-    let object = object.split(['`', '(']).next().unwrap_or_default();
-    matches!(object, "USER" | "ROLE" | "DATABASE" | "SCHEMA")
+    // The word may run into the name (`DATABASE`x``).
+    let (object, glued) = match object.find('`') {
+        Some(i) => (&object[..i], Some(&object[i..])),
+        None => (object, None),
+    };
+    match object {
+        "USER" | "ROLE" => true,
+        "DATABASE" | "SCHEMA" if words[0] == "ALTER" => {
+            let name = glued.or(rest.first().copied()).unwrap_or_default();
+            let name = name.trim_matches('`');
+            let unnamed = matches!(
+                name,
+                "" | "CHARACTER" | "CHARSET" | "DEFAULT" | "COLLATE" | "COMMENT" | "READ"
+            );
+            !(unnamed || own.is_some_and(|db| name.eq_ignore_ascii_case(db)))
+        }
+        "DATABASE" | "SCHEMA" => true,
+        _ => false,
+    }
+}
+
+/// The first `n` words of SQL text, upper-cased, after its comments (`-- `, `#`, `/* */`):
+/// the body of an executable comment (`/*!50001 ...*/`, `/*M!100100 ...*/`) counts as text,
+/// as the server runs it.
+fn leading_words(sql: &str, n: usize) -> Vec<String> {
+    let mut text = String::new();
+    let mut rest = sql;
+    while !rest.is_empty() && text.split_whitespace().count() <= n {
+        let t = rest.trim_start();
+        if t.starts_with("--") || t.starts_with('#') {
+            rest = t.find('\n').map_or("", |i| &t[i + 1..]);
+        } else if let Some(comment) = t.strip_prefix("/*") {
+            let Some(end) = comment.find("*/") else {
+                break;
+            };
+            let body = &comment[..end];
+            if let Some(code) = body.strip_prefix('!').or_else(|| body.strip_prefix("M!")) {
+                text.push(' ');
+                text.push_str(code.trim_start_matches(|c: char| c.is_ascii_digit()));
+                text.push(' ');
+            }
+            rest = &comment[end + 2..];
+        } else {
+            // Text, up to the end of its line or a comment within it.
+            let line_end = t.find('\n').unwrap_or(t.len());
+            let cut = ["/*", "-- ", "#"]
+                .iter()
+                .filter_map(|m| t[..line_end].find(m))
+                .min()
+                .unwrap_or(line_end);
+            text.push(' ');
+            text.push_str(&t[..cut]);
+            rest = &t[cut..];
+        }
+    }
+    text.split_whitespace()
+        .take(n)
+        .map(str::to_ascii_uppercase)
+        .collect()
 }
 
 /// Whether SQL text `line` qualifies a name with database `db` (`db.t` or `` `db`.t ``,
@@ -735,12 +824,32 @@ mod tests {
             "drop database `app`",
             "CREATE DATABASE IF NOT EXISTS other",
             "CREATE SCHEMA`x`",
-            "ALTER DATABASE other CHARACTER SET utf8mb4",
             "/* migration 12 */ GRANT SELECT ON app.t TO r",
             "  /* a */ /* b */ DROP DATABASE x",
+            "-- v12\nGRANT SELECT ON app.* TO r\n/*!*/;",
+            "# note\n/* more */\nCREATE\n  USER reader",
+            "/*!40000 DROP DATABASE IF EXISTS `x`*/",
+            "/*M!100100 CREATE USER x */",
+            "ALTER DATABASE other CHARACTER SET utf8mb4",
+            "ALTER DATABASE `app` COMMENT 'x'",
         ] {
-            assert!(changes_the_server(line), "{line}");
+            assert!(changes_the_server(line, None), "{line}");
         }
+        // The restored database itself, when it keeps its name.
+        for line in [
+            "ALTER DATABASE app CHARACTER SET utf8mb4",
+            "ALTER DATABASE `app` COMMENT 'x'",
+            "ALTER SCHEMA APP DEFAULT COLLATE utf8mb4_bin",
+            "ALTER DATABASE CHARACTER SET utf8mb4",
+            "ALTER DATABASE DEFAULT CHARSET latin1",
+        ] {
+            assert!(!changes_the_server(line, Some("app")), "{line}");
+        }
+        assert!(changes_the_server(
+            "ALTER DATABASE other CHARSET x",
+            Some("app")
+        ));
+        assert!(changes_the_server("DROP DATABASE app", Some("app")));
         for line in [
             "CREATE TABLE users (id INT)",
             "ALTER TABLE users ADD role INT",
@@ -753,8 +862,10 @@ mod tests {
             "/*!50001 CREATE ALGORITHM=UNDEFINED VIEW v AS SELECT 1 */",
             "/* unterminated",
             "",
+            "-- GRANT in a comment\nINSERT INTO t VALUES (1)",
+            "INSERT INTO t VALUES ('/* GRANT */')",
         ] {
-            assert!(!changes_the_server(line), "{line}");
+            assert!(!changes_the_server(line, None), "{line}");
         }
     }
 

@@ -374,86 +374,128 @@ async fn restore_logical(
 struct DatabaseLevel {
     /// The database's name in the dump.
     name: String,
-    statements: Vec<String>,
+    /// What each entry is (`settings`, `comment` ...), and its statements.
+    entries: Vec<(&'static str, String)>,
 }
 
 impl DatabaseLevel {
     fn of(entries: &[pgdump::Entry]) -> Option<DatabaseLevel> {
         let name = entries.iter().find(|e| e.desc == "DATABASE")?.tag.clone();
-        let statements: Vec<String> = entries
+        let entries: Vec<(&'static str, String)> = entries
             .iter()
             .filter(|e| e.is_about_the_database())
-            .filter_map(|e| e.definition.clone())
-            .filter(|d| !d.trim().is_empty())
+            .filter_map(|e| {
+                let what = match e.desc.as_str() {
+                    "DATABASE PROPERTIES" => "settings",
+                    "COMMENT" => "comment",
+                    "ACL" => "privileges",
+                    _ => "security labels",
+                };
+                Some((what, e.definition.clone()?)).filter(|(_, d)| !d.trim().is_empty())
+            })
             .collect();
-        (!statements.is_empty()).then_some(DatabaseLevel { name, statements })
+        (!entries.is_empty()).then_some(DatabaseLevel { name, entries })
     }
 
-    /// Applies the statements to the database `target` names, under its name, if this
-    /// restore `created` it; an existing database keeps its own. Warns of what was not
-    /// applied, which does not fail the restore: its data is whole.
+    fn what(&self) -> String {
+        let mut what: Vec<&str> = self.entries.iter().map(|(w, _)| *w).collect();
+        what.dedup();
+        what.join(", ")
+    }
+
+    /// Applies the entries to the database `target` names, under its name, if this restore
+    /// `created` it, each in a transaction; an existing database keeps its own. Warns of what
+    /// was not applied, which does not fail the restore: its data is whole. The statements
+    /// are not logged: a setting may hold a secret.
     fn apply(&self, target: &Conn, created: bool) {
         let database = target.database().unwrap_or_default();
         if !created {
             tracing::warn!(
-                database = %database,
-                statements = %self.statements.join(" "),
-                "the dump's settings, comment and privileges of database {} are not applied to \
-                 the existing database; apply those wanted by hand",
-                self.name
+                "the dump's {} of database {} are not applied to the existing database {database}; \
+                 `drctl restore --stdout` piped to `pg_restore --create --schema-only -f -` \
+                 prints them",
+                self.what(),
+                self.name,
             );
             return;
         }
         let to = format!("DATABASE {}", sql_ident(&database));
-        // As pg_dump quotes the name: only where it must (the server's own rules), or
-        // always.
-        let quoted = target
+        // As pg_dump may have quoted the name: where it must (the server's own rules, or
+        // plain lower case), or always.
+        let mut from = vec![format!("DATABASE {}", sql_ident(&self.name))];
+        if let Ok(quoted) = target
             .session()
             .and_then(|mut s| s.value(&format!("SELECT quote_ident({})", sql_literal(&self.name))))
-            .unwrap_or_else(|_| sql_ident(&self.name));
-        let from = [
-            format!("DATABASE {}", sql_ident(&self.name)),
-            format!("DATABASE {quoted}"),
-        ];
-        for statement in &self.statements {
-            let renamed = rename_database(statement, &from, &to);
-            match target.session().and_then(|mut s| {
-                s.query(renamed.trim_end().trim_end_matches(';'))?;
+        {
+            from.push(format!("DATABASE {quoted}"));
+        }
+        if self
+            .name
+            .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        {
+            from.push(format!("DATABASE {}", self.name));
+        }
+        for (what, statements) in &self.entries {
+            // A statement that does not name the database as expected is not run: it
+            // could change the source database.
+            let Some(renamed) = rename_database(statements, &from, &to) else {
+                tracing::warn!(
+                    "the dump's {what} of database {} do not name it as expected and are not \
+                     applied to the restored database {database}",
+                    self.name
+                );
+                continue;
+            };
+            let applied = target.session().and_then(|mut s| {
+                s.query(&format!("BEGIN;\n{}\nCOMMIT", renamed.trim_end()))?;
                 s.close()
-            }) {
-                Ok(()) => {
-                    tracing::info!(statement = %renamed.trim_end(), "applied to the restored database")
-                }
+            });
+            match applied {
+                Ok(()) => tracing::info!(
+                    "applied the dump's {what} of database {} to the restored database {database}",
+                    self.name
+                ),
                 Err(e) => tracing::warn!(
-                    statement = %renamed.trim_end(),
                     error = %e,
-                    "a setting, comment or privilege of the database in the dump could not be \
-                     applied to the restored database; apply it by hand if wanted"
+                    "the dump's {what} of database {} could not be applied to the restored \
+                     database {database}; apply them by hand if wanted",
+                    self.name
                 ),
             }
         }
     }
 }
 
-/// `statement` with each of `from` (`DATABASE name` as it may be written) that ends there,
-/// not inside a longer name, replaced by `to`.
-fn rename_database(statement: &str, from: &[String], to: &str) -> String {
-    let mut out = statement.to_owned();
-    for f in from {
-        let mut done = String::new();
-        let mut rest = out.as_str();
-        while let Some(i) = rest.find(f.as_str()) {
-            let end = i + f.len();
-            let whole =
-                !rest[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$');
-            done.push_str(&rest[..i]);
-            done.push_str(if whole { to } else { f });
-            rest = &rest[end..];
+/// `sql` with each of `from` (`DATABASE name` as it may be written) outside string literals
+/// and not inside a longer name replaced by `to`; `None` if there is none.
+fn rename_database(sql: &str, from: &[String], to: &str) -> Option<String> {
+    let mut out = String::with_capacity(sql.len());
+    let (mut rest, mut quoted, mut renamed) = (sql, false, false);
+    while let Some(c) = rest.chars().next() {
+        if !quoted {
+            let found = from.iter().find(|f| {
+                rest.starts_with(f.as_str())
+                    && !rest[f.len()..]
+                        .starts_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$')
+            });
+            if let Some(f) = found {
+                out.push_str(to);
+                rest = &rest[f.len()..];
+                renamed = true;
+                continue;
+            }
         }
-        done.push_str(rest);
-        out = done;
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
     }
-    out
+    renamed.then_some(out)
 }
 
 /// Whether a dump can be streamed into the target: if so, the statements that set up a
@@ -1964,15 +2006,23 @@ mod tests {
                 "REVOKE CONNECT,TEMPORARY ON DATABASE \"app copy\" FROM PUBLIC;\nGRANT TEMPORARY ON DATABASE \"app copy\" TO PUBLIC;",
             ),
             (
-                "COMMENT ON DATABASE \"app\" IS 'not DATABASE application';",
-                "COMMENT ON DATABASE \"app copy\" IS 'not DATABASE application';",
+                "COMMENT ON DATABASE \"app\" IS 'not DATABASE app, it''s DATABASE app';",
+                "COMMENT ON DATABASE \"app copy\" IS 'not DATABASE app, it''s DATABASE app';",
             ),
             (
                 "ALTER ROLE r IN DATABASE app SET work_mem TO '8MB';",
                 "ALTER ROLE r IN DATABASE \"app copy\" SET work_mem TO '8MB';",
             ),
         ] {
-            assert_eq!(rename_database(statement, &from, to), want);
+            assert_eq!(rename_database(statement, &from, to).as_deref(), Some(want));
+        }
+        // Named otherwise (or only in a longer name): not renamed, so not to be run.
+        for statement in [
+            "ALTER DATABASE \"App\" SET x TO 'y';",
+            "ALTER DATABASE application SET x TO 'y';",
+            "COMMENT ON DATABASE other IS 'DATABASE app';",
+        ] {
+            assert_eq!(rename_database(statement, &from, to), None, "{statement}");
         }
     }
 

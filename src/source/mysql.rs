@@ -422,8 +422,24 @@ impl MysqlSource {
             "--quick",
             "--routines",
             "--triggers",
-            "--events",
         ]);
+        // Scheduled events, where the user may see them (SHOW EVENTS, which --events runs,
+        // needs the EVENT privilege, which a backup user may lack).
+        // (A failing query leaves them out; the dump says why the database cannot be read.)
+        let events = self.conn.query(
+            None,
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.events WHERE event_schema = {}",
+                quote_str(&self.conn.database)
+            ),
+        );
+        if events
+            .ok()
+            .and_then(|rows| rows.into_iter().next()?.into_iter().next())
+            .is_some_and(|n| n != "0")
+        {
+            cmd.arg("--events");
+        }
         if binlog {
             cmd.arg("--master-data=2");
         }
