@@ -748,7 +748,7 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
 }
 
 #[test]
-fn mysql_replay_refuses_statements_that_change_accounts_or_databases() {
+fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
     let server = Server::start();
     let (sandbox, _) = app_with_a_full_backup(&server);
     insert(&server, "app", 6..=7);
@@ -794,6 +794,39 @@ fn mysql_replay_refuses_statements_that_change_accounts_or_databases() {
     // Up to a time before them, the chain replays.
     restore(&["--until", &before.to_rfc3339()]).ok();
     assert_eq!(ids(&server, "app_copy"), (1..=7).collect::<Vec<_>>());
+
+    // A statement logged for `shop` that names another database of the target server
+    // would change that one: refused too, whatever the restore's database is called.
+    server.sql(
+        None,
+        "CREATE DATABASE shop; CREATE DATABASE other; CREATE TABLE shop.t (id INT PRIMARY KEY)",
+    );
+    server.policy(&sandbox, "shop", "shop");
+    sandbox.backup("shop");
+    server.sql(Some("shop"), "CREATE TABLE other.audit (x INT)");
+    sandbox
+        .run(&["backup", "--policy", "shop", "--incremental"])
+        .ok();
+    server.sql(None, "DROP DATABASE shop; DROP TABLE other.audit");
+    let run = sandbox
+        .run(&[
+            "restore",
+            "--policy",
+            "shop",
+            "--backup",
+            "latest",
+            "--to-database",
+            &server.url("root", "shop"),
+        ])
+        .code(2);
+    assert!(
+        run.stderr
+            .contains("names database other, which the replay would change")
+            && run.stderr.contains("CREATE TABLE other.audit"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(server.sql(None, "SHOW DATABASES LIKE 'shop'"), "");
 }
 
 #[test]

@@ -277,7 +277,30 @@ pub async fn execute(
         .map(str::to_owned)
         .ok_or_else(|| Error::integrity("the full backup's manifest names no database"))?;
 
-    // Every incremental's binary logs are unpacked and checked before the target is touched.
+    // Every incremental's binary logs are unpacked and checked before the target is touched,
+    // against the databases a statement could change by naming them: those of the target
+    // server but the target (and the read-only ones), and the source.
+    let watched = if my.manifests.len() > 1 {
+        let c = conn.clone();
+        let listed = blocking(move || c.query(None, "SHOW DATABASES")).await?;
+        let mut watched: Vec<String> = listed
+            .into_iter()
+            .filter_map(|row| row.into_iter().next())
+            .chain([source_db.clone()])
+            .filter(|db| {
+                *db != conn.database
+                    && !matches!(
+                        db.as_str(),
+                        "information_schema" | "performance_schema" | "sys"
+                    )
+            })
+            .collect();
+        watched.sort();
+        watched.dedup();
+        watched
+    } else {
+        Vec::new()
+    };
     let mut incrementals = Vec::new();
     for manifest in &my.manifests[1..] {
         let binlogs = Binlogs::from_stats(&manifest.source.stats).map_err(context(manifest))?;
@@ -290,9 +313,13 @@ pub async fn execute(
             .await
             .map_err(context(manifest))?;
         let command = binlogs.command(dir.path(), &conn, &source_db, until);
-        let (source_db, target_db, cancel) =
-            (source_db.clone(), conn.database.clone(), cancel.clone());
-        blocking(move || check_replay(command, &source_db, &target_db, &cancel))
+        let (source_db, target_db, watched, cancel) = (
+            source_db.clone(),
+            conn.database.clone(),
+            watched.clone(),
+            cancel.clone(),
+        );
+        blocking(move || check_replay(command, &source_db, &target_db, &watched, &cancel))
             .await
             .map_err(context(manifest))?;
         incrementals.push((manifest, binlogs, dir));
@@ -561,16 +588,16 @@ impl Binlogs {
 /// touched, a statement that would change more than that database:
 /// - one that changes accounts, privileges or databases themselves (`GRANT`, `CREATE USER`,
 ///   `DROP DATABASE` ...), which the binary logs hold for the source database when it was
-///   the session's default database; a restore of one database never changes the server's
-///   accounts or other databases;
-/// - replayed into another database than `source_db`, one that names `source_db` itself
-///   (`ALTER TABLE shop.orders`): `--rewrite-db` renames the database of row events and the
-///   default database of statements, but not that, so on the same server the statement would
-///   change the source database.
+///   the session's default database;
+/// - one that names a database of `watched` (`DROP TABLE other.t`): the other databases of
+///   the target server, and, replayed into another database than `source_db`, that one,
+///   since `--rewrite-db` renames the database of row events and the default database of
+///   statements, but not a database a statement names itself (`ALTER TABLE shop.orders`).
 fn check_replay(
     mut binlog: Command,
     source_db: &str,
     target_db: &str,
+    watched: &[String],
     cancel: &Cancel,
 ) -> Result<()> {
     let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
@@ -615,10 +642,19 @@ fn check_replay(
             text.push('\n');
         }
         // Row events are base64, which has no dots.
-        if renamed && names_database(&line, source_db) {
+        let named = if line.contains('.') {
+            watched.iter().find(|db| names_database(&line, db))
+        } else {
+            None
+        };
+        if let Some(db) = named {
+            let why = if db == source_db {
+                format!("names database {source_db} itself; replayed into {target_db} it would change {source_db}")
+            } else {
+                format!("names database {db}, which the replay would change on the target server")
+            };
             found = Some(format!(
-                "the binary logs hold a statement that names database {source_db} itself; \
-                 replayed into {target_db} it would change {source_db}: {}",
+                "the binary logs hold a statement that {why}: {}",
                 line.chars().take(200).collect::<String>()
             ));
             break;

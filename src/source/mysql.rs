@@ -134,6 +134,25 @@ impl Conn {
         cmd
     }
 
+    /// How far the server's clock is ahead of this host's, at most: the time of a full
+    /// backup is the server's, as that of incrementals and binary log events is, so that
+    /// `--until` means one clock.
+    pub fn clock_ahead(&self) -> Result<chrono::Duration> {
+        let asked = Utc::now();
+        let rows = self.query(
+            None,
+            "SELECT DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')",
+        )?;
+        let server = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .ok_or_else(|| Error::failure("the server's UTC_TIMESTAMP() is not a time"))?;
+        // Read after `asked`: at least the clock's lead, so a snapshot's time is not earlier
+        // than the server's.
+        Ok(server.with_timezone(&Utc) - asked)
+    }
+
     /// What tells a binary log file apart from another of the same name (RESET MASTER and a
     /// failover to another server reuse names): when it was created, to the second, and by
     /// which server, from the header of its first event.
@@ -415,6 +434,7 @@ impl MysqlSource {
 
     fn full_dump(&mut self, out: &mut dyn Write, cancel: &Cancel) -> Result<Stats> {
         let binlog = self.conn.binlog_enabled()?;
+        let ahead = self.conn.clock_ahead()?;
         let mut twin = TwinSnapshot::open(&self.conn)?;
         let mut cmd = self.conn.command("mariadb-dump");
         cmd.args([
@@ -489,7 +509,7 @@ impl MysqlSource {
         // Taken once the dump's snapshot was (not before it starts): a restore to an earlier
         // time is refused instead of given rows committed after that time.
         self.point_in_time = Some(PointInTime {
-            timestamp: Some(scan.snapshot_by.unwrap_or_else(Utc::now)),
+            timestamp: Some(scan.snapshot_by.unwrap_or_else(Utc::now) + ahead),
             lsn: None,
             binlog: position.map(|p| p.to_string()),
         });
