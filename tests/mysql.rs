@@ -699,6 +699,19 @@ fn mysql_incremental_refuses_binary_logs_that_were_reset_since_its_parent() {
         .ok();
 }
 
+/// `drctl restore` of the latest backup of `policy` into the database `url` names.
+fn restore_latest(sandbox: &Sandbox, policy: &str, url: &str) -> common::Run {
+    sandbox.run(&[
+        "restore",
+        "--policy",
+        policy,
+        "--backup",
+        "latest",
+        "--to-database",
+        url,
+    ])
+}
+
 /// A restore into `app_copy` that was refused (exit 2, saying each of `said`) before the
 /// database was created.
 fn refused_before_app_copy_is_touched(server: &Server, run: common::Run, said: &[&str]) {
@@ -808,17 +821,7 @@ fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
         .run(&["backup", "--policy", "shop", "--incremental"])
         .ok();
     server.sql(None, "DROP DATABASE shop; DROP TABLE other.audit");
-    let run = sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "shop",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", "shop"),
-        ])
-        .code(2);
+    let run = restore_latest(&sandbox, "shop", &server.url("root", "shop")).code(2);
     assert!(
         run.stderr
             .contains("names database other, which the replay would change")
@@ -841,17 +844,7 @@ fn mysql_restore_refuses_a_non_empty_target_without_overwrite() {
         "CREATE DATABASE busy; CREATE TABLE busy.keep (x INT); INSERT INTO busy.keep VALUES (7)",
     );
     let target = server.url("root", "busy");
-    let run = sandbox
-        .run(&[
-            "restore",
-            "--policy",
-            "shop",
-            "--backup",
-            "latest",
-            "--to-database",
-            &target,
-        ])
-        .code(2);
+    let run = restore_latest(&sandbox, "shop", &target).code(2);
     assert!(run.stderr.contains("not empty"), "{}", run.stderr);
     assert!(run.stderr.contains("--overwrite"), "{}", run.stderr);
     assert_eq!(server.sql(Some("busy"), "SELECT x FROM keep"), "7\n");
