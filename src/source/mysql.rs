@@ -491,6 +491,9 @@ impl MysqlSource {
             }
             (false, _) => None,
         };
+        if position.is_some() {
+            self.warn_outside_the_snapshot();
+        }
         if let Some(pos) = &position {
             stats.insert("binlog_end".into(), pos.to_string().into());
             // Reading the log needs what only incrementals need otherwise (mariadb-binlog
@@ -514,6 +517,34 @@ impl MysqlSource {
             binlog: position.map(|p| p.to_string()),
         });
         Ok(stats)
+    }
+
+    /// Warns of the base tables that are not InnoDB: `--single-transaction` dumps them as
+    /// they are when read, outside the snapshot the binary log position belongs to, so a
+    /// write to one while the dump ran may be in the dump and again in the binary logs an
+    /// incremental restore replays after it.
+    fn warn_outside_the_snapshot(&self) {
+        let tables = self.conn.query(
+            None,
+            &format!(
+                "SELECT GROUP_CONCAT(table_name ORDER BY table_name SEPARATOR ', ') \
+                 FROM information_schema.tables WHERE table_schema = {} \
+                 AND table_type = 'BASE TABLE' AND engine <> 'InnoDB'",
+                quote_str(&self.conn.database)
+            ),
+        );
+        match tables
+            .ok()
+            .and_then(|rows| rows.into_iter().next()?.into_iter().next())
+        {
+            Some(names) if names != "NULL" && !names.is_empty() => tracing::warn!(
+                "tables {names} of database {} are not InnoDB: they are dumped outside the \
+                 snapshot, so writes to them while the dump ran may be replayed a second time \
+                 by the restore of a later incremental",
+                self.conn.database
+            ),
+            _ => {}
+        }
     }
 
     fn binlogs(
