@@ -150,6 +150,66 @@ fn files_backup_restores_byte_identical_tree() {
 }
 
 #[test]
+fn owners_devices_old_times_and_hard_links_survive_a_restore_and_one_over_it() {
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::new();
+    let src = sb.path().join("src");
+    std::fs::create_dir_all(src.join("home/alice")).unwrap();
+    std::fs::write(src.join("home/alice/notes"), b"n").unwrap();
+    std::fs::write(src.join("old"), b"from 1969").unwrap();
+    set_mtime(&src.join("old"), -86_400);
+    std::fs::write(src.join("a"), b"linked").unwrap();
+    std::fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    // As root: a home directory of another user, and a device node like /dev/null where
+    // this machine lets one be made.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        std::os::unix::fs::chown(src.join("home/alice"), Some(1234), Some(1234)).unwrap();
+        set_mode(&src.join("home/alice"), 0o700);
+    }
+    let device = Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    sb.files_policy("t", &[&src]);
+    let id = sb.backup("t");
+    let target = sb.path().join("restore");
+    let restore = |more: &[&str]| {
+        let t = target.to_str().unwrap();
+        let args = [
+            &["restore", "-p", "t", "-b", &id, "-t", t, "--allow-special"][..],
+            more,
+        ]
+        .concat();
+        sb.run(&args).ok();
+    };
+    let check = || {
+        let r = restored(&target, &src);
+        let meta = |p: &str| std::fs::symlink_metadata(r.join(p)).unwrap();
+        // A time before 1970 is kept as 1970 (a tar header's time has no sign).
+        assert_eq!(meta("old").mtime(), 0);
+        assert_eq!(meta("a").ino(), meta("b").ino(), "hard links");
+        if root {
+            let alice = meta("home/alice");
+            assert_eq!(
+                (alice.uid(), alice.gid(), alice.mode() & 0o7777),
+                (1234, 1234, 0o700)
+            );
+        }
+        if device {
+            assert_eq!(meta("null").rdev(), libc::makedev(1, 3));
+        }
+    };
+    restore(&[]);
+    check();
+    // Again over the first restore: every name, hard links included, is replaced.
+    restore(&["--overwrite"]);
+    check();
+}
+
+#[test]
 fn stock_age_zstd_tar_restore_the_backup_without_drctl() {
     let sb = Sandbox::new();
     let src = sb.path().join("src");

@@ -131,6 +131,8 @@ impl Server {
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", dir.path().join("sock").display()))
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            // Its own temporary files, apart from every other process's in /tmp.
+            .arg(format!("--tmpdir={}", dir.path().display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--log-bin={}", data.join("binlog").display()))

@@ -190,9 +190,10 @@ pub fn extract(
     let as_root = unsafe { libc::geteuid() } == 0;
     archive.set_preserve_ownerships(as_root);
     let mut stats = ExtractStats::default();
-    // Directory modes and mtimes are applied last, deepest first, so that read-only
-    // directories can still be filled and their mtimes are not changed by their children.
-    let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
+    // Directory owners (as root), modes and mtimes are applied last, deepest first, so that
+    // read-only directories can still be filled and their mtimes are not changed by their
+    // children.
+    let mut dirs: Vec<DirAttrs> = Vec::new();
     let mut real_dirs = RealDirs::default();
     let mut relocated_dirs: Vec<RealDirs> =
         opts.relocated.iter().map(|_| RealDirs::default()).collect();
@@ -224,8 +225,7 @@ pub fn extract(
                 let link = target.join(from);
                 std::os::unix::fs::symlink(to, &link)
                     .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
-                let (mode, mtime) = mode_and_mtime(entry.header())?;
-                dirs.push((to.clone(), mode, mtime));
+                dirs.push(DirAttrs::of(to.clone(), entry.header(), as_root)?);
                 stats.dirs += 1;
                 continue;
             }
@@ -242,8 +242,7 @@ pub fn extract(
         match kind {
             tar::EntryType::Directory => {
                 real.make_dir(root, &rel)?;
-                let (mode, mtime) = mode_and_mtime(entry.header())?;
-                dirs.push((root.join(&rel), mode, mtime));
+                dirs.push(DirAttrs::of(root.join(&rel), entry.header(), as_root)?);
                 stats.dirs += 1;
                 continue;
             }
@@ -260,11 +259,18 @@ pub fn extract(
                     .ok_or_else(|| Error::integrity(format!("hard link {} has no target", rel.display())))?;
                 let link_rel = safe_relative(&link, "hard link target")?;
                 real.ensure_parent(root, &link_rel, false)?;
+                // Over an earlier restore (--overwrite), the name may be taken: linking
+                // does not replace it.
+                let dst = root.join(&rel);
+                if std::fs::symlink_metadata(&dst).is_ok_and(|m| !m.is_dir()) {
+                    std::fs::remove_file(&dst)
+                        .map_err(|e| Error::io(format!("replace {}", dst.display()), e))?;
+                }
                 stats.links += 1;
             }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block if opts.allow_special => {
                 // The tar crate would write these as regular files; create the node itself.
-                make_special(&root.join(&rel), entry.header())?;
+                make_special(&root.join(&rel), entry.header(), as_root)?;
                 continue;
             }
             tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => {
@@ -291,14 +297,46 @@ pub fn extract(
             )));
         }
     }
-    for (dst, mode, mtime) in dirs.iter().rev() {
+    for DirAttrs {
+        path: dst,
+        mode,
+        mtime,
+        owner,
+    } in dirs.iter().rev()
+    {
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::lchown(dst, Some(*uid), Some(*gid))
+                .map_err(|e| Error::io(format!("chown {}", dst.display()), e))?;
+        }
         std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode & 0o7777))
             .map_err(|e| Error::io(format!("chmod {}", dst.display()), e))?;
         let t = filetime::FileTime::from_unix_time(*mtime as i64, 0);
         filetime::set_file_mtime(dst, t)
             .map_err(|e| Error::io(format!("set mtime of {}", dst.display()), e))?;
     }
+    // On disk before the restore says it is done: the filesystems of the target and of
+    // each relocated directory.
+    let relocated = opts
+        .relocated
+        .iter()
+        .map(|(_, to)| to)
+        .filter(|to| to.is_dir());
+    for dir in std::iter::once(&target).chain(relocated) {
+        sync_filesystem(dir)?;
+    }
     Ok(stats)
+}
+
+/// `syncfs` of the filesystem `dir` is on.
+fn sync_filesystem(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let io = |e: std::io::Error| Error::io(format!("sync {}", dir.display()), e);
+    let d = std::fs::File::open(dir).map_err(io)?;
+    // SAFETY: `d` is an open file descriptor for the call's duration.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Writes a regular file (its ancestors are known to be real directories): an existing entry
@@ -338,10 +376,7 @@ fn write_file(
     let header = entry.header();
     let mode = header.mode().map_err(io)? & 0o7777;
     let mtime = header.mtime().map_err(io)?;
-    let owner = as_root
-        .then(|| Ok::<_, std::io::Error>((header.uid()?, header.gid()?)))
-        .transpose()
-        .map_err(io)?;
+    let owner = as_root.then(|| owner_of(header)).transpose()?;
     loop {
         let n = entry
             .read(buf)
@@ -352,18 +387,58 @@ fn write_file(
         file.write_all(&buf[..n]).map_err(io)?;
     }
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32)).map_err(io)?;
+        std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(io)?;
     }
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io)?;
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+    // Read as the signed number another tar may have written for a time before 1970.
+    let t = filetime::FileTime::from_unix_time(mtime as i64, 0);
+    let t = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(
+            t.unix_seconds().max(0) as u64
+        ))
+        .unwrap_or(std::time::UNIX_EPOCH);
     file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
         .map_err(io)?;
     Ok(())
 }
 
+/// What a directory gets once everything in it is written.
+struct DirAttrs {
+    path: PathBuf,
+    mode: u32,
+    mtime: u64,
+    /// As root.
+    owner: Option<(u32, u32)>,
+}
+
+impl DirAttrs {
+    fn of(path: PathBuf, header: &tar::Header, as_root: bool) -> Result<DirAttrs> {
+        let (mode, mtime) = mode_and_mtime(header)?;
+        let owner = as_root.then(|| owner_of(header)).transpose()?;
+        Ok(DirAttrs {
+            path,
+            mode,
+            mtime,
+            owner,
+        })
+    }
+}
+
+/// The owner an entry's header records.
+fn owner_of(header: &tar::Header) -> Result<(u32, u32)> {
+    let io = |e: std::io::Error| Error::integrity(format!("bad owner in archive header: {e}"));
+    let id = |n: u64| {
+        u32::try_from(n).map_err(|_| Error::integrity(format!("owner ID {n} out of range")))
+    };
+    Ok((
+        id(header.uid().map_err(io)?)?,
+        id(header.gid().map_err(io)?)?,
+    ))
+}
+
 /// Creates a FIFO or device node as the header describes (replacing what is there).
-fn make_special(dst: &Path, header: &tar::Header) -> Result<()> {
+fn make_special(dst: &Path, header: &tar::Header, as_root: bool) -> Result<()> {
     use std::ffi::CString;
     let io = |e: std::io::Error| Error::io(format!("create {}", dst.display()), e);
     let mode = header.mode().map_err(io)? & 0o7777;
@@ -387,6 +462,10 @@ fn make_special(dst: &Path, header: &tar::Header) -> Result<()> {
     // SAFETY: `c` is a valid NUL-terminated path.
     if unsafe { libc::mknod(c.as_ptr(), fmt | mode as libc::mode_t, dev) } != 0 {
         return Err(io(std::io::Error::last_os_error()));
+    }
+    if as_root {
+        let (uid, gid) = owner_of(header)?;
+        std::os::unix::fs::lchown(dst, Some(uid), Some(gid)).map_err(io)?;
     }
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     let mtime = header.mtime().map_err(io)?;

@@ -281,6 +281,8 @@ impl Walk<'_, '_> {
         }
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        // A time before 1970 would wrap around in the header's unsigned field.
+        header.set_mtime(meta.mtime().max(0) as u64);
         let mut entry = IndexEntry {
             path: RawPath::from_os(name.as_os_str()),
             entry_type: EntryType::File,
@@ -368,7 +370,6 @@ impl Walk<'_, '_> {
                 self.counts.hardlinks += 1;
                 return self.write_index(&entry);
             }
-            self.links.insert(key, name.clone());
         }
 
         if ft.is_file() {
@@ -405,6 +406,10 @@ impl Walk<'_, '_> {
             entry.size = size;
             self.counts.files += 1;
             self.counts.bytes += size;
+            if meta.nlink() > 1 {
+                // Its other names link to this one, now that it is in the archive.
+                self.links.insert((meta.dev(), meta.ino()), name.clone());
+            }
             return self.write_index(&entry);
         }
 
@@ -416,6 +421,15 @@ impl Walk<'_, '_> {
         } else {
             EntryType::Block
         };
+        if ft.is_char_device() || ft.is_block_device() {
+            let rdev = meta.rdev();
+            header
+                .set_device_major(libc::major(rdev))
+                .map_err(write_err)?;
+            header
+                .set_device_minor(libc::minor(rdev))
+                .map_err(write_err)?;
+        }
         header.set_size(0);
         tar.append_data(&mut header, &name, io::empty())
             .map_err(write_err)?;
