@@ -87,7 +87,15 @@ fn policy(sandbox: &Sandbox, name: &str, db: &Path) {
 fn sqlite_backup_while_a_writer_inserts_restores_a_consistent_database() {
     let sandbox = Sandbox::new();
     let db = sandbox.path().join("live.db");
-    runtime().block_on(create(&db, 3_000, true));
+    runtime().block_on(async {
+        create(&db, 3_000, true).await;
+        // A virtual table: its rows are its module's, its shadow tables are tables.
+        let mut c = connect(&db, false, true).await;
+        sqlx::query("CREATE VIRTUAL TABLE docs USING fts5(body); INSERT INTO docs VALUES ('hi')")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
     policy(&sandbox, "live", &db);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -127,6 +135,8 @@ fn sqlite_backup_while_a_writer_inserts_restores_a_consistent_database() {
     assert!(backed_up >= 3_100, "{stats}");
     assert_eq!(stats["tables"]["totals"], 1);
     assert_eq!(stats["tables"]["odd \"name\""], 0);
+    assert!(stats["tables"].get("docs").is_none(), "{stats}");
+    assert_eq!(stats["tables"]["docs_content"], 1, "{stats}");
 
     let target = sandbox.path().join("restored/copy.db");
     let run = sandbox
@@ -142,16 +152,22 @@ fn sqlite_backup_while_a_writer_inserts_restores_a_consistent_database() {
         ])
         .ok();
     let report = &run.json()[0];
-    assert_eq!(report["rows"]["tables"], 3, "{report}");
+    assert_eq!(report["rows"]["tables"], 8, "{report}");
     assert_eq!(report["written_to"], target.to_str().unwrap());
-    let (events, total) = runtime().block_on(counts(&target));
-    assert_eq!(events, total, "the copy is one moment of the database");
-    assert_eq!(events as u64, backed_up);
+    // In WAL mode as the database was (header bytes 18 and 19), with a new file's mode.
+    let restored = std::fs::read(&target).unwrap();
+    assert_eq!(restored[18..20], [2, 2]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o644);
     let left: Vec<_> = std::fs::read_dir(target.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("copy.db")]);
+    let (events, total) = runtime().block_on(counts(&target));
+    assert_eq!(events, total, "the copy is one moment of the database");
+    assert_eq!(events as u64, backed_up);
 }
 
 /// A backup of a new 50-row database by the policy `plain`; its ID.
@@ -193,10 +209,16 @@ fn sqlite_restore_refuses_an_existing_file_unless_overwrite() {
         .code(2);
     assert!(run.stderr.contains("is a directory"), "{}", run.stderr);
 
+    // The file it replaces gives it its mode; in rollback mode, as the database was.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
     let mut args = args;
     args.push("--overwrite");
     sandbox.run(&args).ok();
     assert_eq!(runtime().block_on(counts(&target)), (50, 50));
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(std::fs::read(&target).unwrap()[18..20], [1, 1]);
 }
 
 /// Adds `rows` to the WAL-mode database at `path` and leaves them in its WAL, as a writer that

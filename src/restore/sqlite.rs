@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{compare_rows, copy_cancellable, decode_object, RestorePlan, RestoreReport, Target};
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, Temporary};
 use crate::crypto::Identities;
 use crate::repo::Repo;
 use crate::source::sqlite::{open, row_counts};
@@ -97,6 +97,24 @@ fn lock_holder(path: &Path) -> Result<Option<libc::pid_t>> {
     Ok((lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid))
 }
 
+/// Gives the restored file the mode and (as root) the owner of the file it replaces, so the
+/// application that uses it can go on; a new file gets 0644, as SQLite creates one.
+fn set_like_target(file: &std::fs::File, target: &Path, overwrite: bool) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |e: std::io::Error| Error::io("set the restored database's mode and owner", e);
+    let old = overwrite
+        .then(|| std::fs::metadata(target).ok())
+        .flatten()
+        .filter(|m| m.is_file());
+    let mode = old.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
+    // SAFETY: geteuid has no preconditions.
+    if let Some(m) = old.as_ref().filter(|_| unsafe { libc::geteuid() } == 0) {
+        std::os::unix::fs::fchown(file, Some(m.uid()), Some(m.gid())).map_err(io)?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)
+}
+
 pub async fn execute(
     repo: &Repo,
     plan: &RestorePlan,
@@ -124,15 +142,20 @@ pub async fn execute(
             .suffix(".sqlite")
             .tempfile_in(&dir)
             .map_err(|e| Error::io(format!("create a temporary file in {}", dir.display()), e))?;
+        // Removed also if a second interrupt ends drctl at once.
+        let guard = Temporary::new(file.path().to_path_buf());
         copy_cancellable(reader, &mut file, &cancel)?;
         file.as_file()
             .sync_all()
             .map_err(|e| Error::io("fsync the restored database", e))?;
-        Ok(file)
+        Ok((file, guard))
     })
     .await?;
+    let (file, _guard) = file;
 
-    let mut conn = open(file.path(), true).await?;
+    // Read-write, though only read: closing it then removes the -wal and -shm files
+    // SQLite makes beside a database in WAL mode.
+    let mut conn = open(file.path(), false).await?;
     let problems: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check(20)")
         .fetch_all(&mut conn)
         .await
@@ -145,7 +168,9 @@ pub async fn execute(
         )));
     }
     let actual = row_counts(&mut conn).await?;
-    let _ = sqlx::Connection::close(conn).await;
+    sqlx::Connection::close(conn)
+        .await
+        .map_err(|e| Error::failure(format!("close the restored database: {e}")))?;
     let rows = compare_rows(
         &plan.backup_id,
         &plan.stats,
@@ -153,6 +178,7 @@ pub async fn execute(
         &path.display().to_string(),
         str::to_owned,
     )?;
+    set_like_target(file.as_file(), path, *overwrite)?;
     let persisted = if *overwrite {
         release_target(path)?;
         file.persist(path)

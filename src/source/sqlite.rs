@@ -39,10 +39,12 @@ pub async fn open(path: &Path, read_only: bool) -> Result<SqliteConnection> {
         .map_err(|e| Error::failure(format!("open SQLite database {}: {e}", path.display())))
 }
 
-/// Exact row counts of the database's tables (not SQLite's own).
+/// Exact row counts of the database's tables (not SQLite's own, nor virtual tables, whose
+/// rows are a module's, which this build may lack; their shadow tables are counted).
 pub async fn row_counts(conn: &mut SqliteConnection) -> Result<BTreeMap<String, u64>> {
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND rootpage > 0 \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name",
     )
     .fetch_all(&mut *conn)
     .await
@@ -62,10 +64,16 @@ pub async fn row_counts(conn: &mut SqliteConnection) -> Result<BTreeMap<String, 
 }
 
 impl SqliteSource {
-    /// Writes a consistent copy to `copy` and returns its row counts.
+    /// Writes a consistent copy to `copy` and returns its row counts. The copy is in the
+    /// journal mode of the database (VACUUM INTO writes one in rollback mode): a database in
+    /// WAL mode is restored in WAL mode.
     async fn snapshot(&self, copy: &Path) -> Result<BTreeMap<String, u64>> {
         let what = self.path.display();
         let mut conn = open(&self.path, true).await?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| Error::failure(format!("read the journal mode of {what}: {e}")))?;
         sqlx::query("VACUUM INTO ?")
             .bind(copy.to_string_lossy().into_owned())
             .execute(&mut conn)
@@ -74,7 +82,16 @@ impl SqliteSource {
         conn.close()
             .await
             .map_err(|e| Error::failure(format!("close SQLite database {what}: {e}")))?;
-        let mut conn = open(copy, true).await?;
+        let wal = mode.eq_ignore_ascii_case("wal");
+        let mut conn = open(copy, !wal).await?;
+        if wal {
+            // Written into the file's header; the copy's own -wal and -shm go with the
+            // connection.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&mut conn)
+                .await
+                .map_err(|e| Error::failure(format!("set WAL mode on the copy of {what}: {e}")))?;
+        }
         let counts = row_counts(&mut conn).await;
         let _ = conn.close().await;
         counts
