@@ -210,6 +210,29 @@ fn owners_devices_old_times_and_hard_links_survive_a_restore_and_one_over_it() {
 }
 
 #[test]
+fn a_source_path_that_is_a_symlink_is_archived_as_one_and_says_so() {
+    let sb = Sandbox::new();
+    let real = sb.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("f"), b"f").unwrap();
+    let link = sb.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    sb.files_policy("l", &[&link]);
+    let run = sb.run(&["--json", "backup", "--policy", "l"]).ok();
+    assert!(
+        run.stderr.contains("source path is a symlink"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.json()[0]["source"]["stats"]["symlinks"],
+        1,
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn stock_age_zstd_tar_restore_the_backup_without_drctl() {
     let sb = Sandbox::new();
     let src = sb.path().join("src");

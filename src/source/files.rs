@@ -217,6 +217,37 @@ fn vanished(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
 }
 
+/// Opens the regular file the walk found at `path` (`meta`, from `lstat`), or `None` if
+/// something else is there by now: never through a symlink, nor blocking on a FIFO, that
+/// took its place (which could archive another file's bytes under its name, or hang).
+fn open_walked(path: &Path, meta: &Metadata) -> io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        // A symlink now.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let now = file.metadata()?;
+    if !now.is_file() || now.dev() != meta.dev() || now.ino() != meta.ino() {
+        return Ok(None);
+    }
+    // Blocking reads again, as for any regular file.
+    // SAFETY: fcntl on a descriptor `file` owns, with integer arguments.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(file))
+}
+
 impl<'a> Walk<'a, '_> {
     pub fn new(rules: Rules<'a>, cancel: &'a Cancel) -> Self {
         Walk {
@@ -233,6 +264,13 @@ impl<'a> Walk<'a, '_> {
     pub fn visit_root(&mut self, tar: &mut Tar<'_>, root: &Path) -> Result<()> {
         let meta = std::fs::symlink_metadata(root)
             .map_err(|e| Error::io(format!("source path {}", root.display()), e))?;
+        if meta.file_type().is_symlink() {
+            tracing::warn!(
+                path = %root.display(),
+                "source path is a symlink: the link is archived, not what it points to (list \
+                 the target's path to back that up)"
+            );
+        }
         let root_dev = meta.dev();
         self.visit(tar, root, meta, root_dev)
     }
@@ -373,8 +411,13 @@ impl Walk<'_, '_> {
         }
 
         if ft.is_file() {
-            let file = match std::fs::File::open(path) {
-                Ok(f) => f,
+            let file = match open_walked(path, &meta) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    tracing::debug!(path = %path.display(), "replaced by another file while the walk went on; skipped");
+                    self.counts.vanished += 1;
+                    return Ok(());
+                }
                 Err(e) if vanished(&e) => {
                     self.counts.vanished += 1;
                     return Ok(());
@@ -501,5 +544,41 @@ impl Read for ExactReader<'_> {
         };
         self.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_walked_file_replaced_since_is_not_opened_through_what_took_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"mine").unwrap();
+        let meta = std::fs::symlink_metadata(&f).unwrap();
+        let mut read = String::new();
+        io::Read::read_to_string(&mut open_walked(&f, &meta).unwrap().unwrap(), &mut read).unwrap();
+        assert_eq!(read, "mine");
+        // The original stays linked elsewhere, so that nothing can reuse its inode.
+        std::fs::hard_link(&f, dir.path().join("kept")).unwrap();
+        let replace = |make: &dyn Fn(&Path)| {
+            let new = dir.path().join("new");
+            make(&new);
+            std::fs::rename(&new, &f).unwrap();
+            open_walked(&f, &meta).unwrap()
+        };
+        // Another file of that name, a symlink to another file, and a FIFO, which a plain
+        // open would wait on for a writer.
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"secret").unwrap();
+        assert!(replace(&|p| std::fs::write(p, b"new").unwrap()).is_none());
+        assert!(replace(&|p| std::os::unix::fs::symlink(&other, p).unwrap()).is_none());
+        let fifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: `c` is a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        assert!(replace(&fifo).is_none());
     }
 }
