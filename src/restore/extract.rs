@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::cancel::Cancel;
+use crate::cancel::{Cancel, Temporary};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Default)]
@@ -339,9 +339,10 @@ fn sync_filesystem(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a regular file (its ancestors are known to be real directories): an existing entry
-/// is replaced rather than followed, content is copied in large blocks, then mode, owner (as
-/// root) and mtime are set on the open file.
+/// Writes a regular file (its ancestors are known to be real directories): content is copied
+/// in large blocks, then mode, owner (as root) and mtime are set on the open file. An
+/// existing file is replaced, never followed: the new one is written beside it and renamed
+/// over it once whole, so that a failure or a crash leaves one or the other.
 fn write_file(
     entry: &mut tar::Entry<'_, impl Read>,
     dst: &Path,
@@ -359,8 +360,8 @@ fn write_file(
             .mode(0o600)
             .open(dst)
     };
-    let mut file = match create() {
-        Ok(file) => file,
+    let (mut file, replacing) = match create() {
+        Ok(file) => (file, None),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             if std::fs::symlink_metadata(dst).map_err(io)?.is_dir() {
                 return Err(Error::integrity(format!(
@@ -368,8 +369,15 @@ fn write_file(
                     dst.display()
                 )));
             }
-            std::fs::remove_file(dst).map_err(io)?;
-            create().map_err(io)?
+            let dir = dst.parent().unwrap_or(Path::new("."));
+            let new = tempfile::Builder::new()
+                .prefix(".drctl-restore-")
+                .tempfile_in(dir)
+                .map_err(io)?;
+            // Removed also if a second interrupt ends drctl at once.
+            let guard = Temporary::new(new.path().to_owned());
+            let (file, path) = new.into_parts();
+            (file, Some((path, guard)))
         }
         Err(e) => return Err(io(e)),
     };
@@ -400,6 +408,9 @@ fn write_file(
         .unwrap_or(std::time::UNIX_EPOCH);
     file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
         .map_err(io)?;
+    if let Some((path, _guard)) = replacing {
+        path.persist(dst).map_err(|e| io(e.error))?;
+    }
     Ok(())
 }
 
