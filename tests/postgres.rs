@@ -750,45 +750,55 @@ fn row_counts_match_whatever_quoting_each_server_gives_the_names() {
     assert_eq!(run.json()[0]["rows"]["rows"], 5123, "{}", run.stdout);
 }
 
-/// An index the target cannot build fails the restore: the error is the index's, and the
-/// database the restore created is dropped.
+/// What the target refuses fails the restore: a row (which the error names, with the
+/// server's context) or an index; the error is the server's, and the database the restore
+/// created is dropped. The function `picky` fails in any database but the source.
 #[test]
-fn logical_restore_fails_on_an_index_the_target_cannot_build() {
-    let source = Db::new("drctl_src");
-    psql(
-        &source.url(),
-        &format!(
-            "CREATE FUNCTION picky(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN \
-               IF current_database() <> '{}' THEN \
-                 RAISE EXCEPTION 'picky refuses database %', current_database(); \
-               END IF; RETURN $1; END $$; \
-             CREATE TABLE a_first (id int); CREATE INDEX a_first_picky ON a_first (picky(id)); \
+fn logical_restore_fails_on_a_row_or_an_index_the_target_refuses() {
+    for (schema, said) in [
+        (
+            "CREATE TABLE a_first (id int); CREATE INDEX a_first_picky ON a_first (picky(id)); \
              CREATE TABLE b_then (id int PRIMARY KEY); \
              INSERT INTO a_first SELECT generate_series(1, 1000); \
              INSERT INTO b_then SELECT generate_series(1, 1000);",
-            source.name
+            &["picky refuses database"][..],
         ),
-    );
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
-    let target = Db::later("drctl_dst");
-    let run = restore_to(&sb, &id, &target.url()).code(1);
-    assert!(
-        run.stderr.contains("picky refuses database"),
-        "{}",
-        run.stderr
-    );
-    assert_eq!(
+        (
+            "CREATE TABLE checked (id int CHECK (picky(id) > 0)); \
+             INSERT INTO checked SELECT generate_series(1, 1000);",
+            &["picky refuses database", "CONTEXT:", "COPY checked, line 1"][..],
+        ),
+    ] {
+        let source = Db::new("drctl_src");
         psql(
-            &format!("{SERVER}/postgres"),
+            &source.url(),
             &format!(
-                "SELECT count(*) FROM pg_database WHERE datname = '{}'",
-                target.name
-            )
-        ),
-        "0"
-    );
+                "CREATE FUNCTION picky(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN \
+                   IF current_database() <> '{}' THEN \
+                     RAISE EXCEPTION 'picky refuses database %', current_database(); \
+                   END IF; RETURN $1; END $$; {schema}",
+                source.name
+            ),
+        );
+        let sb = Sandbox::new();
+        logical_policy(&sb, "pg", &source.url());
+        let id = sb.backup("pg");
+        let target = Db::later("drctl_dst");
+        let run = restore_to(&sb, &id, &target.url()).code(1);
+        for s in said {
+            assert!(run.stderr.contains(s), "{s}: {}", run.stderr);
+        }
+        assert_eq!(
+            psql(
+                &format!("{SERVER}/postgres"),
+                &format!(
+                    "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+                    target.name
+                )
+            ),
+            "0"
+        );
+    }
 }
 
 #[test]

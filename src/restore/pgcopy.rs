@@ -289,8 +289,26 @@ async fn run(mut conn: PgConnection, mut rx: Receiver<Msg>) -> Result<Vec<(i64, 
     Ok(done)
 }
 
+/// The error of `what`, with the server's detail, hint and context (which name the row):
+/// the line a context gives counts the rows this connection sent of the table, not the
+/// dump's.
 fn failure(what: &str, e: sqlx::Error) -> Error {
-    Error::failure(format!("{what}: {e}"))
+    let mut message = format!("{what}: {e}");
+    if let Some(db) = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+    {
+        for (label, text) in [
+            ("DETAIL", db.detail()),
+            ("HINT", db.hint()),
+            ("CONTEXT", db.r#where()),
+        ] {
+            if let Some(text) = text {
+                message.push_str(&format!("; {label}: {text}"));
+            }
+        }
+    }
+    Error::failure(message)
 }
 
 #[cfg(test)]
