@@ -240,7 +240,21 @@ fn logical_round_trip_restores_every_row_and_checks_row_counts() {
             run.stdout
         );
     }
+    // `server` sets nothing, as for a pooler that refuses startup options; so does a URL
+    // with its own options.
+    let plan = restore_with(&url, "server", &["--dry-run"]).ok().json();
+    assert!(
+        plan[0]["postgres"].get("maintenance_work_mem").is_none(),
+        "{plan:?}"
+    );
     let with_options = format!("{url}?options=-c%20work_mem%3D8MB");
+    let plan = restore_with(&with_options, "Server", &["--dry-run"])
+        .ok()
+        .json();
+    assert!(
+        plan[0]["postgres"].get("maintenance_work_mem").is_none(),
+        "{plan:?}"
+    );
     let run = restore_with(&with_options, "256MB", &["--dry-run"]).code(2);
     assert!(run.stdout.contains("options parameter"), "{}", run.stdout);
     // The server takes the setting a restore passes (one it refused would fail

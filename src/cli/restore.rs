@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::{human_bytes, Ctx};
 use crate::format::Name;
-use crate::restore::postgres::{IndexMemory, Timeline};
+use crate::restore::postgres::{IndexMemoryChoice, Timeline};
 use crate::restore::{RecoveryTarget, RestoreRequest, Selector, ServerOptions, Target};
 use crate::{Error, Result};
 
@@ -47,7 +47,8 @@ pub struct Args {
     /// PostgreSQL logical restores: maintenance_work_mem of each session that builds
     /// indexes and constraints (e.g. 256MB, 2GB; one session per core). Default: 1GB, at
     /// most 2GB over all sessions, where the server's own setting is lower; lower it for a
-    /// server short of memory.
+    /// server short of memory. `server` sets none (the server's own setting), for a
+    /// connection through a pooler that refuses startup options, such as PgBouncer.
     #[arg(long, value_name = "SIZE", requires = "to_database")]
     pub maintenance_work_mem: Option<String>,
     /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)
@@ -125,7 +126,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
             maintenance_work_mem: args
                 .maintenance_work_mem
                 .as_deref()
-                .map(IndexMemory::parse)
+                .map(IndexMemoryChoice::parse)
                 .transpose()?,
         },
         _ => {

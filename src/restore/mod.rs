@@ -61,9 +61,9 @@ pub enum Target {
         url: String,
         overwrite: bool,
         /// PostgreSQL: `maintenance_work_mem` of the sessions that build indexes and
-        /// constraints, instead of drctl's default ([`postgres::IndexMemory`]).
+        /// constraints, instead of drctl's default ([`postgres::IndexMemory`]), or the server's.
         #[serde(skip_serializing_if = "Option::is_none")]
-        maintenance_work_mem: Option<postgres::IndexMemory>,
+        maintenance_work_mem: Option<postgres::IndexMemoryChoice>,
     },
 }
 

@@ -670,6 +670,32 @@ fn jobs() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexMemory(u64);
 
+/// What `restore --maintenance-work-mem` asks for: a size, or `server`, the server's own
+/// setting (nothing set, so no startup options for a pooler to refuse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexMemoryChoice {
+    Size(IndexMemory),
+    Server,
+}
+
+impl IndexMemoryChoice {
+    pub fn parse(s: &str) -> Result<IndexMemoryChoice> {
+        if s.trim().eq_ignore_ascii_case("server") {
+            return Ok(IndexMemoryChoice::Server);
+        }
+        IndexMemory::parse(s).map(IndexMemoryChoice::Size)
+    }
+}
+
+impl Serialize for IndexMemoryChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            IndexMemoryChoice::Size(m) => m.serialize(s),
+            IndexMemoryChoice::Server => s.serialize_str("server"),
+        }
+    }
+}
+
 impl IndexMemory {
     const DEFAULT_EACH: u64 = 1 << 20;
     const DEFAULT_TOTAL: u64 = 2 << 20;
@@ -1825,13 +1851,14 @@ pub async fn plan(
             let in_url = url::Url::parse(url)
                 .is_ok_and(|u| u.query_pairs().any(|(k, _)| k == "options"));
             let maintenance_work_mem = match maintenance_work_mem {
-                Some(_) if in_url => {
+                Some(IndexMemoryChoice::Size(_)) if in_url => {
                     return Err(Error::invalid(
                         "--to-database has an options parameter, which replaces the one --maintenance-work-mem would set",
                     )
                     .hint("add -c maintenance_work_mem=SIZE to the URL's options instead"))
                 }
-                Some(m) => Some(*m),
+                Some(IndexMemoryChoice::Size(m)) => Some(*m),
+                Some(IndexMemoryChoice::Server) => None,
                 None if in_url => None,
                 // The environment's setting would win over the default: it is the one the
                 // server reported.
