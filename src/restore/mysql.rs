@@ -446,13 +446,27 @@ async fn compare_checksums(conn: &Conn, last: &Manifest) -> Result<()> {
 
 /// Creates the target database, dropping it first with `overwrite`; refuses a non-empty one
 /// otherwise (it may have filled since the plan was made).
+/// Seconds `--overwrite` waits for the locks that dropping the database takes.
+const DROP_LOCK_WAIT: u32 = 60;
+
 fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
     let db = quote_ident(&conn.database);
     if overwrite {
+        // A session with one of its tables open (an idle transaction) holds the drop up:
+        // for a minute, not the server's default of a day.
         conn.query(
             None,
-            &format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"),
-        )?;
+            &format!(
+                "SET SESSION lock_wait_timeout = {DROP_LOCK_WAIT}; \
+                 DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"
+            ),
+        )
+        .map_err(|e| {
+            e.hint(format!(
+                "if it waited {DROP_LOCK_WAIT} s for a lock, a session has a table of the \
+                 database open (an idle transaction, a running query): end it and restore again"
+            ))
+        })?;
     } else {
         conn.query(None, &format!("CREATE DATABASE IF NOT EXISTS {db}"))?;
         let tables = table_count(conn)?;
