@@ -400,11 +400,8 @@ fn write_file(
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io)?;
     // Read as the signed number another tar may have written for a time before 1970.
-    let t = filetime::FileTime::from_unix_time(mtime as i64, 0);
     let t = std::time::UNIX_EPOCH
-        .checked_add(std::time::Duration::from_secs(
-            t.unix_seconds().max(0) as u64
-        ))
+        .checked_add(std::time::Duration::from_secs((mtime as i64).max(0) as u64))
         .unwrap_or(std::time::UNIX_EPOCH);
     file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
         .map_err(io)?;

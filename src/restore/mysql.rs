@@ -195,18 +195,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 fn table_count(conn: &Conn) -> Result<u64> {
-    let rows = conn.query(
-        None,
-        &format!(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = {}",
-            quote_str(&conn.database)
-        ),
-    )?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
+    let n = conn.value(&format!(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = {}",
+        quote_str(&conn.database)
+    ))?;
+    Ok(n.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// The backups to apply, full first, each checked to continue where its parent ends.
@@ -444,11 +437,11 @@ async fn compare_checksums(conn: &Conn, last: &Manifest) -> Result<()> {
     }
 }
 
-/// Creates the target database, dropping it first with `overwrite`; refuses a non-empty one
-/// otherwise (it may have filled since the plan was made).
 /// Seconds `--overwrite` waits for the locks that dropping the database takes.
 const DROP_LOCK_WAIT: u32 = 60;
 
+/// Creates the target database, dropping it first with `overwrite`; refuses a non-empty one
+/// otherwise (it may have filled since the plan was made).
 fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
     let db = quote_ident(&conn.database);
     if overwrite {

@@ -139,14 +139,9 @@ impl Conn {
     /// `--until` means one clock.
     pub fn clock_ahead(&self) -> Result<chrono::Duration> {
         let asked = Utc::now();
-        let rows = self.query(
-            None,
-            "SELECT DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')",
-        )?;
-        let server = rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        let server = self
+            .value("SELECT DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')")?
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .ok_or_else(|| Error::failure("the server's UTC_TIMESTAMP() is not a time"))?;
         // Read after `asked`: at least the clock's lead, so a snapshot's time is not earlier
         // than the server's.
@@ -195,6 +190,13 @@ impl Conn {
             .collect())
     }
 
+    /// Runs a query that returns one value, outside any database: its first row's first
+    /// column, if there is a row.
+    pub fn value(&self, sql: &str) -> Result<Option<String>> {
+        let rows = self.query(None, sql)?;
+        Ok(rows.into_iter().next().and_then(|r| r.into_iter().next()))
+    }
+
     /// A `mariadb` session in the database, for statements that share a transaction.
     pub fn session(&self) -> Result<SqlSession> {
         let mut cmd = self.command("mariadb");
@@ -205,8 +207,7 @@ impl Conn {
 
     /// Whether the server writes binary logs.
     pub fn binlog_enabled(&self) -> Result<bool> {
-        let rows = self.query(None, "SELECT @@log_bin")?;
-        Ok(rows.first().and_then(|r| r.first()).map(String::as_str) == Some("1"))
+        Ok(self.value("SELECT @@log_bin")?.as_deref() == Some("1"))
     }
 
     /// `CHECKSUM TABLE` of `tables`, with the server version the checksums depend on.
@@ -446,18 +447,11 @@ impl MysqlSource {
         // Scheduled events, where the user may see them (SHOW EVENTS, which --events runs,
         // needs the EVENT privilege, which a backup user may lack).
         // (A failing query leaves them out; the dump says why the database cannot be read.)
-        let events = self.conn.query(
-            None,
-            &format!(
-                "SELECT COUNT(*) FROM information_schema.events WHERE event_schema = {}",
-                quote_str(&self.conn.database)
-            ),
-        );
-        if events
-            .ok()
-            .and_then(|rows| rows.into_iter().next()?.into_iter().next())
-            .is_some_and(|n| n != "0")
-        {
+        let events = self.conn.value(&format!(
+            "SELECT COUNT(*) FROM information_schema.events WHERE event_schema = {}",
+            quote_str(&self.conn.database)
+        ));
+        if events.ok().flatten().is_some_and(|n| n != "0") {
             cmd.arg("--events");
         }
         if binlog {
@@ -524,19 +518,13 @@ impl MysqlSource {
     /// write to one while the dump ran may be in the dump and again in the binary logs an
     /// incremental restore replays after it.
     fn warn_outside_the_snapshot(&self) {
-        let tables = self.conn.query(
-            None,
-            &format!(
-                "SELECT GROUP_CONCAT(table_name ORDER BY table_name SEPARATOR ', ') \
-                 FROM information_schema.tables WHERE table_schema = {} \
-                 AND table_type = 'BASE TABLE' AND engine <> 'InnoDB'",
-                quote_str(&self.conn.database)
-            ),
-        );
-        match tables
-            .ok()
-            .and_then(|rows| rows.into_iter().next()?.into_iter().next())
-        {
+        let tables = self.conn.value(&format!(
+            "SELECT GROUP_CONCAT(table_name ORDER BY table_name SEPARATOR ', ') \
+             FROM information_schema.tables WHERE table_schema = {} \
+             AND table_type = 'BASE TABLE' AND engine <> 'InnoDB'",
+            quote_str(&self.conn.database)
+        ));
+        match tables.ok().flatten() {
             Some(names) if names != "NULL" && !names.is_empty() => tracing::warn!(
                 "tables {names} of database {} are not InnoDB: they are dumped outside the \
                  snapshot, so writes to them while the dump ran may be replayed a second time \
@@ -562,8 +550,8 @@ impl MysqlSource {
             ))
             .hint("enable log_bin in the server's configuration and restart it, then take a full backup"));
         }
-        let format = self.conn.query(None, "SELECT @@GLOBAL.binlog_format")?;
-        let format = format.first().and_then(|r| r.first()).map(String::as_str);
+        let format = self.conn.value("SELECT @@GLOBAL.binlog_format")?;
+        let format = format.as_deref();
         if format != Some("ROW") {
             return Err(Error::invalid(format!(
                 "binlog_format is {} on {}: incremental backups need ROW, so that every change \
