@@ -732,6 +732,46 @@ fn refused_before_app_copy_is_touched(server: &Server, run: common::Run, said: &
 }
 
 #[test]
+fn mysql_restore_refuses_a_binary_log_event_that_fails_its_checksum_before_writing() {
+    let server = Server::start();
+    let (sandbox, _) = app_with_a_full_backup(&server);
+    server.sql(Some("app"), "INSERT INTO t VALUES (6, 'checksummed')");
+    // One byte of the row changes on the server's disk; the server sends the log as it is.
+    let data = server.dir.path().join("data");
+    let corrupted = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("binlog.0")
+        })
+        .find_map(|p| {
+            let mut bytes = std::fs::read(&p).unwrap();
+            // The row's image, after the statement's text (an annotation).
+            let at = bytes.windows(11).rposition(|w| w == b"checksummed")?;
+            bytes[at] = b'C';
+            std::fs::write(&p, bytes).unwrap();
+            Some(p)
+        });
+    assert!(corrupted.is_some(), "no binary log holds the row");
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+    let run = restore_latest(&sandbox, "app", &server.url("root", "app_copy")).code(1);
+    assert!(run.stderr.contains("mariadb-binlog"), "{}", run.stderr);
+    for said in [
+        "Event crc check failed",
+        "damaged on the server",
+        "--until 20",
+    ] {
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+    }
+    assert_eq!(server.sql(None, "SHOW DATABASES LIKE 'app_copy'"), "");
+}
+
+#[test]
 fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() {
     let server = Server::start();
     let (sandbox, _) = app_with_a_full_backup(&server);

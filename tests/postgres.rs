@@ -111,6 +111,14 @@ fn logical_policy(sb: &Sandbox, name: &str, url: &str) {
     );
 }
 
+/// A sandbox with policy `pg` over `source` (logical) and a backup of it (its ID).
+fn backed_up(source: &Db) -> (Sandbox, String) {
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    let id = sb.backup("pg");
+    (sb, id)
+}
+
 /// `drctl --json restore` of a backup of policy `pg` into the database `url`.
 fn restore_to(sb: &Sandbox, backup: &str, url: &str) -> Run {
     sb.run(&[
@@ -153,9 +161,7 @@ fn content(url: &str) -> String {
 fn logical_round_trip_restores_every_row_and_checks_row_counts() {
     let source = Db::new("drctl_src");
     fill(&source.url());
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
 
     let show = sb.run(&["--json", "show", &id]).ok().json();
     let stats = &show[0]["manifest"]["source"]["stats"];
@@ -289,6 +295,11 @@ fn an_idle_timeout_and_a_line_break_in_a_table_name_back_up_and_a_failed_restore
         &source.url(),
         "CREATE TABLE \"line\nbreak\" (x int); INSERT INTO \"line\nbreak\" VALUES (1), (2), (3)",
     );
+    // Megabytes, so that the damage below is read well after the dump's TOC.
+    psql(
+        &source.url(),
+        "CREATE TABLE bulk AS SELECT g, md5(g::text) FROM generate_series(1, 200000) g",
+    );
     let want = content(&source.url());
     // Sessions of this database that idle in a transaction end at once: the one holding the
     // snapshot pg_dump imports, open while the dump runs, must not.
@@ -299,9 +310,7 @@ fn an_idle_timeout_and_a_line_break_in_a_table_name_back_up_and_a_failed_restore
             source.name
         ),
     );
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
 
     // A database name as libpq reads it from the URL: `+` is a plus sign.
     let target = Db::later("drctl_plus+name");
@@ -423,9 +432,7 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
          COMMENT ON TABLE items IS 'the catalogue';\
          GRANT SELECT ON items TO PUBLIC;",
     );
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
     let target = Db::later("drctl_dst");
     let run = restore_to(&sb, &id, &target.url()).ok();
     let report = &run.json()[0]["postgres"];
@@ -665,9 +672,7 @@ fn logical_restore_rebuilds_every_index_and_constraint_as_the_source_has_it() {
          INSERT INTO orders SELECT g, 1 + g % 2000, md5(g::text) FROM generate_series(1, 20000) g;
          INSERT INTO events SELECT date '2025-06-01' + g % 400, g FROM generate_series(1, 5000) g;",
     );
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
     let target = Db::later("drctl_dst");
     restore_to(&sb, &id, &target.url()).ok();
     // All there, once each, valid, as in the source.
@@ -699,9 +704,7 @@ fn a_created_database_gets_the_dumps_settings_comment_and_privileges_an_existing
         ),
     );
     fill(&source.url());
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
     let about = |db: &str| {
         psql(
             &format!("{SERVER}/postgres"),
@@ -740,6 +743,85 @@ fn a_created_database_gets_the_dumps_settings_comment_and_privileges_an_existing
     assert_eq!(about(&existing.name), before);
 }
 
+/// A role for a test, dropped at the end (declare it before the databases it owns, which
+/// are dropped first).
+struct Role(String);
+
+impl Role {
+    fn new() -> Role {
+        let name = unique("drctl_owner");
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!("CREATE ROLE {name}"),
+        );
+        Role(name)
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-X", "-q", "-d", &format!("{SERVER}/postgres"), "-c"])
+            .arg(format!("DROP ROLE IF EXISTS {}", self.0))
+            .output();
+    }
+}
+
+#[test]
+fn a_created_database_gets_the_dumps_encoding_locale_and_owner() {
+    let owner = Role::new();
+    let source = Db::later("drctl_src");
+    // Not this server's default (UTF8, C.UTF-8).
+    psql(
+        &format!("{SERVER}/postgres"),
+        &format!(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' LOCALE 'C' OWNER {}",
+            source.name, owner.0
+        ),
+    );
+    let utf8 = |db: &Db| format!("{}?client_encoding=UTF8", db.url());
+    psql(
+        &utf8(&source),
+        "CREATE TABLE words (w text); INSERT INTO words VALUES ('café'), ('Ärger'), ('zoo')",
+    );
+    let (sb, id) = backed_up(&source);
+    let about = |db: &str| {
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT pg_encoding_to_char(encoding) || ' ' || datcollate || ' ' || datctype \
+                   || ' ' || datdba::regrole FROM pg_database WHERE datname = '{db}'"
+            ),
+        )
+    };
+    assert_eq!(about(&source.name), format!("LATIN1 C C {}", owner.0));
+    let target = Db::later("drctl_dst");
+    restore_to(&sb, &id, &target.url()).ok();
+    assert_eq!(about(&target.name), about(&source.name));
+    let words = "SELECT string_agg(w || ':' || octet_length(w::bytea), ' ' ORDER BY w) FROM words";
+    // LATIN1 bytes, in LATIN1 order.
+    assert_eq!(psql(&utf8(&target), words), "café:4 zoo:3 Ärger:5");
+
+    // An owner this server lacks: the restoring role owns the database, and says so.
+    drop(target);
+    psql(
+        &format!("{SERVER}/postgres"),
+        &format!(
+            "ALTER DATABASE {} OWNER TO postgres; DROP ROLE {}",
+            source.name, owner.0
+        ),
+    );
+    let target = Db::later("drctl_dst");
+    let run = restore_to(&sb, &id, &target.url()).ok();
+    let said = format!(
+        "database {} is not owned by role {}, as the dump's was, but by the restoring role",
+        target.name, owner.0
+    );
+    assert!(run.stderr.contains(&said), "{said}: {}", run.stderr);
+    assert_eq!(about(&target.name), "LATIN1 C C postgres");
+    assert_eq!(psql(&utf8(&target), words), "café:4 zoo:3 Ärger:5");
+}
+
 #[test]
 fn row_counts_match_whatever_quoting_each_server_gives_the_names() {
     // The source database quotes every name, as a server of another version quotes its
@@ -753,9 +835,7 @@ fn row_counts_match_whatever_quoting_each_server_gives_the_names() {
         ),
     );
     fill(&source.url());
-    let sb = Sandbox::new();
-    logical_policy(&sb, "pg", &source.url());
-    let id = sb.backup("pg");
+    let (sb, id) = backed_up(&source);
     let show = sb.run(&["--json", "show", &id]).ok().json();
     let tables = &show[0]["manifest"]["source"]["stats"]["tables"];
     assert_eq!(tables["\"public\".\"accounts\""], 5000, "{tables}");

@@ -570,6 +570,8 @@ impl Binlogs {
         // --stop-datetime is read in the local time zone of mariadb-binlog.
         binlog
             .env("TZ", "UTC")
+            // A corrupt event fails the read, which the check before the replay makes.
+            .arg("--verify-binlog-checksum")
             .arg(format!("--start-position={}", self.start.pos))
             .arg(format!("--stop-position={}", self.end.pos))
             // Row events are filtered by the name they were logged with, then renamed.
@@ -708,7 +710,23 @@ fn check_replay(
             }
         )));
     }
-    check_status("mariadb-binlog", status, &stderr.join().unwrap_or_default())
+    let stderr = stderr.join().unwrap_or_default();
+    check_status("mariadb-binlog", status, &stderr).map_err(|e| {
+        if !stderr.contains("crc check failed") {
+            return e;
+        }
+        let until = at.map_or(String::new(), |t| {
+            format!(
+                "; the last whole event was logged at {}: --until {} replays up to it",
+                t.to_rfc3339(),
+                (t - chrono::Duration::seconds(1)).to_rfc3339()
+            )
+        });
+        e.hint(format!(
+            "an event of the binary logs fails its checksum: it was damaged on the server before \
+             it was backed up{until}; or restore the full backup alone (--backup with its ID)"
+        ))
+    })
 }
 
 /// How much of a statement's text is kept to tell what it does.

@@ -58,9 +58,12 @@ pub struct Entry {
     pub namespace: Option<String>,
     pub tag: String,
     /// The SQL that creates it, kept only for the entries that set up a session
-    /// (`ENCODING`, `STDSTRINGS`, `SEARCHPATH`) and those about the database itself (see
+    /// (`ENCODING`, `STDSTRINGS`, `SEARCHPATH`), the database's own (`DATABASE`: its
+    /// `CREATE DATABASE`) and those about the database (see
     /// [`Entry::is_about_the_database`]).
     pub definition: Option<String>,
+    /// The role that owns it, if any.
+    pub owner: Option<String>,
     /// For table data: the `COPY ... FROM stdin;` statement its rows are for.
     pub copy: Option<String>,
     /// Where the entry's offset field is in the archive, and the flag it holds.
@@ -539,7 +542,7 @@ impl Input<'_> {
             if v >= version(1, 16) {
                 self.int()?; // relkind
             }
-            self.str()?; // owner
+            let owner = self.text()?.filter(|o| !o.is_empty());
             self.str()?; // "with oids"
             while self.str()?.is_some() {} // dependencies, ended by NULL
             let slot_at = self.pos;
@@ -556,6 +559,7 @@ impl Input<'_> {
             let mut entry = Entry {
                 dump_id,
                 definition: None,
+                owner,
                 desc,
                 section,
                 namespace,
@@ -564,7 +568,10 @@ impl Input<'_> {
                 slot_at,
                 flag,
             };
-            if SESSION_SETUP.contains(&entry.desc.as_str()) || entry.is_about_the_database() {
+            if SESSION_SETUP.contains(&entry.desc.as_str())
+                || entry.desc == "DATABASE"
+                || entry.is_about_the_database()
+            {
                 entry.definition = definition.map(|d| String::from_utf8_lossy(&d).into_owned());
             }
             entries.push(entry);

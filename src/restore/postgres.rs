@@ -141,20 +141,58 @@ const USER_OBJECTS: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespa
         AND typrelid = 0 AND typcategory <> 'A') \
      + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')";
 
-/// Creates the database a checked target found missing, and notes in `created` that this
-/// run did (a database that appeared meanwhile fails the creation and is not this run's).
-fn create_database(target: &Conn, state: &DatabaseTarget, created: &AtomicBool) -> Result<()> {
+/// Creates the database a checked target found missing as the dump's was (`dump`, if the
+/// dump says), as `pg_restore --create` does: with its encoding, locale and tablespace,
+/// owned by its owner. Where this server cannot (no such locale, tablespace or role), the
+/// restore goes on with the server's defaults and says what differs. Notes in `created`
+/// that this run did (a database that appeared meanwhile fails the creation and is not
+/// this run's).
+fn create_database(
+    target: &Conn,
+    state: &DatabaseTarget,
+    dump: Option<&DatabaseLevel>,
+    created: &AtomicBool,
+) -> Result<()> {
     if state.exists {
         return Ok(());
     }
-    let mut admin = target.with_database("postgres")?.session()?;
+    let db = &state.database;
+    let server = target.with_database("postgres")?;
+    // A failed statement ends its session: the next gets a new one.
+    let mut admin = server.session()?;
+    let to = format!("DATABASE {}", sql_ident(db));
     // From template0, as pg_restore --create does: objects added to template1 would
     // collide with the dump's.
-    admin.query(&format!(
-        "CREATE DATABASE {} TEMPLATE template0",
-        sql_ident(&state.database)
-    ))?;
+    let plain = format!("CREATE {to} TEMPLATE template0");
+    let like_the_dump = dump.and_then(|d| d.create_statement(&mut admin, &to, db));
+    match like_the_dump {
+        Some((create, definition)) => {
+            if let Err(e) = admin.query(&create) {
+                tracing::warn!(
+                    error = %e,
+                    "database {db} cannot be created as the dump's was (`{definition}`): it is \
+                     created with this server's encoding and locale; to restore into one like \
+                     the dump's, create it by hand as this server allows and restore into it"
+                );
+                admin = server.session()?;
+                admin.query(&plain)?;
+            }
+        }
+        None => {
+            admin.query(&plain)?;
+        }
+    }
     created.store(true, Ordering::SeqCst);
+    if let Some(owner) = dump.and_then(|d| d.owner.as_deref()) {
+        if let Err(e) = admin.query(&format!("ALTER {to} OWNER TO {}", sql_ident(owner))) {
+            tracing::warn!(
+                error = %e,
+                "database {db} is not owned by role {owner}, as the dump's was, but by the \
+                 restoring role"
+            );
+            return Ok(());
+        }
+    }
     admin.close()
 }
 
@@ -236,29 +274,14 @@ async fn restore_logical(
     // In a private directory of its own: a name in TMPDIR could be taken already.
     let file = Temporary::dir()?;
     let dump = file.path().join(format!("{}.pgdump", record.backup_id));
-    // A missing database is created while the dump's first bytes arrive. Whatever happens
-    // to the dump, the creation has ended before the restore does, so that a failed restore
-    // can drop what it created.
-    let create = {
-        let (target, state, created) = (target.clone(), state.clone(), created.clone());
-        Arc::new(std::sync::Mutex::new(Some(std::thread::spawn(move || {
-            create_database(&target, &state, &created)
-        }))))
-    };
-    let finish_creation = move || match create.lock().expect("creation lock").take() {
-        Some(thread) => thread
-            .join()
-            .unwrap_or_else(|_| Err(Error::failure("database creation thread panicked"))),
-        None => Ok(()),
-    };
     let (path, conn, cancel_thread) = (dump.clone(), target.clone(), cancel.clone());
     let overwrite = state.objects > 0;
-    let sink_finish_creation = finish_creation.clone();
+    let (state_sink, created_sink) = (state.clone(), created.clone());
     let decoded = decode(repo, manifest, identities, move |reader| {
-        let opened = pgdump::open(reader);
-        sink_finish_creation()?;
-        let mut archive = opened?;
+        let mut archive = pgdump::open(reader)?;
         let level = archive.toc().ok().and_then(DatabaseLevel::of);
+        // A missing database is created once the dump's TOC says how.
+        create_database(&conn, &state_sink, level.as_ref(), &created_sink)?;
         let out = create_private(&path)?;
         // Before anything is written, the connections that load the data: if they cannot
         // be made, pg_restore's own may still be.
@@ -299,8 +322,6 @@ async fn restore_logical(
         Ok((Loaded::Streamed { entries, rows }, level))
     })
     .await;
-    let creation = finish_creation();
-    let decoded = decoded.and_then(|d| creation.map(|()| d));
     let ((loaded, level), plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
     let (conn, cancel, created) = (target.clone(), cancel.clone(), !state.exists);
@@ -374,13 +395,16 @@ async fn restore_logical(
 struct DatabaseLevel {
     /// The database's name in the dump.
     name: String,
+    /// Its `CREATE DATABASE` statement.
+    definition: Option<String>,
+    owner: Option<String>,
     /// What each entry is (`settings`, `comment` ...), and its statements.
     entries: Vec<(&'static str, String)>,
 }
 
 impl DatabaseLevel {
     fn of(entries: &[pgdump::Entry]) -> Option<DatabaseLevel> {
-        let name = entries.iter().find(|e| e.desc == "DATABASE")?.tag.clone();
+        let database = entries.iter().find(|e| e.desc == "DATABASE")?;
         let entries: Vec<(&'static str, String)> = entries
             .iter()
             .filter(|e| e.is_about_the_database())
@@ -394,7 +418,80 @@ impl DatabaseLevel {
                 Some((what, e.definition.clone()?)).filter(|(_, d)| !d.trim().is_empty())
             })
             .collect();
-        (!entries.is_empty()).then_some(DatabaseLevel { name, entries })
+        Some(DatabaseLevel {
+            name: database.tag.clone(),
+            definition: database.definition.clone(),
+            owner: database.owner.clone(),
+            entries,
+        })
+    }
+
+    /// The dump's `CREATE DATABASE` for database `db` (`to`: `DATABASE <quoted db>`), and
+    /// the definition it is made from: renamed, and without its `TABLESPACE` where this
+    /// server (`admin` is on it) has no such tablespace. None, with a warning, if the dump's
+    /// is not a single `CREATE DATABASE` of its database.
+    fn create_statement(
+        &self,
+        admin: &mut Session,
+        to: &str,
+        db: &str,
+    ) -> Option<(String, String)> {
+        let definition = self.definition.as_deref()?.trim().strip_suffix(';')?;
+        // It is run as it stands: one statement, and only this one.
+        if !definition.starts_with("CREATE DATABASE ") || definition.contains(';') {
+            tracing::warn!(
+                "the dump's database {} is created by more than a CREATE DATABASE; database \
+                 {db} is created with this server's defaults",
+                self.name,
+            );
+            return None;
+        }
+        let Some(mut create) = rename_database(definition, &self.names(admin), to) else {
+            tracing::warn!(
+                "the dump's CREATE DATABASE does not name database {} as expected; database \
+                 {db} is created with this server's defaults",
+                self.name,
+            );
+            return None;
+        };
+        if let Some((without, tablespace)) = split_tablespace(&create) {
+            let exists = admin
+                .value(&format!(
+                    "SELECT count(*) FROM pg_tablespace WHERE spcname = {}",
+                    sql_literal(&tablespace)
+                ))
+                .is_ok_and(|n| n != "0");
+            if !exists {
+                tracing::warn!(
+                    "this server has no tablespace {tablespace}, the dump's database's: database \
+                     {db} is created in the server's default tablespace"
+                );
+                create = without.to_owned();
+            }
+        }
+        Some((create, definition.to_owned()))
+    }
+
+    /// `DATABASE <name>` as pg_dump may have quoted the name: where it must (by the rules of
+    /// the server `session` is on, or plain lower case), or always.
+    fn names(&self, session: &mut Session) -> Vec<String> {
+        let mut names = vec![format!("DATABASE {}", sql_ident(&self.name))];
+        if let Ok(quoted) =
+            session.value(&format!("SELECT quote_ident({})", sql_literal(&self.name)))
+        {
+            names.push(format!("DATABASE {quoted}"));
+        }
+        if self
+            .name
+            .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        {
+            names.push(format!("DATABASE {}", self.name));
+        }
+        names
     }
 
     fn what(&self) -> String {
@@ -409,6 +506,9 @@ impl DatabaseLevel {
     /// are not logged: a setting may hold a secret.
     fn apply(&self, target: &Conn, created: bool) {
         let database = target.database().unwrap_or_default();
+        if self.entries.is_empty() {
+            return;
+        }
         if !created {
             tracing::warn!(
                 "the dump's {} of database {} are not applied to the existing database {database}; \
@@ -420,25 +520,14 @@ impl DatabaseLevel {
             return;
         }
         let to = format!("DATABASE {}", sql_ident(&database));
-        // As pg_dump may have quoted the name: where it must (the server's own rules, or
-        // plain lower case), or always.
-        let mut from = vec![format!("DATABASE {}", sql_ident(&self.name))];
-        if let Ok(quoted) = target
-            .session()
-            .and_then(|mut s| s.value(&format!("SELECT quote_ident({})", sql_literal(&self.name))))
-        {
-            from.push(format!("DATABASE {quoted}"));
-        }
-        if self
-            .name
-            .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
-        {
-            from.push(format!("DATABASE {}", self.name));
-        }
+        let from = match target.session() {
+            Ok(mut s) => {
+                let names = self.names(&mut s);
+                let _ = s.close();
+                names
+            }
+            Err(_) => vec![format!("DATABASE {}", sql_ident(&self.name))],
+        };
         for (what, statements) in &self.entries {
             // A statement that does not name the database as expected is not run: it
             // could change the source database.
@@ -468,6 +557,17 @@ impl DatabaseLevel {
             }
         }
     }
+}
+
+/// A `CREATE DATABASE` statement as pg_dump writes it without its last clause,
+/// ` TABLESPACE = <name>`, and the tablespace's name (unquoted); None if it has none.
+fn split_tablespace(create: &str) -> Option<(&str, String)> {
+    let (without, name) = create.rsplit_once(" TABLESPACE = ")?;
+    let name = match name.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?.replace("\"\"", "\""),
+        None => name.to_owned(),
+    };
+    Some((without, name))
 }
 
 /// `sql` with each of `from` (`DATABASE name` as it may be written) outside string literals
@@ -2017,6 +2117,20 @@ mod tests {
         assert_eq!(IndexMemory::default_for(2, mb(1024)), None);
         assert_eq!(IndexMemory::default_for(2, mb(2048)), None);
         assert_eq!(IndexMemory::default_for(2, mb(512)), Some(mb(1024)));
+    }
+
+    #[test]
+    fn the_tablespace_of_a_create_database_is_split_off() {
+        let create = "CREATE DATABASE \"x\" WITH TEMPLATE = template0 ENCODING = 'UTF8'";
+        assert_eq!(split_tablespace(create), None);
+        assert_eq!(
+            split_tablespace(&format!("{create} TABLESPACE = fast")),
+            Some((create, "fast".to_owned()))
+        );
+        assert_eq!(
+            split_tablespace(&format!("{create} TABLESPACE = \"Fast \"\"SSD\"\"\"")),
+            Some((create, "Fast \"SSD\"".to_owned()))
+        );
     }
 
     #[test]
