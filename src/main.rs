@@ -2,10 +2,35 @@
 
 use clap::Parser;
 use drctl::cancel::Cancel;
+use drctl::cli::ABORT_RECOVERY;
 use drctl::cli::{json_line, Cli};
 
+/// Whether the command line is `wal fetch`'s, which runs as PostgreSQL's restore_command:
+/// PostgreSQL takes an exit status below 126 as "not archived" and ends recovery there.
+fn is_wal_fetch() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "wal")
+        .is_some_and(|at| args[at..].iter().any(|a| a == "fetch"))
+}
+
 fn main() {
-    let cli = Cli::parse();
+    // Any failure of `wal fetch`, a bad argument or a panic too, stops recovery.
+    let fetching = is_wal_fetch();
+    if fetching {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::exit(ABORT_RECOVERY);
+        }));
+    }
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        if fetching && e.use_stderr() {
+            let _ = e.print();
+            std::process::exit(ABORT_RECOVERY);
+        }
+        e.exit()
+    });
     let filter = std::env::var("DRCTL_LOG").unwrap_or_else(|_| {
         match cli.global.verbose {
             0 => "warn",

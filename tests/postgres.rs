@@ -532,6 +532,23 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
         .ok();
     assert_eq!(content(&url), content(&source.url()));
+
+    // Over objects that cannot all be dropped (a table made since the backup references
+    // one of the dump's): the restore fails and leaves the database as it was.
+    let url = source.url();
+    psql(
+        &url,
+        "DELETE FROM accounts WHERE id > 10; CREATE TABLE newer (a int REFERENCES accounts)",
+    );
+    let (before, rows) = (indexes_and_constraints(&url), content(&url));
+    let run = sb
+        .run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
+        .code(1);
+    for said in ["depend", "is as it was if pg_restore failed"] {
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+    }
+    assert_eq!(indexes_and_constraints(&url), before);
+    assert_eq!(content(&url), rows);
 }
 
 /// An interrupted restore stops pg_restore and removes the decoded dump it wrote to TMPDIR,
@@ -572,6 +589,8 @@ fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
             ),
         ) != "0"
     };
+    // Fewer rows than the backup's, which a finished restore would bring back.
+    psql(&source.url(), "DELETE FROM big WHERE id > 1000000");
     for interrupts in [1, 2] {
         // Over the existing tables, the dump goes through a file for pg_restore.
         let mut child = sb
@@ -627,15 +646,19 @@ fn an_interrupted_restore_stops_pg_restore_and_leaves_no_plain_dump_behind() {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        // pg_restore stopped instead of finishing: the table or its index is missing.
-        let finished = psql(
-            &source.url(),
-            "SELECT count(*) FROM pg_indexes WHERE indexname = 'big_h'",
-        ) == "1"
-            && psql(&source.url(), "SELECT count(*) FROM big") == "1500000";
-        assert!(
-            !finished,
-            "pg_restore ran to the end after {interrupts} interrupt(s)"
+        // pg_restore stopped instead of finishing, and its transaction left the database
+        // as it was.
+        assert_eq!(
+            psql(&source.url(), "SELECT count(*) FROM big"),
+            "1000000",
+            "after {interrupts} interrupt(s)"
+        );
+        assert_eq!(
+            psql(
+                &source.url(),
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'big_h'",
+            ),
+            "1"
         );
     }
 }
@@ -1496,7 +1519,17 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
         &c.url(),
         "INSERT INTO t (id) SELECT generate_series(1, 100)",
     );
+    // What a base backup of a standby holds, which a restored server must not follow: it
+    // would stream from that primary and never promote, or replay an hour late.
+    let standby = c.data.join("standby.signal");
+    std::fs::write(&standby, "").unwrap();
+    psql(
+        &c.url(),
+        "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=9'",
+    );
+    psql(&c.url(), "ALTER SYSTEM SET recovery_min_apply_delay = '1h'");
     let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
+    std::fs::remove_file(&standby).unwrap();
     let manifest = &run.json()[0];
     let wal = &manifest["source"]["stats"]["wal"];
     assert_eq!(wal["timeline"], 1, "{manifest}");
@@ -1533,8 +1566,15 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     );
 
     let (run, url) = c.restore("latest", &[]);
-    run.ok();
+    let run = run.ok();
     assert_eq!(ids(&url), "300 rows, 1..300");
+    assert!(
+        run.stderr.contains("was taken from a standby"),
+        "{}",
+        run.stderr
+    );
+    assert!(!c.sb.path().join("latest/standby.signal").exists());
+    assert_eq!(psql(&url, "SHOW primary_conninfo"), "");
     // Recovery looked its WAL up in the index the restore wrote.
     let restore_command = psql(&url, "SHOW restore_command");
     assert!(restore_command.contains("--index"), "{restore_command}");
@@ -2274,6 +2314,9 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
     };
     let run = fetch(&["--region", "nowhere"]);
     assert!(run.stderr.contains("no region"), "{}", run.stderr);
+    // An argument this drctl does not take (restore_command written by another version).
+    let run = fetch(&["--from-another-version"]);
+    assert!(run.stderr.contains("unexpected argument"), "{}", run.stderr);
     // An index that is missing, does not list the file, or names a backup that is gone:
     // the registry is asked.
     let index = dir.join("index.json");

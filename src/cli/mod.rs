@@ -14,6 +14,8 @@ mod show;
 mod verify;
 mod wal;
 
+pub use wal::ABORT_RECOVERY;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -87,7 +87,10 @@ pub struct Args {
     /// Print what would be restored and stop.
     #[arg(long)]
     pub dry_run: bool,
-    /// Allow restoring into a non-empty target, replacing files that the backup holds.
+    /// Allow restoring into a non-empty target, replacing what the backup holds: files, a
+    /// SQLite file, a MariaDB database (dropped and re-created), or a PostgreSQL database's
+    /// objects (`pg_restore --clean` in one transaction, so that a failure leaves the
+    /// database as it was; one session, slower than into an empty database).
     #[arg(long)]
     pub overwrite: bool,
     /// Restore FIFOs and device nodes (refused by default).

@@ -117,7 +117,7 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
     if objects > 0 && !overwrite {
         return Err(Error::invalid(format!(
             "target database {database} is not empty ({objects} relations, schemas, functions, \
-             types or extensions)"
+             types, extensions or other objects)"
         ))
         .hint("restore into a new or empty database, or pass --overwrite to drop and recreate the objects the dump holds"));
     }
@@ -129,17 +129,38 @@ pub fn check_database_target(target: &Conn, overwrite: bool) -> Result<DatabaseT
     })
 }
 
-/// What makes a database not empty: relations, schemas (but `public`), functions and types
-/// outside the system's schemas, and extensions (but PL/pgSQL, in every new database). A
+/// What makes a database not empty: what a dump can create in it. Relations, schemas (but
+/// `public`), functions, types, collations, operators and their classes and families,
+/// text search objects, conversions and extended statistics outside the system's schemas;
+/// extensions (but PL/pgSQL, in every new database); and casts, languages, event triggers,
+/// publications, foreign data wrappers and servers, and large objects made after initdb. A
 /// failed restore may leave any of them, and a restore over them needs `pg_restore --clean`.
 const USER_OBJECTS: &str = "WITH user_ns AS (SELECT oid, nspname FROM pg_namespace \
-     WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%') \
-     SELECT (SELECT count(*) FROM pg_class WHERE relnamespace IN (SELECT oid FROM user_ns)) \
+     WHERE nspname <> 'information_schema' AND nspname NOT LIKE 'pg\\_%'), \
+     ns AS (SELECT oid FROM user_ns) \
+     SELECT (SELECT count(*) FROM pg_class WHERE relnamespace IN (SELECT oid FROM ns)) \
      + (SELECT count(*) FROM user_ns WHERE nspname <> 'public') \
-     + (SELECT count(*) FROM pg_proc WHERE pronamespace IN (SELECT oid FROM user_ns)) \
-     + (SELECT count(*) FROM pg_type WHERE typnamespace IN (SELECT oid FROM user_ns) \
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_type WHERE typnamespace IN (SELECT oid FROM ns) \
         AND typrelid = 0 AND typcategory <> 'A') \
-     + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql')";
+     + (SELECT count(*) FROM pg_collation WHERE collnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_operator WHERE oprnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_opclass WHERE opcnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_opfamily WHERE opfnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_ts_config WHERE cfgnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_ts_dict WHERE dictnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_ts_parser WHERE prsnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_ts_template WHERE tmplnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_conversion WHERE connamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_statistic_ext WHERE stxnamespace IN (SELECT oid FROM ns)) \
+     + (SELECT count(*) FROM pg_extension WHERE extname <> 'plpgsql') \
+     + (SELECT count(*) FROM pg_cast WHERE oid >= 16384) \
+     + (SELECT count(*) FROM pg_language WHERE oid >= 16384) \
+     + (SELECT count(*) FROM pg_event_trigger) \
+     + (SELECT count(*) FROM pg_publication) \
+     + (SELECT count(*) FROM pg_foreign_data_wrapper) \
+     + (SELECT count(*) FROM pg_foreign_server) \
+     + (SELECT count(*) FROM pg_largeobject_metadata)";
 
 /// Creates the database a checked target found missing as the dump's was (`dump`, if the
 /// dump says), as `pg_restore --create` does: with its encoding, locale and tablespace,
@@ -204,7 +225,12 @@ fn abandon(target: &Conn, state: &DatabaseTarget, created: bool, e: Error) -> Er
         // Its creation failed: nothing was written.
         return e;
     }
-    let note = if !created {
+    let note = if !created && state.objects > 0 {
+        format!(
+            "database {db} is as it was if pg_restore failed: over existing objects it restores \
+             in one transaction"
+        )
+    } else if !created {
         format!("database {db} may hold part of the backup now; restore again with --overwrite")
     } else {
         let dropped = target.with_database("postgres").and_then(|admin| {
@@ -352,10 +378,14 @@ async fn restore_logical(
                     seconds = started.elapsed().as_secs_f64(),
                     "decoded the dump"
                 );
-                let mut args = vec!["-j", &jobs];
-                if overwrite {
-                    args.extend(["--clean", "--if-exists"]);
-                }
+                // Over existing objects, in one transaction: a failure (a dropped object
+                // another depends on, a row refused) leaves the database as it was, not
+                // half dropped.
+                let args = if overwrite {
+                    vec!["--clean", "--if-exists", "--single-transaction"]
+                } else {
+                    vec!["-j", &jobs]
+                };
                 pg_restore(&conn, &args, &dump, memory, &cancel)?;
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
@@ -1588,6 +1618,20 @@ pub async fn restore_physical(
             "local all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
         )?;
     }
+    // A base backup of a standby holds its standby.signal: the restored server would follow
+    // the standby's primary and never promote.
+    let standby = dir.join("standby.signal");
+    if standby.exists() {
+        std::fs::remove_file(&standby)
+            .map_err(|e| Error::io(format!("remove {}", standby.display()), e))?;
+        tracing::warn!(
+            "base backup {} was taken from a standby: it is restored as a server of its own",
+            plan.base_backup
+        );
+    }
+    let version = std::fs::read_to_string(dir.join("PG_VERSION"))
+        .map_err(|e| Error::io("read PG_VERSION of the restored data directory", e))?;
+    let version = version.trim();
     let exe = std::env::current_exe().map_err(|e| Error::io("find the drctl binary", e))?;
     let absolute = |p: &Path| {
         std::path::absolute(p)
@@ -1632,13 +1676,18 @@ pub async fn restore_physical(
     };
     let mut settings = format!(
         "\n# drctl restore of base backup {}\nrestore_command = {}\n{archive}\
-         port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n",
+         port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
+         {RESET_SETTINGS}",
         plan.base_backup,
         conf_quote(&restore_command),
         plan.port
     );
+    // PostgreSQL 15 archives through a library where one is set.
+    if version.parse::<u32>().is_ok_and(|v| v >= 15) {
+        settings += "archive_library = ''\n";
+    }
     match plan.timeline {
-        Timeline::Latest => {}
+        Timeline::Latest => settings += "recovery_target_timeline = 'latest'\n",
         Timeline::Current => settings += "recovery_target_timeline = 'current'\n",
         Timeline::Id(n) => settings += &format!("recovery_target_timeline = '{n}'\n"),
     }
@@ -1661,17 +1710,18 @@ pub async fn restore_physical(
     write(&auto, &existing)?;
     write(&dir.join("recovery.signal"), "")?;
 
-    let version = std::fs::read_to_string(dir.join("PG_VERSION"))
-        .map_err(|e| Error::io("read PG_VERSION of the restored data directory", e))?;
-    let pg_ctl = server_binary(version.trim(), "pg_ctl");
+    let pg_ctl = server_binary(version, "pg_ctl");
     let log = dir.join("drctl-restore.log");
     let mut cmd = Command::new(&pg_ctl);
+    // Not waiting: reaching a consistent state may take longer than pg_ctl waits. The
+    // loop below waits, cancellably.
     cmd.arg("-D")
         .arg(&dir)
         .arg("-l")
         .arg(&log)
-        .args(["-w", "-t", "600", "start"]);
+        .args(["-W", "start"]);
     run_quiet(cmd, &pg_ctl, &log)?;
+    let launched = std::time::Instant::now();
 
     let user = url::Url::parse(
         plan.record.manifest()?.source.descriptor["url"]
@@ -1688,21 +1738,40 @@ pub async fn restore_physical(
         }
         Conn::new(&u, None, None)
     };
-    // Recovery is over when the server has promoted.
+    // Recovery is over when the server has promoted. Until it is consistent, it refuses
+    // connections as starting up; any other refusal is for good.
+    let mut refusals = 0;
     loop {
         cancel.check()?;
-        let done = local("postgres")?
-            .session()
-            .and_then(|mut s| {
-                let v = s.value("SELECT pg_is_in_recovery()");
-                s.close()?;
-                v
-            })
-            .map(|v| v == "f");
-        if done.unwrap_or(false) {
-            break;
+        let in_recovery = local("postgres")?.session().and_then(|mut s| {
+            let v = s.value("SELECT pg_is_in_recovery()");
+            s.close()?;
+            v
+        });
+        match in_recovery {
+            Ok(v) if v == "f" => break,
+            Ok(_) => refusals = 0,
+            Err(e) if still_starting(&e.to_string()) => refusals = 0,
+            Err(e) => {
+                refusals += 1;
+                if refusals >= 10 {
+                    return Err(e
+                        .context(format!(
+                            "connect to the restored server (port {}) over /tmp",
+                            plan.port
+                        ))
+                        .hint(format!(
+                            "the restored pg_hba.conf must let this OS user connect over the \
+                             local socket as the policy's user (peer authentication needs the \
+                             same name); the server is left running, its log: {}",
+                            log.display()
+                        )));
+                }
+            }
         }
-        if !dir.join("postmaster.pid").exists() {
+        // The postmaster writes its PID file as it starts, and removes it as it stops.
+        let grace = launched.elapsed() > std::time::Duration::from_secs(10);
+        if grace && !dir.join("postmaster.pid").exists() {
             return Err(Error::failure(format!(
                 "the restored server stopped during recovery; log {}: {}",
                 log.display(),
@@ -1739,6 +1808,28 @@ pub async fn restore_physical(
         databases,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Settings of the backed-up server that a restore must not take over: those of a standby
+/// (its primary, its slot, a replay delay), commands that act on an archive, and recovery
+/// targets the restore does not set. Hot standby lets the restore watch recovery.
+const RESET_SETTINGS: &str = "primary_conninfo = ''\nprimary_slot_name = ''\n\
+    recovery_min_apply_delay = 0\narchive_cleanup_command = ''\nrecovery_end_command = ''\n\
+    recovery_target = ''\nrecovery_target_name = ''\nrecovery_target_xid = ''\n\
+    recovery_target_time = ''\nrecovery_target_lsn = ''\nrecovery_target_inclusive = on\n\
+    hot_standby = on\n";
+
+/// Whether a connection refused with `error` is to a server still starting up: before it
+/// listens, or before it is consistent.
+fn still_starting(error: &str) -> bool {
+    [
+        "starting up",
+        "not yet accepting connections",
+        "No such file or directory",
+        "Connection refused",
+    ]
+    .iter()
+    .any(|m| error.contains(m))
 }
 
 /// Recovery to the latest point must have replayed into the last WAL segment the plan

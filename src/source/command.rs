@@ -199,8 +199,8 @@ pub fn check_status(program: &str, status: ExitStatus, stderr: &str) -> Result<(
 }
 
 /// A SQL client (`psql`, `mariadb`) on a pipe, for statements that must share one session:
-/// a transaction's snapshot, a lock, a temporary replication slot. Dropping it closes the
-/// client's input, which ends the session.
+/// a transaction's snapshot, a lock, a temporary replication slot. Dropping it without
+/// [`SqlSession::close`] ends the client and waits for it.
 pub struct SqlSession {
     program: String,
     child: Child,
@@ -299,5 +299,14 @@ impl SqlSession {
                 if stderr.is_empty() { "(none)" } else { &stderr }
             )),
         }
+    }
+}
+
+impl Drop for SqlSession {
+    fn drop(&mut self) {
+        // A no-op after close() or a failure, which waited already.
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
