@@ -5,9 +5,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{file_contents, moto, output_ok, Run, Sandbox};
 use drctl::source::postgres::{parse_segment, segment_name};
@@ -549,6 +551,22 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     }
     assert_eq!(indexes_and_constraints(&url), before);
     assert_eq!(content(&url), rows);
+    // On its own, that table stays as it was beside the restored ones.
+    psql(
+        &url,
+        "ALTER TABLE newer DROP CONSTRAINT newer_a_fkey; INSERT INTO newer VALUES (7)",
+    );
+    let run = sb
+        .run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
+        .ok();
+    assert!(
+        run.stderr
+            .contains("keeps tables the backup does not hold, as they were: public.newer"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
+    assert_eq!(psql(&url, "SELECT a FROM newer"), "7");
 }
 
 /// An interrupted restore stops pg_restore and removes the decoded dump it wrote to TMPDIR,
@@ -978,6 +996,87 @@ fn failing_dump_is_recorded_as_failed_with_the_tool_stderr() {
         .contains("does not exist"));
 }
 
+/// The row count of a logical backup takes its table locks only once pg_dump holds its own:
+/// a TRUNCATE made while pg_dump waits for a lock (here on `blocker`) goes through before
+/// pg_dump reaches the truncated table, instead of queueing behind the count's lock, with
+/// pg_dump's lock queued behind it and the count waiting for pg_dump.
+#[test]
+fn a_truncate_while_pg_dump_waits_for_a_lock_does_not_hold_the_backup_up() {
+    let source = Db::new("drctl_src");
+    psql(
+        &source.url(),
+        "CREATE TABLE first (x int); CREATE TABLE blocker (x int); \
+         CREATE TABLE big AS SELECT generate_series(1, 50000) AS x",
+    );
+    let sb = Sandbox::new();
+    logical_policy(&sb, "pg", &source.url());
+    // A transaction holding `blocker`, which pg_dump locks before `big`.
+    let mut holder = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &source.url()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut hold = holder.stdin.take().unwrap();
+    hold.write_all(b"BEGIN; LOCK TABLE blocker IN ACCESS EXCLUSIVE MODE;\n")
+        .unwrap();
+    hold.flush().unwrap();
+    let activity = |filter: &str| {
+        psql(
+            &format!("{SERVER}/postgres"),
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND {filter}",
+                source.name
+            ),
+        ) != "0"
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !activity("query LIKE 'LOCK TABLE%' AND state = 'idle in transaction'") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut backup = sb
+        .cmd(&["--json", "backup", "--policy", "pg"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !activity("application_name LIKE 'drctl pg_dump%' AND wait_event_type = 'Lock'") {
+        assert!(std::time::Instant::now() < deadline, "pg_dump did not wait");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let truncate = Command::new("psql")
+        .args(["-X", "-q", "-d", &source.url(), "-c", "TRUNCATE big"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    hold.write_all(b"COMMIT;\n").unwrap();
+    drop(hold);
+    holder.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while backup.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = backup.kill();
+            panic!("the backup is held up");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = backup.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    truncate.wait_with_output().unwrap();
+    // The count and the dump agree: the restore checks them.
+    let target = Db::later("drctl_dst");
+    restore_to(&sb, "latest", &target.url()).ok();
+}
+
 #[test]
 fn missing_client_tools_fail_the_backup() {
     let sb = Sandbox::new();
@@ -1019,7 +1118,7 @@ fn server_going_away_mid_dump_fails_the_backup() {
             &format!("{SERVER}/postgres"),
             &format!(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE datname = '{db}' AND application_name = 'drctl pg_dump'"
+                 WHERE datname = '{db}' AND application_name LIKE 'drctl pg_dump%'"
             ),
         );
         killed = n != "0";

@@ -669,6 +669,9 @@ fn streamable(
         NO_TIMEOUTS,
         "SET xmloption = content",
         "SET row_security = off",
+        // A notice per row (a check function's) would fill the connection's receive
+        // buffer, which is read only as each COPY ends.
+        "SET client_min_messages = warning",
     ]
     .map(String::from)
     .to_vec();
@@ -2126,10 +2129,34 @@ pub async fn execute(
                     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?);
                 }
             };
+            let stats = &plan.record.manifest()?.source.stats;
+            let mut tables = report.tables.clone();
+            if plan.database.objects > 0 {
+                // Restored over, tables the backup does not hold are left as they were.
+                let backed_up: std::collections::BTreeSet<String> = stats
+                    .get("tables")
+                    .and_then(|t| t.as_object())
+                    .map(|t| t.keys().map(|k| table_key(k)).collect())
+                    .unwrap_or_default();
+                tables.retain(|t, _| backed_up.contains(&table_key(t)));
+                let kept: Vec<&str> = report
+                    .tables
+                    .keys()
+                    .filter(|t| !tables.contains_key(*t))
+                    .map(String::as_str)
+                    .collect();
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        "database {} keeps tables the backup does not hold, as they were: {}",
+                        report.database,
+                        kept.join(", ")
+                    );
+                }
+            }
             let rows = compare_rows(
                 &plan.record.backup_id,
-                &plan.record.manifest()?.source.stats,
-                &report.tables,
+                stats,
+                &tables,
                 &format!("database {}", report.database),
                 table_key,
             )

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use super::command::stream_stdout;
 pub use super::command::SqlSession as Session;
@@ -276,6 +278,39 @@ pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, 
     Ok(counts)
 }
 
+const DUMP_RUNNING: u8 = 0;
+const DUMP_ENDED: u8 = 1;
+const DUMP_FAILED: u8 = 2;
+
+/// Waits until the pg_dump session named `app` has begun its first COPY, by which time it
+/// holds a lock on every table it dumps, or has ended (`dump`). Counting a table before
+/// pg_dump had locked it would hold pg_dump's lock up behind any ACCESS EXCLUSIVE request
+/// (a TRUNCATE, an ALTER) made meanwhile, which waits for the count's transaction, which
+/// waits for pg_dump: a wait the server cannot see, with the table's queries queued behind
+/// it. Where the session's query cannot be seen (track_activities off, another
+/// application_name in the URL), the count starts when pg_dump has ended.
+fn wait_for_dump_locks(conn: &Conn, app: &str, dump: &AtomicU8, cancel: &Cancel) -> Result<()> {
+    let mut watch = conn.session()?;
+    let copying = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' \
+         AND query LIKE 'COPY %'",
+        app.replace('\'', "''")
+    );
+    loop {
+        cancel.check()?;
+        match dump.load(Ordering::SeqCst) {
+            DUMP_ENDED => break,
+            DUMP_FAILED => return Err(Error::failure("pg_dump failed; rows not counted")),
+            _ => {}
+        }
+        if watch.value(&copying)? != "0" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    watch.close()
+}
+
 pub struct PostgresSource {
     mode: PostgresMode,
     conn: Conn,
@@ -317,16 +352,37 @@ impl PostgresSource {
             lsn: parse_lsn(lsn).map(format_lsn),
             binlog: None,
         });
-        // Count rows in the exported snapshot while pg_dump streams it; the transaction
-        // stays open until the dump is done so pg_dump can import the snapshot.
+        // Count rows in the exported snapshot while pg_dump streams it, once pg_dump holds
+        // its table locks; the transaction stays open until the dump is done so pg_dump can
+        // import the snapshot.
         let pid = session.value("SELECT pg_backend_pid()")?;
-        let counter = std::thread::spawn(move || {
-            let counts = row_counts(&mut session);
-            (session, counts)
-        });
+        let app = format!("drctl pg_dump {snapshot}");
+        let dump = Arc::new(AtomicU8::new(DUMP_RUNNING));
+        let counter = {
+            let (conn, app, dump, cancel) =
+                (self.conn.clone(), app.clone(), dump.clone(), cancel.clone());
+            std::thread::spawn(move || {
+                let counts = wait_for_dump_locks(&conn, &app, &dump, &cancel)
+                    .and_then(|()| row_counts(&mut session));
+                (session, counts)
+            })
+        };
         let mut cmd = self.conn.command("pg_dump");
-        cmd.args(["-Fc", "-Z0", "--snapshot", &snapshot, "-d", &self.conn.url]);
+        cmd.env("PGAPPNAME", &app).args([
+            "-Fc",
+            "-Z0",
+            "--snapshot",
+            &snapshot,
+            "-d",
+            &self.conn.url,
+        ]);
         let streamed = stream_stdout(cmd, out, cancel);
+        let state = if streamed.is_ok() {
+            DUMP_ENDED
+        } else {
+            DUMP_FAILED
+        };
+        dump.store(state, Ordering::SeqCst);
         if streamed.is_err() {
             // The backup has failed: stop counting rather than scan the rest of the tables.
             if let Ok(mut s) = self.conn.session() {
