@@ -823,7 +823,11 @@ fn a_created_database_gets_the_dumps_encoding_locale_and_owner() {
     let utf8 = |db: &Db| format!("{}?client_encoding=UTF8", db.url());
     psql(
         &utf8(&source),
-        "CREATE TABLE words (w text); INSERT INTO words VALUES ('café'), ('Ärger'), ('zoo')",
+        &format!(
+            "CREATE TABLE words (w text); INSERT INTO words VALUES ('café'), ('Ärger'), ('zoo'); \
+             COMMENT ON DATABASE {} IS 'Café'",
+            source.name
+        ),
     );
     let (sb, id) = backed_up(&source);
     let about = |db: &str| {
@@ -837,8 +841,17 @@ fn a_created_database_gets_the_dumps_encoding_locale_and_owner() {
     };
     assert_eq!(about(&source.name), format!("LATIN1 C C {}", owner.0));
     let target = Db::later("drctl_dst");
-    restore_to(&sb, &id, &target.url()).ok();
+    let run = restore_to(&sb, &id, &target.url()).ok();
     assert_eq!(about(&target.name), about(&source.name));
+    // The comment's text is in LATIN1 in the dump: left out rather than garbled.
+    let said = format!(
+        "database {} does not get the dump's comment of database {}: their text, in encoding \
+         LATIN1, would be garbled",
+        target.name, source.name
+    );
+    assert!(run.stderr.contains(&said), "{said}: {}", run.stderr);
+    let comment = format!("SELECT shobj_description(oid, 'pg_database') IS NULL FROM pg_database WHERE datname = '{}'", target.name);
+    assert_eq!(psql(&format!("{SERVER}/postgres"), &comment), "t");
     let words = "SELECT string_agg(w || ':' || octet_length(w::bytea), ' ' ORDER BY w) FROM words";
     // LATIN1 bytes, in LATIN1 order.
     assert_eq!(psql(&utf8(&target), words), "café:4 zoo:3 Ärger:5");

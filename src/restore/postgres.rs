@@ -430,29 +430,46 @@ struct DatabaseLevel {
     owner: Option<String>,
     /// What each entry is (`settings`, `comment` ...), and its statements.
     entries: Vec<(&'static str, String)>,
+    /// The dump's encoding, where it is not UTF-8, and what is left out for holding text in
+    /// it (read here as UTF-8, it would be applied garbled).
+    unread: Option<(String, Vec<&'static str>)>,
 }
 
 impl DatabaseLevel {
     fn of(entries: &[pgdump::Entry]) -> Option<DatabaseLevel> {
         let database = entries.iter().find(|e| e.desc == "DATABASE")?;
-        let entries: Vec<(&'static str, String)> = entries
+        let encoding = entries
             .iter()
-            .filter(|e| e.is_about_the_database())
-            .filter_map(|e| {
-                let what = match e.desc.as_str() {
-                    "DATABASE PROPERTIES" => "settings",
-                    "COMMENT" => "comment",
-                    "ACL" => "privileges",
-                    _ => "security labels",
-                };
-                Some((what, e.definition.clone()?)).filter(|(_, d)| !d.trim().is_empty())
-            })
-            .collect();
+            .find(|e| e.desc == "ENCODING")
+            .and_then(|e| e.definition.as_deref()?.split('\'').nth(1))
+            .unwrap_or("UTF8")
+            .to_owned();
+        let readable = |d: &String| encoding == "UTF8" || d.is_ascii();
+        let mut unread = Vec::new();
+        let mut definition = database.definition.clone();
+        if definition.as_ref().is_some_and(|d| !readable(d)) {
+            (definition, unread) = (None, vec!["encoding and locale"]);
+        }
+        let mut kept = Vec::new();
+        for e in entries.iter().filter(|e| e.is_about_the_database()) {
+            let what = match e.desc.as_str() {
+                "DATABASE PROPERTIES" => "settings",
+                "COMMENT" => "comment",
+                "ACL" => "privileges",
+                _ => "security labels",
+            };
+            match e.definition.clone().filter(|d| !d.trim().is_empty()) {
+                Some(d) if readable(&d) => kept.push((what, d)),
+                Some(_) => unread.push(what),
+                None => {}
+            }
+        }
         Some(DatabaseLevel {
             name: database.tag.clone(),
-            definition: database.definition.clone(),
+            definition,
             owner: database.owner.clone(),
-            entries,
+            entries: kept,
+            unread: (!unread.is_empty()).then_some((encoding, unread)),
         })
     }
 
@@ -536,6 +553,14 @@ impl DatabaseLevel {
     /// are not logged: a setting may hold a secret.
     fn apply(&self, target: &Conn, created: bool) {
         let database = target.database().unwrap_or_default();
+        if let Some((encoding, unread)) = &self.unread {
+            tracing::warn!(
+                "database {database} does not get the dump's {} of database {}: their text, \
+                 in encoding {encoding}, would be garbled",
+                unread.join(", "),
+                self.name,
+            );
+        }
         if self.entries.is_empty() {
             return;
         }
