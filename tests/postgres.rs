@@ -2288,7 +2288,13 @@ fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
 
     // Fail over: the restored server becomes the primary on timeline 2 and archives it.
     let (run, primary) = c.restore("primary2", &["--until", &noted, "--archive"]);
-    run.ok();
+    let run = run.ok();
+    assert!(
+        run.stderr
+            .contains("archives a new timeline into policy pgphys"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(ids(&primary), "200 rows, 1..200");
     assert_eq!(psql(&primary, "SHOW archive_mode"), "on");
     assert_eq!(
@@ -2301,7 +2307,16 @@ fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
     // The archive now holds timeline 2's history; a restore from the same base backup
     // follows it: timeline 1 up to the branch, then timeline 2.
     let (run, _) = c.restore("after", &["--dry-run"]);
-    let plan = run.ok().json();
+    let run = run.ok();
+    // Timeline 1 went on past the branch (rows 201..300): a restore says what it leaves.
+    assert!(
+        run.stderr
+            .contains("timeline 1 goes on in the archive to segment 00000001")
+            && run.stderr.contains("--timeline 1 restores it instead"),
+        "{}",
+        run.stderr
+    );
+    let plan = run.json();
     assert_eq!(
         plan[0]["postgres"]["timelines"],
         serde_json::json!([1, 2]),

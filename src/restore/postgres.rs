@@ -1098,7 +1098,39 @@ impl WalArchive {
                 first_segment: parse_lsn(&s.switchpoint).unwrap_or(0) / size,
             });
         }
+        if timeline == Timeline::Latest {
+            self.warn_of_branches(&legs, size);
+        }
         Ok(legs)
+    }
+
+    /// Warns where a timeline `legs` leave went on past the point the next one branched
+    /// from it, as the archive shows: its server kept running (a restore with `--archive`
+    /// to an earlier point while production went on, or a failover that lost archived
+    /// WAL), and following the newest timeline leaves that WAL out.
+    fn warn_of_branches(&self, legs: &[Leg], size: u64) {
+        for pair in legs.windows(2) {
+            let (parent, child) = (pair[0].timeline, &pair[1]);
+            let beyond = self
+                .files
+                .keys()
+                .filter_map(|name| parse_segment(name, size))
+                // A whole segment the branch point is in: the parent wrote past that point.
+                .filter(|(tli, segno)| *tli == parent && *segno >= child.first_segment)
+                .map(|(_, segno)| segno)
+                .max();
+            if let Some(last) = beyond {
+                tracing::warn!(
+                    "timeline {parent} goes on in the archive to segment {} after timeline {} \
+                     branched from it in segment {}: the restore follows timeline {}, as \
+                     PostgreSQL does, without that WAL; --timeline {parent} restores it instead",
+                    segment_name(parent, last, size),
+                    child.timeline,
+                    segment_name(parent, child.first_segment, size),
+                    legs.last().map_or(child.timeline, |l| l.timeline),
+                );
+            }
+        }
     }
 
     /// Segment numbers recovery reads along `legs`, each from the newest timeline that has
@@ -1497,6 +1529,14 @@ pub async fn plan_physical(
     let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target, server.timeline)?;
     super::check_target(data_dir, false)?;
     let tablespaces = tablespace_destinations(&record, server.tablespace_dir.as_deref(), data_dir)?;
+    if server.archive && target != RecoveryTarget::Latest {
+        tracing::warn!(
+            "the restored server archives a new timeline into policy {policy}, branching at the \
+             recovery target: later restores of the latest state follow it, without the WAL \
+             the source server archives after that point; leave --archive out for a copy \
+             beside a running source (a rehearsal, a forensic copy)"
+        );
+    }
     Ok(PhysicalPlan {
         base_backup: record.backup_id.clone(),
         wal,
