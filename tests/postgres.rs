@@ -434,6 +434,12 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
          COMMENT ON TABLE items IS 'the catalogue';\
          GRANT SELECT ON items TO PUBLIC;",
     );
+    // More rows than a connection sends in one COPY (64 MiB): its rows go in over several.
+    psql(
+        &source.url(),
+        "CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 3) AS h \
+         FROM generate_series(1, 1800000) g",
+    );
     let (sb, id) = backed_up(&source);
     let target = Db::later("drctl_dst");
     let run = restore_to(&sb, &id, &target.url()).ok();
@@ -444,8 +450,16 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
     // A parent counts its children's rows, as at backup time.
     assert_eq!(report["tables"]["public.events"], 15);
     assert_eq!(report["tables"]["public.late_events"], 5);
+    assert_eq!(report["tables"]["public.bulk"], 1800000);
 
-    let tables = ["items", "orders", "item_totals", "big_orders", "events"];
+    let tables = [
+        "items",
+        "orders",
+        "item_totals",
+        "big_orders",
+        "events",
+        "bulk",
+    ];
 
     assert_eq!(
         digests(&target.url(), &tables),

@@ -4,8 +4,9 @@
 //! The archive arrives as one stream, table after table. So that every connection has work
 //! whatever the tables' sizes, each table's rows are cut into pieces of whole rows and the
 //! pieces are spread over the connections; a connection opens its own `COPY` of a table
-//! when its first piece arrives. Each connection commits each `COPY` on its own, and the
-//! server reports the rows it stored; a table's rows are the sum. If the restore stops
+//! when its first piece arrives, and ends it after [`SPLIT`] bytes for another. Each
+//! connection commits each `COPY` on its own, and the server reports the rows it stored; a
+//! table's rows are the sum. If the restore stops
 //! early, each open `COPY` is failed, so the server keeps none of its rows.
 
 use std::collections::BTreeMap;
@@ -28,6 +29,10 @@ const PIECE: usize = 128 << 10;
 const TAIL: usize = 16;
 /// Pieces waiting for each connection.
 const QUEUE: usize = 8;
+/// A connection ends its `COPY` after about this many bytes of rows and opens another for
+/// the rest: the server answers a `COPY` only as it ends, so a row it refuses is reported
+/// within this much of the table, not after all of it.
+const SPLIT: usize = 64 << 20;
 
 enum Msg {
     /// Start a `COPY` of this table (its statement).
@@ -265,9 +270,19 @@ async fn run(mut conn: PgConnection, mut rx: Receiver<Msg>) -> Result<Vec<(i64, 
             .copy_in_raw(&what)
             .await
             .map_err(|e| failure(&what, e))?;
+        let mut sent = 0;
         loop {
             match rx.recv().await {
                 Some(Msg::Rows(rows)) => {
+                    if sent >= SPLIT {
+                        done.push((dump_id, copy.finish().await.map_err(|e| failure(&what, e))?));
+                        copy = conn
+                            .copy_in_raw(&what)
+                            .await
+                            .map_err(|e| failure(&what, e))?;
+                        sent = 0;
+                    }
+                    sent += rows.len();
                     copy.send(rows).await.map_err(|e| failure(&what, e))?;
                 }
                 Some(Msg::End) => {
@@ -290,7 +305,7 @@ async fn run(mut conn: PgConnection, mut rx: Receiver<Msg>) -> Result<Vec<(i64, 
 }
 
 /// The error of `what`, with the server's detail, hint and context (which name the row):
-/// the line a context gives counts the rows this connection sent of the table, not the
+/// the line a context gives counts the rows of that `COPY` (see [`SPLIT`]), not the
 /// dump's.
 fn failure(what: &str, e: sqlx::Error) -> Error {
     let mut message = format!("{what}: {e}");
