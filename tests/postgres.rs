@@ -1449,24 +1449,6 @@ impl Cluster {
                 .unwrap();
             assert!(ok.success());
         }
-        output_ok(
-            as_server_user(&mut Command::new(server_bin("initdb")))
-                .arg("-D")
-                .arg(&data)
-                .args(["-U", "postgres", "-A", "trust", "--no-sync", "-k"]),
-        );
-        let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
-             fsync = off\narchive_mode = on\n\
-             archive_command = '{} -q --config {} wal push --policy pgphys %p'\n",
-            drctl.display(),
-            sb.path().join("drctl.yaml").display()
-        );
-        append(&data.join("postgresql.conf"), &conf);
-        append(
-            &data.join("pg_hba.conf"),
-            "host replication postgres 127.0.0.1/32 trust\n",
-        );
         let mut c = Cluster {
             sb,
             drctl,
@@ -1474,8 +1456,32 @@ impl Cluster {
             port,
             servers: Servers::default(),
         };
+        c.initdb();
         c.pg_ctl_start(&data);
         c
+    }
+
+    /// A new cluster in the data directory, archiving into policy `pgphys`.
+    fn initdb(&self) {
+        output_ok(
+            as_server_user(&mut Command::new(server_bin("initdb")))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-U", "postgres", "-A", "trust", "--no-sync", "-k"]),
+        );
+        let conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '/tmp'\n\
+             fsync = off\narchive_mode = on\n\
+             archive_command = '{} -q --config {} wal push --policy pgphys %p'\n",
+            self.port,
+            self.drctl.display(),
+            self.sb.path().join("drctl.yaml").display()
+        );
+        append(&self.data.join("postgresql.conf"), &conf);
+        append(
+            &self.data.join("pg_hba.conf"),
+            "host replication postgres 127.0.0.1/32 trust\n",
+        );
     }
 
     fn pg_ctl_start(&mut self, data: &Path) {
@@ -2364,6 +2370,56 @@ fn a_restored_primary_archives_its_new_timeline_and_later_restores_follow_it() {
     let (run, url) = c.restore("old-primary", &["--timeline", "current"]);
     run.ok();
     assert_eq!(ids(&url), "300 rows, 1..300");
+}
+
+/// A cluster created again under its policy (initdb, then a new base backup), whose WAL
+/// names start over: its WAL is archived beside the old cluster's, and each base backup
+/// restores with its own cluster's WAL.
+#[test]
+fn a_cluster_created_again_archives_beside_the_old_one_and_each_restores_its_own() {
+    let mut c = Cluster::start();
+    c.incident();
+    let old_base = c
+        .drctl(&["--json", "list", "--limit", "1000"])
+        .ok()
+        .json()
+        .iter()
+        .find(|r| r["type"] == "full")
+        .map(|r| r["backup_id"].as_str().unwrap().to_owned())
+        .unwrap();
+    c.pg_ctl("stop");
+    std::fs::remove_dir_all(&c.data).unwrap();
+    c.initdb();
+    c.pg_ctl("start");
+    psql(&c.url(), "CREATE TABLE t (id int PRIMARY KEY)");
+    psql(&c.url(), "INSERT INTO t SELECT generate_series(1, 40)");
+    c.drctl(&["backup", "--policy", "pgphys"]).ok();
+    psql(&c.url(), "INSERT INTO t SELECT generate_series(41, 50)");
+    // Waits until the segment, named as one of the old cluster's, is archived.
+    c.switch_wal();
+
+    let (run, url) = c.restore("new", &[]);
+    run.ok();
+    assert_eq!(ids(&url), "50 rows, 1..50");
+    let old = c.sb.path().join("old");
+    let port = free_port().to_string();
+    c.drctl(&[
+        "restore",
+        "--policy",
+        "pgphys",
+        "--backup",
+        &old_base,
+        "--target",
+        old.to_str().unwrap(),
+        "--port",
+        &port,
+    ])
+    .ok();
+    c.servers.0.push(old);
+    assert_eq!(
+        ids(&format!("postgres://postgres@127.0.0.1:{port}/postgres")),
+        "300 rows, 1..300"
+    );
 }
 
 #[test]

@@ -188,10 +188,17 @@ async fn push_leased(
 ) -> Result<(BackupId, bool)> {
     let name = source.name().to_owned();
     let environment = &repo.settings.environment;
+    // A file of the same name from another cluster (one created again under the policy,
+    // whose WAL names start over) is not this one archived.
+    let ours = source.system_identifier().map(|s| s.to_string());
     let found = repo
         .registry
         .find(environment, &policy.name, Lookup::Wal(&name))
-        .await?;
+        .await?
+        .filter(|r| {
+            let theirs = crate::restore::postgres::system_identifier(r);
+            ours.is_none() || theirs.is_none() || theirs == ours
+        });
     let Some(existing) = found else {
         let base = repo
             .registry

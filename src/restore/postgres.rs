@@ -917,7 +917,10 @@ fn create_private(path: &Path) -> Result<std::fs::File> {
 
 /// The WAL files archived for one policy: completed `wal` records by file name.
 pub struct WalArchive {
+    /// By name: the newest record of each file, of the cluster the archive is read for.
     files: BTreeMap<String, BackupRecord>,
+    /// Every completed WAL record of the policy, newest first, with its file's name.
+    records: Vec<(String, BackupRecord)>,
     /// The completed base backups of the policy, newest first.
     bases: Vec<BackupRecord>,
     /// Archived timeline history files by timeline: their switch points, from the
@@ -977,9 +980,8 @@ impl WalArchive {
                 limit: None,
             })
             .await?;
-        let mut files = BTreeMap::new();
+        let mut wal = Vec::new();
         let mut bases = Vec::new();
-        // Newest first: keep the first record of a name.
         for r in records {
             match mode(&r) {
                 Some("wal") => {
@@ -987,10 +989,33 @@ impl WalArchive {
                         .as_str()
                         .unwrap_or_default()
                         .to_owned();
-                    files.entry(name).or_insert(r);
+                    wal.push((name, r));
                 }
                 Some("physical") => bases.push(r),
                 _ => {}
+            }
+        }
+        Ok(WalArchive::of(wal, bases, None))
+    }
+
+    /// The archive as recovery from base backup `base` reads it: without the WAL files of
+    /// another cluster (one created again under the policy), whose names may be the same.
+    pub fn of_cluster(self, base: &BackupRecord) -> WalArchive {
+        WalArchive::of(self.records, self.bases, system_identifier(base))
+    }
+
+    /// From WAL records (newest first), the newest of each name whose cluster is `system`
+    /// or not recorded.
+    fn of(
+        records: Vec<(String, BackupRecord)>,
+        bases: Vec<BackupRecord>,
+        system: Option<String>,
+    ) -> WalArchive {
+        let mut files = BTreeMap::new();
+        for (name, r) in &records {
+            let theirs = system_identifier(r);
+            if system.is_none() || theirs.is_none() || theirs == system {
+                files.entry(name.clone()).or_insert_with(|| r.clone());
             }
         }
         let histories = files
@@ -1005,11 +1030,12 @@ impl WalArchive {
                 Some((tli, switches))
             })
             .collect();
-        Ok(WalArchive {
+        WalArchive {
             files,
+            records,
             bases,
             histories,
-        })
+        }
     }
 
     /// Every archived file's name and backup, for `wal fetch --index`.
@@ -1526,6 +1552,7 @@ pub async fn plan_physical(
         }
     }
     let wal = wal_range(&record)?;
+    let archive = archive.of_cluster(&record);
     let (last_wal, timelines) = archive.check(&record.backup_id, &wal, &target, server.timeline)?;
     super::check_target(data_dir, false)?;
     let tablespaces = tablespace_destinations(&record, server.tablespace_dir.as_deref(), data_dir)?;
@@ -2241,13 +2268,28 @@ pub async fn execute(
     }
 }
 
+/// The system identifier of the cluster a base backup or WAL file was taken of, where its
+/// manifest records one.
+pub fn system_identifier(record: &BackupRecord) -> Option<String> {
+    record
+        .manifest
+        .as_ref()?
+        .source
+        .stats
+        .get("system_identifier")?
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// For `verify`: the WAL a physical base backup needs is archived without a gap.
 pub async fn verify_wal(repo: &Repo, record: &BackupRecord) -> Result<()> {
     if mode(record) != Some("physical") {
         return Ok(());
     }
     let wal = wal_range(record)?;
-    let archive = WalArchive::load(repo, &record.policy).await?;
+    let archive = WalArchive::load(repo, &record.policy)
+        .await?
+        .of_cluster(record);
     archive
         .check(
             &record.backup_id,
@@ -2470,6 +2512,7 @@ mod tests {
             .collect();
         WalArchive {
             files,
+            records: Vec::new(),
             bases: Vec::new(),
             histories: BTreeMap::new(),
         }

@@ -1339,6 +1339,8 @@ impl WalSource {
                 system = Some(u64_at(&head, 24) as i64);
                 size = Some(meta.len());
             }
+        } else {
+            system = control_system_identifier(&path);
         }
         Ok(WalSource {
             path,
@@ -1356,8 +1358,9 @@ impl WalSource {
         &self.path
     }
 
-    /// The system identifier of the cluster that wrote the segment (its header's
-    /// `xlp_sysid`), where it was read before the push.
+    /// The system identifier of the cluster that wrote the file: a segment's header's
+    /// `xlp_sysid`, where it was read before the push; for a history or backup history
+    /// file, which holds none, that of the cluster whose `pg_wal` it is in.
     pub fn system_identifier(&self) -> Option<i64> {
         self.system
     }
@@ -1424,6 +1427,11 @@ impl Source for WalSource {
         cancel: &Cancel,
     ) -> Result<Stats> {
         let mut stats = Stats::new();
+        // Recorded so that a cluster created again under the policy, whose WAL names start
+        // over, archives beside the old one's files and restores read only their own.
+        if let Some(system) = self.system {
+            stats.insert("system_identifier".into(), system.to_string().into());
+        }
         if self.name.ends_with(".history") {
             // Small: read whole, so the switch points can go into the manifest, where a
             // restore plan finds them without decrypting anything.
@@ -1453,6 +1461,22 @@ impl Source for WalSource {
         stats.insert("bytes".into(), bytes.into());
         Ok(stats)
     }
+}
+
+/// The system identifier in `global/pg_control` of the data directory whose `pg_wal` holds
+/// `path` (PostgreSQL runs the archive command there, with `%p` as `pg_wal/NAME`); None
+/// for a file elsewhere or an unreadable control file.
+fn control_system_identifier(path: &Path) -> Option<i64> {
+    let dir = path.parent()?;
+    if dir.file_name()? != "pg_wal" {
+        return None;
+    }
+    let control = dir.parent()?.join("global/pg_control");
+    let mut first = [0u8; 8];
+    let mut file = std::fs::File::open(control).ok()?;
+    std::io::Read::read_exact(&mut file, &mut first).ok()?;
+    // ControlFileData begins with system_identifier.
+    Some(u64_at(&first, 0) as i64)
 }
 
 /// Whether a WAL file name (see [`is_wal_name`]) is a segment's or a partial segment's, not
