@@ -850,7 +850,7 @@ fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
         &[
             "changes the server, not database app",
             "/* for reports */ CREATE\n  USER reader\n",
-            "replays up to it",
+            "replays what came before its second",
         ],
     );
     // Up to a time before them, the chain replays.

@@ -113,6 +113,25 @@ fn logical_policy(sb: &Sandbox, name: &str, url: &str) {
     );
 }
 
+/// `drctl restore --overwrite` of a backup of policy `pg` into the database `url`.
+fn overwrite(sb: &Sandbox, backup: &str, url: &str) -> Run {
+    restore_into(sb, &[], backup, url, &["--overwrite"])
+}
+
+/// `drctl <global> restore` of a backup of policy `pg` into the database `url`, with `extra`.
+fn restore_into(sb: &Sandbox, global: &[&str], backup: &str, url: &str, extra: &[&str]) -> Run {
+    let restore = [
+        "restore",
+        "--policy",
+        "pg",
+        "--backup",
+        backup,
+        "--to-database",
+        url,
+    ];
+    sb.run(&[global, &restore[..], extra].concat())
+}
+
 /// A sandbox with policy `pg` over `source` (logical) and a backup of it (its ID).
 fn backed_up(source: &Db) -> (Sandbox, String) {
     let sb = Sandbox::new();
@@ -123,16 +142,7 @@ fn backed_up(source: &Db) -> (Sandbox, String) {
 
 /// `drctl --json restore` of a backup of policy `pg` into the database `url`.
 fn restore_to(sb: &Sandbox, backup: &str, url: &str) -> Run {
-    sb.run(&[
-        "--json",
-        "restore",
-        "--policy",
-        "pg",
-        "--backup",
-        backup,
-        "--to-database",
-        url,
-    ])
+    restore_into(sb, &["--json"], backup, url, &[])
 }
 
 /// Tables with text, numbers, NULLs, a quoted name in its own schema, and an index.
@@ -434,11 +444,15 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
          COMMENT ON TABLE items IS 'the catalogue';\
          GRANT SELECT ON items TO PUBLIC;",
     );
-    // More rows than a connection sends in one COPY (64 MiB): its rows go in over several.
+    // More rows than a connection (one per core) sends in one COPY (64 MiB): about 95 MB
+    // each, which go in over several.
+    let rows = 900_000 * std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     psql(
         &source.url(),
-        "CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 3) AS h \
-         FROM generate_series(1, 1800000) g",
+        &format!(
+            "CREATE TABLE bulk AS SELECT g, repeat(md5(g::text), 3) AS h \
+             FROM generate_series(1, {rows}) g"
+        ),
     );
     let (sb, id) = backed_up(&source);
     let target = Db::later("drctl_dst");
@@ -450,7 +464,7 @@ fn a_streamed_restore_splits_rows_over_connections_and_restores_what_comes_after
     // A parent counts its children's rows, as at backup time.
     assert_eq!(report["tables"]["public.events"], 15);
     assert_eq!(report["tables"]["public.late_events"], 5);
-    assert_eq!(report["tables"]["public.bulk"], 1800000);
+    assert_eq!(report["tables"]["public.bulk"], rows);
 
     let tables = [
         "items",
@@ -581,6 +595,43 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     );
     assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
     assert_eq!(psql(&url, "SELECT a FROM newer"), "7");
+}
+
+/// Over more objects than the server's lock table holds for one transaction, `--overwrite`
+/// restores without one, and says so.
+#[test]
+fn an_overwrite_of_more_objects_than_one_transaction_can_lock_restores_without_one() {
+    let source = Db::new("drctl_src");
+    let locks: u64 = psql(
+        &source.url(),
+        "SELECT current_setting('max_locks_per_transaction')::int * \
+         (current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)",
+    )
+    .parse()
+    .unwrap();
+    // Four locks a table: the old table and its key's index, the new ones.
+    let tables = locks / 2 + 200;
+    for first in (1..=tables).step_by(500) {
+        psql(
+            &source.url(),
+            &format!(
+                "DO $$ BEGIN FOR i IN {first}..{} LOOP \
+                 EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY)', i); END LOOP; END $$",
+                (first + 499).min(tables)
+            ),
+        );
+    }
+    psql(&source.url(), "INSERT INTO t1 VALUES (1)");
+    let (sb, id) = backed_up(&source);
+    psql(&source.url(), "INSERT INTO t1 VALUES (2)");
+    let run = overwrite(&sb, &id, &source.url()).ok();
+    assert!(
+        run.stderr
+            .contains("too many objects for the server's locks"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(psql(&source.url(), "SELECT count(*) FROM t1"), "1");
 }
 
 /// An interrupted restore stops pg_restore and removes the decoded dump it wrote to TMPDIR,
@@ -974,18 +1025,7 @@ fn logical_restore_stops_at_the_first_error() {
     // the table accounts, which fails the first statement about it (dropping its key).
     let target = Db::new("drctl_dst");
     psql(&target.url(), "CREATE TYPE accounts AS (x int)");
-    let run = sb
-        .run(&[
-            "restore",
-            "--policy",
-            "pg",
-            "--backup",
-            "latest",
-            "--to-database",
-            &target.url(),
-            "--overwrite",
-        ])
-        .code(1);
+    let run = overwrite(&sb, "latest", &target.url()).code(1);
     assert!(run.stderr.contains("pg_restore"), "{}", run.stderr);
     assert!(
         run.stderr.contains("\"accounts\" is a composite type"),

@@ -674,7 +674,7 @@ fn check_replay(
             if changes_the_server(&text, own) {
                 let when = at.map_or("at an unknown time".to_owned(), |t| {
                     format!(
-                        "at {} (--until {} replays up to it)",
+                        "at {} (--until {} replays what came before its second)",
                         t.to_rfc3339(),
                         (t - chrono::Duration::seconds(1)).to_rfc3339()
                     )
@@ -717,7 +717,7 @@ fn check_replay(
         }
         let until = at.map_or(String::new(), |t| {
             format!(
-                "; the last whole event was logged at {}: --until {} replays up to it",
+                "; the last whole event was logged at {}: --until {} replays what came before its second",
                 t.to_rfc3339(),
                 (t - chrono::Duration::seconds(1)).to_rfc3339()
             )

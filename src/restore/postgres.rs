@@ -188,7 +188,15 @@ fn create_database(
     let like_the_dump = dump.and_then(|d| d.create_statement(&mut admin, &to, db));
     match like_the_dump {
         Some((create, definition)) => {
-            if let Err(e) = admin.query(&create) {
+            // libc is the default provider, which servers before PostgreSQL 15 do not name.
+            let mut tried = admin.query(&create).map(drop);
+            if tried.is_err() && create.contains(" LOCALE_PROVIDER = libc") {
+                admin = server.session()?;
+                tried = admin
+                    .query(&create.replace(" LOCALE_PROVIDER = libc", ""))
+                    .map(drop);
+            }
+            if let Err(e) = tried {
                 tracing::warn!(
                     error = %e,
                     "database {db} cannot be created as the dump's was (`{definition}`): it is \
@@ -351,6 +359,7 @@ async fn restore_logical(
     let ((loaded, level), plain) =
         decoded.map_err(|e| e.context(format!("restore into database {}", state.database)))?;
     let (conn, cancel, created) = (target.clone(), cancel.clone(), !state.exists);
+    let database = state.database.clone();
     let streamed = matches!(loaded, Loaded::Streamed { .. });
     let tables = tokio::task::spawn_blocking(move || -> Result<BTreeMap<String, u64>> {
         let jobs = jobs().to_string();
@@ -381,12 +390,33 @@ async fn restore_logical(
                 // Over existing objects, in one transaction: a failure (a dropped object
                 // another depends on, a row refused) leaves the database as it was, not
                 // half dropped.
-                let args = if overwrite {
-                    vec!["--clean", "--if-exists", "--single-transaction"]
+                let parallel = ["-j", &jobs];
+                if !overwrite {
+                    pg_restore(&conn, &parallel, &dump, memory, &cancel)?;
                 } else {
-                    vec!["-j", &jobs]
-                };
-                pg_restore(&conn, &args, &dump, memory, &cancel)?;
+                    let clean = ["--clean", "--if-exists"];
+                    let atomic = [&clean[..], &["--single-transaction"]].concat();
+                    match pg_restore(&conn, &atomic, &dump, memory, &cancel) {
+                        // The server's lock table holds too few locks for one transaction
+                        // over all of the dump's objects; it rolled back.
+                        Err(e) if e.to_string().contains("max_locks_per_transaction") => {
+                            tracing::warn!(
+                                "database {} holds too many objects for the server's locks \
+                                 (max_locks_per_transaction) in one transaction: it is restored \
+                                 over without one, so a failure now may leave it half dropped",
+                                database
+                            );
+                            pg_restore(
+                                &conn,
+                                &[&clean[..], &parallel[..]].concat(),
+                                &dump,
+                                memory,
+                                &cancel,
+                            )?;
+                        }
+                        done => done?,
+                    }
+                }
                 tracing::info!(
                     seconds = started.elapsed().as_secs_f64(),
                     "pg_restore finished"
@@ -921,6 +951,8 @@ pub struct WalArchive {
     files: BTreeMap<String, BackupRecord>,
     /// Every completed WAL record of the policy, newest first, with its file's name.
     records: Vec<(String, BackupRecord)>,
+    /// The system identifier of the cluster `files` are of, if it is known.
+    system: Option<String>,
     /// The completed base backups of the policy, newest first.
     bases: Vec<BackupRecord>,
     /// Archived timeline history files by timeline: their switch points, from the
@@ -966,6 +998,9 @@ impl Timeline {
 struct Leg {
     timeline: u32,
     first_segment: u64,
+    /// Whether the timeline began where a recovery stopped at its target, rather than at
+    /// the end of the WAL it had (or where the history does not say).
+    at_target: bool,
 }
 
 impl WalArchive {
@@ -1033,6 +1068,7 @@ impl WalArchive {
         WalArchive {
             files,
             records,
+            system,
             bases,
             histories,
         }
@@ -1046,6 +1082,7 @@ impl WalArchive {
                 .iter()
                 .map(|(name, r)| (name.clone(), r.backup_id.clone()))
                 .collect(),
+            system: self.system.clone(),
         }
     }
 
@@ -1070,6 +1107,7 @@ impl WalArchive {
         let base = Leg {
             timeline: range.timeline,
             first_segment: 0,
+            at_target: false,
         };
         let target = match timeline {
             Timeline::Latest => {
@@ -1122,6 +1160,10 @@ impl WalArchive {
             legs.push(Leg {
                 timeline: child,
                 first_segment: parse_lsn(&s.switchpoint).unwrap_or(0) / size,
+                at_target: s
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| !r.starts_with("no recovery target")),
             });
         }
         if timeline == Timeline::Latest {
@@ -1141,8 +1183,15 @@ impl WalArchive {
                 .files
                 .keys()
                 .filter_map(|name| parse_segment(name, size))
-                // A whole segment the branch point is in: the parent wrote past that point.
-                .filter(|(tli, segno)| *tli == parent && *segno >= child.first_segment)
+                // A later segment; or, where recovery stopped at its target, the segment
+                // it stopped in, whole: the parent wrote past the branch point. (Where it
+                // stopped at the end of the WAL it had, that segment's last record ran on
+                // into one never archived.)
+                .filter(|(tli, segno)| {
+                    *tli == parent
+                        && (*segno > child.first_segment
+                            || (*segno == child.first_segment && child.at_target))
+                })
                 .map(|(_, segno)| segno)
                 .max();
             if let Some(last) = beyond {
@@ -1287,6 +1336,10 @@ fn leg_of(legs: &[Leg], segno: u64) -> Leg {
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct WalIndex {
     files: BTreeMap<String, BackupId>,
+    /// The system identifier of the cluster the restore is of: a file looked up in the
+    /// registry that another cluster archived under the same name is not this one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
 }
 
 impl WalIndex {
@@ -1322,9 +1375,14 @@ impl WalIndex {
                 }
             }
         }
-        repo.registry
+        let found = repo
+            .registry
             .find(&repo.settings.environment, policy, Lookup::Wal(name))
-            .await
+            .await?;
+        Ok(found.filter(|r| {
+            let theirs = system_identifier(r);
+            self.system.is_none() || theirs.is_none() || theirs == self.system
+        }))
     }
 }
 
@@ -1510,6 +1568,15 @@ pub async fn plan_physical(
     let port = server.port.ok_or_else(|| {
         Error::invalid("a physical PostgreSQL restore starts a server: give it a free --port")
     })?;
+    // Before anything is written: the restored server listens on 127.0.0.1:port.
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            return Err(Error::invalid(format!(
+                "port {port} on 127.0.0.1 is in use: the restored server could not listen there"
+            ))
+            .hint("pick a free --port (a server an earlier restore started is left running)"));
+        }
+    }
     let archive = WalArchive::load(repo, policy).await?;
     let record = match base {
         Some(r) => r,
@@ -1836,16 +1903,44 @@ pub async fn restore_physical(
     // Recovery is over when the server has promoted. Until it is consistent, it refuses
     // connections as starting up; any other refusal is for good.
     let mut refusals = 0;
+    let ours = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     loop {
         cancel.check()?;
-        let in_recovery = local("postgres")?.session().and_then(|mut s| {
-            let v = s.value("SELECT pg_is_in_recovery()");
+        let state = local("postgres")?.session().and_then(|mut s| {
+            let v = s.value(
+                "SELECT pg_is_in_recovery() || ' ' || \
+                 CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END \
+                 || ' ' || current_setting('data_directory')",
+            );
             s.close()?;
             v
         });
-        match in_recovery {
-            Ok(v) if v == "f" => break,
-            Ok(_) => refusals = 0,
+        match state {
+            Ok(v) => {
+                let mut fields = v.splitn(3, ' ');
+                let (recovering, paused) = (fields.next(), fields.next());
+                let data_directory = Path::new(fields.next().unwrap_or_default());
+                if std::fs::canonicalize(data_directory).ok().as_deref() != Some(&ours) {
+                    return Err(Error::failure(format!(
+                        "another server answers on port {} (data directory {}): the restored \
+                         server cannot listen there",
+                        plan.port,
+                        data_directory.display()
+                    ))
+                    .hint("stop that server or restore with another --port; the restored data directory is left as it is"));
+                }
+                if recovering == Some("false") {
+                    break;
+                }
+                if paused == Some("true") {
+                    return Err(Error::failure(format!(
+                        "recovery of the restored server is paused; its log says why: {}",
+                        tail(&log)
+                    ))
+                    .hint("a setting lower than the source server's (max_connections, max_worker_processes ...) pauses recovery: raise it in postgresql.auto.conf of the data directory and restart the server, which is left running"));
+                }
+                refusals = 0;
+            }
             Err(e) if still_starting(&e.to_string()) => refusals = 0,
             Err(e) => {
                 refusals += 1;
@@ -1906,9 +2001,11 @@ pub async fn restore_physical(
 }
 
 /// Settings of the backed-up server that a restore must not take over: those of a standby
-/// (its primary, its slot, a replay delay), commands that act on an archive, and recovery
+/// (its primary, its slot, a replay delay) or of a primary with synchronous standbys (whose
+/// commits would wait for them), commands that act on an archive, and recovery
 /// targets the restore does not set. Hot standby lets the restore watch recovery.
 const RESET_SETTINGS: &str = "primary_conninfo = ''\nprimary_slot_name = ''\n\
+    synchronous_standby_names = ''\n\
     recovery_min_apply_delay = 0\narchive_cleanup_command = ''\nrecovery_end_command = ''\n\
     recovery_target = ''\nrecovery_target_name = ''\nrecovery_target_xid = ''\n\
     recovery_target_time = ''\nrecovery_target_lsn = ''\nrecovery_target_inclusive = on\n\
@@ -2056,10 +2153,18 @@ impl PgPlan {
                 maintenance_work_mem,
                 ..
             }) => format!(
-                "database {} {}; pg_restore stops at the first error and builds indexes in {} sessions with maintenance_work_mem {} each, then row counts are compared with the manifest",
+                "database {} {}; pg_restore stops at the first error and builds indexes in {} with maintenance_work_mem {} each, then row counts are compared with the manifest",
                 database.database,
-                if database.exists { "exists" } else { "will be created" },
-                jobs(),
+                match (database.exists, database.objects > 0) {
+                    (false, _) => "will be created",
+                    (true, false) => "exists and is empty",
+                    (true, true) => "exists: its objects are restored over in one transaction",
+                },
+                if database.objects > 0 {
+                    "one session".to_owned()
+                } else {
+                    format!("{} sessions", jobs())
+                },
                 match maintenance_work_mem {
                     Some(m) => m.to_string(),
                     None => format!("{} (the server's)", database.maintenance_work_mem),
@@ -2153,7 +2258,11 @@ pub async fn plan(
                 {
                     None
                 }
-                None => IndexMemory::default_for(jobs(), database.maintenance_work_mem),
+                // Over existing objects, pg_restore runs one session.
+                None => IndexMemory::default_for(
+                    if database.objects > 0 { 1 } else { jobs() },
+                    database.maintenance_work_mem,
+                ),
             };
             Ok((
                 record.clone(),
@@ -2513,6 +2622,7 @@ mod tests {
         WalArchive {
             files,
             records: Vec::new(),
+            system: None,
             bases: Vec::new(),
             histories: BTreeMap::new(),
         }
@@ -2532,6 +2642,7 @@ mod tests {
         TimelineSwitch {
             timeline,
             switchpoint: at.into(),
+            reason: None,
         }
     }
 

@@ -1572,6 +1572,10 @@ impl Write for Checked<'_> {
 pub struct TimelineSwitch {
     pub timeline: u32,
     pub switchpoint: String,
+    /// Why recovery ended there, as PostgreSQL wrote it: `no recovery target specified` at
+    /// the end of the WAL it had, or the recovery target (`before 2026-...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Parses a timeline history file (`<parent timeline>\t<switch LSN>\t<reason>` per line;
@@ -1600,9 +1604,11 @@ pub fn parse_history(text: &str) -> Result<Vec<TimelineSwitch>> {
                 )));
             }
         }
+        let reason = fields.collect::<Vec<_>>().join(" ");
         out.push(TimelineSwitch {
             timeline,
             switchpoint: format_lsn(at),
+            reason: (!reason.is_empty()).then_some(reason),
         });
     }
     Ok(out)
@@ -1901,11 +1907,13 @@ pub(crate) mod tests {
             vec![
                 TimelineSwitch {
                     timeline: 1,
-                    switchpoint: "0/5000028".into()
+                    switchpoint: "0/5000028".into(),
+                    reason: Some("before 2026-11-30 10:00:00+00".into()),
                 },
                 TimelineSwitch {
                     timeline: 2,
-                    switchpoint: "0/70000A0".into()
+                    switchpoint: "0/70000A0".into(),
+                    reason: Some("no recovery target specified".into()),
                 },
             ]
         );
