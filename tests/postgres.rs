@@ -1063,21 +1063,25 @@ fn failing_dump_is_recorded_as_failed_with_the_tool_stderr() {
         .contains("does not exist"));
 }
 
-/// The row count of a logical backup takes its table locks only once pg_dump holds its own:
-/// a TRUNCATE made while pg_dump waits for a lock (here on `blocker`) goes through before
-/// pg_dump reaches the truncated table, instead of queueing behind the count's lock, with
-/// pg_dump's lock queued behind it and the count waiting for pg_dump.
-#[test]
-fn a_truncate_while_pg_dump_waits_for_a_lock_does_not_hold_the_backup_up() {
+/// A logical backup of a database with tables `first`, `blocker` and `big` (500,000 rows,
+/// more than a pipe holds),
+/// created in the order `tables` gives, during which a `TRUNCATE big` is made while pg_dump
+/// waits for its lock on `blocker`, which another transaction holds; returns the source, the
+/// sandbox and drctl's output. pg_dump locks the tables in the order they were created.
+fn backup_with_a_truncate_while_pg_dump_waits(
+    tables: &[&str],
+) -> (Db, Sandbox, std::process::Output) {
     let source = Db::new("drctl_src");
-    psql(
-        &source.url(),
-        "CREATE TABLE first (x int); CREATE TABLE blocker (x int); \
-         CREATE TABLE big AS SELECT generate_series(1, 50000) AS x",
-    );
+    for table in tables {
+        let fill = if *table == "big" {
+            " AS SELECT generate_series(1, 500000) AS x"
+        } else {
+            " (x int)"
+        };
+        psql(&source.url(), &format!("CREATE TABLE {table}{fill}"));
+    }
     let sb = Sandbox::new();
     logical_policy(&sb, "pg", &source.url());
-    // A transaction holding `blocker`, which pg_dump locks before `big`.
     let mut holder = Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &source.url()])
         .stdin(std::process::Stdio::piped())
@@ -1133,15 +1137,49 @@ fn a_truncate_while_pg_dump_waits_for_a_lock_does_not_hold_the_backup_up() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = backup.wait_with_output().unwrap();
+    truncate.wait_with_output().unwrap();
+    (source, sb, out)
+}
+
+/// The row count of a logical backup takes its table locks only once pg_dump holds its own:
+/// a TRUNCATE made while pg_dump waits for a lock, on a table pg_dump has not locked yet,
+/// goes through before pg_dump reaches that table, instead of queueing behind the count's
+/// lock, with pg_dump's lock queued behind it and the count waiting for pg_dump.
+#[test]
+fn a_truncate_while_pg_dump_waits_for_a_lock_does_not_hold_the_backup_up() {
+    let (_source, sb, out) =
+        backup_with_a_truncate_while_pg_dump_waits(&["first", "blocker", "big"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    truncate.wait_with_output().unwrap();
     // The count and the dump agree: the restore checks them.
     let target = Db::later("drctl_dst");
     restore_to(&sb, "latest", &target.url()).ok();
+    assert_eq!(psql(&target.url(), "SELECT count(*) FROM big"), "0");
+}
+
+/// A TRUNCATE queued behind pg_dump's lock on a table empties it once pg_dump is done: the
+/// count, which reads the dump's snapshot, would find it empty then, and the restore of
+/// the dump's rows would fail its check. The table is left uncounted instead.
+#[test]
+fn a_truncate_queued_behind_pg_dump_leaves_its_table_uncounted() {
+    let (_source, sb, out) =
+        backup_with_a_truncate_while_pg_dump_waits(&["first", "big", "blocker"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("tables not counted"), "{stderr}");
+    let target = Db::later("drctl_dst");
+    let run = restore_to(&sb, "latest", &target.url()).ok();
+    assert!(
+        run.stderr
+            .contains("was not counted at backup: its rows are not checked"),
+        "{}",
+        run.stderr
+    );
+    // pg_dump had its lock first: the dump holds the rows.
+    assert_eq!(psql(&target.url(), "SELECT count(*) FROM big"), "500000");
 }
 
 #[test]

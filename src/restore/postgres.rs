@@ -2334,11 +2334,14 @@ pub async fn execute(
             let mut tables = report.tables.clone();
             if plan.database.objects > 0 {
                 // Restored over, tables the backup does not hold are left as they were.
-                let backed_up: std::collections::BTreeSet<String> = stats
+                let mut backed_up: std::collections::BTreeSet<String> = stats
                     .get("tables")
                     .and_then(|t| t.as_object())
                     .map(|t| t.keys().map(|k| table_key(k)).collect())
                     .unwrap_or_default();
+                if let Some(uncounted) = stats.get("uncounted").and_then(|u| u.as_array()) {
+                    backed_up.extend(uncounted.iter().filter_map(|t| t.as_str()).map(table_key));
+                }
                 tables.retain(|t, _| backed_up.contains(&table_key(t)));
                 let kept: Vec<&str> = report
                     .tables

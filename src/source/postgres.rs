@@ -11,8 +11,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
 
 use super::command::stream_stdout;
 pub use super::command::SqlSession as Session;
@@ -211,14 +209,27 @@ pub fn tables(session: &mut Session) -> Result<Vec<String>> {
 }
 
 /// Exact row counts of every ordinary table, in the session's current snapshot.
-pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
+/// Exact row counts of every ordinary table, in the session's current snapshot (a
+/// transaction that pg_dump shares, while pg_dump holds its locks), and the tables left
+/// uncounted; `locked` is called once the tables are locked. Each table is locked for the transaction first, without waiting: one whose
+/// lock would wait has an ACCESS EXCLUSIVE request queued behind pg_dump's (a `TRUNCATE`,
+/// an `ALTER`), which changes it once pg_dump is done; counted then, in this snapshot, it
+/// would show what that statement left (a truncated table, empty). Such a table, and one
+/// dropped since the snapshot, is left uncounted.
+pub fn row_counts(
+    session: &mut Session,
+    locked: impl FnOnce(),
+) -> Result<(BTreeMap<String, u64>, Vec<String>)> {
     // A standby cannot read unlogged tables, and pg_dump dumps none of their rows there.
     let unread = relations(
         session,
         "WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND pg_is_in_recovery()",
     )?;
+    let tables = tables(session)?;
+    let uncounted = lock_tables(session, &tables)?;
+    locked();
     let mut counts = BTreeMap::new();
-    for table in tables(session)? {
+    for table in tables.into_iter().filter(|t| !uncounted.contains(t)) {
         let n = if unread.contains(&table) {
             0
         } else {
@@ -226,7 +237,29 @@ pub fn row_counts(session: &mut Session) -> Result<BTreeMap<String, u64>> {
         };
         counts.insert(table, n);
     }
-    Ok(counts)
+    Ok((counts, uncounted))
+}
+
+/// Locks `tables` (quoted names) in ACCESS SHARE mode for the session's transaction
+/// without waiting, each in a subtransaction of its own; returns those it could not lock.
+fn lock_tables(session: &mut Session, tables: &[String]) -> Result<Vec<String>> {
+    let list = serde_json::to_string(tables)?;
+    session.query(&format!(
+        "SELECT set_config('drctl.tables', '{}', true)",
+        list.replace('\'', "''")
+    ))?;
+    session.query(
+        "DO $$ DECLARE t text; missed jsonb := '[]'; BEGIN \
+           FOR t IN SELECT jsonb_array_elements_text(current_setting('drctl.tables')::jsonb) LOOP \
+             BEGIN EXECUTE 'LOCK TABLE ' || t || ' IN ACCESS SHARE MODE NOWAIT'; \
+             EXCEPTION WHEN lock_not_available OR undefined_table THEN \
+               missed := missed || to_jsonb(t); END; \
+           END LOOP; \
+           PERFORM set_config('drctl.unlocked', missed::text, true); END $$",
+    )?;
+    let missed = session.value("SELECT current_setting('drctl.unlocked')")?;
+    serde_json::from_str(&missed)
+        .map_err(|e| Error::failure(format!("psql: bad list of tables {missed:?}: {e}")))
 }
 
 pub fn count_rows(session: &mut Session, table: &str) -> Result<u64> {
@@ -278,37 +311,35 @@ pub fn row_counts_parallel(conn: &Conn, jobs: usize) -> Result<BTreeMap<String, 
     Ok(counts)
 }
 
-const DUMP_RUNNING: u8 = 0;
-const DUMP_ENDED: u8 = 1;
-const DUMP_FAILED: u8 = 2;
+/// pg_dump's output on its way to the pipeline, held at its first bytes until the row count
+/// has locked its tables. pg_dump writes nothing before it holds its own lock on every
+/// table it dumps (its custom format's table of contents comes first), and a count that
+/// locked a table before pg_dump did would hold pg_dump up behind any ACCESS EXCLUSIVE
+/// request made meanwhile (a `TRUNCATE`, an `ALTER`), which would wait for the count's
+/// transaction, which waits for pg_dump: a wait the server cannot see, with the table's
+/// queries queued behind it. Holding the output back makes pg_dump wait, once the pipe is
+/// full, until the count holds its locks too (see [`row_counts`]).
+struct LocksFirst<'a> {
+    inner: &'a mut dyn Write,
+    /// Told when pg_dump's first bytes arrive; dropped if none do.
+    began: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Told (or dropped) once the count holds its locks.
+    locked: Option<std::sync::mpsc::Receiver<()>>,
+}
 
-/// Waits until the pg_dump session named `app` has begun its first COPY, by which time it
-/// holds a lock on every table it dumps, or has ended (`dump`). Counting a table before
-/// pg_dump had locked it would hold pg_dump's lock up behind any ACCESS EXCLUSIVE request
-/// (a TRUNCATE, an ALTER) made meanwhile, which waits for the count's transaction, which
-/// waits for pg_dump: a wait the server cannot see, with the table's queries queued behind
-/// it. Where the session's query cannot be seen (track_activities off, another
-/// application_name in the URL), the count starts when pg_dump has ended.
-fn wait_for_dump_locks(conn: &Conn, app: &str, dump: &AtomicU8, cancel: &Cancel) -> Result<()> {
-    let mut watch = conn.session()?;
-    let copying = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' \
-         AND query LIKE 'COPY %'",
-        app.replace('\'', "''")
-    );
-    loop {
-        cancel.check()?;
-        match dump.load(Ordering::SeqCst) {
-            DUMP_ENDED => break,
-            DUMP_FAILED => return Err(Error::failure("pg_dump failed; rows not counted")),
-            _ => {}
+impl Write for LocksFirst<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Some(began) = self.began.take() {
+            let _ = began.send(());
         }
-        if watch.value(&copying)? != "0" {
-            break;
+        if let Some(locked) = self.locked.take() {
+            let _ = locked.recv();
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        self.inner.write(data)
     }
-    watch.close()
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 pub struct PostgresSource {
@@ -353,36 +384,29 @@ impl PostgresSource {
             binlog: None,
         });
         // Count rows in the exported snapshot while pg_dump streams it, once pg_dump holds
-        // its table locks; the transaction stays open until the dump is done so pg_dump can
-        // import the snapshot.
+        // its table locks (see `LocksFirst`); the transaction stays open until the dump is
+        // done so pg_dump can import the snapshot.
         let pid = session.value("SELECT pg_backend_pid()")?;
-        let app = format!("drctl pg_dump {snapshot}");
-        let dump = Arc::new(AtomicU8::new(DUMP_RUNNING));
-        let counter = {
-            let (conn, app, dump, cancel) =
-                (self.conn.clone(), app.clone(), dump.clone(), cancel.clone());
-            std::thread::spawn(move || {
-                let counts = wait_for_dump_locks(&conn, &app, &dump, &cancel)
-                    .and_then(|()| row_counts(&mut session));
-                (session, counts)
-            })
-        };
+        let (began, dump_began) = std::sync::mpsc::sync_channel(1);
+        let (locked, count_locked) = std::sync::mpsc::sync_channel(1);
+        let counter = std::thread::spawn(move || {
+            let counts = match dump_began.recv() {
+                Ok(()) => row_counts(&mut session, move || {
+                    let _ = locked.send(());
+                }),
+                Err(_) => Err(Error::failure("pg_dump wrote nothing; rows not counted")),
+            };
+            (session, counts)
+        });
         let mut cmd = self.conn.command("pg_dump");
-        cmd.env("PGAPPNAME", &app).args([
-            "-Fc",
-            "-Z0",
-            "--snapshot",
-            &snapshot,
-            "-d",
-            &self.conn.url,
-        ]);
-        let streamed = stream_stdout(cmd, out, cancel);
-        let state = if streamed.is_ok() {
-            DUMP_ENDED
-        } else {
-            DUMP_FAILED
+        cmd.args(["-Fc", "-Z0", "--snapshot", &snapshot, "-d", &self.conn.url]);
+        let mut gated = LocksFirst {
+            inner: out,
+            began: Some(began),
+            locked: Some(count_locked),
         };
-        dump.store(state, Ordering::SeqCst);
+        let streamed = stream_stdout(cmd, &mut gated, cancel);
+        drop(gated);
         if streamed.is_err() {
             // The backup has failed: stop counting rather than scan the rest of the tables.
             if let Ok(mut s) = self.conn.session() {
@@ -394,13 +418,21 @@ impl PostgresSource {
             .join()
             .map_err(|_| Error::failure("row count thread failed"))?;
         let streamed = streamed?;
-        let counts = counts?;
+        let (counts, uncounted) = counts?;
         session.query("COMMIT")?;
         session.close()?;
         let mut stats = Stats::new();
         stats.insert("mode".into(), "logical".into());
         stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("tables".into(), serde_json::to_value(counts)?);
+        if !uncounted.is_empty() {
+            tracing::warn!(
+                "tables not counted, as a statement waiting for pg_dump's lock was to change \
+                 them (a TRUNCATE, an ALTER): {}; the restore does not check their rows",
+                uncounted.join(", ")
+            );
+            stats.insert("uncounted".into(), serde_json::to_value(uncounted)?);
+        }
         Ok(stats)
     }
 
