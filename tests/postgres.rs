@@ -1815,6 +1815,25 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
         run.stderr
     );
     assert!(!early.exists());
+
+    // A port in use (the cluster's own) is refused before anything is written too.
+    let busy = c.sb.path().join("busy");
+    let port = c.port.to_string();
+    let run = c
+        .drctl(&[
+            "restore",
+            "--policy",
+            "pgphys",
+            "--backup",
+            base_id,
+            "--target",
+            busy.to_str().unwrap(),
+            "--port",
+            &port,
+        ])
+        .code(2);
+    assert!(run.stderr.contains("is in use"), "{}", run.stderr);
+    assert!(!busy.exists());
 }
 
 #[test]
