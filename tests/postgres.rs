@@ -1792,48 +1792,32 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     // The restored server does not archive into the source's policy.
     assert_eq!(psql(&url, "SHOW archive_mode"), "off");
 
-    // A base backup that ends after the target cannot reach it: refused before writing.
-    let early = c.sb.path().join("early");
-    let run = c
-        .drctl(&[
+    // Refused before anything is written: a base backup that ends after the target, which
+    // cannot reach it, and a port in use (the cluster's own).
+    let refused = |dir: &str, port: &str, extra: &[&str], said: &str| {
+        let target = c.sb.path().join(dir);
+        let restore = [
             "restore",
             "--policy",
             "pgphys",
             "--backup",
             base_id,
             "--target",
-            early.to_str().unwrap(),
+            target.to_str().unwrap(),
             "--port",
-            "5999",
-            "--until",
-            "2000-01-01T00:00:00Z",
-        ])
-        .code(2);
-    assert!(
-        run.stderr.contains("after the recovery target"),
-        "{}",
-        run.stderr
+            port,
+        ];
+        let run = c.drctl(&[&restore[..], extra].concat()).code(2);
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+        assert!(!target.exists());
+    };
+    refused(
+        "early",
+        "5999",
+        &["--until", "2000-01-01T00:00:00Z"],
+        "after the recovery target",
     );
-    assert!(!early.exists());
-
-    // A port in use (the cluster's own) is refused before anything is written too.
-    let busy = c.sb.path().join("busy");
-    let port = c.port.to_string();
-    let run = c
-        .drctl(&[
-            "restore",
-            "--policy",
-            "pgphys",
-            "--backup",
-            base_id,
-            "--target",
-            busy.to_str().unwrap(),
-            "--port",
-            &port,
-        ])
-        .code(2);
-    assert!(run.stderr.contains("is in use"), "{}", run.stderr);
-    assert!(!busy.exists());
+    refused("busy", &c.port.to_string(), &[], "is in use");
 }
 
 #[test]
