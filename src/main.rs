@@ -9,9 +9,7 @@ use drctl::cli::{json_line, Cli};
 /// PostgreSQL takes an exit status below 126 as "not archived" and ends recovery there.
 fn is_wal_fetch() -> bool {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == "wal")
-        .is_some_and(|at| args[at..].iter().any(|a| a == "fetch"))
+    args.windows(2).any(|w| w[0] == "wal" && w[1] == "fetch")
 }
 
 fn main() {
