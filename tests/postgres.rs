@@ -527,22 +527,13 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
     sb.backup("pg");
     psql(&source.url(), "DELETE FROM accounts WHERE id > 10");
 
-    let args = [
-        "restore",
-        "--policy",
-        "pg",
-        "--backup",
-        "latest",
-        "--to-database",
-    ];
     let url = source.url();
-    let run = sb.run(&[&args[..], &[url.as_str()]].concat()).code(2);
+    let run = restore_into(&sb, &[], "latest", &url, &[]).code(2);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     // Nothing was touched.
     assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "10");
 
-    sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
-        .ok();
+    overwrite(&sb, "latest", &url).ok();
     assert_eq!(psql(&url, "SELECT count(*) FROM accounts"), "5000");
 
     // A database with no tables but a schema (as a failed restore may leave) is not empty
@@ -553,14 +544,13 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
         "CREATE SCHEMA audit; CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
     );
     let url = leftover.url();
-    let run = sb.run(&[&args[..], &[url.as_str()]].concat()).code(2);
+    let run = restore_into(&sb, &[], "latest", &url, &[]).code(2);
     assert!(
         run.stderr.contains("is not empty (2 relations, schemas"),
         "{}",
         run.stderr
     );
-    sb.run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
-        .ok();
+    overwrite(&sb, "latest", &url).ok();
     assert_eq!(content(&url), content(&source.url()));
 
     // Over objects that cannot all be dropped (a table made since the backup references
@@ -571,9 +561,7 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
         "DELETE FROM accounts WHERE id > 10; CREATE TABLE newer (a int REFERENCES accounts)",
     );
     let (before, rows) = (indexes_and_constraints(&url), content(&url));
-    let run = sb
-        .run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
-        .code(1);
+    let run = overwrite(&sb, "latest", &url).code(1);
     for said in ["depend", "is as it was if pg_restore failed"] {
         assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
     }
@@ -584,9 +572,7 @@ fn logical_restore_refuses_a_non_empty_database_without_overwrite() {
         &url,
         "ALTER TABLE newer DROP CONSTRAINT newer_a_fkey; INSERT INTO newer VALUES (7)",
     );
-    let run = sb
-        .run(&[&args[..], &[url.as_str(), "--overwrite"]].concat())
-        .ok();
+    let run = overwrite(&sb, "latest", &url).ok();
     assert!(
         run.stderr
             .contains("keeps tables the backup does not hold, as they were: public.newer"),

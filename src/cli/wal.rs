@@ -12,7 +12,7 @@ use crate::pipeline::HashReader;
 use crate::registry::lease::LeaseGuard;
 use crate::registry::Lookup;
 use crate::repo::Repo;
-use crate::restore::postgres::{fetch_wal, WalIndex};
+use crate::restore::postgres::{fetch_wal, same_cluster, system_identifier, WalIndex};
 use crate::source::postgres::WalSource;
 use crate::{Error, Result};
 
@@ -195,10 +195,7 @@ async fn push_leased(
         .registry
         .find(environment, &policy.name, Lookup::Wal(&name))
         .await?
-        .filter(|r| {
-            let theirs = crate::restore::postgres::system_identifier(r);
-            ours.is_none() || theirs.is_none() || theirs == ours
-        });
+        .filter(|r| same_cluster(r, ours.as_deref()));
     let Some(existing) = found else {
         let base = repo
             .registry
@@ -244,13 +241,8 @@ fn check_cluster(source: &WalSource, base: Option<&crate::registry::BackupRecord
         return Ok(());
     };
     let Some(base) = base else { return Ok(()) };
-    let theirs = base
-        .manifest()?
-        .source
-        .stats
-        .get("system_identifier")
-        .and_then(|v| v.as_str().map(str::to_owned));
-    match theirs {
+    base.manifest()?;
+    match system_identifier(base) {
         Some(theirs) if theirs != ours.to_string() => Err(Error::invalid(format!(
             "WAL file {} was written by cluster {ours}, but the newest base backup of policy {} ({}) is of cluster {theirs}",
             source.name(),

@@ -325,12 +325,15 @@ pub struct RowCheck {
 /// Compares the `tables` row counts of a manifest's stats with a restored database's; any
 /// difference (a table missing, extra, or with another count) is an integrity error naming
 /// each one. Names match by their `key` (what tells tables apart, whatever their quoting).
+/// A restore over existing objects (`over`) leaves the tables the backup does not hold as
+/// they were: those are named in a warning instead.
 pub fn compare_rows(
     backup_id: &BackupId,
     stats: &crate::source::Stats,
     actual: &std::collections::BTreeMap<String, u64>,
     target: &str,
     key: fn(&str) -> String,
+    over: bool,
 ) -> Result<RowCheck> {
     let expected: std::collections::BTreeMap<String, u64> = stats
         .get("tables")
@@ -376,8 +379,22 @@ pub fn compare_rows(
             None => differences.push(format!("table {table} ({want} rows at backup) is missing")),
         }
     }
-    for (_, (table, _)) in restored.iter().filter(|(k, _)| !backed_up.contains(*k)) {
-        differences.push(format!("table {table} was not in the backup"));
+    let extra: Vec<&str> = restored
+        .iter()
+        .filter(|(k, _)| !backed_up.contains(*k))
+        .map(|(_, (table, _))| table.as_str())
+        .collect();
+    if over && !extra.is_empty() {
+        tracing::warn!(
+            "{target} keeps tables the backup does not hold, as they were: {}",
+            extra.join(", ")
+        );
+    } else {
+        differences.extend(
+            extra
+                .iter()
+                .map(|t| format!("table {t} was not in the backup")),
+        );
     }
     if !differences.is_empty() {
         return Err(Error::integrity(format!(

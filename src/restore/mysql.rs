@@ -370,6 +370,7 @@ pub async fn execute(
             &actual,
             &conn.to_string(),
             str::to_owned,
+            false,
         )?;
         compare_checksums(&conn, last).await?;
         Some(rows)

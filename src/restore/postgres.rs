@@ -1048,8 +1048,7 @@ impl WalArchive {
     ) -> WalArchive {
         let mut files = BTreeMap::new();
         for (name, r) in &records {
-            let theirs = system_identifier(r);
-            if system.is_none() || theirs.is_none() || theirs == system {
+            if same_cluster(r, system.as_deref()) {
                 files.entry(name.clone()).or_insert_with(|| r.clone());
             }
         }
@@ -1379,10 +1378,7 @@ impl WalIndex {
             .registry
             .find(&repo.settings.environment, policy, Lookup::Wal(name))
             .await?;
-        Ok(found.filter(|r| {
-            let theirs = system_identifier(r);
-            self.system.is_none() || theirs.is_none() || theirs == self.system
-        }))
+        Ok(found.filter(|r| same_cluster(r, self.system.as_deref())))
     }
 }
 
@@ -2330,39 +2326,13 @@ pub async fn execute(
                     .map_err(|e| Error::failure(format!("restore thread failed: {e}")))?);
                 }
             };
-            let stats = &plan.record.manifest()?.source.stats;
-            let mut tables = report.tables.clone();
-            if plan.database.objects > 0 {
-                // Restored over, tables the backup does not hold are left as they were.
-                let mut backed_up: std::collections::BTreeSet<String> = stats
-                    .get("tables")
-                    .and_then(|t| t.as_object())
-                    .map(|t| t.keys().map(|k| table_key(k)).collect())
-                    .unwrap_or_default();
-                if let Some(uncounted) = stats.get("uncounted").and_then(|u| u.as_array()) {
-                    backed_up.extend(uncounted.iter().filter_map(|t| t.as_str()).map(table_key));
-                }
-                tables.retain(|t, _| backed_up.contains(&table_key(t)));
-                let kept: Vec<&str> = report
-                    .tables
-                    .keys()
-                    .filter(|t| !tables.contains_key(*t))
-                    .map(String::as_str)
-                    .collect();
-                if !kept.is_empty() {
-                    tracing::warn!(
-                        "database {} keeps tables the backup does not hold, as they were: {}",
-                        report.database,
-                        kept.join(", ")
-                    );
-                }
-            }
             let rows = compare_rows(
                 &plan.record.backup_id,
-                stats,
-                &tables,
+                &plan.record.manifest()?.source.stats,
+                &report.tables,
                 &format!("database {}", report.database),
                 table_key,
+                plan.database.objects > 0,
             )
             .map_err(|e| {
                 let hint = format!(
@@ -2391,6 +2361,15 @@ pub fn system_identifier(record: &BackupRecord) -> Option<String> {
         .get("system_identifier")?
         .as_str()
         .map(str::to_owned)
+}
+
+/// Whether `record` may be of the cluster `system` identifies: the same, or either one
+/// unknown (records from before the identifier was kept).
+pub fn same_cluster(record: &BackupRecord, system: Option<&str>) -> bool {
+    match (system, system_identifier(record)) {
+        (Some(ours), Some(theirs)) => ours == theirs,
+        _ => true,
+    }
 }
 
 /// For `verify`: the WAL a physical base backup needs is archived without a gap.

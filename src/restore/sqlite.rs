@@ -177,6 +177,7 @@ pub async fn execute(
         &actual,
         &path.display().to_string(),
         str::to_owned,
+        false,
     )?;
     set_like_target(file.as_file(), path, *overwrite)?;
     let persisted = if *overwrite {
