@@ -1738,8 +1738,15 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
         "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=9'",
     );
     psql(&c.url(), "ALTER SYSTEM SET recovery_min_apply_delay = '1h'");
+    // Not loaded here (commits would wait for that standby), but in the backup: a restored
+    // server would wait at every commit.
+    psql(
+        &c.url(),
+        "ALTER SYSTEM SET synchronous_standby_names = 'gone'",
+    );
     let run = c.drctl(&["--json", "backup", "--policy", "pgphys"]).ok();
     std::fs::remove_file(&standby).unwrap();
+    psql(&c.url(), "ALTER SYSTEM RESET synchronous_standby_names");
     let manifest = &run.json()[0];
     let wal = &manifest["source"]["stats"]["wal"];
     assert_eq!(wal["timeline"], 1, "{manifest}");
@@ -1785,6 +1792,8 @@ fn physical_backup_and_wal_restore_to_a_point_in_time_and_to_the_latest() {
     );
     assert!(!c.sb.path().join("latest/standby.signal").exists());
     assert_eq!(psql(&url, "SHOW primary_conninfo"), "");
+    assert_eq!(psql(&url, "SHOW synchronous_standby_names"), "");
+    psql(&url, "CREATE TABLE written_after (id int)");
     // Recovery looked its WAL up in the index the restore wrote.
     let restore_command = psql(&url, "SHOW restore_command");
     assert!(restore_command.contains("--index"), "{restore_command}");
