@@ -26,7 +26,10 @@
 #
 # A scratch cluster (initdb -k, with data checksums; run as the `postgres` OS user when
 # started as root) is created once in $BENCH_DIR/data and reused; its database `bench` holds
-# pgbench tables plus a table of realistic text. Times and peak RSS come from GNU time (-v).
+# pgbench tables plus a table of realistic text. Times, peak RSS and the tool's CPU time (its
+# own and its child processes', not the server's) come from GNU time (-v); "cores busy" is
+# how busy the machine's cores were during the run (/proc/stat): near 100% means the run
+# was bound by CPU, most of it the server's, shared by drctl and the reference alike.
 # Results are printed as a Markdown table and written to $BENCH_DIR/results.md. Exits 1 if a
 # restore's row counts differ from the source.
 set -euo pipefail
@@ -75,18 +78,28 @@ sql() { psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$url/${2:-bench}" -c "$1"; }
 
 # Runs a command (as the server's OS user) under GNU time -v; keeps its output in
 # $logs/<name>.log.
-timed() { # <name> <command...>
-    local name=$1
+cpu_jiffies() { # busy and all jiffies of the machine so far (the first line of /proc/stat)
+    awk '/^cpu / { all = 0; for (i = 2; i <= NF; i++) all += $i; print all - $5 - $6, all }' /proc/stat
+}
+timed() { # <name> <command...>: also writes how busy the machine's cores were to <name>.busy
+    local name=$1 before after
     shift
+    before=$(cpu_jiffies)
     if ! as_pg /usr/bin/time -v -o "$logs/$name.time" "$@" >"$logs/$name.log" 2>&1; then
         echo "bench-pg: $name failed; last lines of $logs/$name.log:" >&2
         tail -n 20 "$logs/$name.log" >&2
         exit 1
     fi
+    after=$(cpu_jiffies)
+    awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
+        printf "%.0f\n", 100 * (y[1] - x[1]) / (y[2] - x[2]) }' >"$logs/$name.busy"
 }
 seconds() { # wall clock of a GNU time -v file, in seconds
     awk -F': ' '/Elapsed \(wall clock\)/ {
         n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s }' "$logs/$1.time"
+}
+cpu_seconds() { # user + system time of the tool and the processes it waited for
+    awk -F': ' '/(User|System) time/ { s += $2 } END { printf "%.1f", s }' "$logs/$1.time"
 }
 rss_mib() {
     awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$logs/$1.time"
@@ -313,7 +326,7 @@ for op in drctl-physical pgbackrest-full pg-dump drctl-logical pg-restore drctl-
             best=$r
         fi
     done
-    for f in log time; do cp "$logs/$op-$best.$f" "$logs/$op.$f"; done
+    for f in log time busy; do cp "$logs/$op-$best.$f" "$logs/$op.$f"; done
 done
 
 # ---------------------------------------------------------------------------
@@ -333,14 +346,15 @@ row() { # <label> <run> <bytes processed> <stored bytes or -> <reference run or 
     fi
     stored=-
     [[ $4 != - ]] && stored=$(awk -v b="$4" 'BEGIN { printf "%.0f MiB", b / 1048576 }')
-    printf '| %s | %.1f | %s | %s | %s | %s |\n' "$1" "$s" "$mibs" "$(rss_mib "$2")" "$stored" "$ratio"
+    printf '| %s | %.1f | %s | %s | %s%% | %s | %s | %s |\n' "$1" "$s" "$mibs" "$(cpu_seconds "$2")" \
+        "$(cat "$logs/$2.busy")" "$(rss_mib "$2")" "$stored" "$ratio"
 }
 
 {
     echo "PostgreSQL $(sql 'SHOW server_version' postgres), $cores cores; database bench $((db_bytes / 1048576)) MiB, cluster $((cluster_bytes / 1048576)) MiB"
     echo
-    echo "| run | seconds | MiB/s (of the database) | peak RSS MiB | stored | throughput vs reference |"
-    echo "|---|---|---|---|---|---|"
+    echo "| run | seconds | MiB/s (of the database) | tool CPU s | cores busy | peak RSS MiB | stored | throughput vs reference |"
+    echo "|---|---|---|---|---|---|---|---|"
     row "drctl physical full" drctl-physical "$cluster_bytes" "$drctl_physical_stored" pgbackrest-full
     row "pgBackRest full (zstd 3, process-max $cores, aes-256)" pgbackrest-full "$cluster_bytes" "$pgbackrest_stored" -
     row "drctl logical backup" drctl-logical "$db_bytes" "$drctl_logical_stored" pg-dump

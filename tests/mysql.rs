@@ -139,6 +139,9 @@ impl Server {
             .args([
                 "--server-id=1",
                 "--binlog-format=ROW",
+                // As production servers with GTID replication run: a replay that wrote the
+                // source's GTIDs again would be refused as out of order.
+                "--gtid-strict-mode=ON",
                 "--skip-name-resolve",
             ])
             .args(SERVER_OPTIONS)

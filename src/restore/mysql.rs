@@ -355,7 +355,7 @@ pub async fn execute(
     for (manifest, binlogs, dir) in incrementals {
         let command = binlogs.command(dir.path(), &conn, &source_db, until);
         let (c, cancel) = (conn.clone(), cancel.clone());
-        blocking(move || pipe(command, replay_client(&c), &cancel))
+        blocking(move || replay(command, replay_client(&c), &cancel))
             .await
             .map_err(context(manifest))?;
     }
@@ -830,44 +830,133 @@ fn names_database(line: &str, db: &str) -> bool {
     false
 }
 
-/// `a | b`: both must succeed; `b`'s failure is reported first (it explains `a`'s broken pipe).
-fn pipe(mut a: Command, mut b: Command, cancel: &Cancel) -> Result<()> {
+/// `binlog | client`, the replay: both must succeed; the client's failure is reported
+/// first (it explains the broken pipe of `mariadb-binlog`). The statements that would give
+/// each transaction the source's GTID are left out (see [`WithoutGtids`]).
+fn replay(mut binlog: Command, client: Command, cancel: &Cancel) -> Result<()> {
     cancel.check()?;
-    let name = |c: &Command| c.get_program().to_string_lossy().into_owned();
-    let (a_name, b_name) = (name(&a), name(&b));
-    let mut first = spawn(&mut a, Stdio::null(), Stdio::piped())?;
-    let first_err = collect_stderr(&mut first);
-    let out = first.stdout.take().expect("piped");
-    let mut second = match spawn(&mut b, Stdio::from(out), Stdio::null()) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = first.kill();
-            let _ = first.wait();
-            return Err(e);
-        }
-    };
-    let second_err = collect_stderr(&mut second);
-    let second_status = second
-        .wait()
-        .map_err(|e| Error::io(format!("wait for `{b_name}`"), e))?;
-    if !second_status.success() {
-        let _ = first.kill();
-    }
-    let first_status = first
-        .wait()
-        .map_err(|e| Error::io(format!("wait for `{a_name}`"), e))?;
-    let (first_err, second_err) = (
-        first_err.join().unwrap_or_default(),
-        second_err.join().unwrap_or_default(),
+    let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
+    let stderr = collect_stderr(&mut child);
+    let out = child.stdout.take().expect("piped");
+    let fed = feed(
+        client,
+        &mut WithoutGtids::new(BufReader::with_capacity(1 << 20, out)),
+        cancel,
     );
-    check_status(&b_name, second_status, &second_err)?;
-    check_status(&a_name, first_status, &first_err)?;
-    cancel.check()
+    if fed.is_err() {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
+    let stderr = stderr.join().unwrap_or_default();
+    fed?;
+    check_status("mariadb-binlog", status, &stderr)
+}
+
+/// `mariadb-binlog`'s output without the statements it writes before each transaction to
+/// give it the source's GTID (`SET @@session.gtid_domain_id`, `server_id`, `gtid_seq_no`).
+/// Replayed, they would log the source's GTIDs again on the target server: refused as out of
+/// order where `gtid_strict_mode` is on (error 1950), and elsewhere a second transaction under
+/// an ID the source's replicas already hold. Without them the target gives the replayed
+/// transactions GTIDs of its own, as it does any client's.
+struct WithoutGtids<R> {
+    inner: R,
+    line: Vec<u8>,
+    at: usize,
+    /// The next line starts a statement: the last one ended one, or was a comment.
+    starts: bool,
+}
+
+impl<R: BufRead> WithoutGtids<R> {
+    fn new(inner: R) -> Self {
+        WithoutGtids {
+            inner,
+            line: Vec::new(),
+            at: 0,
+            starts: true,
+        }
+    }
+
+    /// Whether `line` (with its newline) is one of the statements to leave out.
+    fn sets_gtid(line: &[u8]) -> bool {
+        let Some(rest) = line.strip_prefix(b"/*M!100001 SET @@session.") else {
+            return false;
+        };
+        let Some(rest) = [&b"gtid_domain_id="[..], b"server_id=", b"gtid_seq_no="]
+            .iter()
+            .find_map(|name| rest.strip_prefix(*name))
+        else {
+            return false;
+        };
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        digits > 0 && matches!(&rest[digits..], b"*//*!*/;\n" | b"*//*!*/;\r\n")
+    }
+}
+
+impl<R: BufRead> Read for WithoutGtids<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let mut available = self.fill_buf()?;
+            available.read(buf)?
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for WithoutGtids<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.at == self.line.len() {
+            self.line.clear();
+            self.at = 0;
+            if self.inner.read_until(b'\n', &mut self.line)? == 0 {
+                break;
+            }
+            let starts = self.starts;
+            self.starts =
+                self.line.starts_with(b"#") || self.line.trim_ascii_end().ends_with(b"/*!*/;");
+            if starts && Self::sets_gtid(&self.line) {
+                self.line.clear();
+            }
+        }
+        Ok(&self.line[self.at..])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.at = (self.at + amount).min(self.line.len());
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{changes_the_server, names_database};
+    use super::{changes_the_server, names_database, WithoutGtids};
+
+    #[test]
+    fn the_sources_gtids_are_left_out_of_the_replay_and_nothing_else() {
+        let binlog = "# at 4\n\
+            #261201  9:30:00 server id 1  end_log_pos 256 CRC32 0x0  GTID 0-1-8 trans\n\
+            /*M!100101 SET @@session.skip_parallel_replication=0*//*!*/;\n\
+            /*M!100001 SET @@session.gtid_domain_id=0*//*!*/;\n\
+            /*M!100001 SET @@session.server_id=1*//*!*/;\n\
+            /*M!100001 SET @@session.gtid_seq_no=8*//*!*/;\n\
+            START TRANSACTION\n\
+            /*!*/;\n\
+            INSERT INTO t VALUES ('a\n\
+            /*M!100001 SET @@session.gtid_seq_no=9*//*!*/;\n\
+            ')\n\
+            /*!*/;\n\
+            /*M!100001 SET @@session.gtid_seq_no=x*//*!*/;\n";
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut WithoutGtids::new(binlog.as_bytes()), &mut out).unwrap();
+        let want = binlog
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| ![3, 4, 5].contains(i))
+            .map(|(_, l)| format!("{l}\n"))
+            .collect::<String>();
+        assert_eq!(out, want);
+    }
 
     #[test]
     fn statements_that_change_accounts_or_databases_are_found() {
