@@ -142,6 +142,8 @@ impl Server {
                 // As production servers with GTID replication run: a replay that wrote the
                 // source's GTIDs again would be refused as out of order.
                 "--gtid-strict-mode=ON",
+                // Rows larger than the clients' default packet (16 MiB) can be written.
+                "--max-allowed-packet=64M",
                 "--skip-name-resolve",
             ])
             .args(SERVER_OPTIONS)
@@ -882,6 +884,32 @@ fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
         run.stderr
     );
     assert_eq!(server.sql(None, "SHOW DATABASES LIKE 'shop'"), "");
+}
+
+#[test]
+fn mysql_rows_larger_than_the_clients_default_packet_are_backed_up_and_restored() {
+    let server = Server::start();
+    // 32 MiB values, made by the server: the statements that write them are small.
+    let big = |id: u32| {
+        format!("INSERT INTO big.b VALUES ({id}, REPEAT(CONCAT('row {id} ', RANDOM_BYTES(8)), 2097152))")
+    };
+    server.sql(
+        None,
+        "CREATE DATABASE big; CREATE TABLE big.b (id INT PRIMARY KEY, v LONGBLOB)",
+    );
+    server.sql(None, &big(1));
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "big", "big");
+    sandbox.backup("big");
+    server.sql(None, &big(2));
+    sandbox
+        .run(&["backup", "--policy", "big", "--incremental"])
+        .ok();
+    restore_latest(&sandbox, "big", &server.url("root", "big_copy")).ok();
+    let rows = "SELECT id, LENGTH(v), MD5(v) FROM b ORDER BY id";
+    let restored = server.sql(Some("big_copy"), rows);
+    assert_eq!(restored, server.sql(Some("big"), rows));
+    assert_eq!(restored.lines().count(), 2, "{restored}");
 }
 
 #[test]

@@ -443,6 +443,9 @@ impl MysqlSource {
             "--quick",
             "--routines",
             "--triggers",
+            // A row as large as the server allows (up to 1 GiB), not only up to the
+            // client's default of 24 MiB.
+            "--max-allowed-packet=1G",
         ]);
         // Scheduled events, where the user may see them (SHOW EVENTS, which --events runs,
         // needs the EVENT privilege, which a backup user may lack).
