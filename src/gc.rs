@@ -251,6 +251,10 @@ pub async fn apply(repo: &Repo, mut plan: GcPlan, cancel: &Cancel) -> Result<GcP
                     {
                         continue; // changed since planning; leave it
                     }
+                } else if repo.registry.get(&item.backup_id).await?.is_some() {
+                    // Recorded since planning, or missed by a listing that lags behind
+                    // writes (DynamoDB's index): a backup or WAL push in flight.
+                    continue;
                 }
                 for key in &item.objects {
                     repo.store.delete(&ObjectKey::from_listing(key)?).await?;

@@ -477,11 +477,13 @@ impl PostgresSource {
             "SELECT set_config(name, '0', false) FROM pg_settings \
              WHERE name = 'idle_session_timeout'",
         )?;
-        let slot = format!("drctl_basebackup_{}", std::process::id());
-        session
-            .query(&format!(
-                "SELECT 1 FROM pg_create_physical_replication_slot('{slot}', true, true)"
-            ))
+        // Named after the session's server process, which no other live session shares (a
+        // drctl process ID does: PID 1 in every container).
+        let slot = session
+            .value(
+                "SELECT slot_name FROM pg_create_physical_replication_slot(\
+                 'drctl_basebackup_' || pg_backend_pid(), true, true)",
+            )
             .map_err(|e| {
                 e.context("reserve the base backup's WAL with a temporary replication slot")
                     .hint("the backup user needs the REPLICATION attribute and the server max_replication_slots > 0")
