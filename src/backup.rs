@@ -237,8 +237,23 @@ async fn commit(
     repo.store
         .put_bytes(&key, Bytes::from(manifest.to_json()), put_opts)
         .await?;
-    // Every object must be present with the size we wrote before the record says so. One
-    // listing, not a HEAD per object: a write-only backup role may list but not read.
+    // Every object must be present with the size we wrote before the record says so.
+    let prefix = check_stored(repo, manifest).await?;
+    lease.confirm().await?;
+    let location = Location {
+        region: repo.store.region(),
+        store: repo.store.describe(),
+        prefix,
+    };
+    repo.registry
+        .complete(&manifest.backup_id, manifest, &[location])
+        .await
+}
+
+/// Checks that every object of `manifest` is in the store with the size it was written
+/// with (an integrity error if not); returns the backup's prefix. One listing, not a HEAD
+/// per object: a write-only backup role may list but not read.
+pub async fn check_stored(repo: &Repo, manifest: &Manifest) -> Result<String> {
     let prefix =
         ObjectKey::backup_prefix(&manifest.environment, &manifest.policy, &manifest.backup_id);
     let listed = repo.store.list(&prefix).await?;
@@ -262,15 +277,7 @@ async fn commit(
             }
         }
     }
-    lease.confirm().await?;
-    let location = Location {
-        region: repo.store.region(),
-        store: repo.store.describe(),
-        prefix,
-    };
-    repo.registry
-        .complete(&manifest.backup_id, manifest, &[location])
-        .await
+    Ok(prefix)
 }
 
 /// One object being uploaded: the writer task and the channel that feeds it.

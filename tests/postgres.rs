@@ -2637,6 +2637,39 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
     std::fs::write(&object, &stored).unwrap();
     fetch(&[]);
     assert!(!fresh.exists());
+
+    // Recorded, but its stored data gone (deleted by hand, a lifecycle rule): pushed again,
+    // it is archived again rather than taken as archived.
+    std::fs::write(&copy, &original).unwrap();
+    for entry in std::fs::read_dir(c.sb.backup_dir("pgphys", id)).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("data.")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let run = c
+        .drctl(&["wal", "push", "--policy", "pgphys", copy.to_str().unwrap()])
+        .ok();
+    assert!(run.stderr.contains("archived again"), "{}", run.stderr);
+    assert!(!run.stdout.contains("already archived"), "{}", run.stdout);
+    assert_eq!(c.sb.status(id), "failed");
+    std::fs::remove_file(&copy).unwrap();
+    c.drctl(&[
+        "wal",
+        "fetch",
+        "--policy",
+        "pgphys",
+        &name,
+        copy.to_str().unwrap(),
+    ])
+    .ok();
+    assert!(std::fs::read(&copy).unwrap() == original);
 }
 
 #[test]

@@ -6,15 +6,15 @@ use super::Ctx;
 use crate::backup::Job;
 use crate::config::policy::PostgresMode;
 use crate::config::{ByteSize, Policy, SourceConfig};
-use crate::format::manifest::BackupType;
+use crate::format::manifest::{BackupType, Manifest};
 use crate::format::{BackupId, Name};
 use crate::pipeline::HashReader;
 use crate::registry::lease::LeaseGuard;
-use crate::registry::Lookup;
+use crate::registry::{BackupRecord, Lookup, Status};
 use crate::repo::Repo;
 use crate::restore::postgres::{fetch_wal, same_cluster, system_identifier, WalIndex};
 use crate::source::postgres::WalSource;
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// Archive and fetch PostgreSQL WAL for a `postgres` policy in physical mode.
 ///
@@ -196,7 +196,11 @@ async fn push_leased(
         .find(environment, &policy.name, Lookup::Wal(&name))
         .await?
         .filter(|r| same_cluster(r, ours.as_deref()));
-    let Some(existing) = found else {
+    let found = match found {
+        Some(existing) => still_stored(repo, &source, existing).await?,
+        None => None,
+    };
+    let Some((existing, manifest)) = found else {
         let base = repo
             .registry
             .find(environment, &policy.name, Lookup::Full)
@@ -211,13 +215,27 @@ async fn push_leased(
             crate::backup::run_leased(repo, policy, job, None, &ctx.cancel, lease).await?;
         return Ok((manifest.backup_id, false));
     };
-    let path = source.path();
+    crate::replicate::run(repo, policy, &manifest, &existing.locations, &ctx.cancel).await?;
+    Ok((existing.backup_id.clone(), true))
+}
+
+/// The record and manifest of `existing`, the archived file of `source`'s name, if its
+/// contents are `source`'s and its objects are still stored. Different contents are an
+/// error. Objects that are gone (deleted by hand or by a bucket's lifecycle rule) fail the
+/// record, so that the file, whose last copy PostgreSQL is about to recycle, is archived
+/// again.
+async fn still_stored(
+    repo: &Repo,
+    source: &WalSource,
+    existing: BackupRecord,
+) -> Result<Option<(BackupRecord, Manifest)>> {
+    let (name, path) = (source.name(), source.path());
     let file = std::fs::File::open(path)
         .map_err(|e| Error::io(format!("read WAL file {}", path.display()), e))?;
     let digest = HashReader::new(file)
         .drain()
         .map_err(|e| Error::io(format!("read WAL file {}", path.display()), e))?;
-    let manifest = existing.manifest()?;
+    let manifest = existing.manifest()?.clone();
     let stored = manifest.data()?;
     if digest.sha256 != stored.plain_sha256 || digest.size != stored.plain_size {
         return Err(Error::integrity(format!(
@@ -228,8 +246,26 @@ async fn push_leased(
             "two servers may be archiving into the same policy; give each cluster its own policy",
         ));
     }
-    crate::replicate::run(repo, policy, manifest, &existing.locations, &ctx.cancel).await?;
-    Ok((existing.backup_id.clone(), true))
+    match crate::backup::check_stored(repo, &manifest).await {
+        Ok(_) => Ok(Some((existing, manifest))),
+        Err(e) if e.kind() == ErrorKind::Integrity => {
+            tracing::warn!(
+                "WAL file {name} was archived as backup {}, whose stored objects are no longer all there ({e}): it is archived again",
+                existing.backup_id
+            );
+            let why = format!("its stored objects are gone: {e}");
+            repo.registry
+                .transition(
+                    &existing.backup_id,
+                    Status::Completed,
+                    Status::Failed,
+                    Some(&why),
+                )
+                .await?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Refuses a segment written by another cluster than the one the policy's newest base
