@@ -2540,15 +2540,18 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
         .unwrap()
         .to_owned();
     let copy = dir.join(&name);
-    c.drctl(&[
-        "wal",
-        "fetch",
-        "--policy",
-        "pgphys",
-        &name,
-        copy.to_str().unwrap(),
-    ])
-    .ok();
+    let fetch_copy = || {
+        c.drctl(&[
+            "wal",
+            "fetch",
+            "--policy",
+            "pgphys",
+            &name,
+            copy.to_str().unwrap(),
+        ])
+        .ok()
+    };
+    fetch_copy();
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), 16 << 20);
     let run = c
         .drctl(&["wal", "push", "--policy", "pgphys", copy.to_str().unwrap()])
@@ -2660,15 +2663,7 @@ fn wal_push_is_idempotent_for_the_same_file_and_refuses_a_different_one() {
     assert!(!run.stdout.contains("already archived"), "{}", run.stdout);
     assert_eq!(c.sb.status(id), "failed");
     std::fs::remove_file(&copy).unwrap();
-    c.drctl(&[
-        "wal",
-        "fetch",
-        "--policy",
-        "pgphys",
-        &name,
-        copy.to_str().unwrap(),
-    ])
-    .ok();
+    fetch_copy();
     assert!(std::fs::read(&copy).unwrap() == original);
 }
 
