@@ -736,6 +736,43 @@ fn refused_before_app_copy_is_touched(server: &Server, run: common::Run, said: &
     assert_eq!(server.sql(None, "SHOW DATABASES LIKE 'app_copy'"), "");
 }
 
+/// [`app_with_a_full_backup`], then rows 6 and 7 written before the time it returns.
+fn app_with_rows_up_to_a_noted_time(server: &Server) -> (Sandbox, chrono::DateTime<chrono::Utc>) {
+    let (sandbox, _) = app_with_a_full_backup(server);
+    insert(server, "app", 6..=7);
+    // Binary log timestamps are whole seconds: keep the noted time clear of both sides.
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    (sandbox, before)
+}
+
+/// After an incremental backup of `app`, a restore of it into `app_copy` is refused,
+/// saying each of `said`; one up to `before` restores rows 1 to 7.
+fn incremental_refused_but_restored_until(
+    server: &Server,
+    sandbox: &Sandbox,
+    said: &[&str],
+    before: chrono::DateTime<chrono::Utc>,
+) {
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+    let restore = |more: &[&str]| {
+        let to = server.url("root", "app_copy");
+        let args = [
+            &["restore", "--policy", "app", "--backup", "latest"][..],
+            &["--to-database", &to],
+            more,
+        ]
+        .concat();
+        sandbox.run(&args)
+    };
+    refused_before_app_copy_is_touched(server, restore(&[]), said);
+    restore(&["--until", &before.to_rfc3339()]).ok();
+    assert_eq!(ids(server, "app_copy"), (1..=7).collect::<Vec<_>>());
+}
+
 #[test]
 fn mysql_restore_refuses_a_binary_log_event_that_fails_its_checksum_before_writing() {
     let server = Server::start();
@@ -815,14 +852,30 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
 }
 
 #[test]
+fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
+    let server = Server::start();
+    let (sandbox, before) = app_with_rows_up_to_a_noted_time(&server);
+    // A migration run without a default database (`mariadb -e`), then rows that use it:
+    // mariadb-binlog --database leaves the statement out, and the rows' new column would be
+    // dropped.
+    server.sql(None, "ALTER TABLE app.t ADD note VARCHAR(20)");
+    server.sql(Some("app"), "INSERT INTO t VALUES (8, 'row 8', 'noted')");
+    incremental_refused_but_restored_until(
+        &server,
+        &sandbox,
+        &[
+            "default database was another one",
+            "ALTER TABLE app.t ADD note",
+            "--until 20",
+        ],
+        before,
+    );
+}
+
+#[test]
 fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
     let server = Server::start();
-    let (sandbox, _) = app_with_a_full_backup(&server);
-    insert(&server, "app", 6..=7);
-    // Binary log timestamps are whole seconds: keep the noted time clear of both sides.
-    std::thread::sleep(Duration::from_millis(1100));
-    let before = chrono::Utc::now();
-    std::thread::sleep(Duration::from_millis(1100));
+    let (sandbox, before) = app_with_rows_up_to_a_noted_time(&server);
     // Logged for `app`, the sessions' default database, though they change the server;
     // with the comments that come before, as the client sends them.
     let run = server
@@ -836,31 +889,17 @@ fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
         .unwrap();
     assert!(run.status.success(), "{run:?}");
     insert(&server, "app", 8..=9);
-    sandbox
-        .run(&["backup", "--policy", "app", "--incremental"])
-        .ok();
-    let restore = |more: &[&str]| {
-        let to = server.url("root", "app_copy");
-        let args = [
-            &["restore", "--policy", "app", "--backup", "latest"][..],
-            &["--to-database", &to],
-            more,
-        ]
-        .concat();
-        sandbox.run(&args)
-    };
-    refused_before_app_copy_is_touched(
+    // Up to a time before them, the chain replays.
+    incremental_refused_but_restored_until(
         &server,
-        restore(&[]),
+        &sandbox,
         &[
             "changes the server, not database app",
             "/* for reports */ CREATE\n  USER reader\n",
             "replays what came before its second",
         ],
+        before,
     );
-    // Up to a time before them, the chain replays.
-    restore(&["--until", &before.to_rfc3339()]).ok();
-    assert_eq!(ids(&server, "app_copy"), (1..=7).collect::<Vec<_>>());
 
     // A statement logged for `shop` that names another database of the target server
     // would change that one: refused too, whatever the restore's database is called.

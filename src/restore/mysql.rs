@@ -305,16 +305,20 @@ pub async fn execute(
         let ((binlogs, dir), _) = decode(repo, manifest, identities.clone(), sink)
             .await
             .map_err(context(manifest))?;
-        let command = binlogs.command(dir.path(), &conn, &source_db, until);
+        let command = |filtered| binlogs.command(dir.path(), &conn, &source_db, until, filtered);
+        let (replayed, again, all) = (command(true), command(true), command(false));
         let (source_db, target_db, watched, cancel) = (
             source_db.clone(),
             conn.database.clone(),
             watched.clone(),
             cancel.clone(),
         );
-        blocking(move || check_replay(command, &source_db, &target_db, &watched, &cancel))
-            .await
-            .map_err(context(manifest))?;
+        blocking(move || {
+            check_replay(replayed, &source_db, &target_db, &watched, &cancel)?;
+            check_left_out(again, all, &source_db, &cancel)
+        })
+        .await
+        .map_err(context(manifest))?;
         incrementals.push((manifest, binlogs, dir));
     }
 
@@ -353,7 +357,7 @@ pub async fn execute(
             .1
     };
     for (manifest, binlogs, dir) in incrementals {
-        let command = binlogs.command(dir.path(), &conn, &source_db, until);
+        let command = binlogs.command(dir.path(), &conn, &source_db, until, true);
         let (c, cancel) = (conn.clone(), cancel.clone());
         blocking(move || replay(command, replay_client(&c), &cancel))
             .await
@@ -560,12 +564,15 @@ impl Binlogs {
 
     /// The `mariadb-binlog` command that turns the binary logs unpacked in `dir` into the
     /// statements to replay into the target database, up to `until` if given.
+    /// Without `filtered`, every database's statements, as they are (for
+    /// [`check_left_out`]).
     fn command(
         &self,
         dir: &std::path::Path,
         conn: &Conn,
         source_db: &str,
         until: Option<DateTime<Utc>>,
+        filtered: bool,
     ) -> Command {
         let mut binlog = Command::new("mariadb-binlog");
         // --stop-datetime is read in the local time zone of mariadb-binlog.
@@ -574,11 +581,13 @@ impl Binlogs {
             // A corrupt event fails the read, which the check before the replay makes.
             .arg("--verify-binlog-checksum")
             .arg(format!("--start-position={}", self.start.pos))
-            .arg(format!("--stop-position={}", self.end.pos))
+            .arg(format!("--stop-position={}", self.end.pos));
+        if filtered {
             // Row events are filtered by the name they were logged with, then renamed.
-            .arg(format!("--database={source_db}"));
-        if source_db != conn.database {
-            binlog.arg(format!("--rewrite-db={source_db}->{}", conn.database));
+            binlog.arg(format!("--database={source_db}"));
+            if source_db != conn.database {
+                binlog.arg(format!("--rewrite-db={source_db}->{}", conn.database));
+            }
         }
         if let Some(t) = until {
             // Event timestamps are whole seconds: replay everything up to the end of t's second.
@@ -604,15 +613,12 @@ impl Binlogs {
 ///   since `--rewrite-db` renames the database of row events and the default database of
 ///   statements, but not a database a statement names itself (`ALTER TABLE shop.orders`).
 fn check_replay(
-    mut binlog: Command,
+    binlog: Command,
     source_db: &str,
     target_db: &str,
     watched: &[String],
     cancel: &Cancel,
 ) -> Result<()> {
-    let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
-    let stderr = collect_stderr(&mut child);
-    let out = std::io::BufReader::new(child.stdout.take().expect("piped"));
     let renamed = source_db != target_db;
     let own = (!renamed).then_some(source_db);
     let mut found = None;
@@ -622,38 +628,28 @@ fn check_replay(
     // next line that is not an event header starts one; its head (comments included) is
     // kept until its end.
     let (mut starts, mut statement): (bool, Option<String>) = (false, None);
-    for line in out.split(b'\n') {
-        cancel.check()?;
-        let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
-        let line = String::from_utf8_lossy(&line);
+    let (status, stderr) = read_lines(binlog, cancel, |line| {
         if statement.is_none() {
             // Event headers (`#261201  9:30:00 server id 1 ...`, in UTC) name nothing.
             if let Some(header) = line.strip_prefix('#') {
-                let time = header
-                    .split_whitespace()
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                if let Ok(t) = chrono::NaiveDateTime::parse_from_str(&time, "%y%m%d %H:%M:%S") {
-                    at = Some(t.and_utc());
-                }
-                continue;
+                at = event_time(header).or(at);
+                return true;
             }
             if !starts {
                 // Before the first statement: the delimiter is being set.
                 starts = line.ends_with("/*!*/;");
-                continue;
+                return true;
             }
             statement = Some(String::new());
         }
         let text = statement.as_mut().expect("a statement");
         if text.len() < STATEMENT_HEAD {
-            text.push_str(&line);
+            text.push_str(line);
             text.push('\n');
         }
         // Row events are base64, which has no dots.
         let named = if line.contains('.') {
-            watched.iter().find(|db| names_database(&line, db))
+            watched.iter().find(|db| names_database(line, db))
         } else {
             None
         };
@@ -667,39 +663,23 @@ fn check_replay(
                 "the binary logs hold a statement that {why}: {}",
                 line.chars().take(200).collect::<String>()
             ));
-            break;
+            return false;
         }
         starts = line.ends_with("/*!*/;");
         if starts {
             let text = statement.take().expect("a statement");
             if changes_the_server(&text, own) {
-                let when = at.map_or("at an unknown time".to_owned(), |t| {
-                    format!(
-                        "at {} (--until {} replays what came before its second)",
-                        t.to_rfc3339(),
-                        (t - chrono::Duration::seconds(1)).to_rfc3339()
-                    )
-                });
+                let when = logged_at(at);
                 found = Some(format!(
                     "the binary logs hold a statement that changes the server, not database \
                      {source_db}, logged {when}: {}",
-                    text.trim_end()
-                        .trim_end_matches("/*!*/;")
-                        .trim()
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
+                    shown(&text)
                 ));
-                break;
+                return false;
             }
         }
-    }
-    if found.is_some() {
-        let _ = child.kill();
-    }
-    let status = child
-        .wait()
-        .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
+        true
+    })?;
     if let Some(why) = found {
         return Err(Error::invalid(why).hint(format!(
             "restore to a time before the statement with --until, or restore the full backup \
@@ -711,7 +691,6 @@ fn check_replay(
             }
         )));
     }
-    let stderr = stderr.join().unwrap_or_default();
     check_status("mariadb-binlog", status, &stderr).map_err(|e| {
         if !stderr.contains("crc check failed") {
             return e;
@@ -727,6 +706,135 @@ fn check_replay(
             "an event of the binary logs fails its checksum: it was damaged on the server before \
              it was backed up{until}; or restore the full backup alone (--backup with its ID)"
         ))
+    })
+}
+
+/// Refuses, before the target is touched, a statement of the binary logs that changes
+/// `source_db` but that the replay (`replayed`) leaves out, as the whole logs (`all`) show.
+/// `mariadb-binlog --database` keeps a statement by the session's default database, not by
+/// what it changes: one run from another database or none (`ALTER TABLE shop.orders ADD
+/// note TEXT` from `mariadb -e`) is not replayed, and the rows logged after it would be
+/// applied as if it had not been (a column's values dropped). Row events are kept by their
+/// table's database and are not affected.
+fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Cancel) -> Result<()> {
+    let mut kept = naming(replayed, source_db, cancel)?;
+    for (text, at) in naming(all, source_db, cancel)? {
+        match kept.iter().position(|(k, _)| *k == text) {
+            Some(i) => {
+                kept.remove(i);
+            }
+            None => {
+                return Err(Error::invalid(format!(
+                    "the binary logs hold a statement that changes database {source_db} from \
+                     a session whose default database was another one (or none), logged {}: \
+                     the replay would leave it out, and apply the rows logged after it as if \
+                     it had not been: {}",
+                    logged_at(at),
+                    shown(&text)
+                ))
+                .hint(
+                    "restore to a time before the statement with --until, then apply it and \
+                     what followed by hand; or restore the full backup alone (--backup with its ID)",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The statements `binlog` prints that name database `db` (their heads), with the time
+/// each was logged.
+fn naming(
+    binlog: Command,
+    db: &str,
+    cancel: &Cancel,
+) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
+    let (mut found, mut at, mut statement) = (Vec::new(), None, String::new());
+    let (status, stderr) = read_lines(binlog, cancel, |line| {
+        if statement.is_empty() {
+            if let Some(header) = line.strip_prefix('#') {
+                at = event_time(header).or(at);
+                return true;
+            }
+        }
+        if statement.len() < STATEMENT_HEAD {
+            statement.push_str(line);
+            statement.push('\n');
+        }
+        if line.ends_with("/*!*/;") {
+            let text = std::mem::take(&mut statement);
+            if names_database(&text, db) {
+                found.push((text, at));
+            }
+        }
+        true
+    })?;
+    check_status("mariadb-binlog", status, &stderr)?;
+    Ok(found)
+}
+
+/// Runs `binlog` and hands each line of its output (as UTF-8, lossily) to `each` until it
+/// returns false, which stops `binlog`. Returns its exit status and standard error.
+fn read_lines(
+    mut binlog: Command,
+    cancel: &Cancel,
+    mut each: impl FnMut(&str) -> bool,
+) -> Result<(std::process::ExitStatus, String)> {
+    let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
+    let stderr = collect_stderr(&mut child);
+    let out = BufReader::new(child.stdout.take().expect("piped"));
+    let read = (|| -> Result<bool> {
+        for line in out.split(b'\n') {
+            cancel.check()?;
+            let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
+            if !each(&String::from_utf8_lossy(&line)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })();
+    if !matches!(read, Ok(true)) {
+        let _ = child.kill();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
+    read?;
+    Ok((status, stderr.join().unwrap_or_default()))
+}
+
+/// The start of a statement's text, for a message.
+fn shown(statement: &str) -> String {
+    statement
+        .trim_end()
+        .trim_end_matches("/*!*/;")
+        .trim()
+        .chars()
+        .take(200)
+        .collect()
+}
+
+/// The time of an event, from its header line (`#261201  9:30:00 server id 1 ...`, in UTC,
+/// without its `#`).
+fn event_time(header: &str) -> Option<DateTime<Utc>> {
+    let time = header
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    chrono::NaiveDateTime::parse_from_str(&time, "%y%m%d %H:%M:%S")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+/// When an event was logged, and the `--until` that replays what came before it.
+fn logged_at(at: Option<DateTime<Utc>>) -> String {
+    at.map_or("at an unknown time".to_owned(), |t| {
+        format!(
+            "at {} (--until {} replays what came before its second)",
+            t.to_rfc3339(),
+            (t - chrono::Duration::seconds(1)).to_rfc3339()
+        )
     })
 }
 
