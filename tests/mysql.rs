@@ -855,11 +855,23 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
 fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
     let server = Server::start();
     let (sandbox, before) = app_with_rows_up_to_a_noted_time(&server);
+    // Another database's view that reads the source changes only that database.
+    server.sql(
+        None,
+        "CREATE DATABASE reports; CREATE VIEW reports.v AS SELECT id FROM app.t",
+    );
+    insert(&server, "app", 8..=8);
+    sandbox
+        .run(&["backup", "--policy", "app", "--incremental"])
+        .ok();
+    restore_latest(&sandbox, "app", &server.url("root", "app_copy")).ok();
+    assert_eq!(ids(&server, "app_copy"), (1..=8).collect::<Vec<_>>());
+    server.sql(None, "DROP DATABASE app_copy");
     // A migration run without a default database (`mariadb -e`), then rows that use it:
     // mariadb-binlog --database leaves the statement out, and the rows' new column would be
     // dropped.
     server.sql(None, "ALTER TABLE app.t ADD note VARCHAR(20)");
-    server.sql(Some("app"), "INSERT INTO t VALUES (8, 'row 8', 'noted')");
+    server.sql(Some("app"), "INSERT INTO t VALUES (9, 'row 9', 'noted')");
     incremental_refused_but_restored_until(
         &server,
         &sandbox,

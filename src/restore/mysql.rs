@@ -742,8 +742,8 @@ fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Can
     Ok(())
 }
 
-/// The statements `binlog` prints that name database `db` (their heads), with the time
-/// each was logged.
+/// The statements `binlog` prints that name database `db` where they name what they change
+/// (see [`changed_part`]): their heads, with the time each was logged.
 fn naming(
     binlog: Command,
     db: &str,
@@ -763,7 +763,7 @@ fn naming(
         }
         if line.ends_with("/*!*/;") {
             let text = std::mem::take(&mut statement);
-            if names_database(&text, db) {
+            if names_database(changed_part(&text), db) {
                 found.push((text, at));
             }
         }
@@ -801,6 +801,30 @@ fn read_lines(
         .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
     read?;
     Ok((status, stderr.join().unwrap_or_default()))
+}
+
+/// The part of `statement` that names what it changes: up to the first word that starts
+/// what it reads (`CREATE VIEW v AS SELECT ... FROM shop.t`, `CREATE TABLE t LIKE shop.t`,
+/// `INSERT INTO t SELECT ...`) or which rows (`WHERE`).
+fn changed_part(statement: &str) -> &str {
+    let lower = statement.to_ascii_lowercase();
+    let end = lower
+        .match_indices(|c: char| c.is_ascii_alphabetic())
+        .filter(|(i, _)| {
+            *i == 0
+                || !lower.as_bytes()[i - 1].is_ascii_alphanumeric()
+                    && lower.as_bytes()[i - 1] != b'_'
+        })
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let word: String = lower[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            matches!(word.as_str(), "as" | "select" | "like" | "where" | "values")
+        })
+        .unwrap_or(statement.len());
+    &statement[..end]
 }
 
 /// The start of a statement's text, for a message.
@@ -1038,7 +1062,33 @@ impl<R: BufRead> BufRead for WithoutGtids<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::{changes_the_server, names_database, WithoutGtids};
+    use super::{changed_part, changes_the_server, names_database, WithoutGtids};
+
+    #[test]
+    fn what_a_statement_changes_is_named_before_what_it_reads() {
+        for (statement, changed) in [
+            (
+                "ALTER TABLE shop.t ADD note TEXT",
+                "ALTER TABLE shop.t ADD note TEXT",
+            ),
+            ("CREATE VIEW v AS SELECT * FROM shop.t", "CREATE VIEW v "),
+            ("create table r.x like shop.t", "create table r.x "),
+            (
+                "INSERT INTO shop.t SELECT * FROM r.x",
+                "INSERT INTO shop.t ",
+            ),
+            (
+                "DELETE FROM r.x WHERE id IN (SELECT id FROM shop.t)",
+                "DELETE FROM r.x ",
+            ),
+            (
+                "UPDATE shop.t_as SET alias = 1",
+                "UPDATE shop.t_as SET alias = 1",
+            ),
+        ] {
+            assert_eq!(changed_part(statement), changed, "{statement}");
+        }
+    }
 
     #[test]
     fn the_sources_gtids_are_left_out_of_the_replay_and_nothing_else() {
