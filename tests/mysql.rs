@@ -938,6 +938,47 @@ fn mysql_replay_refuses_statements_that_change_the_server_or_other_databases() {
 }
 
 #[test]
+fn mysql_restored_database_has_the_sources_character_set_for_tables_the_binlogs_create() {
+    let server = Server::start();
+    let defaults = |db: &str| {
+        server.sql(
+            None,
+            &format!(
+                "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME \
+                 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = '{db}'"
+            ),
+        )
+    };
+    // Not the server's default (latin1).
+    server.sql(
+        None,
+        "CREATE DATABASE intl CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci; \
+         CREATE TABLE intl.t (id INT PRIMARY KEY)",
+    );
+    assert_ne!(defaults("intl"), defaults("mysql"));
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "intl", "intl");
+    sandbox.backup("intl");
+    server.sql(
+        Some("intl"),
+        "SET NAMES utf8mb4; CREATE TABLE reviews (body TEXT); \
+         INSERT INTO reviews VALUES ('Grüße 🙂')",
+    );
+    sandbox
+        .run(&["backup", "--policy", "intl", "--incremental"])
+        .ok();
+    restore_latest(&sandbox, "intl", &server.url("root", "intl_copy")).ok();
+    assert_eq!(defaults("intl_copy"), defaults("intl"));
+    let reviews =
+        "SET NAMES utf8mb4; SELECT body, TABLE_COLLATION FROM reviews, information_schema.TABLES \
+                   WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'reviews'";
+    assert_eq!(
+        server.sql(Some("intl_copy"), reviews),
+        server.sql(Some("intl"), reviews)
+    );
+}
+
+#[test]
 fn mysql_rows_larger_than_the_clients_default_packet_are_backed_up_and_restored() {
     let server = Server::start();
     // 32 MiB values, made by the server: the statements that write them are small.

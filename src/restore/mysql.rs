@@ -337,9 +337,9 @@ pub async fn execute(
         let (mut file, plain) = decode(repo, full, identities.clone(), sink)
             .await
             .map_err(context(full))?;
-        let cancel = cancel.clone();
+        let (cancel, full_manifest) = (cancel.clone(), full.clone());
         blocking(move || {
-            prepare(&c, true)?;
+            prepare(&c, true, &full_manifest)?;
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| Error::io("read the temporary dump file", e))?;
             feed(client(&c), &mut BufReader::new(file), &cancel)
@@ -349,7 +349,8 @@ pub async fn execute(
         plain
     } else {
         let target = c.clone();
-        blocking(move || prepare(&target, false)).await?;
+        let full_manifest = full.clone();
+        blocking(move || prepare(&target, false, &full_manifest)).await?;
         let sink = move |dump: &mut dyn BufRead| feed(client(&c), dump, &sink_cancel);
         decode(repo, full, identities, sink)
             .await
@@ -446,8 +447,9 @@ async fn compare_checksums(conn: &Conn, last: &Manifest) -> Result<()> {
 const DROP_LOCK_WAIT: u32 = 60;
 
 /// Creates the target database, dropping it first with `overwrite`; refuses a non-empty one
-/// otherwise (it may have filled since the plan was made).
-fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
+/// otherwise (it may have filled since the plan was made). Gives it the source database's
+/// default character set and collation, which the full backup `full` recorded.
+fn prepare(conn: &Conn, overwrite: bool, full: &Manifest) -> Result<()> {
     let db = quote_ident(&conn.database);
     if overwrite {
         // A session with one of its tables open (an idle transaction) holds the drop up:
@@ -474,6 +476,27 @@ fn prepare(conn: &Conn, overwrite: bool) -> Result<()> {
             ))
             .hint("pass --overwrite to drop and re-create it"));
         }
+    }
+    let field = |name: &str| full.source.stats.get(name).and_then(|v| v.as_str());
+    let (Some(charset), Some(collation)) = (field("database_charset"), field("database_collation"))
+    else {
+        return Ok(());
+    };
+    let name = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let defaults = format!("CHARACTER SET {charset} COLLATE {collation}");
+    let set = if name(charset) && name(collation) {
+        conn.query(None, &format!("ALTER DATABASE {db} {defaults}"))
+            .map(drop)
+    } else {
+        Err(Error::integrity("the manifest's names are not names"))
+    };
+    if let Err(e) = set {
+        tracing::warn!(
+            error = %e,
+            "database {} keeps this server's default character set and collation instead of \
+             the backup's ({defaults}): a table the binary logs create without its own takes them",
+            conn.database
+        );
     }
     Ok(())
 }

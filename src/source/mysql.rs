@@ -469,6 +469,20 @@ impl MysqlSource {
         let mut stats = Stats::new();
         stats.insert("bytes".into(), streamed.bytes.into());
         stats.insert("tables".into(), serde_json::to_value(&scan.tables)?);
+        // The database's defaults, which the dump (of its tables) does not hold: a table
+        // the binary logs create without a character set takes them.
+        let defaults = self.conn.query(
+            None,
+            &format!(
+                "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME \
+                 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {}",
+                quote_str(&self.conn.database)
+            ),
+        )?;
+        if let Some([charset, collation]) = defaults.first().map(Vec::as_slice) {
+            stats.insert("database_charset".into(), charset.as_str().into());
+            stats.insert("database_collation".into(), collation.as_str().into());
+        }
         if let Some((version, checksums)) = twin
             .map(|t| t.check(&self.conn, &scan))
             .transpose()?
