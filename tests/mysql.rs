@@ -1172,6 +1172,27 @@ fn mysql_incremental_needs_a_parent_with_a_binlog_position() {
     assert_eq!(records[0]["status"], "failed");
     assert_eq!(records[1]["backup_id"], full.as_str());
 
+    // The policy edited to name another database: its binary logs would be replayed for
+    // the old one, so the chain starts again with a full backup.
+    let full = sandbox.backup("shop");
+    seed(&server, "shop2");
+    server.policy(&sandbox, "shop", "shop2");
+    let run = sandbox
+        .run(&["backup", "--policy", "shop", "--incremental"])
+        .code(2);
+    assert!(
+        run.stderr.contains("database is now \"shop2\"")
+            && run
+                .stderr
+                .contains(&format!("last backup {full} is of \"shop\"")),
+        "{}",
+        run.stderr
+    );
+    sandbox.backup("shop");
+    sandbox
+        .run(&["backup", "--policy", "shop", "--incremental"])
+        .ok();
+
     sandbox.files_policy("files", &[sandbox.path()]);
     let run = sandbox
         .run(&["backup", "--policy", "files", "--incremental"])

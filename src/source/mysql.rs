@@ -417,6 +417,22 @@ impl MysqlSource {
                 ))
                 .hint("enable log_bin on the server, then take a full backup")
             })?;
+        // Its binary log position is of that server, and the restore replays the logs for
+        // that database: a policy now naming another follows it with a full backup.
+        let now = conn.descriptor();
+        for field in ["host", "port", "database"] {
+            let then = &parent.source.descriptor[field];
+            if *then != now[field] {
+                return Err(Error::invalid(format!(
+                    "the policy's {field} is now {}, but its last backup {} is of {then}: an \
+                     incremental cannot follow it",
+                    now[field], parent.backup_id
+                ))
+                .hint(
+                    "take a full backup (without --incremental) to start a chain of this source",
+                ));
+            }
+        }
         Ok(MysqlSource {
             conn,
             mode: Mode::Incremental {
