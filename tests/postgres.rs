@@ -1174,7 +1174,7 @@ fn a_truncate_queued_behind_pg_dump_leaves_its_table_uncounted() {
     let run = restore_to(&sb, "latest", &target.url()).ok();
     assert!(
         run.stderr
-            .contains("was not counted at backup: its rows are not checked"),
+            .contains("could not be counted in the backup's snapshot: its rows are not checked"),
         "{}",
         run.stderr
     );

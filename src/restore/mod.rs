@@ -362,7 +362,7 @@ pub fn compare_rows(
         .filter(|(t, _)| {
             let counted = !uncounted.contains(&key(t));
             if !counted {
-                tracing::warn!("table {t} was not counted at backup: its rows are not checked");
+                tracing::warn!("table {t} could not be counted in the backup's snapshot: its rows are not checked");
             }
             counted
         })
