@@ -1004,6 +1004,31 @@ fn mysql_incremental_leaves_tables_outside_its_snapshot_uncounted() {
 }
 
 #[test]
+fn mysql_restore_warns_of_definers_without_an_account_on_the_target_server() {
+    let server = Server::start();
+    server.sql(None, "CREATE DATABASE app; CREATE USER 'owner'@'%'");
+    server.sql(
+        Some("app"),
+        "CREATE TABLE t (id INT PRIMARY KEY); \
+         CREATE DEFINER = 'owner'@'%' PROCEDURE tidy() DELETE FROM t; \
+         CREATE DEFINER = 'owner'@'%' TRIGGER stamp BEFORE INSERT ON t \
+           FOR EACH ROW SET NEW.id = NEW.id",
+    );
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "app", "app");
+    sandbox.backup("app");
+    // As on another server, which the account was never made on.
+    server.sql(None, "DROP USER 'owner'@'%'");
+    let run = restore_latest(&sandbox, "app", &server.url("root", "app_copy")).ok();
+    assert!(
+        run.stderr
+            .contains("definer owner@% has no account on this server: routine tidy, trigger stamp"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn mysql_rows_larger_than_the_clients_default_packet_are_backed_up_and_restored() {
     let server = Server::start();
     // 32 MiB values, made by the server: the statements that write them are small.

@@ -365,6 +365,12 @@ pub async fn execute(
             .map_err(context(manifest))?;
     }
 
+    let c = conn.clone();
+    blocking(move || {
+        warn_of_missing_definers(&c);
+        Ok(())
+    })
+    .await?;
     let last = my.manifests.last().expect("a chain has a full backup");
     let rows = if my.check_rows {
         let c = conn.clone();
@@ -440,6 +446,47 @@ async fn compare_checksums(conn: &Conn, last: &Manifest) -> Result<()> {
             last.backup_id,
             differences.join("; ")
         )))
+    }
+}
+
+/// Warns of the views, triggers, routines and events of the restored database whose
+/// definer has no account on this server (a restore onto another server: a dump of one
+/// database holds no accounts). They are restored, but fail when used (error 1449) until
+/// the account is created. Nothing is said where the accounts cannot be read.
+fn warn_of_missing_definers(conn: &Conn) {
+    let db = quote_str(&conn.database);
+    let objects = [
+        ("VIEWS", "TABLE_SCHEMA", "TABLE_NAME", "view"),
+        ("TRIGGERS", "TRIGGER_SCHEMA", "TRIGGER_NAME", "trigger"),
+        ("ROUTINES", "ROUTINE_SCHEMA", "ROUTINE_NAME", "routine"),
+        ("EVENTS", "EVENT_SCHEMA", "EVENT_NAME", "event"),
+    ]
+    .map(|(table, schema, name, what)| {
+        format!(
+            "SELECT DEFINER AS definer, CONCAT('{what} ', {name}) AS what \
+             FROM information_schema.{table} WHERE {schema} = {db}"
+        )
+    })
+    .join(" UNION ALL ");
+    // A definer is `user@host`; roles (no host) are not accounts.
+    let sql = format!(
+        "SELECT o.definer, GROUP_CONCAT(o.what ORDER BY o.what SEPARATOR ', ') \
+         FROM ({objects}) AS o \
+         WHERE o.definer LIKE '%@%' AND NOT EXISTS (SELECT 1 FROM mysql.user u \
+           WHERE CONCAT(u.User, '@', u.Host) = o.definer) \
+         GROUP BY o.definer ORDER BY o.definer"
+    );
+    let Ok(missing) = conn.query(None, &sql) else {
+        return;
+    };
+    for row in missing {
+        if let [definer, what] = row.as_slice() {
+            tracing::warn!(
+                "database {} has objects whose definer {definer} has no account on this server: \
+                 {what}; they fail when used (error 1449) until the account is created",
+                conn.database
+            );
+        }
     }
 }
 
