@@ -1029,6 +1029,36 @@ fn mysql_restore_warns_of_definers_without_an_account_on_the_target_server() {
 }
 
 #[test]
+fn mysql_a_view_the_server_dumps_by_database_restores_into_a_database_of_another_name() {
+    let server = Server::start();
+    server.sql(None, "CREATE DATABASE app; CREATE USER 'owner'@'%'");
+    // Of an account without rights on its table: the server writes its columns named by
+    // database (`app`.`t`.`id`) in the dump, which another database's `t` does not have.
+    server.sql(
+        Some("app"),
+        "CREATE TABLE t (id INT PRIMARY KEY); INSERT INTO t VALUES (1), (2); \
+         CREATE DEFINER = 'owner'@'%' VIEW v AS SELECT id FROM t",
+    );
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "app", "app");
+    sandbox.backup("app");
+    restore_latest(&sandbox, "app", &server.url("root", "app_copy")).ok();
+    assert_eq!(server.sql(Some("app_copy"), "SELECT id FROM t"), "1\n2\n");
+    // Once the account has rights, the copy's view reads the copy's table.
+    server.sql(None, "GRANT SELECT ON *.* TO 'owner'@'%'");
+    server.sql(Some("app"), "INSERT INTO t VALUES (3)");
+    assert_eq!(
+        server.sql(Some("app_copy"), "SELECT COUNT(*) FROM v"),
+        "2\n"
+    );
+    let definition = server.sql(
+        None,
+        "SELECT VIEW_DEFINITION FROM information_schema.VIEWS WHERE TABLE_SCHEMA = 'app_copy'",
+    );
+    assert!(!definition.contains("`app`"), "{definition}");
+}
+
+#[test]
 fn mysql_rows_larger_than_the_clients_default_packet_are_backed_up_and_restored() {
     let server = Server::start();
     // 32 MiB values, made by the server: the statements that write them are small.

@@ -337,12 +337,12 @@ pub async fn execute(
         let (mut file, plain) = decode(repo, full, identities.clone(), sink)
             .await
             .map_err(context(full))?;
-        let (cancel, full_manifest) = (cancel.clone(), full.clone());
+        let (cancel, full_manifest, source_db) = (cancel.clone(), full.clone(), source_db.clone());
         blocking(move || {
             prepare(&c, true, &full_manifest)?;
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| Error::io("read the temporary dump file", e))?;
-            feed(client(&c), &mut BufReader::new(file), &cancel)
+            load_dump(&c, &mut BufReader::new(file), &source_db, &cancel)
         })
         .await
         .map_err(context(full))?;
@@ -351,7 +351,8 @@ pub async fn execute(
         let target = c.clone();
         let full_manifest = full.clone();
         blocking(move || prepare(&target, false, &full_manifest)).await?;
-        let sink = move |dump: &mut dyn BufRead| feed(client(&c), dump, &sink_cancel);
+        let source_db = source_db.clone();
+        let sink = move |dump: &mut dyn BufRead| load_dump(&c, dump, &source_db, &sink_cancel);
         decode(repo, full, identities, sink)
             .await
             .map_err(context(full))?
@@ -561,6 +562,19 @@ fn replay_client(conn: &Conn) -> Command {
     let mut cmd = client(conn);
     cmd.arg("--binary-mode");
     cmd
+}
+
+/// Loads the full dump of database `source_db` into the target database.
+fn load_dump(conn: &Conn, dump: &mut dyn BufRead, source_db: &str, cancel: &Cancel) -> Result<()> {
+    if source_db == conn.database {
+        feed(client(conn), dump, cancel)
+    } else {
+        feed(
+            client(conn),
+            &mut views_renamed(dump, source_db, &conn.database),
+            cancel,
+        )
+    }
 }
 
 /// Copies `input` to the standard input of `cmd`. A failed command explains a failed write,
@@ -1034,7 +1048,7 @@ fn names_database(line: &str, db: &str) -> bool {
 
 /// `binlog | client`, the replay: both must succeed; the client's failure is reported
 /// first (it explains the broken pipe of `mariadb-binlog`). The statements that would give
-/// each transaction the source's GTID are left out (see [`WithoutGtids`]).
+/// each transaction the source's GTID are left out (see [`without_gtids`]).
 fn replay(mut binlog: Command, client: Command, cancel: &Cancel) -> Result<()> {
     cancel.check()?;
     let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
@@ -1042,7 +1056,7 @@ fn replay(mut binlog: Command, client: Command, cancel: &Cancel) -> Result<()> {
     let out = child.stdout.take().expect("piped");
     let fed = feed(
         client,
-        &mut WithoutGtids::new(BufReader::with_capacity(1 << 20, out)),
+        &mut without_gtids(BufReader::with_capacity(1 << 20, out)),
         cancel,
     );
     if fed.is_err() {
@@ -1062,41 +1076,78 @@ fn replay(mut binlog: Command, client: Command, cancel: &Cancel) -> Result<()> {
 /// order where `gtid_strict_mode` is on (error 1950), and elsewhere a second transaction under
 /// an ID the source's replicas already hold. Without them the target gives the replayed
 /// transactions GTIDs of its own, as it does any client's.
-struct WithoutGtids<R> {
+fn without_gtids(binlog: impl BufRead) -> impl BufRead {
+    // The next line starts a statement: the last one ended one, or was a comment.
+    let mut starts = true;
+    EditLines::new(binlog, move |line| {
+        let start = std::mem::replace(
+            &mut starts,
+            line.starts_with(b"#") || line.trim_ascii_end().ends_with(b"/*!*/;"),
+        );
+        if start && sets_gtid(line) {
+            line.clear();
+        }
+    })
+}
+
+/// Whether `line` (with its newline) is one of the statements [`without_gtids`] leaves out.
+fn sets_gtid(line: &[u8]) -> bool {
+    let Some(rest) = line.strip_prefix(b"/*M!100001 SET @@session.") else {
+        return false;
+    };
+    let Some(rest) = [&b"gtid_domain_id="[..], b"server_id=", b"gtid_seq_no="]
+        .iter()
+        .find_map(|name| rest.strip_prefix(*name))
+    else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && matches!(&rest[digits..], b"*//*!*/;\n" | b"*//*!*/;\r\n")
+}
+
+/// `mariadb-dump`'s output with the views' definitions renamed from database `from` to
+/// `to`. The server writes a view whose definer lacks rights on what it reads (or has no
+/// account) as stored, its columns named by database (`` select `shop`.`t`.`id` AS `id`
+/// from `t` ``): restored into another database, it failed the restore (unknown column).
+fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
+    let quoted = |db: &str| format!("`{}`.", db.replace('`', "``")).into_bytes();
+    let (from, to) = (quoted(from), quoted(to));
+    EditLines::new(dump, move |line| {
+        if !line.starts_with(b"/*!50001 VIEW ") {
+            return;
+        }
+        let mut edited = Vec::with_capacity(line.len());
+        let mut rest = &line[..];
+        while let Some(i) = rest.windows(from.len()).position(|w| w == from) {
+            edited.extend_from_slice(&rest[..i]);
+            edited.extend_from_slice(&to);
+            rest = &rest[i + from.len()..];
+        }
+        edited.extend_from_slice(rest);
+        *line = edited;
+    })
+}
+
+/// A reader of `inner`'s lines, each as `edit` leaves it (empty: left out).
+struct EditLines<R, F> {
     inner: R,
+    edit: F,
     line: Vec<u8>,
     at: usize,
-    /// The next line starts a statement: the last one ended one, or was a comment.
-    starts: bool,
 }
 
-impl<R: BufRead> WithoutGtids<R> {
-    fn new(inner: R) -> Self {
-        WithoutGtids {
+impl<R: BufRead, F: FnMut(&mut Vec<u8>)> EditLines<R, F> {
+    fn new(inner: R, edit: F) -> Self {
+        EditLines {
             inner,
+            edit,
             line: Vec::new(),
             at: 0,
-            starts: true,
         }
-    }
-
-    /// Whether `line` (with its newline) is one of the statements to leave out.
-    fn sets_gtid(line: &[u8]) -> bool {
-        let Some(rest) = line.strip_prefix(b"/*M!100001 SET @@session.") else {
-            return false;
-        };
-        let Some(rest) = [&b"gtid_domain_id="[..], b"server_id=", b"gtid_seq_no="]
-            .iter()
-            .find_map(|name| rest.strip_prefix(*name))
-        else {
-            return false;
-        };
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        digits > 0 && matches!(&rest[digits..], b"*//*!*/;\n" | b"*//*!*/;\r\n")
     }
 }
 
-impl<R: BufRead> Read for WithoutGtids<R> {
+impl<R: BufRead, F: FnMut(&mut Vec<u8>)> Read for EditLines<R, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = {
             let mut available = self.fill_buf()?;
@@ -1107,7 +1158,7 @@ impl<R: BufRead> Read for WithoutGtids<R> {
     }
 }
 
-impl<R: BufRead> BufRead for WithoutGtids<R> {
+impl<R: BufRead, F: FnMut(&mut Vec<u8>)> BufRead for EditLines<R, F> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.at == self.line.len() {
             self.line.clear();
@@ -1115,12 +1166,7 @@ impl<R: BufRead> BufRead for WithoutGtids<R> {
             if self.inner.read_until(b'\n', &mut self.line)? == 0 {
                 break;
             }
-            let starts = self.starts;
-            self.starts =
-                self.line.starts_with(b"#") || self.line.trim_ascii_end().ends_with(b"/*!*/;");
-            if starts && Self::sets_gtid(&self.line) {
-                self.line.clear();
-            }
+            (self.edit)(&mut self.line);
         }
         Ok(&self.line[self.at..])
     }
@@ -1132,7 +1178,7 @@ impl<R: BufRead> BufRead for WithoutGtids<R> {
 
 #[cfg(test)]
 mod tests {
-    use super::{changed_part, changes_the_server, names_database, WithoutGtids};
+    use super::{changed_part, changes_the_server, names_database, views_renamed, without_gtids};
 
     #[test]
     fn what_a_statement_changes_is_named_before_what_it_reads() {
@@ -1161,6 +1207,20 @@ mod tests {
     }
 
     #[test]
+    fn views_are_renamed_and_nothing_else() {
+        let dump = "INSERT INTO `t` VALUES ('`shop`.x');\n\
+            /*!50013 DEFINER=`o`@`%` SQL SECURITY DEFINER */\n\
+            /*!50001 VIEW `v` AS select `shop`.`t`.`id` AS `id`, `shop2`.`u`.`x` AS `x` from (`t` join `shop2`.`u`) */;\n";
+        let mut out = String::new();
+        std::io::Read::read_to_string(
+            &mut views_renamed(dump.as_bytes(), "shop", "copy"),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, dump.replace("select `shop`.`t`", "select `copy`.`t`"));
+    }
+
+    #[test]
     fn the_sources_gtids_are_left_out_of_the_replay_and_nothing_else() {
         let binlog = "# at 4\n\
             #261201  9:30:00 server id 1  end_log_pos 256 CRC32 0x0  GTID 0-1-8 trans\n\
@@ -1176,7 +1236,7 @@ mod tests {
             /*!*/;\n\
             /*M!100001 SET @@session.gtid_seq_no=x*//*!*/;\n";
         let mut out = String::new();
-        std::io::Read::read_to_string(&mut WithoutGtids::new(binlog.as_bytes()), &mut out).unwrap();
+        std::io::Read::read_to_string(&mut without_gtids(binlog.as_bytes()), &mut out).unwrap();
         let want = binlog
             .lines()
             .enumerate()
