@@ -855,10 +855,12 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
 fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
     let server = Server::start();
     let (sandbox, before) = app_with_rows_up_to_a_noted_time(&server);
-    // Another database's view that reads the source changes only that database.
+    // Another database's view that reads the source changes only that database; privileges
+    // and statistics are not the database's objects.
     server.sql(
         None,
-        "CREATE DATABASE reports; CREATE VIEW reports.v AS SELECT id FROM app.t",
+        "CREATE DATABASE reports; CREATE VIEW reports.v AS SELECT id FROM app.t; \
+         CREATE USER reader; GRANT SELECT ON app.* TO reader; ANALYZE TABLE app.t",
     );
     insert(&server, "app", 8..=8);
     sandbox

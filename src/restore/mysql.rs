@@ -801,12 +801,12 @@ fn check_replay(
 /// applied as if it had not been (a column's values dropped). Row events are kept by their
 /// table's database and are not affected.
 fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Cancel) -> Result<()> {
-    let mut kept = naming(replayed, source_db, cancel)?;
+    // The replay prints what it keeps in the order of the whole logs.
+    let kept = naming(replayed, source_db, cancel)?;
+    let mut kept = kept.iter().peekable();
     for (text, at) in naming(all, source_db, cancel)? {
-        match kept.iter().position(|(k, _)| *k == text) {
-            Some(i) => {
-                kept.remove(i);
-            }
+        match kept.next_if(|(k, _)| *k == text) {
+            Some(_) => {}
             None => {
                 return Err(Error::invalid(format!(
                     "the binary logs hold a statement that changes database {source_db} from \
@@ -826,8 +826,8 @@ fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Can
     Ok(())
 }
 
-/// The statements `binlog` prints that name database `db` where they name what they change
-/// (see [`changed_part`]): their heads, with the time each was logged.
+/// The statements `binlog` prints that change objects of database `db` (see
+/// [`changed_objects`]): their heads, with the time each was logged.
 fn naming(
     binlog: Command,
     db: &str,
@@ -847,7 +847,7 @@ fn naming(
         }
         if line.ends_with("/*!*/;") {
             let text = std::mem::take(&mut statement);
-            if names_database(changed_part(&text), db) {
+            if changed_objects(&text).is_some_and(|part| names_database(part, db)) {
                 found.push((text, at));
             }
         }
@@ -887,28 +887,56 @@ fn read_lines(
     Ok((status, stderr.join().unwrap_or_default()))
 }
 
-/// The part of `statement` that names what it changes: up to the first word that starts
-/// what it reads (`CREATE VIEW v AS SELECT ... FROM shop.t`, `CREATE TABLE t LIKE shop.t`,
-/// `INSERT INTO t SELECT ...`) or which rows (`WHERE`).
-fn changed_part(statement: &str) -> &str {
+/// The part of `statement` that names the objects it changes, if it changes tables, views,
+/// routines or rows (not accounts, privileges or statistics: `GRANT ... ON shop.*`,
+/// `ANALYZE TABLE shop.t`): up to the first word that starts what it reads (`CREATE VIEW v AS
+/// SELECT ... FROM shop.t`, `CREATE TABLE t LIKE shop.t`, `INSERT INTO t SELECT ...`,
+/// `REFERENCES shop.p`), which rows (`WHERE`), or a body (`BEGIN`, `DO`, `FOR EACH ROW`, a
+/// routine's parameters and what follows them).
+fn changed_objects(statement: &str) -> Option<&str> {
+    let words = leading_words(statement, 6);
+    let word = |i: usize| words.get(i).map(String::as_str);
+    match word(0)? {
+        "INSERT" | "REPLACE" | "UPDATE" | "DELETE" | "TRUNCATE" | "LOAD" | "RENAME" => {}
+        "ALTER" | "CREATE" | "DROP"
+            if !matches!(
+                word(1),
+                Some("USER" | "ROLE" | "DATABASE" | "SCHEMA" | "SERVER")
+            ) => {}
+        _ => return None,
+    }
+    let routine = words.iter().any(|w| w == "PROCEDURE" || w == "FUNCTION");
     let lower = statement.to_ascii_lowercase();
+    let starts_word = |i: usize| {
+        i == 0 || {
+            let b = lower.as_bytes()[i - 1];
+            !b.is_ascii_alphanumeric() && b != b'_' && b != b'$'
+        }
+    };
     let end = lower
-        .match_indices(|c: char| c.is_ascii_alphabetic())
-        .filter(|(i, _)| {
-            *i == 0
-                || !lower.as_bytes()[i - 1].is_ascii_alphanumeric()
-                    && lower.as_bytes()[i - 1] != b'_'
-        })
+        .char_indices()
+        .filter(|&(i, c)| (c.is_ascii_alphabetic() && starts_word(i)) || (routine && c == '('))
         .map(|(i, _)| i)
         .find(|&i| {
             let word: String = lower[i..]
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            matches!(word.as_str(), "as" | "select" | "like" | "where" | "values")
+            word.is_empty()
+                || matches!(
+                    word.as_str(),
+                    "as" | "select"
+                        | "like"
+                        | "where"
+                        | "values"
+                        | "references"
+                        | "begin"
+                        | "do"
+                        | "for"
+                )
         })
         .unwrap_or(statement.len());
-    &statement[..end]
+    Some(&statement[..end])
 }
 
 /// The start of a statement's text, for a message.
@@ -1024,12 +1052,12 @@ fn leading_words(sql: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Whether SQL text `line` qualifies a name with database `db` (`db.t` or `` `db`.t ``,
-/// any case), outside what is plainly another identifier.
+/// Whether SQL text `line` qualifies a name with database `db` (`db.t`, `` `db`.t `` or, in
+/// `ANSI_QUOTES` mode, `"db".t`; any case), outside what is plainly another identifier.
 fn names_database(line: &str, db: &str) -> bool {
     let is_ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
     let (lower, db) = (line.to_lowercase(), db.to_lowercase());
-    for quoted in [format!("`{db}`"), db.clone()] {
+    for quoted in [format!("`{db}`"), format!("\"{db}\""), db.clone()] {
         let mut from = 0;
         while let Some(i) = lower[from..].find(&quoted) {
             let (start, end) = (from + i, from + i + quoted.len());
@@ -1079,7 +1107,7 @@ fn replay(mut binlog: Command, client: Command, cancel: &Cancel) -> Result<()> {
 fn without_gtids(binlog: impl BufRead) -> impl BufRead {
     // The next line starts a statement: the last one ended one, or was a comment.
     let mut starts = true;
-    EditLines::new(binlog, move |line| {
+    EditLines::new(binlog, b"", move |line| {
         let start = std::mem::replace(
             &mut starts,
             line.starts_with(b"#") || line.trim_ascii_end().ends_with(b"/*!*/;"),
@@ -1112,10 +1140,7 @@ fn sets_gtid(line: &[u8]) -> bool {
 fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
     let quoted = |db: &str| format!("`{}`.", db.replace('`', "``")).into_bytes();
     let (from, to) = (quoted(from), quoted(to));
-    EditLines::new(dump, move |line| {
-        if !line.starts_with(b"/*!50001 VIEW ") {
-            return;
-        }
+    EditLines::new(dump, b"/*!50001 VIEW ", move |line| {
         let mut edited = Vec::with_capacity(line.len());
         let mut rest = &line[..];
         while let Some(i) = rest.windows(from.len()).position(|w| w == from) {
@@ -1128,21 +1153,34 @@ fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
     })
 }
 
-/// A reader of `inner`'s lines, each as `edit` leaves it (empty: left out).
+/// A reader of `inner`'s lines, those that start with `prefix` as `edit` leaves them (empty:
+/// left out). Only those are held whole in memory; the others pass as they arrive (a line
+/// of a dump may be as large as a row).
 struct EditLines<R, F> {
     inner: R,
+    prefix: &'static [u8],
     edit: F,
+    /// An edited line, and how much of it has been read.
     line: Vec<u8>,
     at: usize,
+    /// Bytes of a line that passes that `fill_buf` last offered, and whether they end it.
+    offered: usize,
+    ends_line: bool,
+    /// Within a line that passes.
+    passing: bool,
 }
 
 impl<R: BufRead, F: FnMut(&mut Vec<u8>)> EditLines<R, F> {
-    fn new(inner: R, edit: F) -> Self {
+    fn new(inner: R, prefix: &'static [u8], edit: F) -> Self {
         EditLines {
             inner,
+            prefix,
             edit,
             line: Vec::new(),
             at: 0,
+            offered: 0,
+            ends_line: false,
+            passing: false,
         }
     }
 }
@@ -1160,28 +1198,94 @@ impl<R: BufRead, F: FnMut(&mut Vec<u8>)> Read for EditLines<R, F> {
 
 impl<R: BufRead, F: FnMut(&mut Vec<u8>)> BufRead for EditLines<R, F> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        while self.at == self.line.len() {
-            self.line.clear();
-            self.at = 0;
-            if self.inner.read_until(b'\n', &mut self.line)? == 0 {
+        while self.at == self.line.len() && !self.passing {
+            let available = self.inner.fill_buf()?;
+            if available.is_empty() {
+                return Ok(&[]);
+            }
+            // A line that may start with the prefix (its start is all that is here) is held.
+            let head = &available[..available.len().min(self.prefix.len())];
+            if !self.prefix.starts_with(head) {
+                self.passing = true;
                 break;
             }
-            (self.edit)(&mut self.line);
+            self.line.clear();
+            self.at = 0;
+            self.inner.read_until(b'\n', &mut self.line)?;
+            if self.line.starts_with(self.prefix) {
+                (self.edit)(&mut self.line);
+            }
         }
-        Ok(&self.line[self.at..])
+        if self.at < self.line.len() {
+            return Ok(&self.line[self.at..]);
+        }
+        let available = self.inner.fill_buf()?;
+        let (offered, ends_line) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        self.offered = offered;
+        self.ends_line = ends_line;
+        Ok(&available[..offered])
     }
 
     fn consume(&mut self, amount: usize) {
-        self.at = (self.at + amount).min(self.line.len());
+        if self.at < self.line.len() {
+            self.at = (self.at + amount).min(self.line.len());
+        } else if self.passing {
+            let amount = amount.min(self.offered);
+            self.inner.consume(amount);
+            self.offered -= amount;
+            if self.offered == 0 && self.ends_line {
+                self.passing = false;
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{changed_part, changes_the_server, names_database, views_renamed, without_gtids};
+    use super::{
+        changed_objects, changes_the_server, names_database, views_renamed, without_gtids,
+    };
 
     #[test]
     fn what_a_statement_changes_is_named_before_what_it_reads() {
+        for statement in [
+            "GRANT ALL ON shop.* TO app",
+            "REVOKE INSERT ON shop.t FROM app",
+            "ANALYZE TABLE shop.t",
+            "OPTIMIZE TABLE shop.t",
+            "FLUSH TABLES shop.t",
+            "CREATE USER x",
+            "SET @a = 1",
+        ] {
+            assert_eq!(changed_objects(statement), None, "{statement}");
+        }
+        for (statement, changed) in [
+            (
+                "ALTER TABLE reports.x ADD FOREIGN KEY (p) REFERENCES shop.p (id)",
+                "ALTER TABLE reports.x ADD FOREIGN KEY (p) ",
+            ),
+            (
+                "CREATE DEFINER=`o`@`%` TRIGGER tr AFTER INSERT ON x FOR EACH ROW INSERT INTO shop.t VALUES (1)",
+                "CREATE DEFINER=`o`@`%` TRIGGER tr AFTER INSERT ON x ",
+            ),
+            (
+                "CREATE PROCEDURE reports.p() DELETE FROM shop.t",
+                "CREATE PROCEDURE reports.p",
+            ),
+            (
+                "CREATE EVENT e ON SCHEDULE EVERY 1 DAY DO DELETE FROM shop.t",
+                "CREATE EVENT e ON SCHEDULE EVERY 1 DAY ",
+            ),
+        ] {
+            assert_eq!(changed_objects(statement), Some(changed), "{statement}");
+        }
+        assert!(names_database(
+            "ALTER TABLE \"shop\".\"t\" ADD c INT",
+            "shop"
+        ));
         for (statement, changed) in [
             (
                 "ALTER TABLE shop.t ADD note TEXT",
@@ -1202,7 +1306,7 @@ mod tests {
                 "UPDATE shop.t_as SET alias = 1",
             ),
         ] {
-            assert_eq!(changed_part(statement), changed, "{statement}");
+            assert_eq!(changed_objects(statement), Some(changed), "{statement}");
         }
     }
 
@@ -1211,13 +1315,15 @@ mod tests {
         let dump = "INSERT INTO `t` VALUES ('`shop`.x');\n\
             /*!50013 DEFINER=`o`@`%` SQL SECURITY DEFINER */\n\
             /*!50001 VIEW `v` AS select `shop`.`t`.`id` AS `id`, `shop2`.`u`.`x` AS `x` from (`t` join `shop2`.`u`) */;\n";
-        let mut out = String::new();
-        std::io::Read::read_to_string(
-            &mut views_renamed(dump.as_bytes(), "shop", "copy"),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, dump.replace("select `shop`.`t`", "select `copy`.`t`"));
+        let want = dump.replace("select `shop`.`t`", "select `copy`.`t`");
+        // Read in pieces smaller than the prefix and than the lines, as from a pipe.
+        for capacity in [1, 3, 5, 16, 1 << 16] {
+            let mut out = String::new();
+            let dump = std::io::BufReader::with_capacity(capacity, dump.as_bytes());
+            std::io::Read::read_to_string(&mut views_renamed(dump, "shop", "copy"), &mut out)
+                .unwrap();
+            assert_eq!(out, want, "{capacity}");
+        }
     }
 
     #[test]
