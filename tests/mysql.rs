@@ -715,15 +715,17 @@ fn mysql_incremental_refuses_binary_logs_that_were_reset_since_its_parent() {
 
 /// `drctl restore` of the latest backup of `policy` into the database `url` names.
 fn restore_latest(sandbox: &Sandbox, policy: &str, url: &str) -> common::Run {
-    sandbox.run(&[
-        "restore",
-        "--policy",
-        policy,
-        "--backup",
-        "latest",
-        "--to-database",
-        url,
-    ])
+    restore_latest_with(sandbox, policy, url, &[])
+}
+
+fn restore_latest_with(sandbox: &Sandbox, policy: &str, url: &str, more: &[&str]) -> common::Run {
+    let args = [
+        &["restore", "--policy", policy, "--backup", "latest"][..],
+        &["--to-database", url],
+        more,
+    ]
+    .concat();
+    sandbox.run(&args)
 }
 
 /// A restore into `app_copy` that was refused (exit 2, saying each of `said`) before the
@@ -758,16 +760,8 @@ fn incremental_refused_but_restored_until(
     sandbox
         .run(&["backup", "--policy", "app", "--incremental"])
         .ok();
-    let restore = |more: &[&str]| {
-        let to = server.url("root", "app_copy");
-        let args = [
-            &["restore", "--policy", "app", "--backup", "latest"][..],
-            &["--to-database", &to],
-            more,
-        ]
-        .concat();
-        sandbox.run(&args)
-    };
+    let to = server.url("root", "app_copy");
+    let restore = |more: &[&str]| restore_latest_with(sandbox, "app", &to, more);
     refused_before_app_copy_is_touched(server, restore(&[]), said);
     restore(&["--until", &before.to_rfc3339()]).ok();
     assert_eq!(ids(server, "app_copy"), (1..=7).collect::<Vec<_>>());
@@ -824,17 +818,7 @@ fn mysql_replay_into_another_database_refuses_statements_that_name_the_source() 
         .run(&["backup", "--policy", "app", "--incremental"])
         .ok();
 
-    let restore = |db: &str| {
-        sandbox.run(&[
-            "restore",
-            "--policy",
-            "app",
-            "--backup",
-            "latest",
-            "--to-database",
-            &server.url("root", db),
-        ])
-    };
+    let restore = |db: &str| restore_latest(&sandbox, "app", &server.url("root", db));
     refused_before_app_copy_is_touched(
         &server,
         restore("app_copy"),
@@ -884,6 +868,15 @@ fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
         ],
         before,
     );
+    // Asked to, the restore replays the rest anyway, with the refusal as a warning; the
+    // checks after it find the table differs (the new column's values are not there).
+    server.sql(None, "DROP DATABASE app_copy");
+    let target = server.url("root", "app_copy");
+    let run = restore_latest_with(&sandbox, "app", &target, &["--replay-anyway"]).code(4);
+    for said in ["replayed anyway (--replay-anyway)", "table t: checksum"] {
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+    }
+    assert_eq!(ids(&server, "app_copy"), (1..=9).collect::<Vec<_>>());
 }
 
 #[test]

@@ -93,6 +93,13 @@ pub struct Args {
     /// database as it was; one session, slower than into an empty database).
     #[arg(long)]
     pub overwrite: bool,
+    /// MariaDB: replay the binary logs even where the checks made before the replay refuse a
+    /// statement (one that changes the server or another database, or one on the source
+    /// database that the replay would leave out). The statement then runs as logged, or is
+    /// left out; each refusal becomes a warning. For when the refusal is understood and the
+    /// rest of the logs matter more.
+    #[arg(long)]
+    pub replay_anyway: bool,
     /// Restore FIFOs and device nodes (refused by default).
     #[arg(long)]
     pub allow_special: bool,
@@ -126,6 +133,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
         (None, false, Some(url)) => Target::Database {
             url: database_url(url)?,
             overwrite: args.overwrite,
+            replay_anyway: args.replay_anyway,
             maintenance_work_mem: args
                 .maintenance_work_mem
                 .as_deref()

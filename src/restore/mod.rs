@@ -60,6 +60,9 @@ pub enum Target {
     Database {
         url: String,
         overwrite: bool,
+        /// MariaDB: replay statements the checks before the replay refuse, with a warning.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        replay_anyway: bool,
         /// PostgreSQL: `maintenance_work_mem` of the sessions that build indexes and
         /// constraints, instead of drctl's default ([`postgres::IndexMemory`]), or the server's.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,6 +193,7 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
                 url,
                 overwrite,
                 maintenance_work_mem,
+                replay_anyway,
             },
             "mysql",
         ) => {
@@ -199,8 +203,9 @@ pub async fn plan(repo: &Repo, request: RestoreRequest) -> Result<RestorePlan> {
                     record.backup_id
                 )));
             }
-            let (last, my) =
+            let (last, mut my) =
                 mysql::plan(repo, record, &selector, url, *overwrite, &recovery).await?;
+            my.replay_anyway = *replay_anyway;
             record = last;
             Some(my)
         }

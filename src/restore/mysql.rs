@@ -36,6 +36,10 @@ pub struct MysqlPlan {
     pub chain: Vec<BackupId>,
     /// Whether the restore ends where the last backup ends, so its row counts are checked.
     pub check_rows: bool,
+    /// Whether a statement the checks before the replay refuse is replayed anyway, with a
+    /// warning (`--replay-anyway`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replay_anyway: bool,
     #[serde(skip)]
     manifests: Vec<Manifest>,
     #[serde(skip)]
@@ -142,6 +146,7 @@ pub async fn plan(
         MysqlPlan {
             chain: manifests.iter().map(|m| m.backup_id.clone()).collect(),
             check_rows,
+            replay_anyway: false,
             manifests,
             conn,
             overwrite,
@@ -313,9 +318,20 @@ pub async fn execute(
             watched.clone(),
             cancel.clone(),
         );
+        let anyway = my.replay_anyway;
         blocking(move || {
-            check_replay(replayed, &source_db, &target_db, &watched, &cancel)?;
-            check_left_out(again, all, &source_db, &cancel)
+            // A refusal (invalid), with --replay-anyway, only warns.
+            let refused = |checked: Result<()>| match checked {
+                Err(e) if anyway && e.kind() == ErrorKind::InvalidInput => {
+                    tracing::warn!("{e}; replayed anyway (--replay-anyway)");
+                    Ok(())
+                }
+                checked => checked,
+            };
+            refused(check_replay(
+                replayed, &source_db, &target_db, &watched, &cancel,
+            ))?;
+            refused(check_left_out(again, all, &source_db, &cancel))
         })
         .await
         .map_err(context(manifest))?;
@@ -765,15 +781,17 @@ fn check_replay(
         true
     })?;
     if let Some(why) = found {
-        return Err(Error::invalid(why).hint(format!(
-            "restore to a time before the statement with --until, or restore the full backup \
+        return Err(Error::invalid(why).hint(
+            format!(
+                "restore to a time before the statement with --until, or restore the full backup \
              alone (--backup with its ID){}",
-            if renamed {
-                format!("; a database named {source_db} on another server takes the rest")
-            } else {
-                String::new()
-            }
-        )));
+                if renamed {
+                    format!("; a database named {source_db} on another server takes the rest")
+                } else {
+                    String::new()
+                }
+            ) + "; --replay-anyway replays it as logged",
+        ));
     }
     check_status("mariadb-binlog", status, &stderr).map_err(|e| {
         if !stderr.contains("crc check failed") {
@@ -818,7 +836,8 @@ fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Can
                 ))
                 .hint(
                     "restore to a time before the statement with --until, then apply it and \
-                     what followed by hand; or restore the full backup alone (--backup with its ID)",
+                     what followed by hand; or restore the full backup alone (--backup with its \
+                     ID); --replay-anyway replays the rest without it",
                 ))
             }
         }

@@ -2225,8 +2225,14 @@ pub async fn plan(
                 url,
                 overwrite,
                 maintenance_work_mem,
+                replay_anyway,
             },
         ) => {
+            if *replay_anyway {
+                return Err(Error::invalid(format!(
+                    "backup {id} is a PostgreSQL backup: --replay-anyway is for MariaDB restores"
+                )));
+            }
             if recovery != &RecoveryTarget::Latest {
                 return Err(Error::invalid(format!(
                     "backup {id} is a logical dump: it restores to the moment it was taken, without --until or --lsn"
