@@ -857,7 +857,8 @@ fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
     // mariadb-binlog --database leaves the statement out, and the rows' new column would be
     // dropped.
     server.sql(None, "ALTER TABLE app.t ADD note VARCHAR(20)");
-    server.sql(Some("app"), "INSERT INTO t VALUES (9, 'row 9', 'noted')");
+    server.sql(None, "ALTER TABLE app.t ADD rank INT");
+    server.sql(Some("app"), "INSERT INTO t VALUES (9, 'row 9', 'noted', 1)");
     incremental_refused_but_restored_until(
         &server,
         &sandbox,
@@ -873,7 +874,11 @@ fn mysql_replay_refuses_a_statement_on_the_source_that_it_would_leave_out() {
     server.sql(None, "DROP DATABASE app_copy");
     let target = server.url("root", "app_copy");
     let run = restore_latest_with(&sandbox, "app", &target, &["--replay-anyway"]).code(4);
-    for said in ["replayed anyway (--replay-anyway)", "table t: checksum"] {
+    for said in [
+        "ADD note VARCHAR(20); replayed anyway (--replay-anyway)",
+        "ADD rank INT; replayed anyway (--replay-anyway)",
+        "table t: checksum",
+    ] {
         assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
     }
     assert_eq!(ids(&server, "app_copy"), (1..=9).collect::<Vec<_>>());

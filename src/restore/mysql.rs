@@ -320,18 +320,8 @@ pub async fn execute(
         );
         let anyway = my.replay_anyway;
         blocking(move || {
-            // A refusal (invalid), with --replay-anyway, only warns.
-            let refused = |checked: Result<()>| match checked {
-                Err(e) if anyway && e.kind() == ErrorKind::InvalidInput => {
-                    tracing::warn!("{e}; replayed anyway (--replay-anyway)");
-                    Ok(())
-                }
-                checked => checked,
-            };
-            refused(check_replay(
-                replayed, &source_db, &target_db, &watched, &cancel,
-            ))?;
-            refused(check_left_out(again, all, &source_db, &cancel))
+            check_replay(replayed, &source_db, &target_db, &watched, anyway, &cancel)?;
+            check_left_out(again, all, &source_db, anyway, &cancel)
         })
         .await
         .map_err(context(manifest))?;
@@ -712,16 +702,29 @@ impl Binlogs {
 ///   the target server, and, replayed into another database than `source_db`, that one,
 ///   since `--rewrite-db` renames the database of row events and the default database of
 ///   statements, but not a database a statement names itself (`ALTER TABLE shop.orders`).
+///
+/// With `anyway` (`--replay-anyway`), each such statement is a warning instead, and the
+/// logs are read to their end.
 fn check_replay(
     binlog: Command,
     source_db: &str,
     target_db: &str,
     watched: &[String],
+    anyway: bool,
     cancel: &Cancel,
 ) -> Result<()> {
     let renamed = source_db != target_db;
     let own = (!renamed).then_some(source_db);
     let mut found = None;
+    // Whether to read on after `why`.
+    let mut refused = |why: String| {
+        if anyway {
+            tracing::warn!("{why}; replayed anyway (--replay-anyway)");
+        } else {
+            found = Some(why);
+        }
+        anyway
+    };
     // The time of the event being read, from its header.
     let mut at = None;
     // After a line that ends a statement (`/*!*/;`, the delimiter mariadb-binlog sets), the
@@ -759,23 +762,23 @@ fn check_replay(
             } else {
                 format!("names database {db}, which the replay would change on the target server")
             };
-            found = Some(format!(
+            if !refused(format!(
                 "the binary logs hold a statement that {why}: {}",
                 line.chars().take(200).collect::<String>()
-            ));
-            return false;
+            )) {
+                return false;
+            }
         }
         starts = line.ends_with("/*!*/;");
         if starts {
             let text = statement.take().expect("a statement");
             if changes_the_server(&text, own) {
                 let when = logged_at(at);
-                found = Some(format!(
+                return refused(format!(
                     "the binary logs hold a statement that changes the server, not database \
                      {source_db}, logged {when}: {}",
                     shown(&text)
                 ));
-                return false;
             }
         }
         true
@@ -818,7 +821,13 @@ fn check_replay(
 /// note TEXT` from `mariadb -e`) is not replayed, and the rows logged after it would be
 /// applied as if it had not been (a column's values dropped). Row events are kept by their
 /// table's database and are not affected.
-fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Cancel) -> Result<()> {
+fn check_left_out(
+    replayed: Command,
+    all: Command,
+    source_db: &str,
+    anyway: bool,
+    cancel: &Cancel,
+) -> Result<()> {
     // The replay prints what it keeps in the order of the whole logs.
     let kept = naming(replayed, source_db, cancel)?;
     let mut kept = kept.iter().peekable();
@@ -826,7 +835,7 @@ fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Can
         match kept.next_if(|(k, _)| *k == text) {
             Some(_) => {}
             None => {
-                return Err(Error::invalid(format!(
+                let refused = Error::invalid(format!(
                     "the binary logs hold a statement that changes database {source_db} from \
                      a session whose default database was another one (or none), logged {}: \
                      the replay would leave it out, and apply the rows logged after it as if \
@@ -838,7 +847,11 @@ fn check_left_out(replayed: Command, all: Command, source_db: &str, cancel: &Can
                     "restore to a time before the statement with --until, then apply it and \
                      what followed by hand; or restore the full backup alone (--backup with its \
                      ID); --replay-anyway replays the rest without it",
-                ))
+                );
+                if !anyway {
+                    return Err(refused);
+                }
+                tracing::warn!("{refused}; replayed anyway (--replay-anyway)");
             }
         }
     }
@@ -908,14 +921,37 @@ fn read_lines(
 
 /// The part of `statement` that names the objects it changes, if it changes tables, views,
 /// routines or rows (not accounts, privileges or statistics: `GRANT ... ON shop.*`,
-/// `ANALYZE TABLE shop.t`): up to the first word that starts what it reads (`CREATE VIEW v AS
-/// SELECT ... FROM shop.t`, `CREATE TABLE t LIKE shop.t`, `INSERT INTO t SELECT ...`,
-/// `REFERENCES shop.p`), which rows (`WHERE`), or a body (`BEGIN`, `DO`, `FOR EACH ROW`, a
-/// routine's parameters and what follows them).
+/// `ANALYZE TABLE shop.t`): after its comments, up to the first word that starts what it
+/// reads (`CREATE VIEW v AS SELECT ... FROM shop.t`, `CREATE TABLE t LIKE shop.t`,
+/// `INSERT INTO t SELECT ...`, `REFERENCES shop.p`), which rows (`WHERE`), or a body
+/// (`BEGIN`, `DO`, `FOR EACH ROW`, a routine's parameters and what follows them). For
+/// `SET STATEMENT ... FOR s`, that of `s`.
 fn changed_objects(statement: &str) -> Option<&str> {
+    let statement = &statement[comments_end(statement)..];
     let words = leading_words(statement, 6);
     let word = |i: usize| words.get(i).map(String::as_str);
+    let lower = statement.to_ascii_lowercase();
+    // Where each word starts, and the word (lower-cased).
+    let starts = || {
+        lower.char_indices().filter_map(|(i, c)| {
+            let after_word = i > 0 && {
+                let b = lower.as_bytes()[i - 1];
+                b.is_ascii_alphanumeric() || b == b'_' || b == b'$'
+            };
+            (c.is_ascii_alphabetic() && !after_word).then(|| {
+                let len = lower[i..]
+                    .bytes()
+                    .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                    .count();
+                (i, &lower[i..i + len])
+            })
+        })
+    };
     match word(0)? {
+        "SET" if word(1) == Some("STATEMENT") => {
+            let (at, _) = starts().find(|&(_, w)| w == "for")?;
+            return changed_objects(&statement[at + 3..]);
+        }
         "INSERT" | "REPLACE" | "UPDATE" | "DELETE" | "TRUNCATE" | "LOAD" | "RENAME" => {}
         "ALTER" | "CREATE" | "DROP"
             if !matches!(
@@ -924,38 +960,37 @@ fn changed_objects(statement: &str) -> Option<&str> {
             ) => {}
         _ => return None,
     }
-    let routine = words.iter().any(|w| w == "PROCEDURE" || w == "FUNCTION");
-    let lower = statement.to_ascii_lowercase();
-    let starts_word = |i: usize| {
-        i == 0 || {
-            let b = lower.as_bytes()[i - 1];
-            !b.is_ascii_alphanumeric() && b != b'_' && b != b'$'
-        }
+    let cut = |w: &str| {
+        matches!(
+            w,
+            "as" | "select" | "like" | "where" | "values" | "references" | "begin" | "do" | "for"
+        )
     };
-    let end = lower
-        .char_indices()
-        .filter(|&(i, c)| (c.is_ascii_alphabetic() && starts_word(i)) || (routine && c == '('))
-        .map(|(i, _)| i)
-        .find(|&i| {
-            let word: String = lower[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            word.is_empty()
-                || matches!(
-                    word.as_str(),
-                    "as" | "select"
-                        | "like"
-                        | "where"
-                        | "values"
-                        | "references"
-                        | "begin"
-                        | "do"
-                        | "for"
-                )
-        })
-        .unwrap_or(statement.len());
+    let mut end = starts()
+        .find(|&(_, w)| cut(w))
+        .map_or(statement.len(), |(i, _)| i);
+    if words.iter().any(|w| w == "PROCEDURE" || w == "FUNCTION") {
+        end = end.min(statement.find('(').unwrap_or(end));
+    }
     Some(&statement[..end])
+}
+
+/// Where the comments that start `sql` end (`-- `, `#`, `/* */`, but not an executable
+/// comment, `/*! */` or `/*M! */`, which the server runs).
+fn comments_end(sql: &str) -> usize {
+    let mut at = 0;
+    loop {
+        let rest = &sql[at..];
+        let t = rest.trim_start();
+        at += rest.len() - t.len();
+        if t.starts_with("--") || t.starts_with('#') {
+            at += t.find('\n').map_or(t.len(), |i| i + 1);
+        } else if t.starts_with("/*") && !t.starts_with("/*!") && !t.starts_with("/*M!") {
+            at += t.find("*/").map_or(t.len(), |i| i + 2);
+        } else {
+            return at;
+        }
+    }
 }
 
 /// The start of a statement's text, for a message.
@@ -1305,6 +1340,18 @@ mod tests {
             "ALTER TABLE \"shop\".\"t\" ADD c INT",
             "shop"
         ));
+        assert_eq!(
+            changed_objects("/* for ticket 42 */ -- as asked\n ALTER TABLE shop.t ADD c INT"),
+            Some("ALTER TABLE shop.t ADD c INT")
+        );
+        assert_eq!(
+            changed_objects("SET STATEMENT max_statement_time=60 FOR ALTER TABLE shop.t ADD c INT"),
+            Some("ALTER TABLE shop.t ADD c INT")
+        );
+        assert_eq!(
+            changed_objects("SET STATEMENT a=1 FOR ANALYZE TABLE shop.t"),
+            None
+        );
         for (statement, changed) in [
             (
                 "ALTER TABLE shop.t ADD note TEXT",
