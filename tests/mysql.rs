@@ -302,7 +302,7 @@ fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
          CREATE TABLE prices (id INT PRIMARY KEY, p INT) WITH SYSTEM VERSIONING; \
          INSERT INTO prices VALUES (1, 10), (2, 20); UPDATE prices SET p = 11 WHERE id = 1; \
          CREATE TABLE stop_fill (x INT); \
-         CREATE EVENT tidy ON SCHEDULE EVERY 1 DAY DISABLE DO DELETE FROM notes WHERE id < 0",
+         CREATE EVENT tidy ON SCHEDULE EVERY 1 DAY ENABLE DO DELETE FROM notes WHERE id < 0",
     );
     // A writer commits one row at a time into two dumped tables for the whole backup, until
     // a row in `stop_fill` tells it to stop.
@@ -361,7 +361,7 @@ fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
     assert!(stats["tables"]["notes"].is_u64(), "{m}");
 
     let id = m["backup_id"].as_str().unwrap();
-    sandbox
+    let run = sandbox
         .run(&[
             "restore",
             "--policy",
@@ -378,13 +378,20 @@ fn mysql_full_dump_and_its_checksums_agree_while_writers_commit() {
             .trim(),
         dumped.to_string()
     );
-    // Scheduled events are part of the database.
+    // Scheduled events are part of the database; in a copy of another name, disabled, so
+    // that they do not run beside the source's.
     assert_eq!(
         server.sql(
             None,
             "SELECT event_name, status FROM information_schema.events WHERE event_schema = 'busy_copy'"
         ),
         "tidy\tDISABLED\n"
+    );
+    assert!(
+        run.stderr
+            .contains("event `tidy` is restored disabled: in database busy_copy, a copy"),
+        "{}",
+        run.stderr
     );
 }
 

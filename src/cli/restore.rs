@@ -98,7 +98,7 @@ pub struct Args {
     /// database that the replay would leave out). The statement then runs as logged, or is
     /// left out; each refusal becomes a warning. For when the refusal is understood and the
     /// rest of the logs matter more.
-    #[arg(long)]
+    #[arg(long, requires = "to_database")]
     pub replay_anyway: bool,
     /// Restore FIFOs and device nodes (refused by default).
     #[arg(long)]

@@ -575,9 +575,10 @@ fn load_dump(conn: &Conn, dump: &mut dyn BufRead, source_db: &str, cancel: &Canc
     if source_db == conn.database {
         feed(client(conn), dump, cancel)
     } else {
+        let copy = views_renamed(dump, source_db, &conn.database);
         feed(
             client(conn),
-            &mut views_renamed(dump, source_db, &conn.database),
+            &mut events_disabled(copy, &conn.database),
             cancel,
         )
     }
@@ -1195,16 +1196,59 @@ fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
     let quoted = |db: &str| format!("`{}`.", db.replace('`', "``")).into_bytes();
     let (from, to) = (quoted(from), quoted(to));
     EditLines::new(dump, b"/*!50001 VIEW ", move |line| {
-        let mut edited = Vec::with_capacity(line.len());
-        let mut rest = &line[..];
-        while let Some(i) = rest.windows(from.len()).position(|w| w == from) {
-            edited.extend_from_slice(&rest[..i]);
-            edited.extend_from_slice(&to);
-            rest = &rest[i + from.len()..];
-        }
-        edited.extend_from_slice(rest);
-        *line = edited;
+        replace(line, &from, &to, usize::MAX);
     })
+}
+
+/// `mariadb-dump`'s output with its scheduled events created disabled, for a copy restored
+/// into database `to` (another name than the source's): run there, an event would do its
+/// work a second time beside the source's, and one that names the source's tables
+/// (`DELETE FROM shop.sessions`) would change them. A warning names each one.
+fn events_disabled(dump: impl BufRead, to: &str) -> impl BufRead {
+    const EVENT: &[u8] = b"/*!50106 EVENT ";
+    let to = to.to_owned();
+    EditLines::new(dump, b"/*!50106 CREATE*/", move |line| {
+        let Some(at) = line.windows(EVENT.len()).position(|w| w == EVENT) else {
+            return;
+        };
+        let name = line[at + EVENT.len()..]
+            .split(|&b| b == b' ')
+            .next()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .unwrap_or_default();
+        let (head, _) = line.split_at(at);
+        let mut rest = line[at..].to_vec();
+        if replace(
+            &mut rest,
+            b" PRESERVE ENABLE DO ",
+            b" PRESERVE DISABLE DO ",
+            1,
+        ) {
+            tracing::warn!(
+                "event {name} is restored disabled: in database {to}, a copy, it would run beside \
+                 the source's; ALTER EVENT {name} ENABLE starts it"
+            );
+            *line = [head, &rest[..]].concat();
+        }
+    })
+}
+
+/// Replaces up to `count` occurrences of `from` in `line` with `to`; whether it replaced any.
+fn replace(line: &mut Vec<u8>, from: &[u8], to: &[u8], count: usize) -> bool {
+    let mut edited = Vec::with_capacity(line.len());
+    let (mut rest, mut done) = (&line[..], 0);
+    while done < count {
+        let Some(i) = rest.windows(from.len()).position(|w| w == from) else {
+            break;
+        };
+        edited.extend_from_slice(&rest[..i]);
+        edited.extend_from_slice(to);
+        rest = &rest[i + from.len()..];
+        done += 1;
+    }
+    edited.extend_from_slice(rest);
+    *line = edited;
+    done > 0
 }
 
 /// A reader of `inner`'s lines, those that start with `prefix` as `edit` leaves them (empty:
@@ -1300,7 +1344,8 @@ impl<R: BufRead, F: FnMut(&mut Vec<u8>)> BufRead for EditLines<R, F> {
 #[cfg(test)]
 mod tests {
     use super::{
-        changed_objects, changes_the_server, names_database, views_renamed, without_gtids,
+        changed_objects, changes_the_server, events_disabled, names_database, views_renamed,
+        without_gtids,
     };
 
     #[test]
@@ -1390,6 +1435,20 @@ mod tests {
                 .unwrap();
             assert_eq!(out, want, "{capacity}");
         }
+    }
+
+    #[test]
+    fn a_copys_events_are_created_disabled() {
+        let dump = "/*!50106 CREATE*/ /*!50117 DEFINER=`r`@`%`*/ /*!50106 EVENT `e` ON SCHEDULE EVERY 1 DAY STARTS '2026-12-02 00:44:09' ON COMPLETION NOT PRESERVE ENABLE DO UPDATE t SET x = ' PRESERVE ENABLE DO '\n\
+            */ ;;\n\
+            /*!50106 CREATE*/ /*!50117 DEFINER=`r`@`%`*/ /*!50106 EVENT `f` ON SCHEDULE AT '2026-12-03 00:44:09' ON COMPLETION PRESERVE DISABLE DO DELETE FROM t\n";
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut events_disabled(dump.as_bytes(), "copy"), &mut out)
+            .unwrap();
+        assert_eq!(
+            out,
+            dump.replacen("NOT PRESERVE ENABLE DO", "NOT PRESERVE DISABLE DO", 1)
+        );
     }
 
     #[test]
