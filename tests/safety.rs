@@ -459,6 +459,14 @@ fn database_restore_options_are_checked_before_anything_is_read() {
         );
         assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
     }
+    for option in [&["--replay-anyway"][..], &["--maintenance-work-mem", "1GB"]] {
+        let run = restore(&[&["--target", "t"][..], option].concat());
+        assert!(
+            run.stderr.contains("are for restores with --to-database"),
+            "{}",
+            run.stderr
+        );
+    }
     let run = restore(&["--target", "t", "--until", "yesterday"]);
     assert!(
         run.stderr.contains("not an RFC 3339 time"),

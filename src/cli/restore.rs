@@ -49,7 +49,7 @@ pub struct Args {
     /// most 2GB over all sessions, where the server's own setting is lower; lower it for a
     /// server short of memory. `server` sets none (the server's own setting), for a
     /// connection through a pooler that refuses startup options, such as PgBouncer.
-    #[arg(long, value_name = "SIZE", requires = "to_database")]
+    #[arg(long, value_name = "SIZE")]
     pub maintenance_work_mem: Option<String>,
     /// Replay the backup's log chain up to this time (RFC 3339, e.g. 2026-11-22T09:30:00Z)
     /// instead of to the end. PostgreSQL replays the transactions committed by then.
@@ -98,7 +98,7 @@ pub struct Args {
     /// database that the replay would leave out). The statement then runs as logged, or is
     /// left out; each refusal becomes a warning. For when the refusal is understood and the
     /// rest of the logs matter more.
-    #[arg(long, requires = "to_database")]
+    #[arg(long)]
     pub replay_anyway: bool,
     /// Restore FIFOs and device nodes (refused by default).
     #[arg(long)]
@@ -121,6 +121,12 @@ const EXAMPLES: &str = "Examples:
   drctl restore --policy pg-cluster --backup latest --target /srv/pg/restored --port 5433 --archive";
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<()> {
+    // (clap's `requires` does not hold against an argument of the required group.)
+    if args.to_database.is_none() && (args.replay_anyway || args.maintenance_work_mem.is_some()) {
+        return Err(Error::invalid(
+            "--replay-anyway and --maintenance-work-mem are for restores with --to-database",
+        ));
+    }
     let policy = Name::parse(&args.policy)?;
     let selector = Selector::parse(&args.backup)?;
     let target = match (&args.target, args.stdout, &args.to_database) {
