@@ -969,13 +969,24 @@ fn mysql_restored_database_has_the_sources_character_set_for_tables_the_binlogs_
     server.sql(
         Some("intl"),
         "SET NAMES utf8mb4; CREATE TABLE reviews (body TEXT); \
-         INSERT INTO reviews VALUES ('Grüße 🙂')",
+         INSERT INTO reviews VALUES ('Grüße 🙂'); \
+         CREATE EVENT tidy_reviews ON SCHEDULE EVERY 1 DAY DO DELETE FROM reviews WHERE body = ''",
     );
     sandbox
         .run(&["backup", "--policy", "intl", "--incremental"])
         .ok();
     restore_latest(&sandbox, "intl", &server.url("root", "intl_copy")).ok();
     assert_eq!(defaults("intl_copy"), defaults("intl"));
+    // An event the logs create is disabled in a copy, as one the dump holds is.
+    let events = "SELECT EVENT_NAME, STATUS FROM information_schema.EVENTS WHERE EVENT_SCHEMA = ";
+    assert_eq!(
+        server.sql(None, &format!("{events}'intl'")),
+        "tidy_reviews\tENABLED\n"
+    );
+    assert_eq!(
+        server.sql(None, &format!("{events}'intl_copy'")),
+        "tidy_reviews\tDISABLED\n"
+    );
     let reviews =
         "SET NAMES utf8mb4; SELECT body, TABLE_COLLATION FROM reviews, information_schema.TABLES \
                    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'reviews'";

@@ -364,6 +364,7 @@ pub async fn execute(
             .map_err(context(full))?
             .1
     };
+    let replayed = !incrementals.is_empty();
     for (manifest, binlogs, dir) in incrementals {
         let command = binlogs.command(dir.path(), &conn, &source_db, until, true);
         let (c, cancel) = (conn.clone(), cancel.clone());
@@ -372,8 +373,12 @@ pub async fn execute(
             .map_err(context(manifest))?;
     }
 
-    let c = conn.clone();
+    let (c, copy) = (conn.clone(), source_db != conn.database);
     blocking(move || {
+        // The logs create events as they were created (enabled), even in a copy.
+        if copy && replayed {
+            disable_events(&c)?;
+        }
         warn_of_missing_definers(&c);
         Ok(())
     })
@@ -1224,13 +1229,36 @@ fn events_disabled(dump: impl BufRead, to: &str) -> impl BufRead {
             b" PRESERVE DISABLE DO ",
             1,
         ) {
-            tracing::warn!(
-                "event {name} is restored disabled: in database {to}, a copy, it would run beside \
-                 the source's; ALTER EVENT {name} ENABLE starts it"
-            );
+            warn_disabled(&name, &to);
             *line = [head, &rest[..]].concat();
         }
     })
+}
+
+/// Disables the enabled events of the target database, a copy (see [`events_disabled`]).
+fn disable_events(conn: &Conn) -> Result<()> {
+    let db = quote_ident(&conn.database);
+    let enabled = conn.query(
+        None,
+        &format!(
+            "SELECT EVENT_NAME FROM information_schema.EVENTS \
+             WHERE EVENT_SCHEMA = {} AND STATUS = 'ENABLED'",
+            quote_str(&conn.database)
+        ),
+    )?;
+    for name in enabled.iter().filter_map(|row| row.first()) {
+        let name = quote_ident(name);
+        conn.query(None, &format!("ALTER EVENT {db}.{name} DISABLE"))?;
+        warn_disabled(&name, &conn.database);
+    }
+    Ok(())
+}
+
+fn warn_disabled(name: &str, database: &str) {
+    tracing::warn!(
+        "event {name} is restored disabled: in database {database}, a copy, it would run beside \
+         the source's; ALTER EVENT {name} ENABLE starts it"
+    );
 }
 
 /// Replaces up to `count` occurrences of `from` in `line` with `to`; whether it replaced any.
