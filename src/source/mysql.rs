@@ -274,6 +274,20 @@ fn columns(line: &str) -> Vec<String> {
     line.split('\t').map(str::to_owned).collect()
 }
 
+/// Columns of an incremental's list of tables: `1` if it is checksummed (an InnoDB base
+/// table), and if it is InnoDB's.
+const CHECKSUMMED: usize = 1;
+const INNODB: usize = 2;
+
+/// The names (column 0) of the `tables` whose flag in `column` is `set`.
+fn flagged(tables: &[Vec<String>], column: usize, set: bool) -> Vec<String> {
+    tables
+        .iter()
+        .filter(|t| (t.get(column).map(String::as_str) == Some("1")) == set)
+        .map(|t| t[0].clone())
+        .collect()
+}
+
 /// A statement per table returning a row `count <rows>`, for [`parse_counts`].
 fn count_sql(tables: &[String]) -> Vec<String> {
     tables
@@ -616,14 +630,11 @@ impl MysqlSource {
                 "SHOW STATUS LIKE 'binlog_snapshot_%'".to_owned(),
                 "SELECT 'now', DATE_FORMAT(UTC_TIMESTAMP(6), '%Y-%m-%dT%H:%i:%s.%fZ')".to_owned(),
             ];
-            let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
-            sql.extend(count_sql(&names));
-            let checksummed: Vec<String> = tables
-                .iter()
-                .filter(|t| t.get(1).map(String::as_str) == Some("1"))
-                .map(|t| t[0].clone())
-                .collect();
-            sql.extend(checksum_sql(&checksummed));
+            // Tables of other engines than InnoDB are read as they are when counted, not in
+            // the snapshot: a write just after it would be counted but not in the binary
+            // logs' range. They are left uncounted.
+            sql.extend(count_sql(&flagged(tables, INNODB, true)));
+            sql.extend(checksum_sql(&flagged(tables, CHECKSUMMED, true)));
             sql.push("COMMIT".into());
             self.conn.query(Some(&self.conn.database), &sql.join(";"))
         };
@@ -633,7 +644,6 @@ impl MysqlSource {
                 self.conn
             ))
         })?;
-        let names: Vec<String> = tables.iter().map(|t| t[0].clone()).collect();
         let (version, checksums) = parse_checksums(&self.conn.database, &rows);
         let now = rows
             .iter()
@@ -645,7 +655,7 @@ impl MysqlSource {
                 self.conn
             )));
         };
-        let table_counts = parse_counts(&names, &rows)?;
+        let table_counts = parse_counts(&flagged(&tables, INNODB, true), &rows)?;
 
         let logs: Vec<String> = self
             .conn
@@ -720,16 +730,8 @@ impl MysqlSource {
 
         let mut stats = Stats::new();
         stats.insert("bytes".into(), bytes.into());
-        // Others than InnoDB's are read as they are when counted, not in the snapshot: a
-        // write just after it would be counted but not in the binary logs' range.
-        let uncounted: Vec<&String> = tables
-            .iter()
-            .filter(|t| t.get(2).map(String::as_str) != Some("1"))
-            .map(|t| &t[0])
-            .collect();
-        let mut table_counts = table_counts;
-        table_counts.retain(|t, _| !uncounted.contains(&t));
         stats.insert("tables".into(), serde_json::to_value(&table_counts)?);
+        let uncounted = flagged(&tables, INNODB, false);
         if !uncounted.is_empty() {
             stats.insert("uncounted".into(), serde_json::to_value(&uncounted)?);
         }
