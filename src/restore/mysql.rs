@@ -311,7 +311,7 @@ pub async fn execute(
             .await
             .map_err(context(manifest))?;
         let command = |filtered| binlogs.command(dir.path(), &conn, &source_db, until, filtered);
-        let (replayed, again, all) = (command(true), command(true), command(false));
+        let (replayed, all) = (command(true), command(false));
         let (source_db, target_db, watched, cancel) = (
             source_db.clone(),
             conn.database.clone(),
@@ -320,8 +320,8 @@ pub async fn execute(
         );
         let anyway = my.replay_anyway;
         blocking(move || {
-            check_replay(replayed, &source_db, &target_db, &watched, anyway, &cancel)?;
-            check_left_out(again, all, &source_db, anyway, &cancel)
+            let kept = check_replay(replayed, &source_db, &target_db, &watched, anyway, &cancel)?;
+            check_left_out(kept, all, &source_db, anyway, &cancel)
         })
         .await
         .map_err(context(manifest))?;
@@ -710,7 +710,8 @@ impl Binlogs {
 ///   statements, but not a database a statement names itself (`ALTER TABLE shop.orders`).
 ///
 /// With `anyway` (`--replay-anyway`), each such statement is a warning instead, and the
-/// logs are read to their end.
+/// logs are read to their end. Returns the statements read that change objects of
+/// `source_db` (see [`changes_objects_of`]), for [`check_left_out`].
 fn check_replay(
     binlog: Command,
     source_db: &str,
@@ -718,10 +719,10 @@ fn check_replay(
     watched: &[String],
     anyway: bool,
     cancel: &Cancel,
-) -> Result<()> {
+) -> Result<Vec<Dated>> {
     let renamed = source_db != target_db;
     let own = (!renamed).then_some(source_db);
-    let mut found = None;
+    let (mut found, mut kept) = (None, Vec::new());
     // Whether to read on after `why`.
     let mut refused = |why: String| {
         if anyway {
@@ -731,63 +732,39 @@ fn check_replay(
         }
         anyway
     };
-    // The time of the event being read, from its header.
-    let mut at = None;
-    // After a line that ends a statement (`/*!*/;`, the delimiter mariadb-binlog sets), the
-    // next line that is not an event header starts one; its head (comments included) is
-    // kept until its end.
-    let (mut starts, mut statement): (bool, Option<String>) = (false, None);
-    let (status, stderr) = read_lines(binlog, cancel, |line| {
-        if statement.is_none() {
-            // Event headers (`#261201  9:30:00 server id 1 ...`, in UTC) name nothing.
-            if let Some(header) = line.strip_prefix('#') {
-                at = event_time(header).or(at);
-                return true;
-            }
-            if !starts {
-                // Before the first statement: the delimiter is being set.
-                starts = line.ends_with("/*!*/;");
-                return true;
-            }
-            statement = Some(String::new());
-        }
-        let text = statement.as_mut().expect("a statement");
-        if text.len() < STATEMENT_HEAD {
-            text.push_str(line);
-            text.push('\n');
-        }
-        // Row events are base64, which has no dots.
-        let named = if line.contains('.') {
-            watched.iter().find(|db| names_database(line, db))
-        } else {
-            None
-        };
-        if let Some(db) = named {
+    let (status, stderr, at) = read_statements(binlog, cancel, |part| match part {
+        Part::Line(line) => {
+            // Row events are base64, which has no dots.
+            let named = if line.contains('.') {
+                watched.iter().find(|db| names_database(line, db))
+            } else {
+                None
+            };
+            let Some(db) = named else { return true };
             let why = if db == source_db {
                 format!("names database {source_db} itself; replayed into {target_db} it would change {source_db}")
             } else {
                 format!("names database {db}, which the replay would change on the target server")
             };
-            if !refused(format!(
+            refused(format!(
                 "the binary logs hold a statement that {why}: {}",
                 line.chars().take(200).collect::<String>()
-            )) {
-                return false;
-            }
+            ))
         }
-        starts = line.ends_with("/*!*/;");
-        if starts {
-            let text = statement.take().expect("a statement");
+        Part::End(text, at) => {
             if changes_the_server(&text, own) {
-                let when = logged_at(at);
                 return refused(format!(
                     "the binary logs hold a statement that changes the server, not database \
-                     {source_db}, logged {when}: {}",
+                     {source_db}, logged {}: {}",
+                    logged_at(at),
                     shown(&text)
                 ));
             }
+            if changes_objects_of(&text, source_db) {
+                kept.push((text, at));
+            }
+            true
         }
-        true
     })?;
     if let Some(why) = found {
         return Err(Error::invalid(why).hint(
@@ -817,99 +794,120 @@ fn check_replay(
             "an event of the binary logs fails its checksum: it was damaged on the server before \
              it was backed up{until}; or restore the full backup alone (--backup with its ID)"
         ))
-    })
+    })?;
+    Ok(kept)
 }
 
+/// A statement's head, and when its event was logged.
+type Dated = (String, Option<DateTime<Utc>>);
+
 /// Refuses, before the target is touched, a statement of the binary logs that changes
-/// `source_db` but that the replay (`replayed`) leaves out, as the whole logs (`all`) show.
-/// `mariadb-binlog --database` keeps a statement by the session's default database, not by
-/// what it changes: one run from another database or none (`ALTER TABLE shop.orders ADD
-/// note TEXT` from `mariadb -e`) is not replayed, and the rows logged after it would be
-/// applied as if it had not been (a column's values dropped). Row events are kept by their
-/// table's database and are not affected.
+/// `source_db` but that the replay leaves out (`kept`, from [`check_replay`], are those it
+/// keeps), as the whole logs (`all`) show. `mariadb-binlog --database` keeps a statement by
+/// the session's default database, not by what it changes: one run from another database
+/// or none (`ALTER TABLE shop.orders ADD note TEXT` from `mariadb -e`) is not replayed, and
+/// the rows logged after it would be applied as if it had not been (a column's values
+/// dropped). Row events are kept by their table's database and are not affected.
 fn check_left_out(
-    replayed: Command,
+    kept: Vec<Dated>,
     all: Command,
     source_db: &str,
     anyway: bool,
     cancel: &Cancel,
 ) -> Result<()> {
     // The replay prints what it keeps in the order of the whole logs.
-    let kept = naming(replayed, source_db, cancel)?;
-    let mut kept = kept.iter().peekable();
-    for (text, at) in naming(all, source_db, cancel)? {
-        match kept.next_if(|(k, _)| *k == text) {
-            Some(_) => {}
-            None => {
-                let refused = Error::invalid(format!(
-                    "the binary logs hold a statement that changes database {source_db} from \
-                     a session whose default database was another one (or none), logged {}: \
-                     the replay would leave it out, and apply the rows logged after it as if \
-                     it had not been: {}",
-                    logged_at(at),
-                    shown(&text)
-                ))
-                .hint(
-                    "restore to a time before the statement with --until, then apply it and \
-                     what followed by hand; or restore the full backup alone (--backup with its \
-                     ID); --replay-anyway replays the rest without it",
-                );
-                if !anyway {
-                    return Err(refused);
-                }
-                tracing::warn!("{refused}; replayed anyway (--replay-anyway)");
-            }
+    let mut kept = kept.into_iter().peekable();
+    let mut found = None;
+    let (status, stderr, _) = read_statements(all, cancel, |part| {
+        let Part::End(text, at) = part else {
+            return true;
+        };
+        if !changes_objects_of(&text, source_db) || kept.next_if(|(k, _)| *k == text).is_some() {
+            return true;
         }
-    }
-    Ok(())
-}
-
-/// The statements `binlog` prints that change objects of database `db` (see
-/// [`changed_objects`]): their heads, with the time each was logged.
-fn naming(
-    binlog: Command,
-    db: &str,
-    cancel: &Cancel,
-) -> Result<Vec<(String, Option<DateTime<Utc>>)>> {
-    let (mut found, mut at, mut statement) = (Vec::new(), None, String::new());
-    let (status, stderr) = read_lines(binlog, cancel, |line| {
-        if statement.is_empty() {
-            if let Some(header) = line.strip_prefix('#') {
-                at = event_time(header).or(at);
-                return true;
-            }
+        let refused = Error::invalid(format!(
+            "the binary logs hold a statement that changes database {source_db} from \
+             a session whose default database was another one (or none), logged {}: \
+             the replay would leave it out, and apply the rows logged after it as if \
+             it had not been: {}",
+            logged_at(at),
+            shown(&text)
+        ))
+        .hint(
+            "restore to a time before the statement with --until, then apply it and \
+             what followed by hand; or restore the full backup alone (--backup with its \
+             ID); --replay-anyway replays the rest without it",
+        );
+        if anyway {
+            tracing::warn!("{refused}; replayed anyway (--replay-anyway)");
+        } else {
+            found = Some(refused);
         }
-        if statement.len() < STATEMENT_HEAD {
-            statement.push_str(line);
-            statement.push('\n');
-        }
-        if line.ends_with("/*!*/;") {
-            let text = std::mem::take(&mut statement);
-            if changed_objects(&text).is_some_and(|part| names_database(part, db)) {
-                found.push((text, at));
-            }
-        }
-        true
+        anyway
     })?;
-    check_status("mariadb-binlog", status, &stderr)?;
-    Ok(found)
+    if let Some(refused) = found {
+        return Err(refused);
+    }
+    check_status("mariadb-binlog", status, &stderr)
 }
 
-/// Runs `binlog` and hands each line of its output (as UTF-8, lossily) to `each` until it
-/// returns false, which stops `binlog`. Returns its exit status and standard error.
-fn read_lines(
+/// Whether `statement` changes objects of database `db` (see [`changed_objects`]).
+fn changes_objects_of(statement: &str, db: &str) -> bool {
+    changed_objects(statement).is_some_and(|part| names_database(part, db))
+}
+
+/// What [`read_statements`] hands on.
+enum Part<'a> {
+    /// A line of a statement.
+    Line(&'a str),
+    /// A statement that has ended: its head ([`STATEMENT_HEAD`]), and when it was logged.
+    End(String, Option<DateTime<Utc>>),
+}
+
+/// Runs `binlog` and hands the statements it prints to `each`, line by line and then whole,
+/// until `each` returns false, which stops `binlog`. Event headers (`#261201  9:30:00
+/// server id 1 ...`, in UTC) are not handed on: they date the statements. Returns the exit
+/// status of `binlog`, its standard error, and when the last event read was logged.
+fn read_statements(
     mut binlog: Command,
     cancel: &Cancel,
-    mut each: impl FnMut(&str) -> bool,
-) -> Result<(std::process::ExitStatus, String)> {
+    mut each: impl FnMut(Part<'_>) -> bool,
+) -> Result<(std::process::ExitStatus, String, Option<DateTime<Utc>>)> {
     let mut child = spawn(&mut binlog, Stdio::null(), Stdio::piped())?;
     let stderr = collect_stderr(&mut child);
     let out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut at = None;
+    // After a line that ends a statement (`/*!*/;`, the delimiter mariadb-binlog sets), the
+    // next line that is not an event header starts one; its head (comments included) is
+    // kept until its end.
+    let (mut starts, mut statement): (bool, Option<String>) = (false, None);
     let read = (|| -> Result<bool> {
         for line in out.split(b'\n') {
             cancel.check()?;
             let line = line.map_err(|e| Error::io("read mariadb-binlog's output", e))?;
-            if !each(&String::from_utf8_lossy(&line)) {
+            let line = String::from_utf8_lossy(&line);
+            if statement.is_none() {
+                if let Some(header) = line.strip_prefix('#') {
+                    at = event_time(header).or(at);
+                    continue;
+                }
+                if !starts {
+                    // Before the first statement: the delimiter is being set.
+                    starts = line.ends_with("/*!*/;");
+                    continue;
+                }
+                statement = Some(String::new());
+            }
+            let text = statement.as_mut().expect("a statement");
+            if text.len() < STATEMENT_HEAD {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            if !each(Part::Line(&line)) {
+                return Ok(false);
+            }
+            starts = line.ends_with("/*!*/;");
+            if starts && !each(Part::End(statement.take().expect("a statement"), at)) {
                 return Ok(false);
             }
         }
@@ -922,7 +920,7 @@ fn read_lines(
         .wait()
         .map_err(|e| Error::io("wait for `mariadb-binlog`", e))?;
     read?;
-    Ok((status, stderr.join().unwrap_or_default()))
+    Ok((status, stderr.join().unwrap_or_default(), at))
 }
 
 /// The part of `statement` that names the objects it changes, if it changes tables, views,
