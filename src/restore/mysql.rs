@@ -1199,7 +1199,7 @@ fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
     let quoted = |db: &str| format!("`{}`.", db.replace('`', "``")).into_bytes();
     let (from, to) = (quoted(from), quoted(to));
     EditLines::new(dump, b"/*!50001 VIEW ", move |line| {
-        replace(line, &from, &to, usize::MAX);
+        replace(line, &from, &to);
     })
 }
 
@@ -1209,9 +1209,14 @@ fn views_renamed(dump: impl BufRead, from: &str, to: &str) -> impl BufRead {
 /// (`DELETE FROM shop.sessions`) would change them. A warning names each one.
 fn events_disabled(dump: impl BufRead, to: &str) -> impl BufRead {
     const EVENT: &[u8] = b"/*!50106 EVENT ";
+    const ENABLED: &[u8] = b" PRESERVE ENABLE DO ";
     let to = to.to_owned();
     EditLines::new(dump, b"/*!50106 CREATE*/", move |line| {
-        let Some(at) = line.windows(EVENT.len()).position(|w| w == EVENT) else {
+        let Some(at) = find(line, EVENT) else {
+            return;
+        };
+        // The status comes before the body (`DO ...`), which may hold the same words.
+        let Some(status) = find(&line[at..], ENABLED).map(|i| at + i) else {
             return;
         };
         let name = line[at + EVENT.len()..]
@@ -1219,17 +1224,11 @@ fn events_disabled(dump: impl BufRead, to: &str) -> impl BufRead {
             .next()
             .map(|n| String::from_utf8_lossy(n).into_owned())
             .unwrap_or_default();
-        let (head, _) = line.split_at(at);
-        let mut rest = line[at..].to_vec();
-        if replace(
-            &mut rest,
-            b" PRESERVE ENABLE DO ",
-            b" PRESERVE DISABLE DO ",
-            1,
-        ) {
-            warn_disabled(&name, &to);
-            *line = [head, &rest[..]].concat();
-        }
+        line.splice(
+            status..status + ENABLED.len(),
+            b" PRESERVE DISABLE DO ".iter().copied(),
+        );
+        warn_disabled(&name, &to);
     })
 }
 
@@ -1259,22 +1258,22 @@ fn warn_disabled(name: &str, database: &str) {
     );
 }
 
-/// Replaces up to `count` occurrences of `from` in `line` with `to`; whether it replaced any.
-fn replace(line: &mut Vec<u8>, from: &[u8], to: &[u8], count: usize) -> bool {
+/// Where `pattern` first starts in `bytes`.
+fn find(bytes: &[u8], pattern: &[u8]) -> Option<usize> {
+    bytes.windows(pattern.len()).position(|w| w == pattern)
+}
+
+/// Replaces every occurrence of `from` in `line` with `to`.
+fn replace(line: &mut Vec<u8>, from: &[u8], to: &[u8]) {
     let mut edited = Vec::with_capacity(line.len());
-    let (mut rest, mut done) = (&line[..], 0);
-    while done < count {
-        let Some(i) = rest.windows(from.len()).position(|w| w == from) else {
-            break;
-        };
+    let mut rest = &line[..];
+    while let Some(i) = find(rest, from) {
         edited.extend_from_slice(&rest[..i]);
         edited.extend_from_slice(to);
         rest = &rest[i + from.len()..];
-        done += 1;
     }
     edited.extend_from_slice(rest);
     *line = edited;
-    done > 0
 }
 
 /// A reader of `inner`'s lines, those that start with `prefix` as `edit` leaves them (empty:
