@@ -1021,20 +1021,27 @@ fn mysql_incremental_leaves_tables_outside_its_snapshot_uncounted() {
     assert_eq!(ids(&server, "app_copy"), (1..=6).collect::<Vec<_>>());
 }
 
+/// Database `app` made by `sql` (run in it) beside an account `owner` without rights, a
+/// policy for it and its full backup.
+fn app_with_objects_of_owner(server: &Server, sql: &str) -> Sandbox {
+    server.sql(None, "CREATE DATABASE app; CREATE USER 'owner'@'%'");
+    server.sql(Some("app"), sql);
+    let sandbox = Sandbox::new();
+    server.policy(&sandbox, "app", "app");
+    sandbox.backup("app");
+    sandbox
+}
+
 #[test]
 fn mysql_restore_warns_of_definers_without_an_account_on_the_target_server() {
     let server = Server::start();
-    server.sql(None, "CREATE DATABASE app; CREATE USER 'owner'@'%'");
-    server.sql(
-        Some("app"),
+    let sandbox = app_with_objects_of_owner(
+        &server,
         "CREATE TABLE t (id INT PRIMARY KEY); \
          CREATE DEFINER = 'owner'@'%' PROCEDURE tidy() DELETE FROM t; \
          CREATE DEFINER = 'owner'@'%' TRIGGER stamp BEFORE INSERT ON t \
            FOR EACH ROW SET NEW.id = NEW.id",
     );
-    let sandbox = Sandbox::new();
-    server.policy(&sandbox, "app", "app");
-    sandbox.backup("app");
     // As on another server, which the account was never made on.
     server.sql(None, "DROP USER 'owner'@'%'");
     let run = restore_latest(&sandbox, "app", &server.url("root", "app_copy")).ok();
@@ -1049,17 +1056,13 @@ fn mysql_restore_warns_of_definers_without_an_account_on_the_target_server() {
 #[test]
 fn mysql_a_view_the_server_dumps_by_database_restores_into_a_database_of_another_name() {
     let server = Server::start();
-    server.sql(None, "CREATE DATABASE app; CREATE USER 'owner'@'%'");
     // Of an account without rights on its table: the server writes its columns named by
     // database (`app`.`t`.`id`) in the dump, which another database's `t` does not have.
-    server.sql(
-        Some("app"),
+    let sandbox = app_with_objects_of_owner(
+        &server,
         "CREATE TABLE t (id INT PRIMARY KEY); INSERT INTO t VALUES (1), (2); \
          CREATE DEFINER = 'owner'@'%' VIEW v AS SELECT id FROM t",
     );
-    let sandbox = Sandbox::new();
-    server.policy(&sandbox, "app", "app");
-    sandbox.backup("app");
     restore_latest(&sandbox, "app", &server.url("root", "app_copy")).ok();
     assert_eq!(server.sql(Some("app_copy"), "SELECT id FROM t"), "1\n2\n");
     // Once the account has rights, the copy's view reads the copy's table.

@@ -208,11 +208,10 @@ pub fn tables(session: &mut Session) -> Result<Vec<String>> {
     )
 }
 
-/// Exact row counts of every ordinary table, in the session's current snapshot.
 /// Exact row counts of every ordinary table, in the session's current snapshot (a
 /// transaction that pg_dump shares, while pg_dump holds its locks), and the tables left
-/// uncounted; `locked` is called once the tables are locked. Each table is locked for the transaction first, without waiting: one whose
-/// lock would wait has an ACCESS EXCLUSIVE request queued behind pg_dump's (a `TRUNCATE`,
+/// uncounted; `locked` is called once the tables are locked. Each table is locked for the
+/// transaction first, without waiting: one whose lock would wait has an ACCESS EXCLUSIVE request queued behind pg_dump's (a `TRUNCATE`,
 /// an `ALTER`), which changes it once pg_dump is done; counted then, in this snapshot, it
 /// would show what that statement left (a truncated table, empty). Such a table, and one
 /// dropped since the snapshot, is left uncounted.
